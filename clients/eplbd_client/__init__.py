@@ -1,0 +1,1 @@
+"""eplbd_client: the library an inference engine embeds in each EP rank."""

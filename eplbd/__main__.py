@@ -1,0 +1,3 @@
+from eplbd.cli.main import main
+
+raise SystemExit(main())
