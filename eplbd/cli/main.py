@@ -11,6 +11,8 @@ import importlib
 import sys
 from typing import Any
 
+from eplbd.ops.exits import EXIT_OK, EXIT_USAGE
+
 # name -> (module under eplbd.cli, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "planner": ("planner_cmd", "run the central planner daemon"),
@@ -27,13 +29,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "keygen": ("keygen", "generate a CURVE key pair"),
     "demo": ("demo", "run planner, agent and workers on this machine, live"),
 }
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 69
-EXIT_TIMEOUT = 75
-EXIT_CONFIG = 78
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Any]:
