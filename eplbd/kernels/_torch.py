@@ -1,6 +1,8 @@
 """Reference implementation of map_and_record in plain torch (CPU, or any device).
 
-Same results as the Triton kernel; used where there is no GPU and as the oracle in tests.
+Same results as the Triton kernels; used where there is no GPU and as the oracle in tests.
+Like the kernels it never reads a device value on the host (no ``.item()``, no boolean
+indexing), so it is CUDA-graph safe on a GPU too, only slower.
 """
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from __future__ import annotations
 import torch
 
 KNUTH = 2654435769  # 2^32 / golden ratio: spreads consecutive tokens over replicas
+# Replica counts are clamped to [1, MAX_COUNT] (the kernels divide in 32 bits); a real
+# count is at most R, so only absurd inputs ever see the upper clamp.
+MAX_COUNT = 2**31 - 1
 
 
 def map_and_record_torch(
@@ -22,31 +27,32 @@ def map_and_record_torch(
 
     l2p: [E, R]; replica_count: [E]; expert_load: [P'] (counted only for 0 <= phys < P');
     should_record: 1-element tensor (non-zero: count); num_valid_tokens: optional 1-element
-    tensor, tokens at or past it are mapped but not counted.
+    tensor, tokens at or past it are mapped but not counted. Flat element o belongs to token
+    o // K and takes replica j = ((t * KNUTH) mod 2^32) mod max(1, count[e]), clamped to
+    R - 1 so that an inconsistent count never reads past the map's row; a -1 (padding)
+    entry reached that way maps to -1 and is not counted.
     """
     if topk_ids.numel() == 0:
         return topk_ids
-    E = logical_to_physical_map.shape[0]
-    R = logical_to_physical_map.shape[1]
-    top_k = topk_ids.shape[-1]
+    E, R = logical_to_physical_map.shape
+    top_k = topk_ids.shape[-1] if topk_ids.dim() > 0 else 1
     flat = topk_ids.reshape(-1).long()
     dev = flat.device
     offs = torch.arange(flat.numel(), device=dev, dtype=torch.int64)
     tok = offs // top_k
-    valid = (flat >= 0) & (flat < E)
+    valid = (flat >= 0) & (flat < (E if R > 0 else 0))
     e = torch.where(valid, flat, torch.zeros_like(flat))
-    cnt = logical_replica_count.to(dev).long()[e].clamp(min=1)
+    cnt = logical_replica_count.to(dev).long()[e].clamp(1, MAX_COUNT)
     h = (tok * KNUTH) & 0xFFFFFFFF
-    j = h % cnt
-    j = torch.minimum(j, torch.full_like(j, R - 1))
-    phys = logical_to_physical_map.to(dev).long()[e, j]
+    j = (h % cnt).clamp(max=max(R - 1, 0))
+    l2p = logical_to_physical_map.to(dev).long()
+    phys = l2p[e, j] if R > 0 else torch.full_like(flat, -1)
     phys = torch.where(valid, phys, torch.full_like(phys, -1))
     rec = should_record.reshape(-1)[:1].to(dev) != 0
-    count = valid & (phys >= 0) & (phys < expert_load.numel()) & rec
+    count = valid & (phys >= 0) & (phys < expert_load.shape[0]) & rec
     if num_valid_tokens is not None:
         count = count & (tok < num_valid_tokens.reshape(-1)[:1].to(dev).long())
-    idx = phys[count]
-    expert_load.index_add_(
-        0, idx, torch.ones(idx.numel(), dtype=expert_load.dtype, device=expert_load.device)
-    )
+    if expert_load.shape[0] > 0:
+        idx = torch.where(count, phys, torch.zeros_like(phys)).to(expert_load.device)
+        expert_load.index_add_(0, idx, count.to(expert_load.dtype).to(expert_load.device))
     return phys.to(topk_ids.dtype).reshape(topk_ids.shape)
