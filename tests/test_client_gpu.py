@@ -106,7 +106,8 @@ def test_async_snapshots_on_cuda() -> None:
         )
         client.step()
     torch.cuda.synchronize()
-    for _ in range(3):
+    for fwd in range(31, 34):  # steps with no forward pass: windows close with nothing routed
+        expected[fwd] = torch.zeros(2, P, dtype=torch.int64)
         client.step()
     snaps = []
     while not client.outbox.empty():
@@ -120,7 +121,7 @@ def test_async_snapshots_on_cuda() -> None:
         assert s1 - s0 == 2
         want = torch.stack([expected[f] for f in range(s0, s1)]).sum(0)
         assert torch.equal(counts.long(), want)
-        assert body["tokens"] == 64 * 2
+        assert body["tokens"] == 64 * sum(1 for f in range(s0, s1) if f <= 30)
     client.close()
 
 

@@ -189,6 +189,9 @@ class EplbClient:
         self.node = node or socket.gethostname()
         self.worker = worker or f"{self.node}:{os.getpid()}:{ep_rank}"
         self._device = torch.device(device)
+        if self._device.type == "cuda" and self._device.index is None:
+            # Threads (staging) must name the device: "cuda" alone means "current" only here.
+            self._device = torch.device("cuda", torch.cuda.current_device())
         self._cuda = self._device.type == "cuda"
         self._clock = clock
         self._prepare_timeout_s = float(prepare_timeout_s)

@@ -118,6 +118,9 @@ class HostExpertPool:
                 if int(err) == 0:
                     self._registered.append(t.data_ptr())
                 else:  # pragma: no cover - GPU only
+                    # A failed runtime call leaves CUDA's last-error set, and torch would
+                    # report it at its next kernel launch: clear it here.
+                    _clear_cuda_last_error()
                     _log.warning(
                         "cudaHostRegister failed (%s): pool copies will be synchronous", err
                     )
@@ -132,3 +135,20 @@ class HostExpertPool:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self._layers for t in ts)
+
+
+def _clear_cuda_last_error() -> None:  # pragma: no cover - GPU only
+    """Reset cudaGetLastError through the CUDA runtime that torch has loaded."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart" in line}
+    except OSError:
+        paths = set()
+    for path in sorted(paths) or ["libcudart.so"]:
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue
