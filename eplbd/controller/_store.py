@@ -1,0 +1,275 @@
+"""The planner's state on disk: per group the epoch, recent layouts, the pending attempt and
+the history, so that a restarted planner never reuses an epoch and can roll back.
+
+Layout of the state directory::
+
+    <state_dir>/planner.lock          flock: one planner per state directory
+    <state_dir>/groups/<group>.json   one file per EP group (name percent-encoded)
+
+Each file is rewritten whole and atomically: written to a temporary file in the same
+directory, fsynced, renamed over the old one, and the directory fsynced. A crash at any point
+leaves either the old or the new file, never a mix; leftover temporary files are removed on
+start. The file is small: the last ``keep_layouts`` committed layouts (for rollback) and the
+last ``keep_history`` attempts.
+
+A file that cannot be read back (not JSON, wrong schema, a layout that does not validate) is
+never silently replaced: :meth:`StateStore.load` raises :class:`StoreCorrupt` naming the
+file, and the daemon exits with code 78. ``reset_corrupt=True`` (``--reset-state``) moves
+such a file aside to ``<name>.corrupt-<unix time>`` and starts that group afresh; its epochs
+then restart above the highest epoch the ranks report when they register.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from eplbd.controller._commit import Attempt
+from eplbd.layout import Layout, LayoutError
+
+__all__ = [
+    "STATE_SCHEMA_VERSION",
+    "GroupRecord",
+    "StateStore",
+    "StoreCorrupt",
+    "StoreLocked",
+    "atomic_write",
+]
+
+STATE_SCHEMA_VERSION = 1
+
+
+class StoreCorrupt(Exception):
+    """A state file cannot be used; ``path`` names it and the message says why."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(
+            f"state file {path} is unusable: {detail} (fix or remove it, or start the planner "
+            "with --reset-state to move it aside)"
+        )
+
+
+class StoreLocked(Exception):
+    """Another planner holds the state directory."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: Path, data: bytes, *, replace: Callable[[str, str], None] = os.replace
+) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old or the new content.
+
+    ``replace`` is the rename step (a seam for crash tests).
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    replace(str(tmp), str(path))
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class GroupRecord:
+    """What is persisted about one EP group.
+
+    shape: {"num_layers", "num_logical_experts", "num_physical_experts", "ep_size",
+    "num_nodes"} or None before any rank registered; epoch: committed epoch in service;
+    max_epoch: highest epoch ever prepared (the next one is max_epoch + 1); layouts: the
+    last committed layouts by epoch (the current one included); pending: the attempt in
+    flight when the file was written; history: finished attempts, oldest first.
+    """
+
+    group: str
+    shape: dict[str, int] | None = None
+    epoch: int = 0
+    max_epoch: int = 0
+    layouts: dict[int, Layout] = field(default_factory=dict)
+    layout_times: dict[int, float] = field(default_factory=dict)
+    pending: Attempt | None = None
+    frozen: bool = False
+    frozen_layers: list[int] = field(default_factory=list)
+    last_rebalance_wall: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self, keep_layouts: int, keep_history: int) -> bytes:
+        epochs = sorted(self.layouts)[-keep_layouts:]
+        if self.epoch in self.layouts and self.epoch not in epochs:
+            epochs.append(self.epoch)
+        doc = {
+            "schema_version": STATE_SCHEMA_VERSION,
+            "group": self.group,
+            "shape": self.shape,
+            "epoch": self.epoch,
+            "max_epoch": self.max_epoch,
+            "layouts": [
+                {
+                    "epoch": e,
+                    "committed_at": self.layout_times.get(e),
+                    "layout": self.layouts[e].to_dict(),
+                }
+                for e in epochs
+            ],
+            "pending": None if self.pending is None else self.pending.to_dict(),
+            "frozen": self.frozen,
+            "frozen_layers": sorted(set(self.frozen_layers)),
+            "last_rebalance_at": self.last_rebalance_wall,
+            "history": self.history[-keep_history:],
+            "written_at": time.time(),
+        }
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, path: Path, raw: bytes, *, now: float) -> GroupRecord:
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreCorrupt(path, f"not valid JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise StoreCorrupt(path, "not a JSON object")
+        if doc.get("schema_version") != STATE_SCHEMA_VERSION:
+            raise StoreCorrupt(
+                path,
+                f"schema_version {doc.get('schema_version')!r} (expected {STATE_SCHEMA_VERSION})",
+            )
+        try:
+            rec = cls(group=str(doc["group"]))
+            shape = doc.get("shape")
+            if shape is not None:
+                rec.shape = {str(k): int(v) for k, v in dict(shape).items()}
+            rec.epoch = int(doc["epoch"])
+            rec.max_epoch = int(doc["max_epoch"])
+            for item in doc.get("layouts", []):
+                ep = int(item["epoch"])
+                rec.layouts[ep] = Layout.from_dict(item["layout"])
+                if item.get("committed_at") is not None:
+                    rec.layout_times[ep] = float(item["committed_at"])
+            if doc.get("pending") is not None:
+                rec.pending = Attempt.from_dict(doc["pending"], now=now)
+            rec.frozen = bool(doc.get("frozen", False))
+            rec.frozen_layers = [int(x) for x in doc.get("frozen_layers", [])]
+            lr = doc.get("last_rebalance_at")
+            rec.last_rebalance_wall = None if lr is None else float(lr)
+            hist = doc.get("history", [])
+            if not isinstance(hist, list) or not all(isinstance(h, dict) for h in hist):
+                raise ValueError("history is not a list of objects")
+            rec.history = hist
+        except (KeyError, TypeError, ValueError, LayoutError) as e:
+            raise StoreCorrupt(path, f"{type(e).__name__}: {e}") from None
+        if rec.epoch > rec.max_epoch or rec.epoch < 0:
+            raise StoreCorrupt(path, f"epoch {rec.epoch} is outside [0, max_epoch={rec.max_epoch}]")
+        if rec.epoch > 0 and rec.epoch not in rec.layouts:
+            raise StoreCorrupt(path, f"the layout of the current epoch {rec.epoch} is missing")
+        if rec.pending is not None and rec.pending.epoch > rec.max_epoch:
+            raise StoreCorrupt(path, "the pending epoch is above max_epoch")
+        return rec
+
+
+class StateStore:
+    """Reads and writes the per-group state files under ``state_dir`` (see module docstring)."""
+
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        keep_layouts: int = 16,
+        keep_history: int = 256,
+        replace: Callable[[str, str], None] = os.replace,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.groups_dir = self.state_dir / "groups"
+        self.keep_layouts = keep_layouts
+        self.keep_history = keep_history
+        self._replace = replace
+        self._lock_fd: int | None = None
+        self.writes = 0
+
+    def open(self) -> None:
+        """Create the directories and take the lock (raises :class:`StoreLocked`)."""
+        self.groups_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        fd = os.open(self.state_dir / "planner.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(f"another planner holds {self.state_dir / 'planner.lock'}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        for tmp in self.groups_dir.glob(".*.tmp-*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def path_of(self, group: str) -> Path:
+        return self.groups_dir / (quote(group, safe="") + ".json")
+
+    def load(
+        self, *, now: float, reset_corrupt: bool = False
+    ) -> tuple[dict[str, GroupRecord], list[str]]:
+        """Every group's record, and notes about files moved aside (``reset_corrupt``)."""
+        out: dict[str, GroupRecord] = {}
+        notes: list[str] = []
+        if not self.groups_dir.is_dir():
+            return out, notes
+        for path in sorted(self.groups_dir.glob("*.json")):
+            try:
+                rec = GroupRecord.from_json(path, path.read_bytes(), now=now)
+                expected = unquote(path.name[: -len(".json")])
+                if rec.group != expected:
+                    raise StoreCorrupt(path, f"holds group {rec.group!r}, name says {expected!r}")
+            except OSError as e:
+                corrupt = StoreCorrupt(path, f"cannot read: {e.strerror}")
+                if not reset_corrupt:
+                    raise corrupt from None
+                notes.append(self._quarantine(path, corrupt))
+                continue
+            except StoreCorrupt as err:
+                if not reset_corrupt:
+                    raise
+                notes.append(self._quarantine(path, err))
+                continue
+            out[rec.group] = rec
+        return out, notes
+
+    def _quarantine(self, path: Path, err: StoreCorrupt) -> str:
+        dest = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        os.replace(path, dest)
+        _fsync_dir(path.parent)
+        return f"{err.detail}: moved {path} aside to {dest}"
+
+    def save(self, rec: GroupRecord) -> None:
+        """Atomically write one group's record."""
+        self.groups_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        data = rec.to_json(self.keep_layouts, self.keep_history)
+        atomic_write(self.path_of(rec.group), data, replace=self._replace)
+        self.writes += 1

@@ -1,0 +1,203 @@
+"""Per-group load history: physical counts -> logical load, sliding windows and a forecast.
+
+Snapshots count tokens per *physical* slot ``[L, P]`` under the layout of the epoch they were
+recorded in. Logical load ``[L, E]`` does not depend on the layout, so history survives a
+rebalance: each snapshot is converted with its own epoch's ``phy2log``. To keep ingest cheap
+(thousands of snapshots a second), :meth:`LoadWindow.add_counts` only adds the counts into a
+physical accumulator per epoch; the conversion runs once per epoch when the bucket closes.
+
+Time is cut into buckets of ``window_s`` seconds (by the caller's clock). A bucket that closes
+with data joins the sliding window (the last ``num_windows`` non-empty buckets) and updates
+the exponentially weighted forecast ``f = alpha * bucket + (1 - alpha) * f``. Empty buckets
+(no traffic, or no snapshot arrived) are skipped: they say nothing about the load's shape.
+The ring and the average are :class:`eplbd.planner.SlidingWindow` and
+:class:`eplbd.planner.Ewma`; this class adds the time buckets and the token counts.
+Pure: no clock is read here, every method takes ``now``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from eplbd.planner import Ewma, SlidingWindow
+
+__all__ = ["LoadWindow", "logical_load"]
+
+
+def logical_load(counts: torch.Tensor, phy2log: torch.Tensor, num_logical: int) -> torch.Tensor:
+    """Sum the counts of each expert's replicas. counts [L, P], phy2log [L, P] -> [L, E] f64."""
+    if counts.shape != phy2log.shape:
+        raise ValueError(
+            f"counts {tuple(counts.shape)} and phy2log {tuple(phy2log.shape)} differ in shape"
+        )
+    out = torch.zeros(counts.shape[0], num_logical, dtype=torch.float64)
+    out.scatter_add_(1, phy2log.long(), counts.to(torch.float64))
+    return out
+
+
+_I32_MAX = 2**31 - 1
+
+
+class _PhysicalAccumulator:
+    """Counts [L, P] of one epoch, summed cheaply.
+
+    int32 snapshots add into an int32 tensor (same-dtype adds are several times faster than
+    int32 into int64); before the int32 sum could overflow it is folded into the int64 one.
+    Every count is <= its snapshot's ``tokens`` (validated), so the running token sum bounds
+    every int32 element.
+    """
+
+    def __init__(self, phy2log: torch.Tensor) -> None:
+        self.phy2log = phy2log
+        self.acc64 = torch.zeros(phy2log.shape, dtype=torch.int64)
+        self.acc32 = torch.zeros(phy2log.shape, dtype=torch.int32)
+        self.bound32 = 0
+
+    def add(self, counts: torch.Tensor, tokens: int) -> None:
+        if counts.dtype == torch.int32 and tokens <= _I32_MAX:
+            if self.bound32 + tokens > _I32_MAX:
+                self.acc64 += self.acc32
+                self.acc32.zero_()
+                self.bound32 = 0
+            self.acc32.add_(counts)
+            self.bound32 += tokens
+        else:
+            self.acc64.add_(counts.to(torch.int64))
+
+    def total(self) -> torch.Tensor:
+        return self.acc64 + self.acc32
+
+
+class LoadWindow:
+    """Sliding window of logical loads plus an EWMA forecast, for one EP group.
+
+    ``num_layers`` L, ``num_logical`` E. All tensors float64 ``[L, E]``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_logical: int,
+        *,
+        window_s: float,
+        num_windows: int,
+        alpha: float,
+    ) -> None:
+        if window_s <= 0 or num_windows < 1 or not 0.0 < alpha <= 1.0:
+            raise ValueError("window_s > 0, num_windows >= 1 and 0 < alpha <= 1 are required")
+        self.num_layers = num_layers
+        self.num_logical = num_logical
+        self.window_s = float(window_s)
+        self.alpha = float(alpha)
+        self._ring = SlidingWindow(num_windows)
+        self._ewma = Ewma(alpha)
+        self._bucket_tokens: deque[int] = deque(maxlen=num_windows)
+        self._open = torch.zeros(num_layers, num_logical, dtype=torch.float64)
+        self._open_phys: dict[int, _PhysicalAccumulator] = {}  # by epoch
+        self._open_tokens = 0
+        self._open_snapshots = 0
+        self._open_start: float | None = None
+        self.closed = 0  # non-empty buckets closed since start
+        self.snapshots = 0
+
+    def add(self, load: torch.Tensor, tokens: int, now: float) -> None:
+        """Add one snapshot's logical load ``[L, E]`` to the open bucket."""
+        if tuple(load.shape) != (self.num_layers, self.num_logical):
+            raise ValueError(
+                f"load shape {tuple(load.shape)} != ({self.num_layers}, {self.num_logical})"
+            )
+        self.roll(now)
+        if self._open_start is None:
+            self._open_start = now
+        self._open += load.to(torch.float64)
+        self._open_tokens += int(tokens)
+        self._open_snapshots += 1
+        self.snapshots += 1
+
+    def add_counts(
+        self, epoch: int, phy2log: torch.Tensor, counts: torch.Tensor, tokens: int, now: float
+    ) -> None:
+        """Add one snapshot's physical counts ``[L, P]`` recorded under ``epoch`` (whose layout
+        is ``phy2log [L, P]``) to the open bucket."""
+        if counts.shape != phy2log.shape or counts.shape[0] != self.num_layers:
+            raise ValueError(
+                f"counts {tuple(counts.shape)} and phy2log {tuple(phy2log.shape)} do not fit"
+            )
+        self.roll(now)
+        if self._open_start is None:
+            self._open_start = now
+        entry = self._open_phys.get(epoch)
+        if entry is None or entry.phy2log is not phy2log:
+            if entry is not None:  # same epoch, another layout object: fold the old one in
+                self._open += logical_load(entry.total(), entry.phy2log, self.num_logical)
+            entry = _PhysicalAccumulator(phy2log)
+            self._open_phys[epoch] = entry
+        entry.add(counts, int(tokens))
+        self._open_tokens += int(tokens)
+        self._open_snapshots += 1
+        self.snapshots += 1
+
+    def _open_logical(self) -> torch.Tensor:
+        out = self._open.clone()
+        for entry in self._open_phys.values():
+            out += logical_load(entry.total(), entry.phy2log, self.num_logical)
+        return out
+
+    def roll(self, now: float) -> int:
+        """Close the open bucket if its period is over. Returns how many buckets closed (0/1)."""
+        if self._open_start is None or now < self._open_start + self.window_s:
+            return 0
+        bucket = self._open_logical()
+        self._open = torch.zeros_like(bucket)
+        self._open_phys = {}
+        tokens, self._open_tokens = self._open_tokens, 0
+        self._open_snapshots = 0
+        self._open_start = None
+        if float(bucket.sum()) <= 0.0:
+            return 0
+        self._ring.push(bucket)
+        self._bucket_tokens.append(tokens)
+        self._ewma.update(bucket)
+        self.closed += 1
+        return 1
+
+    @property
+    def windows(self) -> int:
+        """Closed non-empty buckets now in the sliding window."""
+        return len(self._ring)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens counted in the sliding window (closed buckets)."""
+        return sum(self._bucket_tokens)
+
+    @property
+    def open_tokens(self) -> int:
+        return self._open_tokens
+
+    def forecast(self) -> torch.Tensor | None:
+        """The EWMA forecast ``[L, E]``, None before the first bucket closes."""
+        return self._ewma.value
+
+    def window_sum(self) -> torch.Tensor:
+        """Sum of the closed buckets in the window ``[L, E]`` (zeros if none)."""
+        if len(self._ring) == 0:
+            return torch.zeros(self.num_layers, self.num_logical, dtype=torch.float64)
+        return self._ring.sum()
+
+    def best_estimate(self) -> torch.Tensor | None:
+        """The forecast, or, before any bucket closed, the open bucket (None if empty).
+
+        An operator's forced rebalance may act on this before the window has filled.
+        """
+        f = self._ewma.value
+        if f is not None:
+            return f
+        o = self._open_logical()
+        return o if float(o.sum()) > 0.0 else None
+
+    def next_close(self) -> float | None:
+        """When the open bucket closes (None if it holds nothing yet)."""
+        return None if self._open_start is None else self._open_start + self.window_s

@@ -1,0 +1,521 @@
+"""PlannerCore without sockets: frames in, messages out, a FakeClock for every time rule.
+
+Fake agents are written against the protocol with eplbd.wire (encode here, and every
+message the core sends must decode and validate). The state directory is real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from eplbd.controller import (
+    CoreConfig,
+    Outbound,
+    PlannerCore,
+    StateStore,
+    TriggerPolicy,
+    logical_load,
+)
+from eplbd.layout import Layout
+from eplbd.ops import FakeClock
+from eplbd.wire import (
+    ABORT,
+    AGENT_HELLO,
+    COMMAND,
+    COMMAND_REPLY,
+    COMMITTED,
+    ERROR,
+    HEARTBEAT,
+    LAYOUT,
+    PREPARE,
+    SNAPSHOT,
+    STAGED,
+    STATUS_REPLY,
+    STATUS_REQUEST,
+    WELCOME,
+    WORKER_JOINED,
+    WORKER_LEFT,
+    decode,
+    encode,
+    validate,
+)
+
+L, E, G, P = 2, 4, 2, 6
+HOT = 2  # expert 2 lives only on GPU 0 in the default layout [0 1 2 | 3 0 1]
+
+
+def hello(rank: int, epoch: int = 0, inc: str | None = None) -> dict[str, Any]:
+    return {
+        "worker": f"w{rank}",
+        "incarnation": inc or f"wi{rank}",
+        "group": "g",
+        "ep_rank": rank,
+        "ep_size": G,
+        "node": "n0" if rank < 1 else "n1",
+        "num_layers": L,
+        "num_logical_experts": E,
+        "num_physical_experts": P,
+        "epoch": epoch,
+        "software_version": "test",
+        "protocol_version": 1,
+    }
+
+
+class Harness:
+    """One planner core plus fake agents a0 (rank 0) and a1 (rank 1)."""
+
+    def __init__(self, tmp: Path, clock: FakeClock, **cfg: Any) -> None:
+        self.tmp = tmp
+        self.clock = clock
+        policy = cfg.pop(
+            "policy", TriggerPolicy(min_gain=0.05, cooldown_s=30.0, min_windows=2, min_tokens=1)
+        )
+        self.config = CoreConfig(
+            window_s=10.0,
+            num_windows=4,
+            ewma_alpha=0.5,
+            policy=policy,
+            prepare_timeout_s=20.0,
+            commit_timeout_s=20.0,
+            heartbeat_s=1.0,
+            **cfg,
+        )
+        self.seq = 0
+        self.core = self.new_core()
+
+    def new_core(self) -> PlannerCore:
+        store = StateStore(self.tmp)
+        store.open()
+        core = PlannerCore(self.config, store=store, clock=self.clock)
+        core.restore()
+        return core
+
+    def restart(self) -> None:
+        self.core.close()
+        self.core = self.new_core()
+
+    def send(
+        self, identity: bytes, mtype: str, body: dict[str, Any], tensors: Any = None
+    ) -> list[Outbound]:
+        out = self.core.on_control_frames(identity, encode(mtype, body, tensors))
+        check_valid(out)
+        return out
+
+    def hello_all(self, epochs: tuple[int, int] = (0, 0)) -> list[Outbound]:
+        out = []
+        for r in range(G):
+            out += self.send(
+                f"a{r}".encode(),
+                AGENT_HELLO,
+                {
+                    "agent": f"a{r}",
+                    "incarnation": f"ai{r}",
+                    "node": f"n{r}",
+                    "software_version": "test",
+                    "protocol_version": 1,
+                    "workers": [hello(r, epochs[r])],
+                },
+            )
+        return out
+
+    def heartbeats(self) -> None:
+        for r in range(G):
+            assert (
+                self.send(f"a{r}".encode(), HEARTBEAT, {"sender": f"a{r}", "incarnation": f"ai{r}"})
+                == []
+            )
+
+    def snapshot(self, counts: torch.Tensor, epoch: int, agent: int = 0) -> None:
+        self.seq += 1
+        body = {
+            "agent": f"a{agent}",
+            "incarnation": f"ai{agent}",
+            "group": "g",
+            "ep_ranks": [agent],
+            "seq": self.seq,
+            "epoch": epoch,
+            "step_start": 0,
+            "step_end": 10,
+            "tokens": int(counts.abs().max()) + 1,
+        }
+        self.core.on_snapshot_frames(encode(SNAPSHOT, body, {"counts": counts}))
+
+    def skewed_counts(self, layout: Layout) -> torch.Tensor:
+        """Counts that put most load on expert HOT whatever the layout."""
+        counts = torch.zeros(L, P, dtype=torch.int32)
+        for layer in range(L):
+            for p in range(P):
+                e = int(layout.phy2log[layer, p])
+                counts[layer, p] = 100 if e == HOT else 10
+        return counts
+
+    def feed_windows(self, n: int, epoch: int = 0, layout: Layout | None = None) -> list[Outbound]:
+        """n windows of skewed load from both agents; heartbeats; tick at each window end."""
+        lay = layout or Layout.default(L, E, P)
+        out: list[Outbound] = []
+        for _ in range(n):
+            for a in range(G):
+                self.snapshot(self.skewed_counts(lay), epoch, a)
+            self.clock.advance(10.0)
+            self.heartbeats()
+            ticked = self.core.tick()
+            check_valid(ticked)
+            out += ticked
+        return out
+
+    def answer(self, mtype: str, epoch: int, rank: int, **extra: Any) -> list[Outbound]:
+        body = {"group": "g", "epoch": epoch, "ep_rank": rank, "worker": f"w{rank}", **extra}
+        return self.send(f"a{rank}".encode(), mtype, body)
+
+    def state_file(self) -> dict[str, Any]:
+        return json.loads((self.tmp / "groups" / "g.json").read_text())
+
+
+def check_valid(out: list[Outbound]) -> None:
+    for o in out:
+        validate(decode(encode(o.type, o.body, o.tensors)))
+
+
+def types(out: list[Outbound]) -> list[tuple[bytes, str]]:
+    return [(o.identity, o.type) for o in out if o.type != HEARTBEAT]
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path, FakeClock())
+
+
+def test_registration_and_welcome(h: Harness) -> None:
+    out = h.hello_all()
+    assert types(out) == [(b"a0", WELCOME), (b"a1", WELCOME)]
+    assert out[0].body["schedule"]["window_steps"] == h.config.window_steps
+    st = h.core.status("status")
+    (g,) = st["groups"]
+    assert g["complete"] and g["epoch"] == 0 and g["num_nodes"] == 2
+    assert [r["state"] for r in g["ranks"]] == ["alive", "alive"]
+    assert {a["agent"] for a in st["agents"]} == {"a0", "a1"}
+    # a heartbeat from an agent the planner does not know asks for agent_hello
+    (err,) = h.send(b"zz", HEARTBEAT, {"sender": "zz", "incarnation": "x"})
+    assert err.type == ERROR and err.body["code"] == "hello_required"
+    # a mismatching model is refused and counted
+    bad = dict(hello(0), worker="w9", num_layers=L + 1)
+    out = h.send(
+        b"a9",
+        AGENT_HELLO,
+        {
+            "agent": "a9",
+            "incarnation": "x",
+            "node": "n9",
+            "software_version": "",
+            "protocol_version": 1,
+            "workers": [bad],
+        },
+    )
+    assert ERROR in [o.type for o in out]
+    assert h.core.counters.bad["model_mismatch"] == 1
+
+
+def test_snapshots_are_converted_with_their_epoch(h: Harness) -> None:
+    h.hello_all()
+    d0 = Layout.default(L, E, P)
+    counts = h.skewed_counts(d0)
+    h.snapshot(counts, 0)
+    g = h.core.groups["g"]
+    assert torch.equal(g.window.best_estimate(), logical_load(counts, d0.phy2log, E))
+    h.snapshot(counts, 5)  # nobody ever served epoch 5
+    assert g.drops["unknown_epoch"] == 1
+    h.seq -= 1
+    h.snapshot(counts, 0)  # replayed seq
+    assert h.core.counters.bad["replay"] == 1
+    h.snapshot(-counts, 0)
+    assert h.core.counters.bad["bad_count"] == 1
+    h.snapshot(torch.zeros(L, P + 1, dtype=torch.int32), 0)
+    assert h.core.counters.bad["bad_shape"] == 1
+    assert g.snapshots == 1
+
+
+def test_auto_rebalance_prepare_stage_commit(h: Harness) -> None:
+    h.hello_all()
+    out = h.feed_windows(1)
+    assert [o for o in out if o.type == PREPARE] == []  # one window: below min_windows
+    assert h.core.groups["g"].last_decision.reason == "insufficient_data"
+    out = h.feed_windows(1)
+    prepares = [o for o in out if o.type == PREPARE]
+    assert sorted(o.identity for o in prepares) == [b"a0", b"a1"]
+    assert prepares[0].body["epoch"] == 1 and prepares[0].body["timeout_s"] == 20.0
+    # persisted before it was sent
+    disk = h.state_file()
+    assert disk["max_epoch"] == 1 and disk["pending"]["epoch"] == 1
+    assert disk["pending"]["state"] == "preparing"
+    new = Layout.from_phy2log(prepares[0].tensors["phy2log"], E)
+    assert h.core.status()["groups"][0]["pending"]["waiting_for"] == [0, 1]
+
+    assert h.answer(STAGED, 1, 0, ok=True, reason="", staged_bytes=64) == []
+    assert h.answer(STAGED, 1, 1, ok=True, reason="", staged_bytes=64) == []
+    assert h.core.groups["g"].attempt.state == "staged"
+    h.clock.advance(0.5)
+    out = h.answer(COMMITTED, 1, 1, step=1234)
+    assert sorted(types(out)) == [(b"a0", LAYOUT), (b"a1", LAYOUT)]
+    assert h.core.groups["g"].record.epoch == 1
+    assert h.state_file()["epoch"] == 1
+    h.answer(COMMITTED, 1, 0, step=1234)
+    hist = h.state_file()["history"]
+    assert hist[-1]["epoch"] == 1 and hist[-1]["state"] == "committed"
+    assert hist[-1]["decision"]["reason"] == "changed"
+    assert h.state_file()["pending"] is None
+    assert h.core.groups["g"].ranks[0].epoch == 1
+    # snapshots of the new epoch are converted with the new layout; the old still accepted
+    g = h.core.groups["g"]
+    before = g.snapshots
+    h.snapshot(h.skewed_counts(new), 1)
+    h.snapshot(h.skewed_counts(Layout.default(L, E, P)), 0)
+    assert g.snapshots == before + 2
+    # the new layout serves the forecast better
+    st = h.core.status("status")["groups"][0]
+    assert st["balance_now"] < 1.3
+    assert st["last_rebalance"]["epoch"] == 1 and st["last_rebalance"]["outcome"] == "committed"
+
+
+def _prepare_epoch(h: Harness) -> int:
+    out = h.feed_windows(2)
+    (p, *_) = [o for o in out if o.type == PREPARE]
+    return int(p.body["epoch"])
+
+
+def test_a_rank_that_cannot_stage_aborts_and_the_epoch_is_never_reused(h: Harness) -> None:
+    h.hello_all()
+    e1 = _prepare_epoch(h)
+    h.answer(STAGED, e1, 0, ok=True, reason="", staged_bytes=1)
+    out = h.answer(STAGED, e1, 1, ok=False, reason="no staging memory", staged_bytes=0)
+    aborts = [o for o in out if o.type == ABORT]
+    assert sorted(o.identity for o in aborts) == [b"a0", b"a1"]
+    assert "no staging memory" in aborts[0].body["reason"]
+    assert h.state_file()["history"][-1]["state"] == "aborted"
+    assert h.core.groups["g"].record.epoch == 0
+    # a forced retry takes a new epoch
+    ok, msg, data, out = h.core.command({"op": "rebalance", "group": "g", "dry_run": False})
+    assert ok, msg
+    assert data["epoch"] == e1 + 1
+
+
+def test_deadline_and_dead_agent_and_worker_left_abort(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    h.clock.advance(19.0)
+    h.heartbeats()
+    assert [o for o in h.core.tick() if o.type == ABORT] == []
+    h.clock.advance(1.0)
+    h.heartbeats()
+    out = h.core.tick()
+    assert [o.type for o in out if o.type == ABORT] == [ABORT, ABORT]
+    assert "deadline" in h.core.groups["g"].attempt.reason
+
+    # dead agent: a1 goes silent for 5 heartbeat intervals
+    ok, _, data, _ = h.core.command({"op": "rebalance", "group": "g"})
+    assert ok and data["epoch"] == e + 1
+    for _ in range(6):
+        h.clock.advance(1.0)
+        h.send(b"a0", HEARTBEAT, {"sender": "a0", "incarnation": "ai0"})
+        out = h.core.tick()
+    a = h.core.groups["g"].attempt
+    assert a.state == "aborted" and "agent a1 is dead" in a.reason
+    st = h.core.status()["groups"][0]
+    assert not st["complete"] and st["ranks"][1]["state"] == "dead"
+    ok, msg, _, _ = h.core.command({"op": "rebalance", "group": "g"})
+    assert not ok and "group_incomplete" in msg  # never prepares without every rank
+
+    # the agent comes back; then a worker leaves mid-commit
+    h.hello_all()
+    ok, _, data, _ = h.core.command({"op": "rebalance", "group": "g"})
+    assert ok and data["epoch"] == e + 2
+    out = h.send(
+        b"a1",
+        WORKER_LEFT,
+        {
+            "agent": "a1",
+            "group": "g",
+            "ep_rank": 1,
+            "worker": "w1",
+            "incarnation": "wi1",
+            "reason": "crashed",
+        },
+    )
+    assert ABORT in [o.type for o in out]
+    assert "crashed" in h.core.groups["g"].attempt.reason
+    # ... and rejoins with a new incarnation, carrying its hello
+    out = h.send(
+        b"a1",
+        WORKER_JOINED,
+        {
+            "agent": "a1",
+            "group": "g",
+            "ep_rank": 1,
+            "worker": "w1",
+            "incarnation": "wi1-b",
+            "epoch": 0,
+            "hello": hello(1, 0, inc="wi1-b"),
+        },
+    )
+    assert h.core.complete(h.core.groups["g"])
+    epochs = [x["epoch"] for x in h.state_file()["history"]]
+    assert epochs == [e, e + 1, e + 2] and all(
+        x["state"] == "aborted" for x in h.state_file()["history"]
+    )
+
+
+def test_restart_mid_commit_when_the_ranks_committed(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    h.answer(STAGED, e, 0, ok=True, reason="", staged_bytes=1)
+    h.restart()  # the planner dies before any committed report
+    g = h.core.groups["g"]
+    assert g.attempt is not None and g.attempt.restored and g.record.max_epoch == e
+    # the agents re-register; their workers already serve epoch e
+    h.hello_all(epochs=(e, e))
+    assert g.record.epoch == e
+    hist = h.state_file()["history"]
+    assert hist[-1]["epoch"] == e and hist[-1]["state"] == "committed"
+    assert hist[-1]["restored"] is True
+    ok, _, data, _ = h.core.command({"op": "rollback", "group": "g", "epoch": 0})
+    assert ok and data["epoch"] == e + 1
+
+
+def test_restart_mid_commit_when_the_ranks_did_not_commit(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    h.restart()
+    out = h.hello_all(epochs=(0, 0))
+    aborts = [o for o in out if o.type == ABORT]
+    assert aborts and aborts[0].body["epoch"] == e
+    assert h.state_file()["history"][-1]["state"] == "aborted"
+    assert h.core.groups["g"].record.epoch == 0
+    # a commit that raced the abort still wins
+    h.answer(COMMITTED, e, 0, step=77)
+    assert h.core.groups["g"].record.epoch == e
+
+
+def test_unknown_epoch_is_adopted_from_an_agent_layout(h: Harness) -> None:
+    h.hello_all(epochs=(9, 9))  # e.g. the state directory was reset
+    g = h.core.groups["g"]
+    assert g.layout_unknown and g.record.max_epoch == 9
+    ok, msg, _, _ = h.core.command({"op": "rebalance", "group": "g"})
+    assert not ok and "layout_unknown" in msg
+    lay = Layout.from_phy2log([[0, 1, 2, 3, 2, 2]] * L, E)
+    h.snapshot(h.skewed_counts(lay), 9)
+    assert g.drops["unknown_epoch"] == 1
+    assert (
+        h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": 9}, {"phy2log": lay.phy2log})
+        == []
+    )
+    assert g.record.epoch == 9 and not g.layout_unknown
+    h.snapshot(h.skewed_counts(lay), 9)
+    assert g.snapshots == 1
+    out = h.send(
+        b"a0",
+        LAYOUT,
+        {"agent": "a0", "group": "g", "epoch": 10},
+        {"phy2log": torch.full((L, P), E, dtype=torch.int64)},
+    )
+    assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
+
+
+def test_operator_commands(h: Harness) -> None:
+    h.hello_all()
+    h.feed_windows(1)
+    ok, msg, data, out = h.core.command({"op": "freeze", "group": "g", "layers": [1]})
+    assert ok and data["frozen_layers"] == [1] and out == []
+    assert h.state_file()["frozen_layers"] == [1]
+    ok, msg, data, out = h.core.command({"op": "rebalance", "group": "g", "dry_run": True})
+    assert ok and out == [] and msg.startswith("dry run")
+    assert data["decision"]["changed_layers"] == [0]
+    assert data["decision"]["layers"][1]["why"] == "frozen"
+    ok, msg, data, _ = h.core.command({"op": "freeze", "group": "g"})
+    ok, msg, data, _ = h.core.command({"op": "rebalance", "group": "g"})
+    assert not ok and "frozen" in msg
+    ok, msg, data, _ = h.core.command({"op": "unfreeze", "group": "g"})
+    assert ok and data == {"schema_version": 1, "group": "g", "frozen": False, "frozen_layers": []}
+    ok, msg, _, _ = h.core.command({"op": "rollback", "group": "g", "epoch": 4})
+    assert not ok and "no layout of epoch 4" in msg
+    ok, msg, _, _ = h.core.command({"op": "rollback", "group": "g", "epoch": 0})
+    assert not ok and "same_layout" in msg
+    ok, msg, _, _ = h.core.command({"op": "freeze", "group": "nope"})
+    assert not ok and "unknown group" in msg
+    ok, msg, _, _ = h.core.command({"op": "freeze", "group": "g", "layers": [L]})
+    assert not ok and "do not exist" in msg
+    # through the socket path: command -> command_reply
+    (rep,) = h.send(b"cli", COMMAND, {"op": "unfreeze", "group": "g", "layers": [1]})
+    assert rep.type == COMMAND_REPLY and rep.body["ok"] is True
+
+
+def test_status_views(h: Harness) -> None:
+    h.hello_all()
+    h.feed_windows(1)
+    (rep,) = h.send(b"cli", STATUS_REQUEST, {"what": "top"})
+    assert rep.type == STATUS_REPLY
+    top = rep.body["data"]["groups"][0]
+    assert top["source"] == "forecast" and len(top["layers"]) == L
+    assert top["layers"][0]["hot"][0]["expert"] == HOT
+    assert top["layers"][0]["hot"][0]["replicas"] == 1
+    assert top["balance_now"] > top["lower_bound"]
+    (rep,) = h.send(b"cli", STATUS_REQUEST, {"what": "heatmap", "group": "g"})
+    hm = rep.body["data"]["groups"][0]
+    assert len(hm["by_gpu"]) == L and len(hm["by_gpu"][0]) == G and len(hm["by_expert"][0]) == E
+    assert hm["by_gpu"][0][0] > hm["by_gpu"][0][1]  # the hot expert is on GPU 0
+    (rep,) = h.send(b"cli", STATUS_REQUEST, {"what": "history"})
+    hist = rep.body["data"]["groups"][0]
+    assert hist["decisions"][-1]["reason"] == "insufficient_data"
+    assert hist["decisions"][-1]["layers"][0]["balance_now"] is not None
+    (rep,) = h.send(b"cli", STATUS_REQUEST, {"what": "status"})
+    data = rep.body["data"]
+    assert data["schema_version"] == 1 and data["planner"]["incarnation"] == h.core.incarnation
+    assert data["groups"][0]["data"]["windows"] == 1
+    (err,) = h.send(b"cli", STATUS_REQUEST, {"what": "nope"})
+    assert err.type == ERROR and err.body["code"] == "bad_field"
+    (err,) = h.send(b"cli", STATUS_REQUEST, {"what": "status", "group": "zz"})
+    assert err.type == ERROR and err.body["code"] == "unknown_group"
+
+
+def test_garbage_on_the_control_path_is_answered_and_counted(h: Harness) -> None:
+    h.hello_all()
+    cases = [
+        [b"junk"],
+        [b"EPLBD", b"\x02", b"hello", b"\x80"],
+        [b"EPLBD", b"\x01", b"nope", b"\x80"],
+        [b"EPLBD", b"\x01", b"status_request", b"\xc1"],
+        encode(STAGED, {"group": "g"}),  # missing fields
+        encode(
+            PREPARE,
+            {"group": "g", "epoch": 1, "timeout_s": 1.0},
+            {"phy2log": torch.zeros(L, P, dtype=torch.int64)},
+        ),
+    ]
+    for frames in cases:
+        (out,) = h.core.on_control_frames(b"evil", frames)
+        assert out.type == ERROR
+    assert h.core.counters.bad_total == len(cases)
+    h.core.on_snapshot_frames([b"junk", b"more"])
+    h.core.on_snapshot_frames(encode(HEARTBEAT, {"sender": "x", "incarnation": "y"}))
+    assert h.core.counters.bad_total == len(cases) + 2
+    (rep,) = h.send(b"cli", STATUS_REQUEST, {"what": "status"})
+    assert rep.type == STATUS_REPLY
+
+
+def test_a_layout_no_rank_serves_is_not_believed(h: Harness) -> None:
+    h.hello_all()
+    lay = Layout.from_phy2log([[0, 1, 2, 3, 2, 2]] * L, E)
+    assert (
+        h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": 4}, {"phy2log": lay.phy2log})
+        == []
+    )
+    g = h.core.groups["g"]
+    assert g.record.epoch == 0 and 4 not in g.record.layouts
+    assert g.drops["layout_not_served"] == 1
+
+
+def test_an_error_is_never_answered_with_an_error(h: Harness) -> None:
+    assert h.send(b"x", ERROR, {"code": "bad_field", "message": "no", "in_reply_to": ""}) == []

@@ -1,0 +1,144 @@
+"""The planner's state files: round trip, atomic replacement, corruption, the lock."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from eplbd.controller import (
+    Attempt,
+    GroupRecord,
+    StateStore,
+    StoreCorrupt,
+    StoreLocked,
+)
+from eplbd.layout import Layout
+
+
+def record(epoch: int = 3, group: str = "g/0 é") -> GroupRecord:
+    lay = Layout.default(2, 4, 6)
+    moved = Layout.from_phy2log([[0, 1, 2, 3, 3, 3], [0, 1, 2, 3, 0, 0]], 4)
+    rec = GroupRecord(group=group, epoch=epoch, max_epoch=epoch + 1)
+    rec.shape = {"num_layers": 2, "num_logical_experts": 4, "num_physical_experts": 6, "ep_size": 2}
+    rec.layouts = {epoch - 1: lay, epoch: moved}
+    rec.layout_times = {epoch: 1.5e9}
+    rec.frozen_layers = [1]
+    rec.history = [{"epoch": epoch, "state": "committed", "reason": ""}]
+    rec.pending = Attempt(
+        group=group,
+        epoch=epoch + 1,
+        previous_epoch=epoch,
+        ranks=(0, 1),
+        layout=lay,
+        trigger="force",
+        started_at=10.0,
+        started_wall=1.6e9,
+        timeout_s=30.0,
+        commit_timeout_s=30.0,
+    )
+    return rec
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.open()
+    rec = record()
+    store.save(rec)
+    got, notes = store.load(now=50.0)
+    assert notes == []
+    back = got[rec.group]
+    assert (back.epoch, back.max_epoch, back.shape) == (3, 4, rec.shape)
+    assert back.layouts == rec.layouts and back.layout_times == {3: 1.5e9}
+    assert back.frozen_layers == [1] and back.frozen is False
+    assert back.history == rec.history
+    assert back.pending is not None and back.pending.epoch == 4
+    assert back.pending.restored and back.pending.deadline == 80.0
+    assert back.pending.layout == rec.pending.layout
+    # the file name is the percent-encoded group name
+    assert [p.name for p in (tmp_path / "groups").iterdir()] == ["g%2F0%20%C3%A9.json"]
+    store.close()
+
+
+def test_kept_layouts_and_history_are_bounded(tmp_path: Path) -> None:
+    store = StateStore(tmp_path, keep_layouts=2, keep_history=3)
+    store.open()
+    rec = GroupRecord(group="g", epoch=5, max_epoch=5)
+    rec.layouts = {e: Layout.default(1, 2, 2) for e in range(1, 6)}
+    rec.history = [{"epoch": e} for e in range(10)]
+    store.save(rec)
+    back = store.load(now=0.0)[0]["g"]
+    assert sorted(back.layouts) == [4, 5]
+    assert [h["epoch"] for h in back.history] == [7, 8, 9]
+    store.close()
+
+
+def test_a_crash_between_write_and_rename_leaves_the_old_state(tmp_path: Path) -> None:
+    # A real process dies (os._exit) after the new file is written and fsynced, before rename.
+    code = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_controller_store import record
+        from eplbd.controller import StateStore
+        store = StateStore({str(tmp_path)!r})
+        store.open()
+        store.save(record(epoch=3, group="g"))
+        crash = StateStore({str(tmp_path)!r}, replace=lambda a, b: os._exit(9))
+        crash.save(record(epoch=8, group="g"))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr.decode()
+    leftovers = list((tmp_path / "groups").glob(".*.tmp-*"))
+    assert len(leftovers) == 1  # the new content was written, never renamed
+    assert json.loads(leftovers[0].read_text())["epoch"] == 8
+    store = StateStore(tmp_path)
+    store.open()  # removes the leftover
+    assert list((tmp_path / "groups").glob(".*.tmp-*")) == []
+    assert store.load(now=0.0)[0]["g"].epoch == 3
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"[]",
+        b'{"schema_version": 99}',
+        b'{"schema_version": 1, "group": "g", "epoch": 2, "max_epoch": 1}',
+        b'{"schema_version": 1, "group": "g", "epoch": 1, "max_epoch": 1, "layouts": []}',
+        b'{"schema_version": 1, "group": "g", "epoch": 0, "max_epoch": 1, "layouts": '
+        b'[{"epoch": 1, "layout": {"schema_version": 1, "num_logical_experts": 3, '
+        b'"phy2log": [[0, 1, 1]]}}]}',
+        b'{"schema_version": 1, "group": "other", "epoch": 0, "max_epoch": 0}',
+    ],
+)
+def test_corrupt_files_are_refused_by_name_or_moved_aside(tmp_path: Path, content: bytes) -> None:
+    store = StateStore(tmp_path)
+    store.open()
+    path = tmp_path / "groups" / "g.json"
+    path.write_bytes(content)
+    with pytest.raises(StoreCorrupt) as info:
+        store.load(now=0.0)
+    assert info.value.path == path and "--reset-state" in str(info.value)
+    got, notes = store.load(now=0.0, reset_corrupt=True)
+    assert got == {} and len(notes) == 1 and "moved" in notes[0]
+    assert not path.exists()
+    assert len(list((tmp_path / "groups").glob("g.json.corrupt-*"))) == 1
+    store.close()
+
+
+def test_one_planner_per_state_directory(tmp_path: Path) -> None:
+    a = StateStore(tmp_path)
+    a.open()
+    with pytest.raises(StoreLocked):
+        StateStore(tmp_path).open()
+    a.close()
+    b = StateStore(tmp_path)
+    b.open()
+    b.close()
