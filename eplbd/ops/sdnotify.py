@@ -60,8 +60,10 @@ def notify(state: str, *, environ: Mapping[str, str] | None = None) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.connect(address)
-            sock.sendall(state.encode("utf-8"))
-    except OSError:
+            # Never block the main loop on a receiver that stopped reading (its datagram
+            # queue is short): a full queue drops this notification instead.
+            sock.send(state.encode("utf-8"), socket.MSG_DONTWAIT)
+    except OSError:  # BlockingIOError included
         return False
     return True
 
