@@ -1,0 +1,856 @@
+"""The node agent's logic without sockets: messages in, messages to send out.
+
+:class:`AgentCore` is what ``eplbd agent`` does, as a state machine fed by the socket loop
+(:mod:`eplbd.agent._daemon`) and by tests with a :class:`~eplbd.ops.FakeClock`:
+
+- ``on_worker(identity, frames)``: a message on the workers' ROUTER (``hello``,
+  ``heartbeat``, ``staged``, ``aborted``, ``committed``);
+- ``on_snapshot(frames)``: a message on the workers' PULL (``snapshot``);
+- ``on_planner(frames)``: a message on the planner DEALER (``welcome``, ``heartbeat``,
+  ``layout``, ``prepare``, ``abort``, ``schedule``, ``error``);
+- ``tick()``: timers (heartbeats both ways, dead workers, the planner's liveness and the
+  agent_hello retry with backoff, merge timeouts).
+
+Each returns a list of :class:`Send` for the loop to put on a socket without blocking.
+Nothing here waits: a worker is never held up by the planner, and the planner being away
+only means snapshots are held (bounded) and control messages for it are dropped (the
+planner resynchronises from the next ``agent_hello``, which lists every worker and its
+current epoch).
+
+Why the agent keeps layouts: a worker that starts (or restarts) after a commit must serve
+the group's current epoch before it takes part in the next consensus; the agent hands it
+the last committed ``phy2log`` in its ``welcome``. The agent learns it from the planner's
+``layout`` messages and from a completed commit (the first ``committed`` of an epoch it
+relayed a ``prepare`` for: the consensus flips every rank at the same step, so one report
+is enough).
+
+Every incoming message is decoded and validated (against the group's model once the group
+is known); a bad one is counted per reason and per sender (:class:`~eplbd.wire.WireCounters`),
+logged, answered with ``error`` on the workers' control socket, and dropped.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eplbd import __version__
+from eplbd.agent._merge import Merged, SnapshotMerger
+from eplbd.ops.clock import SYSTEM_CLOCK, Clock
+from eplbd.ops.logging import get_logger
+from eplbd.wire import (
+    ABORT,
+    ABORTED,
+    AGENT_HELLO,
+    COMMITTED,
+    DEFAULT_MAX_BYTES,
+    ERROR,
+    HEARTBEAT,
+    HELLO,
+    LAYOUT,
+    PREPARE,
+    PROTOCOL_VERSION,
+    SCHEDULE,
+    SNAPSHOT,
+    STAGED,
+    WELCOME,
+    WORKER_JOINED,
+    WORKER_LEFT,
+    Message,
+    ModelShape,
+    WireError,
+    decode,
+    error_body,
+    validate,
+)
+from eplbd.wire._counters import WireCounters
+
+__all__ = [
+    "AgentCore",
+    "CoreConfig",
+    "HELLO_REQUIRED",
+    "PLANNER",
+    "PLANNER_SNAPSHOTS",
+    "Schedule",
+    "Send",
+    "WORKER",
+]
+
+log = get_logger("eplbd.agent")
+
+WORKER = "worker"
+PLANNER = "planner"
+PLANNER_SNAPSHOTS = "planner_snapshots"
+
+#: ``error`` code for "who are you?": a worker's control message before its ``hello`` (the
+#: agent restarted, or declared the worker dead) gets it from the agent, and an agent's
+#: message the planner cannot place gets it from the planner; the answer is a new hello.
+HELLO_REQUIRED = "hello_required"
+_RESYNC_CODES = frozenset({HELLO_REQUIRED, "unknown_agent"})
+
+_MAX_WORKERS = 4096
+_MAX_GROUPS = 1024
+_MAX_PENDING = 4  # prepared epochs remembered per group
+_MAX_PENDING_UP = 256  # workers' answers held while the planner is away
+
+
+@dataclass(frozen=True)
+class Send:
+    """One message for the loop to send (NOBLOCK; a full queue is a counted drop).
+
+    ``to``: :data:`WORKER` (``identity`` is the worker's ROUTER identity), :data:`PLANNER`
+    (control DEALER) or :data:`PLANNER_SNAPSHOTS` (PUSH).
+    """
+
+    to: str
+    msg_type: str
+    body: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    identity: bytes = b""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The recording schedule: record ``record_steps`` of every ``window_steps`` steps."""
+
+    window_steps: int = 256
+    record_steps: int = 64
+    enabled: bool = True
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "window_steps": self.window_steps,
+            "record_steps": self.record_steps,
+            "enabled": self.enabled,
+        }
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """The agent's tunables (seconds on the core's clock).
+
+    ``dead_s``: a worker (or the planner) silent this long is gone; ``heartbeat_s``: how often
+    the agent heartbeats its peers; ``merge_timeout_s``: how long a window waits for the
+    other local ranks; ``held_per_group``: merged snapshots kept per group while the planner
+    is away; ``hello_backoff_s``/``hello_backoff_max_s``: agent_hello retry, doubling.
+    """
+
+    agent_id: str
+    node: str
+    schedule: Schedule = Schedule()
+    heartbeat_s: float = 1.0
+    dead_s: float = 5.0
+    merge_timeout_s: float = 2.0
+    max_open_windows: int = 8
+    held_per_group: int = 16
+    hello_backoff_s: float = 0.1
+    hello_backoff_max_s: float = 5.0
+    max_bytes: int = DEFAULT_MAX_BYTES
+    has_planner: bool = True
+
+
+@dataclass
+class _Worker:
+    identity: bytes
+    hello: dict[str, Any]
+    last_seen: float
+    epoch: int
+    last_seq: int = -1
+
+    @property
+    def worker(self) -> str:
+        return str(self.hello["worker"])
+
+    @property
+    def incarnation(self) -> str:
+        return str(self.hello["incarnation"])
+
+    @property
+    def group(self) -> str:
+        return str(self.hello["group"])
+
+    @property
+    def ep_rank(self) -> int:
+        return int(self.hello["ep_rank"])
+
+
+@dataclass
+class _Group:
+    model: ModelShape | None = None
+    ep_size: int = 0
+    epoch: int = 0  # last committed epoch known (0: the initial layout)
+    phy2log: torch.Tensor | None = None  # its layout [L, P] int64, None for epoch 0
+    pending: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)
+    held: deque[Merged] = field(default_factory=deque)
+
+
+class AgentCore:
+    """The agent's state: workers, groups and their layouts, the planner session, merging.
+
+    Not thread-safe: one thread (the socket loop) calls every method. ``status()`` returns
+    a fresh JSON-able dict that other threads may read.
+    """
+
+    def __init__(
+        self, config: CoreConfig, *, incarnation: str, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
+        self.cfg = config
+        self.incarnation = incarnation
+        self.clock = clock
+        self.schedule = config.schedule
+        self.workers: dict[str, _Worker] = {}  # worker id -> record
+        self.by_identity: dict[bytes, str] = {}  # ROUTER identity -> worker id
+        self.groups: dict[str, _Group] = {}
+        self.merger = SnapshotMerger(
+            timeout_s=config.merge_timeout_s, max_open_per_group=config.max_open_windows
+        )
+        self.worker_counters = WireCounters()  # both worker sockets
+        self.planner_counters = WireCounters()
+        self.relayed: dict[str, int] = {}  # "<type>:<up|down>" -> count
+        self.dropped: dict[str, int] = {}  # reason -> count (held snapshots evicted, ...)
+        self.events: dict[str, int] = {}  # workers joined/left/replaced, planner restarts...
+        self.forwarded = {"complete": 0, "partial": 0}
+        self._seq = 0
+        now = clock.monotonic()
+        # planner session
+        self.planner_incarnation: str | None = None
+        self.planner_last_seen: float | None = None
+        self.synced = False  # welcome received since the last agent_hello
+        self._hello_members: set[tuple[str, str]] = set()  # workers our agent_hello listed
+        self._gone: dict[tuple[str, str], dict[str, Any]] = {}  # recent worker_left bodies
+        self._pending_up: deque[Send] = deque()  # answers for a planner that is away
+        self._backoff = config.hello_backoff_s
+        self._next_hello = now
+        self._next_planner_hb = now
+        self._next_worker_hb = now
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _bump(self, table: dict[str, int], key: str, n: int = 1) -> None:
+        table[key] = table.get(key, 0) + n
+
+    def _now(self) -> float:
+        return self.clock.monotonic()
+
+    def _group(self, name: str) -> _Group | None:
+        g = self.groups.get(name)
+        if g is None:
+            if len(self.groups) >= _MAX_GROUPS:
+                self._forget_idle_groups()
+                if len(self.groups) >= _MAX_GROUPS:
+                    return None
+            g = self.groups[name] = _Group()
+        return g
+
+    def _forget_idle_groups(self) -> None:
+        busy = {w.group for w in self.workers.values()}
+        for name in [n for n in self.groups if n not in busy]:
+            del self.groups[name]
+
+    def local_ranks(self, group: str) -> set[int]:
+        """The ranks of ``group`` registered on this node now."""
+        return {w.ep_rank for w in self.workers.values() if w.group == group}
+
+    def _workers_of(self, group: str) -> list[_Worker]:
+        return [w for w in self.workers.values() if w.group == group]
+
+    def _hb_body(self) -> dict[str, Any]:
+        return {"sender": self.cfg.agent_id, "incarnation": self.incarnation}
+
+    def _bad(self, counters: WireCounters, err: WireError, sender: str, msg_type: str = "") -> None:
+        counters.bad_message(err, sender, msg_type)
+
+    def _worker_error(self, identity: bytes, err: WireError, in_reply_to: str) -> Send:
+        return Send(WORKER, ERROR, error_body(err, in_reply_to), identity=identity)
+
+    def _to_planner(self, msg_type: str, body: dict[str, Any]) -> list[Send]:
+        """A control message for the planner. While no session is up, membership changes
+        are dropped (the next agent_hello carries them) and the workers' answers (staged,
+        aborted, committed) wait in a bounded buffer, sent once the planner welcomes us."""
+        if not self.cfg.has_planner:
+            return []
+        if self.synced:
+            return [Send(PLANNER, msg_type, body)]
+        if msg_type in (WORKER_JOINED, WORKER_LEFT):
+            return []
+        if len(self._pending_up) >= _MAX_PENDING_UP:
+            old = self._pending_up.popleft()
+            self._bump(self.dropped, f"{old.msg_type}:planner_away")
+        self._pending_up.append(Send(PLANNER, msg_type, body))
+        return []
+
+    # --- workers' control socket --------------------------------------------------------
+
+    def on_worker(self, identity: bytes, frames: Sequence[Any]) -> list[Send]:
+        """A message from a worker's DEALER (ROUTER identity already split off)."""
+        sender = self.by_identity.get(identity) or f"id:{identity.hex()[:16]}"
+        try:
+            msg = decode(frames, max_bytes=self.cfg.max_bytes)
+        except WireError as e:
+            self._bad(self.worker_counters, e, sender)
+            return [self._worker_error(identity, e, "")]
+        self.worker_counters.received[msg.type] += 1
+        if msg.type == HELLO:
+            return self._on_hello(identity, msg)
+        wid = self.by_identity.get(identity)
+        rec = self.workers.get(wid) if wid is not None else None
+        if msg.type == ERROR:  # logged, never answered (no error loops)
+            log.info(
+                "worker error",
+                worker=sender,
+                code=msg.body.get("code"),
+                message=msg.body.get("message"),
+            )
+            return []
+        if rec is None:
+            # The agent restarted or the worker was declared dead: it must say hello again.
+            return [
+                Send(
+                    WORKER,
+                    ERROR,
+                    {
+                        "code": HELLO_REQUIRED,
+                        "message": "send hello first",
+                        "in_reply_to": msg.type,
+                    },
+                    identity=identity,
+                )
+            ]
+        rec.last_seen = self._now()
+        if msg.type == HEARTBEAT:
+            try:
+                validate(msg)
+            except WireError as e:
+                self._bad(self.worker_counters, e, rec.worker, msg.type)
+            return []
+        if msg.type in (STAGED, ABORTED, COMMITTED):
+            return self._on_outcome(rec, msg)
+        err = WireError("bad_field", f"{msg.type} is not a worker-to-agent control message")
+        self._bad(self.worker_counters, err, sender, msg.type)
+        return [self._worker_error(identity, err, msg.type)]
+
+    def _on_hello(self, identity: bytes, msg: Message) -> list[Send]:
+        sender = f"id:{identity.hex()[:16]}"
+        try:
+            body = validate(msg).body
+            group_name = str(body["group"])
+            g = self.groups.get(group_name)
+            live = self._workers_of(group_name)
+            # Replacing a rank's own previous incarnation does not count as "another worker".
+            others = [
+                w for w in live if w.worker != body["worker"] and w.ep_rank != body["ep_rank"]
+            ]
+            model = ModelShape.from_hello(body)
+            if g is not None and g.model is not None and others:
+                if model != g.model:
+                    validate(msg, model=g.model)  # raises model_mismatch with the details
+                if body["ep_size"] != g.ep_size:
+                    raise WireError(
+                        "model_mismatch",
+                        f"ep_size {body['ep_size']} differs from the group's {g.ep_size}",
+                    )
+            if body["protocol_version"] != PROTOCOL_VERSION:
+                raise WireError(
+                    "bad_version", f"protocol_version {body['protocol_version']} not supported"
+                )
+        except WireError as e:
+            self._bad(self.worker_counters, e, str(msg.body.get("worker", sender)), HELLO)
+            return [self._worker_error(identity, e, HELLO)]
+        if len(self.workers) >= _MAX_WORKERS and body["worker"] not in self.workers:
+            err = WireError("bad_field", f"this agent serves at most {_MAX_WORKERS} workers")
+            self._bad(self.worker_counters, err, str(body["worker"]), HELLO)
+            return [self._worker_error(identity, err, HELLO)]
+        g = self._group(group_name)
+        if g is None:
+            err = WireError("bad_field", f"this agent serves at most {_MAX_GROUPS} groups")
+            self._bad(self.worker_counters, err, str(body["worker"]), HELLO)
+            return [self._worker_error(identity, err, HELLO)]
+        out: list[Send] = []
+        wid = str(body["worker"])
+        old = self.workers.get(wid)
+        known_again = old is not None and old.incarnation == body["incarnation"]
+        if old is not None and not known_again:
+            out += self._remove(old, "restarted")
+        for w in live:
+            if w.worker != wid and w.ep_rank == body["ep_rank"]:
+                out += self._remove(w, "replaced")
+        if g.model != model or not self._workers_of(group_name):
+            if g.model is not None and g.model != model:
+                # A redeployment with another model: the old layouts mean nothing now.
+                log.warning(
+                    "group model changed", group=group_name, old=str(g.model), new=str(model)
+                )
+                g.epoch, g.phy2log = 0, None
+                g.pending.clear()
+                self.merger.drop_groups([group_name])
+            g.model = model
+            g.ep_size = int(body["ep_size"])
+        now = self._now()
+        if known_again and old is not None:
+            self.by_identity.pop(old.identity, None)
+            old.identity, old.hello, old.last_seen = identity, body, now
+            old.epoch = max(old.epoch, int(body["epoch"]))
+            rec = old
+        else:
+            rec = _Worker(identity, body, now, int(body["epoch"]))
+            self.workers[wid] = rec
+            self._bump(self.events, "worker_joined")
+            log.info(
+                "worker joined",
+                worker=wid,
+                group=group_name,
+                ep_rank=rec.ep_rank,
+                incarnation=rec.incarnation,
+            )
+            out += self._to_planner(WORKER_JOINED, self._joined_body(rec))
+        self.by_identity[identity] = wid
+        out.append(self._welcome(rec, g))
+        return out
+
+    def _welcome(self, rec: _Worker, g: _Group) -> Send:
+        body: dict[str, Any] = {
+            "incarnation": self.incarnation,
+            "epoch": 0,
+            "schedule": self.schedule.body(),
+            "agent": self.cfg.agent_id,
+        }
+        tensors: dict[str, torch.Tensor] = {}
+        p2l, model = g.phy2log, g.model
+        if g.epoch > 0 and p2l is not None and model is not None and tuple(p2l.shape) == model.lp:
+            body["epoch"] = g.epoch
+            tensors["phy2log"] = p2l
+        return Send(WORKER, WELCOME, body, tensors, identity=rec.identity)
+
+    def _member_body(self, rec: _Worker, reason: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "agent": self.cfg.agent_id,
+            "group": rec.group,
+            "ep_rank": rec.ep_rank,
+            "worker": rec.worker,
+            "incarnation": rec.incarnation,
+        }
+        if reason is not None:
+            body["reason"] = reason
+        return body
+
+    def _joined_body(self, rec: _Worker) -> dict[str, Any]:
+        """worker_joined with the worker's whole hello (the planner registers the group's
+        model from it) and its current epoch."""
+        body = self._member_body(rec)
+        body.update(epoch=rec.epoch, node=str(rec.hello["node"]), hello=self._hello_of(rec))
+        return body
+
+    def _remove(self, rec: _Worker, reason: str) -> list[Send]:
+        if self.workers.get(rec.worker) is rec:
+            del self.workers[rec.worker]
+        if self.by_identity.get(rec.identity) == rec.worker:
+            del self.by_identity[rec.identity]
+        self._bump(self.events, f"worker_left:{reason}")
+        body = self._member_body(rec, reason)
+        self._gone[(rec.worker, rec.incarnation)] = body
+        while len(self._gone) > 256:
+            del self._gone[next(iter(self._gone))]
+        log.warning(
+            "worker left", worker=rec.worker, group=rec.group, ep_rank=rec.ep_rank, reason=reason
+        )
+        return self._to_planner(WORKER_LEFT, body)
+
+    def _on_outcome(self, rec: _Worker, msg: Message) -> list[Send]:
+        try:
+            body = validate(msg).body
+            for key, want in (
+                ("worker", rec.worker),
+                ("group", rec.group),
+                ("ep_rank", rec.ep_rank),
+            ):
+                if body[key] != want:
+                    raise WireError(
+                        "bad_field", f"{msg.type}.{key}={body[key]!r} but this worker is {want!r}"
+                    )
+        except WireError as e:
+            self._bad(self.worker_counters, e, rec.worker, msg.type)
+            return [self._worker_error(rec.identity, e, msg.type)]
+        if msg.type == COMMITTED:
+            epoch = int(body["epoch"])
+            rec.epoch = max(rec.epoch, epoch)
+            self._committed(rec.group, epoch)
+        body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
+        body.setdefault("agent", self.cfg.agent_id)
+        self._bump(self.relayed, f"{msg.type}:up")
+        return self._to_planner(msg.type, body)
+
+    def _committed(self, group: str, epoch: int) -> None:
+        g = self.groups.get(group)
+        if g is None or epoch <= g.epoch:
+            return
+        p2l = g.pending.get(epoch)
+        if p2l is None:
+            return  # committed an epoch we never relayed: wait for the planner's layout
+        g.epoch, g.phy2log = epoch, p2l
+        for e in [e for e in g.pending if e <= epoch]:
+            del g.pending[e]
+        log.info("epoch committed", group=group, epoch=epoch)
+
+    # --- workers' snapshot socket --------------------------------------------------------
+
+    def on_snapshot(self, frames: Sequence[Any]) -> list[Send]:
+        """A message on the workers' PULL: a snapshot to merge."""
+        try:
+            msg = decode(frames, max_bytes=self.cfg.max_bytes)
+        except WireError as e:
+            self._bad(self.worker_counters, e, "snapshots")
+            return []
+        wid = msg.body.get("worker")
+        sender = wid if isinstance(wid, str) else "snapshots"
+        try:
+            if msg.type != SNAPSHOT:
+                raise WireError("bad_field", f"{msg.type} sent to the snapshot socket")
+            rec = self.workers.get(wid) if isinstance(wid, str) else None
+            if rec is None:
+                raise WireError("stale_incarnation", f"snapshot from unregistered worker {wid!r}")
+            if msg.body.get("incarnation") != rec.incarnation:
+                raise WireError("stale_incarnation", f"{wid}: incarnation was replaced")
+            g = self.groups.get(rec.group)
+            body = validate(msg, model=g.model if g is not None else None).body
+            if body["group"] != rec.group or body["ep_rank"] != rec.ep_rank:
+                raise WireError("bad_field", f"{wid} is rank {rec.ep_rank} of {rec.group}")
+            if body["seq"] <= rec.last_seq:
+                raise WireError("replay", f"{wid}: seq {body['seq']} <= {rec.last_seq}")
+        except WireError as e:
+            self._bad(self.worker_counters, e, sender, msg.type)
+            return []
+        self.worker_counters.received[SNAPSHOT] += 1
+        now = self._now()
+        if body["seq"] > rec.last_seq + 1 and rec.last_seq >= 0:
+            self.worker_counters.gap(rec.worker, int(body["seq"]) - rec.last_seq - 1)
+        rec.last_seq = int(body["seq"])
+        rec.last_seen = now
+        before = self.merger.duplicates
+        ready = self.merger.add(
+            rec.group,
+            int(body["epoch"]),
+            int(body["step_start"]),
+            int(body["step_end"]),
+            rec.ep_rank,
+            int(body["tokens"]),
+            msg.tensors["counts"],
+            now=now,
+            expected=self.local_ranks,
+        )
+        if self.merger.duplicates != before:
+            self._bump(self.dropped, "snapshot:duplicate")
+        return self._forward(ready)
+
+    def _forward(self, ready: list[Merged]) -> list[Send]:
+        out: list[Send] = []
+        for m in ready:
+            g = self.groups.get(m.group)
+            if not self.synced or not self.cfg.has_planner:
+                if g is None:
+                    continue
+                if len(g.held) >= self.cfg.held_per_group:
+                    g.held.popleft()
+                    self._bump(self.dropped, "snapshot:held_evicted")
+                g.held.append(m)
+                continue
+            out.append(self._snapshot_send(m))
+        return out
+
+    def _snapshot_send(self, m: Merged) -> Send:
+        self._seq += 1
+        self.forwarded["complete" if m.complete else "partial"] += 1
+        body = {
+            "agent": self.cfg.agent_id,
+            "incarnation": self.incarnation,
+            "node": self.cfg.node,
+            "group": m.group,
+            "ep_ranks": m.ep_ranks,
+            "seq": self._seq,
+            "epoch": m.epoch,
+            "step_start": m.step_start,
+            "step_end": m.step_end,
+            "tokens": m.tokens,
+        }
+        return Send(PLANNER_SNAPSHOTS, SNAPSHOT, body, {"counts": m.counts})
+
+    # --- planner ----------------------------------------------------------------------------
+
+    def agent_hello(self) -> Send:
+        """The full state the planner needs after (re)connecting: every worker, its epoch."""
+        workers = [self._hello_of(w) for w in self.workers.values()]
+        self._hello_members = {(w.worker, w.incarnation) for w in self.workers.values()}
+        body = {
+            "agent": self.cfg.agent_id,
+            "incarnation": self.incarnation,
+            "node": self.cfg.node,
+            "software_version": __version__,
+            "protocol_version": PROTOCOL_VERSION,
+            "workers": workers,
+            "layouts": {n: g.epoch for n, g in self.groups.items() if g.epoch > 0},
+        }
+        return Send(PLANNER, AGENT_HELLO, body)
+
+    @staticmethod
+    def _hello_of(w: _Worker) -> dict[str, Any]:
+        """The worker's hello body as the planner should see it: with its current epoch."""
+        h = {k: v for k, v in w.hello.items() if k not in ("schema", "tensors")}
+        h["epoch"] = w.epoch
+        return h
+
+    def _resync(self, why: str) -> list[Send]:
+        """Forget the session and say agent_hello now (then with backoff until welcome)."""
+        self.synced = False
+        self._backoff = self.cfg.hello_backoff_s
+        self._next_hello = self._now() + self._backoff
+        self._bump(self.events, f"planner_resync:{why}")
+        return [self.agent_hello()] if self.cfg.has_planner else []
+
+    def on_planner(self, frames: Sequence[Any]) -> list[Send]:
+        """A message from the planner on the control DEALER."""
+        try:
+            msg = decode(frames, max_bytes=self.cfg.max_bytes)
+            group = msg.body.get("group")
+            g = self.groups.get(group) if isinstance(group, str) else None
+            msg = validate(msg, model=g.model if g is not None else None)
+        except WireError as e:
+            self._bad(self.planner_counters, e, "planner")
+            return []
+        self.planner_counters.received[msg.type] += 1
+        self.planner_last_seen = self._now()
+        body = msg.body
+        if msg.type == WELCOME:
+            inc = str(body["incarnation"])
+            if self.planner_incarnation is not None and inc != self.planner_incarnation:
+                self._bump(self.events, "planner_restarted")
+                log.warning("planner restarted", incarnation=inc)
+            self.planner_incarnation = inc
+            if self.synced:
+                return []  # an answer to a repeated agent_hello
+            self.synced = True
+            self._next_planner_hb = self._now() + self.cfg.heartbeat_s
+            log.info("planner session up", incarnation=inc)
+            up, self._pending_up = list(self._pending_up), deque()
+            return self._membership_since_hello() + self._layouts_up() + up + self._flush_held()
+        if msg.type == HEARTBEAT:
+            inc = str(body["incarnation"])
+            if self.planner_incarnation is not None and inc != self.planner_incarnation:
+                log.warning("planner restarted", incarnation=inc, seen_in="heartbeat")
+                self._bump(self.events, "planner_restarted")
+                self.planner_incarnation = inc
+                return self._resync("restarted")
+            return []
+        if msg.type == ERROR:
+            code = body.get("code")
+            log.warning("planner error", code=code, message=body.get("message"))
+            if code in _RESYNC_CODES:
+                return self._resync("hello_required")
+            return []
+        if msg.type == LAYOUT:
+            return self._on_layout(body, msg.tensors["phy2log"])
+        if msg.type == PREPARE:
+            return self._on_prepare(msg)
+        if msg.type == ABORT:
+            return self._on_abort(msg)
+        if msg.type == SCHEDULE:
+            return self.set_schedule(
+                Schedule(int(body["window_steps"]), int(body["record_steps"]), body["enabled"])
+            )
+        self._bad(
+            self.planner_counters,
+            WireError("bad_field", f"{msg.type} is not a planner-to-agent message"),
+            "planner",
+            msg.type,
+        )
+        return []
+
+    def _membership_since_hello(self) -> list[Send]:
+        """worker_joined / worker_left for what changed between our agent_hello and its
+        welcome (those messages were not sent while the session was down)."""
+        out: list[Send] = []
+        now = {(w.worker, w.incarnation): w for w in self.workers.values()}
+        for key, w in now.items():
+            if key not in self._hello_members:
+                out.append(Send(PLANNER, WORKER_JOINED, self._joined_body(w)))
+        for worker, inc in self._hello_members - set(now):
+            gone = self._gone.get((worker, inc))
+            if gone is not None:
+                out.append(Send(PLANNER, WORKER_LEFT, gone))
+        self._hello_members = set(now)
+        return out
+
+    def _layouts_up(self) -> list[Send]:
+        """The committed layouts this agent knows, for a planner that may have lost some
+        (``layout`` agent -> planner: it adopts an epoch its ranks serve but it cannot
+        restore)."""
+        return [
+            Send(
+                PLANNER,
+                LAYOUT,
+                {"agent": self.cfg.agent_id, "group": n, "epoch": g.epoch},
+                {"phy2log": g.phy2log},
+            )
+            for n, g in self.groups.items()
+            if g.epoch > 0 and g.phy2log is not None and self.local_ranks(n)
+        ]
+
+    def _flush_held(self) -> list[Send]:
+        out = []
+        for g in self.groups.values():
+            while g.held:
+                out.append(self._snapshot_send(g.held.popleft()))
+        return out
+
+    def _on_layout(self, body: dict[str, Any], phy2log: torch.Tensor) -> list[Send]:
+        name, epoch = str(body["group"]), int(body["epoch"])
+        g = self._group(name)
+        if g is None:
+            return []
+        if epoch > g.epoch or (epoch == g.epoch and g.phy2log is None and epoch > 0):
+            g.epoch, g.phy2log = epoch, phy2log.to(torch.int64).contiguous()
+            for e in [e for e in g.pending if e <= epoch]:
+                del g.pending[e]
+            log.info("layout from the planner", group=name, epoch=epoch)
+        return []
+
+    def _on_prepare(self, msg: Message) -> list[Send]:
+        body = msg.body
+        name, epoch = str(body["group"]), int(body["epoch"])
+        g = self.groups.get(name)
+        targets = self._workers_of(name)
+        if g is None or not targets:
+            self._bump(self.dropped, "prepare:no_local_workers")
+            log.warning("prepare for a group without local workers", group=name, epoch=epoch)
+            return []
+        if epoch <= g.epoch:
+            err = WireError("stale_epoch", f"prepare epoch {epoch} <= committed {g.epoch}")
+            self._bad(self.planner_counters, err, "planner", PREPARE)
+            return []
+        p2l = msg.tensors["phy2log"]
+        g.pending[epoch] = p2l
+        while len(g.pending) > _MAX_PENDING:
+            g.pending.popitem(last=False)
+        out_body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
+        self._bump(self.relayed, f"{PREPARE}:down", len(targets))
+        return [
+            Send(WORKER, PREPARE, out_body, {"phy2log": p2l}, identity=w.identity) for w in targets
+        ]
+
+    def _on_abort(self, msg: Message) -> list[Send]:
+        body = msg.body
+        name, epoch = str(body["group"]), int(body["epoch"])
+        g = self.groups.get(name)
+        if g is not None:
+            g.pending.pop(epoch, None)
+        targets = self._workers_of(name)
+        out_body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
+        self._bump(self.relayed, f"{ABORT}:down", len(targets))
+        return [Send(WORKER, ABORT, out_body, identity=w.identity) for w in targets]
+
+    def set_schedule(self, schedule: Schedule) -> list[Send]:
+        """Change the recording schedule and tell every worker (``schedule`` messages)."""
+        if not 0 <= schedule.record_steps <= schedule.window_steps or schedule.window_steps < 1:
+            raise ValueError(f"bad schedule {schedule}")
+        if schedule == self.schedule:
+            return []
+        self.schedule = schedule
+        log.info("schedule", **schedule.body())
+        return [
+            Send(WORKER, SCHEDULE, schedule.body(), identity=w.identity)
+            for w in self.workers.values()
+        ]
+
+    # --- timers -------------------------------------------------------------------------
+
+    def tick(self) -> list[Send]:
+        """Run the timers; call at least every ``min(heartbeat_s, merge_timeout_s) / 2``."""
+        now = self._now()
+        out: list[Send] = []
+        # dead workers (any message refreshes last_seen)
+        for w in list(self.workers.values()):
+            if now - w.last_seen >= self.cfg.dead_s:
+                out += self._remove(w, "timeout")
+        # merge timeouts and windows completed by a rank leaving
+        out += self._forward(self.merger.expire(now, self.local_ranks))
+        # heartbeats to workers
+        if now >= self._next_worker_hb:
+            self._next_worker_hb = now + self.cfg.heartbeat_s
+            hb = self._hb_body()
+            out += [Send(WORKER, HEARTBEAT, hb, identity=w.identity) for w in self.workers.values()]
+        if not self.cfg.has_planner:
+            return out
+        # planner session
+        if self.synced:
+            last = self.planner_last_seen if self.planner_last_seen is not None else now
+            if now - last >= self.cfg.dead_s:
+                log.warning("planner silent: resynchronising", silent_s=round(now - last, 3))
+                self._bump(self.events, "planner_lost")
+                out += self._resync("silent")
+            elif now >= self._next_planner_hb:
+                self._next_planner_hb = now + self.cfg.heartbeat_s
+                out.append(Send(PLANNER, HEARTBEAT, self._hb_body()))
+        elif now >= self._next_hello:
+            self._backoff = min(self._backoff * 2, self.cfg.hello_backoff_max_s)
+            self._next_hello = now + self._backoff
+            out.append(self.agent_hello())
+        return out
+
+    def next_deadline(self) -> float:
+        """When ``tick`` next has something to do (monotonic seconds), for the poll timeout."""
+        t = min(self._next_worker_hb, self._next_planner_hb if self.synced else self._next_hello)
+        if self.workers:
+            t = min(t, min(w.last_seen for w in self.workers.values()) + self.cfg.dead_s)
+        if self.merger.open_windows():
+            t = min(t, self._now() + self.cfg.merge_timeout_s / 4)
+        return t
+
+    # --- introspection ------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able picture of the agent (workers, groups, planner session, counters)."""
+        now = self._now()
+        return {
+            "agent": self.cfg.agent_id,
+            "node": self.cfg.node,
+            "incarnation": self.incarnation,
+            "planner": {
+                "synced": self.synced,
+                "incarnation": self.planner_incarnation,
+                "silent_s": None
+                if self.planner_last_seen is None
+                else round(now - self.planner_last_seen, 3),
+            },
+            "schedule": self.schedule.body(),
+            "workers": [
+                {
+                    "worker": w.worker,
+                    "incarnation": w.incarnation,
+                    "group": w.group,
+                    "ep_rank": w.ep_rank,
+                    "epoch": w.epoch,
+                    "silent_s": round(now - w.last_seen, 3),
+                }
+                for w in self.workers.values()
+            ],
+            "groups": {
+                n: {
+                    "epoch": g.epoch,
+                    "has_layout": g.phy2log is not None,
+                    "pending": list(g.pending),
+                    "held_snapshots": len(g.held),
+                    "local_ranks": sorted(self.local_ranks(n)),
+                }
+                for n, g in self.groups.items()
+            },
+            "open_windows": self.merger.open_windows(),
+            "pending_up": len(self._pending_up),
+            "forwarded": dict(self.forwarded),
+            "relayed": dict(self.relayed),
+            "dropped": dict(self.dropped),
+            "events": dict(self.events),
+            "bad_worker": dict(self.worker_counters.bad),
+            "bad_planner": dict(self.planner_counters.bad),
+        }

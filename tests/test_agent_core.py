@@ -1,0 +1,391 @@
+"""The agent's rules without sockets: AgentCore and SnapshotMerger driven by a FakeClock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from eplbd.agent import (
+    PLANNER,
+    PLANNER_SNAPSHOTS,
+    WORKER,
+    AgentCore,
+    CoreConfig,
+    Schedule,
+    Send,
+    SnapshotMerger,
+)
+from eplbd.ops import FakeClock
+from eplbd.wire import decode, encode, validate
+
+L, E, P = 2, 4, 8
+
+
+def hello(worker: str, rank: int, *, inc: str | None = None, epoch: int = 0, **kw: Any) -> dict:
+    body = {
+        "worker": worker,
+        "incarnation": inc or f"{worker}-i1",
+        "group": "g0",
+        "ep_rank": rank,
+        "ep_size": 2,
+        "node": "n0",
+        "num_layers": L,
+        "num_logical_experts": E,
+        "num_physical_experts": P,
+        "epoch": epoch,
+        "software_version": "test",
+        "protocol_version": 1,
+    }
+    body.update(kw)
+    return body
+
+
+def snap(
+    worker: str,
+    rank: int,
+    seq: int,
+    counts: torch.Tensor,
+    *,
+    s0: int = 0,
+    epoch: int = 0,
+    inc: str | None = None,
+) -> list[bytes]:
+    body = {
+        "worker": worker,
+        "incarnation": inc or f"{worker}-i1",
+        "group": "g0",
+        "ep_rank": rank,
+        "seq": seq,
+        "epoch": epoch,
+        "step_start": s0,
+        "step_end": s0 + 8,
+        "tokens": int(counts.sum()),
+    }
+    return encode("snapshot", body, {"counts": counts})
+
+
+def p2l(shift: int = 1) -> torch.Tensor:
+    return ((torch.arange(P) + shift) % E).repeat(L, 1).to(torch.int64)
+
+
+def of(out: list[Send], to: str, msg_type: str | None = None) -> list[Send]:
+    return [s for s in out if s.to == to and (msg_type is None or s.msg_type == msg_type)]
+
+
+def roundtrip(s: Send) -> Any:
+    """What the peer would receive: encode, decode, validate (proves the message is valid)."""
+    return validate(decode(encode(s.msg_type, s.body, s.tensors or None)))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make_core(clock: FakeClock, **kw: Any) -> AgentCore:
+    cfg = CoreConfig(
+        agent_id="n0",
+        node="n0",
+        schedule=Schedule(8, 4, True),
+        heartbeat_s=1.0,
+        dead_s=5.0,
+        merge_timeout_s=2.0,
+        held_per_group=3,
+        **kw,
+    )
+    return AgentCore(cfg, incarnation="agent-i1", clock=clock)
+
+
+def synced_core(clock: FakeClock, **kw: Any) -> AgentCore:
+    core = make_core(clock, **kw)
+    out = core.tick()
+    assert [s.msg_type for s in of(out, PLANNER)] == ["agent_hello"]
+    core.on_planner(
+        encode("welcome", {"incarnation": "pl-1", "epoch": 0, "schedule": Schedule().body()})
+    )
+    assert core.synced
+    return core
+
+
+def register(core: AgentCore, ident: bytes, body: dict) -> list[Send]:
+    return core.on_worker(ident, encode("hello", body))
+
+
+def test_hello_gets_welcome_with_schedule_and_planner_hears_of_it(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    out = register(core, b"w0", hello("w0", 0))
+    (welcome,) = of(out, WORKER, "welcome")
+    assert welcome.identity == b"w0"
+    msg = roundtrip(welcome)
+    assert msg.body["incarnation"] == "agent-i1"
+    assert msg.body["epoch"] == 0 and "phy2log" not in msg.tensors
+    assert msg.body["schedule"] == {"window_steps": 8, "record_steps": 4, "enabled": True}
+    (joined,) = of(out, PLANNER, "worker_joined")
+    body = roundtrip(joined).body
+    assert (body["group"], body["ep_rank"], body["worker"]) == ("g0", 0, "w0")
+    assert body["hello"]["num_physical_experts"] == P
+    # a schedule change reaches every registered worker
+    register(core, b"w1", hello("w1", 1))
+    out = core.set_schedule(Schedule(16, 16, True))
+    assert sorted(s.identity for s in of(out, WORKER, "schedule")) == [b"w0", b"w1"]
+    assert roundtrip(out[0]).body["window_steps"] == 16
+
+
+def test_agent_hello_lists_workers_with_their_current_epoch(clock: FakeClock) -> None:
+    core = make_core(clock)
+    register(core, b"w0", hello("w0", 0, epoch=3))
+    hello_msg = roundtrip(core.agent_hello())
+    (w,) = hello_msg.body["workers"]
+    assert (w["worker"], w["epoch"]) == ("w0", 3)
+
+
+def test_bad_hellos_are_refused_with_an_error(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    # another model shape in the same group
+    out = register(core, b"w1", hello("w1", 1, num_physical_experts=12, ep_size=2))
+    (err,) = of(out, WORKER, "error")
+    assert err.body["code"] == "model_mismatch" and err.identity == b"w1"
+    # ep_rank out of range, missing field
+    out = register(core, b"w2", hello("w2", 5))
+    assert of(out, WORKER, "error")[0].body["code"] == "bad_field"
+    bad = hello("w3", 1)
+    del bad["group"]
+    assert of(register(core, b"w3", bad), WORKER, "error")[0].body["code"] == "missing_field"
+    assert [w for w in core.workers] == ["w0"]
+    assert core.worker_counters.bad == {"model_mismatch": 1, "bad_field": 1, "missing_field": 1}
+
+
+def test_late_worker_gets_layout_from_planner_layout_message(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 4}, {"phy2log": p2l(1)}))
+    out = register(core, b"w1", hello("w1", 1))
+    msg = roundtrip(of(out, WORKER, "welcome")[0])
+    assert msg.body["epoch"] == 4
+    assert torch.equal(msg.tensors["phy2log"], p2l(1))
+    # an older layout does not replace it
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 2}, {"phy2log": p2l(2)}))
+    assert core.groups["g0"].epoch == 4
+
+
+def test_prepare_abort_down_staged_committed_up_and_commit_kept(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    register(core, b"w1", hello("w1", 1))
+    out = core.on_planner(
+        encode("prepare", {"group": "g0", "epoch": 1, "timeout_s": 5.0}, {"phy2log": p2l(1)})
+    )
+    assert sorted(s.identity for s in of(out, WORKER, "prepare")) == [b"w0", b"w1"]
+    assert torch.equal(roundtrip(out[0]).tensors["phy2log"], p2l(1))
+    staged = {
+        "group": "g0",
+        "epoch": 1,
+        "ep_rank": 0,
+        "worker": "w0",
+        "ok": True,
+        "reason": "",
+        "staged_bytes": 10,
+    }
+    up = of(core.on_worker(b"w0", encode("staged", staged)), PLANNER, "staged")
+    assert roundtrip(up[0]).body["worker"] == "w0"
+    # a worker cannot speak for another rank
+    out = core.on_worker(b"w1", encode("staged", staged))
+    assert not of(out, PLANNER) and of(out, WORKER, "error")
+    committed = {"group": "g0", "epoch": 1, "ep_rank": 1, "worker": "w1", "step": 77}
+    up = of(core.on_worker(b"w1", encode("committed", committed)), PLANNER, "committed")
+    assert roundtrip(up[0]).body["step"] == 77
+    # the completed commit is the group's layout now: a late worker gets it
+    out = register(core, b"w1b", hello("w1b", 1, inc="w1b-i1"))
+    msg = roundtrip(of(out, WORKER, "welcome")[0])
+    assert msg.body["epoch"] == 1 and torch.equal(msg.tensors["phy2log"], p2l(1))
+    # abort goes to every worker of the group; a stale prepare is refused
+    out = core.on_planner(encode("abort", {"group": "g0", "epoch": 2, "reason": "op"}))
+    assert len(of(out, WORKER, "abort")) == 2
+    out = core.on_planner(
+        encode("prepare", {"group": "g0", "epoch": 1, "timeout_s": 5.0}, {"phy2log": p2l(2)})
+    )
+    assert out == [] and core.planner_counters.bad["stale_epoch"] == 1
+    # a prepare whose layout does not fit the group's model is refused
+    out = core.on_planner(
+        encode(
+            "prepare",
+            {"group": "g0", "epoch": 2, "timeout_s": 5.0},
+            {"phy2log": torch.zeros(L, P + 1, dtype=torch.int64)},
+        )
+    )
+    assert out == [] and core.planner_counters.bad["bad_shape"] == 1
+
+
+def test_merge_complete_window_sums_counts(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    register(core, b"w1", hello("w1", 1))
+    c0 = torch.randint(0, 5, (L, P), dtype=torch.int32)
+    c1 = torch.randint(0, 5, (L, P), dtype=torch.int32)
+    assert core.on_snapshot(snap("w0", 0, 1, c0)) == []
+    (fwd,) = core.on_snapshot(snap("w1", 1, 1, c1))
+    assert fwd.to == PLANNER_SNAPSHOTS
+    msg = roundtrip(fwd)
+    assert msg.body["ep_ranks"] == [0, 1] and msg.body["agent"] == "n0"
+    assert msg.body["tokens"] == int(c0.sum() + c1.sum())
+    assert torch.equal(msg.tensors["counts"], (c0 + c1).to(msg.tensors["counts"].dtype))
+    assert core.forwarded == {"complete": 1, "partial": 0}
+
+
+def test_merge_incomplete_window_goes_out_after_timeout_then_late_alone(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    register(core, b"w1", hello("w1", 1))
+    c = torch.ones(L, P, dtype=torch.int32)
+    assert core.on_snapshot(snap("w0", 0, 1, c)) == []
+    clock.advance(1.0)
+    assert of(core.tick(), PLANNER_SNAPSHOTS) == []
+    clock.advance(1.5)
+    (fwd,) = of(core.tick(), PLANNER_SNAPSHOTS)
+    assert roundtrip(fwd).body["ep_ranks"] == [0]
+    (late,) = core.on_snapshot(snap("w1", 1, 1, 2 * c))
+    assert roundtrip(late).body["ep_ranks"] == [1]
+    assert core.forwarded == {"complete": 0, "partial": 2}
+    # replayed seq and duplicate-rank snapshots are dropped
+    assert core.on_snapshot(snap("w1", 1, 1, c)) == []
+    assert core.worker_counters.bad["replay"] == 1
+
+
+def test_snapshots_are_checked(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    ok = torch.ones(L, P, dtype=torch.int32)
+    cases = [
+        snap("w9", 0, 1, ok),  # unregistered worker
+        snap("w0", 0, 1, ok, inc="old"),  # replaced incarnation
+        snap("w0", 0, 1, torch.ones(L, P + 1, dtype=torch.int32)),  # wrong shape
+        snap("w0", 0, 1, -ok),  # negative counts
+        [b"garbage"],
+        encode("heartbeat", {"sender": "x", "incarnation": "y"}),  # wrong type on PULL
+    ]
+    for frames in cases:
+        assert core.on_snapshot(frames) == []
+    assert core.worker_counters.bad_total == len(cases)
+    assert core.merger.open_windows() == 0
+
+
+def test_planner_outage_holds_newest_snapshots_then_resyncs(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0, ep_size=1, num_physical_experts=P))
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 3}, {"phy2log": p2l(1)}))
+    # the planner goes silent: after dead_s the agent starts over with agent_hello
+    for _ in range(6):
+        clock.advance(1.0)
+        core.on_worker(b"w0", encode("heartbeat", {"sender": "w0", "incarnation": "w0-i1"}))
+        out = core.tick()
+    assert not core.synced
+    assert of(out, PLANNER, "agent_hello")
+    assert core.workers["w0"]  # the worker is unaffected
+    # snapshots are held, newest kept (held_per_group=3)
+    for seq in range(1, 6):
+        c = torch.full((L, P), seq, dtype=torch.int32)
+        assert core.on_snapshot(snap("w0", 0, seq, c, s0=8 * seq)) == []
+    assert len(core.groups["g0"].held) == 3
+    assert core.dropped["snapshot:held_evicted"] == 2
+    # a worker's answer waits for the planner
+    committed = {"group": "g0", "epoch": 3, "ep_rank": 0, "worker": "w0", "step": 5}
+    assert not of(core.on_worker(b"w0", encode("committed", committed)), PLANNER)
+    # agent_hello is retried with backoff while nobody answers
+    sent = []
+    for _ in range(40):
+        clock.advance(0.25)
+        core.on_worker(b"w0", encode("heartbeat", {"sender": "w0", "incarnation": "w0-i1"}))
+        sent += of(core.tick(), PLANNER, "agent_hello")
+    assert 2 <= len(sent) <= 8
+    # a new planner incarnation answers: the session is up, layouts and held snapshots go up
+    out = core.on_planner(
+        encode("welcome", {"incarnation": "pl-2", "epoch": 0, "schedule": Schedule().body()})
+    )
+    assert core.synced and core.planner_incarnation == "pl-2"
+    (lay,) = of(out, PLANNER, "layout")
+    assert roundtrip(lay).body["epoch"] == 3
+    (up,) = of(out, PLANNER, "committed")
+    assert roundtrip(up).body["step"] == 5
+    held = [roundtrip(s) for s in of(out, PLANNER_SNAPSHOTS)]
+    assert [int(m.tensors["counts"][0, 0]) for m in held] == [3, 4, 5]
+
+
+def test_planner_restart_seen_in_heartbeat_or_error_triggers_agent_hello(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    assert core.on_planner(encode("heartbeat", {"sender": "planner", "incarnation": "pl-1"})) == []
+    out = core.on_planner(encode("heartbeat", {"sender": "planner", "incarnation": "pl-2"}))
+    assert [s.msg_type for s in out] == ["agent_hello"] and not core.synced
+    core.on_planner(
+        encode("welcome", {"incarnation": "pl-2", "epoch": 0, "schedule": Schedule().body()})
+    )
+    out = core.on_planner(
+        encode("error", {"code": "hello_required", "message": "who?", "in_reply_to": "heartbeat"})
+    )
+    assert [s.msg_type for s in out] == ["agent_hello"]
+    assert core.on_planner([b"EPLBD", b"\x07", b"welcome", b""]) == []
+    assert core.planner_counters.bad["bad_version"] == 1
+
+
+def test_dead_worker_and_new_incarnation_are_reported(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    register(core, b"w1", hello("w1", 1))
+    # w1 restarts: a new incarnation replaces the old one
+    out = register(core, b"w1x", hello("w1", 1, inc="w1-i2"))
+    left = of(out, PLANNER, "worker_left")
+    assert [(s.body["incarnation"], s.body["reason"]) for s in left] == [("w1-i1", "restarted")]
+    assert of(out, PLANNER, "worker_joined")[0].body["incarnation"] == "w1-i2"
+    assert core.workers["w1"].identity == b"w1x"
+    # w0 keeps talking, w1 goes silent: after dead_s it is reported gone
+    for _ in range(5):
+        clock.advance(1.0)
+        core.on_worker(b"w0", encode("heartbeat", {"sender": "w0", "incarnation": "w0-i1"}))
+        out = core.tick()
+    left = of(out, PLANNER, "worker_left")
+    assert [(s.body["worker"], s.body["reason"]) for s in left] == [("w1", "timeout")]
+    assert list(core.workers) == ["w0"]
+    # a message from the forgotten worker is answered with hello_required
+    out = core.on_worker(b"w1x", encode("heartbeat", {"sender": "w1", "incarnation": "w1-i2"}))
+    assert of(out, WORKER, "error")[0].body["code"] == "hello_required"
+    # the same incarnation saying hello again (e.g. after an agent restart) is welcomed
+    out = register(core, b"w0", hello("w0", 0))
+    assert of(out, WORKER, "welcome") and not of(out, PLANNER, "worker_joined")
+
+
+def test_garbage_on_the_control_socket_is_answered_and_counted(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    for frames in (
+        [b"x"],
+        [b"EPLBD", b"\x01", b"nope", b"\x80"],
+        [b"EPLBD", b"\x01", b"hello", b"\xc1"],
+    ):
+        out = core.on_worker(b"junk", frames)
+        assert of(out, WORKER, "error")
+    assert core.worker_counters.bad == {"truncated": 1, "unknown_type": 1, "bad_body": 1}
+    assert of(register(core, b"w0", hello("w0", 0)), WORKER, "welcome")
+
+
+def test_merger_bounds_open_windows_per_group() -> None:
+    m = SnapshotMerger(timeout_s=10.0, max_open_per_group=2)
+    ranks = {0, 1}
+    c = torch.ones(2, 3, dtype=torch.int32)
+    for s0 in range(4):
+        out = m.add("g", 0, s0, s0 + 1, 0, 6, c, now=0.0, expected=lambda g: ranks)
+        assert len(out) == (1 if s0 >= 2 else 0)
+    assert m.open_windows() == 2
+    # a sum that does not fit int32 is sent as int64
+    big = torch.full((2, 3), 2**31 - 1, dtype=torch.int64)
+    m.add("h", 0, 0, 1, 0, 2**32, big, now=0.0, expected=lambda g: ranks)
+    (merged,) = m.add("h", 0, 0, 1, 1, 2**32, big, now=0.0, expected=lambda g: ranks)
+    assert merged.counts.dtype == torch.int64 and merged.complete and merged.tokens == 2**33
+
+
+def test_public_surface_is_sorted_and_importable() -> None:
+    import eplbd.agent as agent
+
+    assert agent.__all__ == sorted(agent.__all__)
+    for name in agent.__all__:
+        assert getattr(agent, name) is not None

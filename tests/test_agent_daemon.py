@@ -1,0 +1,634 @@
+"""The agent on real sockets: an agent in a thread (or a process), a fake planner bound on
+loopback TCP and fake workers on the agent's ipc sockets, all speaking eplbd.wire."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import zmq
+
+from eplbd.agent import AgentSettings, check_agent_settings, start_agent
+from eplbd.wire import (
+    BindError,
+    CurveServerKeys,
+    Message,
+    WireSocket,
+    control_client,
+    control_server,
+    generate_keypair,
+    load_server_keys,
+    snapshot_receiver,
+    snapshot_sender,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+L, E, P = 2, 4, 8
+HB = 0.2
+DEAD = 1.5  # agent dead timeout in these tests: generous, CI machines stall
+
+
+def hello_body(worker: str, rank: int, *, ep_size: int = 4, inc: str | None = None) -> dict:
+    return {
+        "worker": worker,
+        "incarnation": inc or f"{worker}-i1",
+        "group": "g0",
+        "ep_rank": rank,
+        "ep_size": ep_size,
+        "node": "n0",
+        "num_layers": L,
+        "num_logical_experts": E,
+        "num_physical_experts": P,
+        "epoch": 0,
+        "software_version": "test",
+        "protocol_version": 1,
+    }
+
+
+def wait_for(
+    pred: Callable[[], Any],
+    timeout: float = 5.0,
+    what: str = "condition",
+    keep: list[FakeWorker] | None = None,
+) -> Any:
+    """Poll ``pred`` until true; heartbeat the ``keep`` workers meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        for w in keep or ():
+            w.heartbeat()
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class FakePlanner:
+    """A ROUTER + PULL on loopback that welcomes agents and heartbeats them."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        control: str = "tcp://127.0.0.1:*",
+        snapshots: str = "tcp://127.0.0.1:*",
+        incarnation: str = "pl-1",
+        curve: CurveServerKeys | None = None,
+    ) -> None:
+        self.ctrl: WireSocket = control_server(ctx, control, curve=curve)
+        self.pull: WireSocket = snapshot_receiver(ctx, snapshots, curve=curve)
+        self.incarnation = incarnation
+        self.control: list[Message] = []
+        self.snapshots: list[Message] = []
+        self.agent: bytes | None = None
+        self.keepalive: list[FakeWorker] = []  # workers heartbeated while pumping
+        self._next_hb = 0.0
+        self._next_worker_hb = 0.0
+
+    @property
+    def endpoints(self) -> tuple[str, str]:
+        return self.ctrl.endpoint, self.pull.endpoint
+
+    def send(self, msg_type: str, body: dict, tensors: dict | None = None) -> None:
+        assert self.agent is not None
+        assert self.ctrl.send(msg_type, body, tensors, to=self.agent)
+
+    def pump(self, until: Callable[[FakePlanner], Any], timeout: float = 5.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.ctrl.recv(10)
+            if got is not None:
+                self.control.append(got.message)
+                if got.message.type == "agent_hello":
+                    self.agent = got.peer
+                    body = {
+                        "incarnation": self.incarnation,
+                        "epoch": 0,
+                        "schedule": {"window_steps": 8, "record_steps": 4, "enabled": True},
+                    }
+                    self.ctrl.send("welcome", body, to=got.peer)
+            snap = self.pull.recv(0)
+            if snap is not None:
+                self.snapshots.append(snap.message)
+            if self.agent is not None and time.monotonic() >= self._next_hb:
+                self._next_hb = time.monotonic() + HB
+                self.ctrl.send(
+                    "heartbeat",
+                    {"sender": "planner", "incarnation": self.incarnation},
+                    to=self.agent,
+                )
+            if time.monotonic() >= self._next_worker_hb:
+                self._next_worker_hb = time.monotonic() + HB
+                for w in self.keepalive:
+                    w.heartbeat()
+            v = until(self)
+            if v:
+                return v
+        raise AssertionError("fake planner timed out")
+
+    def of(self, msg_type: str) -> list[Message]:
+        return [m for m in self.control if m.type == msg_type]
+
+    def told(self) -> list[str]:
+        """Workers the agent announced: in an agent_hello or a worker_joined."""
+        names = [w["worker"] for m in self.of("agent_hello") for w in m.body["workers"]]
+        return names + [m.body["worker"] for m in self.of("worker_joined")]
+
+    def close(self) -> None:
+        self.ctrl.close()
+        self.pull.close()
+
+
+class FakeWorker:
+    def __init__(
+        self, ctx: zmq.Context[Any], agent_ep: str, snap_ep: str, name: str, rank: int, **kw: Any
+    ) -> None:
+        self.name, self.rank = name, rank
+        self.hello = hello_body(name, rank, **kw)
+        self.ctrl = control_client(ctx, agent_ep, identity=name)
+        self.push = snapshot_sender(ctx, snap_ep)
+        self.seq = 0
+
+    def say_hello(self) -> Message:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if self.ctrl.send("hello", self.hello):
+                return self.expect("welcome")
+            time.sleep(0.01)
+        raise AssertionError("could not send hello")
+
+    def expect(self, msg_type: str, timeout: float = 5.0) -> Message:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.ctrl.recv(20)
+            if got is not None and got.message.type == msg_type:
+                return got.message
+        raise AssertionError(f"{self.name}: no {msg_type}")
+
+    def heartbeat(self) -> None:
+        self.ctrl.send("heartbeat", {"sender": self.name, "incarnation": self.hello["incarnation"]})
+
+    def snapshot(self, counts: torch.Tensor, s0: int = 0) -> None:
+        self.seq += 1
+        body = {
+            "worker": self.name,
+            "incarnation": self.hello["incarnation"],
+            "group": "g0",
+            "ep_rank": self.rank,
+            "seq": self.seq,
+            "epoch": 0,
+            "step_start": s0,
+            "step_end": s0 + 8,
+            "tokens": int(counts.sum()),
+        }
+        assert self.push.send("snapshot", body, {"counts": counts}, timeout_ms=1000)
+
+    def answer(self, msg_type: str, epoch: int, **extra: Any) -> None:
+        body = {"group": "g0", "epoch": epoch, "ep_rank": self.rank, "worker": self.name, **extra}
+        assert self.ctrl.send(msg_type, body)
+
+    def close(self) -> None:
+        self.ctrl.close()
+        self.push.close()
+
+
+@pytest.fixture
+def rundir() -> Iterator[Path]:
+    d = tempfile.mkdtemp(prefix="ea", dir="/tmp")
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    c: zmq.Context[Any] = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def settings_for(rundir: Path, planner: FakePlanner | tuple[str, str], **kw: Any) -> AgentSettings:
+    ctl, snap = planner.endpoints if isinstance(planner, FakePlanner) else planner
+    base: dict[str, Any] = dict(
+        planner=ctl,
+        planner_snapshots=snap,
+        runtime_dir=rundir,
+        node="n0",
+        heartbeat_s=HB,
+        dead_timeout_s=DEAD,
+        merge_timeout_s=0.4,
+        window_steps=8,
+        record_steps=4,
+        metrics=None,
+    )
+    base.update(kw)
+    s = AgentSettings(**base)
+    check_agent_settings(s)
+    return s
+
+
+def p2l(shift: int) -> torch.Tensor:
+    return ((torch.arange(P) + shift) % E).repeat(L, 1).to(torch.int64)
+
+
+def test_workers_register_merge_relay_and_late_worker_gets_layout(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    fp = FakePlanner(ctx)
+    agent = start_agent(settings_for(rundir, fp, metrics="127.0.0.1:0"))
+    workers: list[FakeWorker] = []
+    try:
+        fp.pump(lambda p: p.agent)
+        w0 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w0", 0)
+        w1 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w1", 1)
+        workers += [w0, w1]
+        fp.keepalive = workers
+        for w in (w0, w1):
+            welcome = w.say_hello()
+            assert welcome.body["schedule"] == {
+                "window_steps": 8,
+                "record_steps": 4,
+                "enabled": True,
+            }
+            assert welcome.body["epoch"] == 0
+        fp.pump(lambda p: sorted(p.told()) == ["w0", "w1"])
+        # snapshots of one window from both local ranks: one merged message
+        c0 = torch.randint(0, 9, (L, P), dtype=torch.int32)
+        c1 = torch.randint(0, 9, (L, P), dtype=torch.int32)
+        w0.snapshot(c0)
+        w1.snapshot(c1)
+        fp.pump(lambda p: p.snapshots)
+        (merged,) = fp.snapshots
+        assert merged.body["ep_ranks"] == [0, 1] and merged.body["agent"] == "n0"
+        assert torch.equal(merged.tensors["counts"].long(), (c0 + c1).long())
+        # prepare goes down to both, staged and committed come up
+        fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 5.0}, {"phy2log": p2l(1)})
+        for w in (w0, w1):
+            prep = w.expect("prepare")
+            assert torch.equal(prep.tensors["phy2log"], p2l(1))
+            w.answer("staged", 1, ok=True, reason="", staged_bytes=64)
+        fp.pump(lambda p: len(p.of("staged")) == 2)
+        assert {m.body["worker"] for m in fp.of("staged")} == {"w0", "w1"}
+        w0.answer("committed", 1, step=40)
+        w1.answer("committed", 1, step=40)
+        fp.pump(lambda p: len(p.of("committed")) == 2)
+        # abort goes down to both
+        fp.send("abort", {"group": "g0", "epoch": 2, "reason": "operator"})
+        assert w0.expect("abort").body["reason"] == "operator"
+        w1.expect("abort")
+        # a worker that starts late is handed the committed layout
+        w2 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w2", 2)
+        workers.append(w2)
+        welcome = w2.say_hello()
+        assert welcome.body["epoch"] == 1
+        assert torch.equal(welcome.tensors["phy2log"], p2l(1))
+        wait_for(lambda: agent.status()["relayed"].get("abort:down") == 2, 5, "status")
+        st = agent.status()
+        assert st["relayed"]["prepare:down"] == 2 and st["relayed"]["committed:up"] == 2
+        url = f"http://127.0.0.1:{agent.daemon.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        assert "eplbd_agent_workers 3" in text
+        assert "eplbd_agent_planner_connected 1" in text
+        assert 'eplbd_agent_relayed_total{type="prepare",direction="down"} 2' in text
+        assert 'eplbd_agent_snapshots_forwarded_total{kind="complete"} 1' in text
+    finally:
+        agent.stop()
+        for w in workers:
+            w.close()
+        fp.close()
+
+
+def test_planner_outage_agent_reconnects_and_workers_unaffected(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    fp = FakePlanner(ctx)
+    endpoints = fp.endpoints
+    agent = start_agent(settings_for(rundir, fp))
+    w0 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w0", 0, ep_size=1)
+    try:
+        fp.pump(lambda p: p.agent)
+        fp.keepalive = [w0]
+        w0.say_hello()
+        fp.pump(lambda p: p.told())
+        fp.close()  # the planner goes away
+        wait_for(lambda: agent.status()["events"].get("planner_lost"), 5, "planner away", [w0])
+        # the worker keeps being served: hello again, heartbeats, snapshots held
+        assert w0.say_hello().body["incarnation"] == agent.daemon.incarnation
+        for i in range(3):
+            w0.heartbeat()
+            w0.snapshot(torch.full((L, P), i + 1, dtype=torch.int32), s0=8 * i)
+        wait_for(lambda: agent.status()["groups"]["g0"]["held_snapshots"] == 3, 5, "held", [w0])
+        assert [w["worker"] for w in agent.status()["workers"]] == ["w0"]
+        assert agent.status()["events"].get("worker_left:timeout") is None
+        # a new planner on the same endpoints: agent_hello again, with the worker; held data
+        fp = FakePlanner(ctx, *endpoints, incarnation="pl-2")
+        fp.keepalive = [w0]
+        fp.pump(lambda p: p.agent and len(p.snapshots) == 3, timeout=10)
+        (ah,) = fp.of("agent_hello")
+        assert [w["worker"] for w in ah.body["workers"]] == ["w0"]
+        assert [int(m.tensors["counts"][0, 0]) for m in fp.snapshots] == [1, 2, 3]
+        wait_for(lambda: agent.status()["planner"]["synced"], 5, "resynced")
+    finally:
+        agent.stop()
+        w0.close()
+        fp.close()
+
+
+def test_second_agent_on_same_runtime_dir_is_refused(ctx: zmq.Context[Any], rundir: Path) -> None:
+    fp = FakePlanner(ctx)
+    agent = start_agent(settings_for(rundir, fp))
+    w0 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w0", 0)
+    try:
+        with pytest.raises(BindError, match="in use"):
+            start_agent(settings_for(rundir, fp, node="n1"))
+        assert w0.say_hello().body["incarnation"] == agent.daemon.incarnation  # still serving
+    finally:
+        agent.stop()
+        w0.close()
+        fp.close()
+    # once the first is gone, the directory can be used again
+    again = start_agent(settings_for(rundir, ("tcp://127.0.0.1:9", "tcp://127.0.0.1:10")))
+    again.stop()
+
+
+def test_garbage_on_both_agent_sockets_is_counted_and_dropped(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    fp = FakePlanner(ctx)
+    agent = start_agent(settings_for(rundir, fp))
+    raw_ctrl = ctx.socket(zmq.DEALER)
+    raw_push = ctx.socket(zmq.PUSH)
+    w0 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w0", 0)
+    try:
+        raw_ctrl.connect(agent.endpoint)
+        raw_push.connect(agent.snapshot_endpoint)
+        garbage = [
+            [b"hello"],
+            [b"EPLBD", b"\x02", b"hello", b"\x80"],
+            [b"EPLBD", b"\x01", b"hello", b"\xc1\xc1"],
+            [b"EPLBD", b"\x01", b"snapshot", b"\x81\xa6schema\x01", b"extra"],
+            [os.urandom(100) for _ in range(5)],
+        ]
+        for frames in garbage:
+            raw_ctrl.send_multipart(frames)
+            raw_push.send_multipart(frames)
+        # the control socket answers each bad message with an error
+        poller = zmq.Poller()
+        poller.register(raw_ctrl, zmq.POLLIN)
+        errors = 0
+        deadline = time.monotonic() + 5
+        while errors < len(garbage) and time.monotonic() < deadline:
+            if poller.poll(50):
+                frames = raw_ctrl.recv_multipart()
+                assert frames[2] == b"error"
+                errors += 1
+        assert errors == len(garbage)
+        wait_for(
+            lambda: sum(agent.status()["bad_worker"].values()) == 2 * len(garbage),
+            5,
+            "bad messages counted",
+        )
+        # and it still serves
+        assert w0.say_hello().body["epoch"] == 0
+        fp.pump(lambda p: p.told())
+    finally:
+        raw_ctrl.close(linger=0)
+        raw_push.close(linger=0)
+        agent.stop()
+        w0.close()
+        fp.close()
+
+
+# Speaks the wire format with plain pyzmq + msgpack (no torch import: starts in a blink).
+_WORKER_SCRIPT = """
+import sys, time, msgpack, zmq
+s = zmq.Context().socket(zmq.DEALER)
+s.setsockopt(zmq.IDENTITY, b"wk")
+s.connect(sys.argv[1])
+def send(t, body):
+    s.send_multipart([b"EPLBD", b"\\x01", t, msgpack.packb(dict(body, schema=1))])
+send(b"hello", {"worker": "wk", "incarnation": "wk-1", "group": "g0", "ep_rank": 3,
+     "ep_size": 4, "node": "n0", "num_layers": 2, "num_logical_experts": 4,
+     "num_physical_experts": 8, "epoch": 0, "software_version": "t", "protocol_version": 1})
+while True:
+    send(b"heartbeat", {"sender": "wk", "incarnation": "wk-1"})
+    time.sleep(0.05)
+"""
+
+
+def test_sigkilled_worker_is_reported_as_worker_left(ctx: zmq.Context[Any], rundir: Path) -> None:
+    fp = FakePlanner(ctx)
+    agent = start_agent(settings_for(rundir, fp))
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER_SCRIPT, agent.endpoint])
+    try:
+        fp.pump(lambda p: p.told(), timeout=20)
+        time.sleep(DEAD + 0.3)  # alive past the dead timeout while it heartbeats
+        assert not fp.of("worker_left")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        t0 = time.monotonic()
+        fp.pump(lambda p: p.of("worker_left"), timeout=5)
+        assert time.monotonic() - t0 < DEAD + 1.0
+        (left,) = fp.of("worker_left")
+        assert (left.body["worker"], left.body["ep_rank"], left.body["reason"]) == (
+            "wk",
+            3,
+            "timeout",
+        )
+        wait_for(lambda: agent.status()["workers"] == [], 2, "worker gone from status")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        agent.stop()
+        fp.close()
+
+
+def _agent_cmd(rundir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "eplbd",
+        "agent",
+        "--runtime-dir",
+        str(rundir),
+        "--node",
+        "n0",
+        "--heartbeat-s",
+        str(HB),
+        "--dead-timeout-s",
+        str(DEAD),
+        "--metrics",
+        "127.0.0.1:0",
+        *extra,
+    ]
+
+
+def test_agent_process_serves_refuses_a_second_and_stops_on_sigterm(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    fp = FakePlanner(ctx)
+    ctl, snap = fp.endpoints
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(rundir / "notify"))
+    notify.settimeout(0.05)
+    env = dict(
+        os.environ,
+        EPLBD_AGENT_LOG_LEVEL="warning",
+        NOTIFY_SOCKET=str(rundir / "notify"),
+        WATCHDOG_USEC="400000",
+    )
+    first = subprocess.Popen(
+        _agent_cmd(rundir, "--planner", ctl, "--planner-snapshots", snap),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    notes: list[str] = []
+
+    def drain_notify() -> list[str]:
+        with contextlib.suppress(TimeoutError):
+            while True:
+                notes.extend(notify.recv(4096).decode().splitlines())
+        return notes
+
+    second = None
+    w0 = None
+    try:
+        fp.pump(lambda p: p.agent, timeout=30)
+        w0 = FakeWorker(
+            ctx, f"ipc://{rundir}/agent.sock", f"ipc://{rundir}/snapshots.sock", "w0", 0
+        )
+        w0.say_hello()
+        fp.pump(lambda p: p.told())
+        second = subprocess.run(
+            _agent_cmd(rundir, "--planner", ctl),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert "in use" in second.stderr
+        assert first.poll() is None
+        wait_for(lambda: "WATCHDOG=1" in drain_notify(), 5, "watchdog pings")
+        assert "READY=1" in notes and any(n.startswith("STATUS=") for n in notes)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(10) == 0
+        assert "STOPPING=1" in drain_notify()
+    finally:
+        notify.close()
+        if first.poll() is None:
+            first.kill()
+            first.wait(5)
+        if w0 is not None:
+            w0.close()
+        fp.close()
+
+
+def test_bad_configuration_exits_78_naming_the_field(
+    rundir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eplbd.cli.main import main
+
+    base = ["agent", "--runtime-dir", str(rundir), "--planner", "tcp://h:1"]
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["--window-steps", "8", "--record-steps", "9"], {}, "record_steps"),
+        ([], {"EPLBD_AGENT_HEARTBEAT_S": "often"}, "heartbeat_s"),
+        (["--heartbeat-s", "2", "--dead-timeout-s", "1"], {}, "dead_timeout_s"),
+        (["--runtime-dir", "relative/dir"], {}, "runtime_dir"),
+        (["--runtime-dir", "/" + "d" * 100], {}, "runtime_dir"),
+        (["--embedded-planner"], {}, "planner"),
+        (["--curve-secret-key", "/k/agent.key_secret"], {}, "curve_server_key"),
+        (["--config", str(rundir / "a.toml")], {}, "wndow_steps"),
+    ]
+    (rundir / "a.toml").write_text("[agent]\nwndow_steps = 8\n")
+    for flags, env, field in cases:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert main(base + flags) == 78, (flags, env)
+        err = capsys.readouterr().err
+        assert field in err, (flags, err)
+
+
+def test_embedded_planner_registers_workers_and_answers_the_cli_socket(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    state = rundir / "state"
+    state.mkdir()
+    s = AgentSettings(
+        embedded_planner=True,
+        runtime_dir=rundir,
+        state_dir=state,
+        node="n0",
+        heartbeat_s=HB,
+        dead_timeout_s=DEAD,
+        window_steps=8,
+        record_steps=4,
+        metrics=None,
+    )
+    check_agent_settings(s)
+    agent = start_agent(s)
+    w0 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w0", 0, ep_size=1)
+    cli = control_client(ctx, f"ipc://{rundir}/planner.sock")
+    try:
+        assert w0.say_hello().body["schedule"]["window_steps"] == 8
+
+        def planner_sees_rank() -> bool:
+            w0.heartbeat()
+            cli.send("status_request", {"what": "status"})
+            got = cli.recv(500)
+            if got is None or got.message.type != "status_reply":
+                return False
+            agents = got.message.body["data"]["agents"]
+            return any(a["agent"] == "n0" and a["ranks"] for a in agents)
+
+        wait_for(planner_sees_rank, 10, "the embedded planner lists the worker's rank")
+        wait_for(lambda: agent.status()["planner"]["synced"], 5, "status shows the session")
+    finally:
+        cli.close()
+        w0.close()
+        agent.stop()
+    again = start_agent(s)  # stop released the sockets and the state dir: a new one starts
+    again.stop()
+
+
+def test_curve_to_the_planner_with_allowed_keys_only(ctx: zmq.Context[Any], rundir: Path) -> None:
+    keys = rundir / "keys"
+    allowed = keys / "allowed"
+    allowed.mkdir(parents=True)
+    _, planner_secret = generate_keypair(keys, "planner")
+    agent_public, agent_secret = generate_keypair(keys, "agent")
+    _, stranger_secret = generate_keypair(keys, "stranger")
+    shutil.copy(agent_public, allowed / "agent.key")
+    fp = FakePlanner(ctx, curve=load_server_keys(planner_secret, allowed))
+    curve_ok = dict(curve_secret_key=agent_secret, curve_server_key=keys / "planner.key")
+    agent = start_agent(settings_for(rundir / "a", fp, **curve_ok))
+    try:
+        fp.pump(lambda p: p.agent)
+        wait_for(lambda: agent.status()["planner"]["synced"], 5, "CURVE session")
+    finally:
+        agent.stop()
+    stranger = dict(curve_secret_key=stranger_secret, curve_server_key=keys / "planner.key")
+    agent = start_agent(settings_for(rundir / "b", fp, **stranger))
+    try:
+        with pytest.raises(AssertionError, match="timed out"):
+            fp.pump(lambda p: len(p.of("agent_hello")) > 1, timeout=1.0)
+        assert len(fp.of("agent_hello")) == 1  # the stranger never got through
+    finally:
+        agent.stop()
+        fp.close()
