@@ -1,0 +1,605 @@
+"""How the operator commands reach the planner: settings, one request, one reply, a deadline.
+
+``eplbd status | top | heatmap | history | rebalance | freeze | unfreeze | rollback`` talk to
+the planner's control socket (a DEALER to its ROUTER, docs/protocol.md) with
+``status_request`` / ``command`` and wait for ``status_reply`` / ``command_reply``.
+
+Where the planner is (:func:`planner_endpoint`), in this order:
+
+- ``--planner ADDR`` / ``EPLBD_PLANNER`` (``tcp://host:7050`` or ``ipc://PATH``);
+- ``--runtime-dir DIR`` / ``EPLBD_RUNTIME_DIR``: an agent's runtime directory; its embedded
+  planner listens on ``ipc://DIR/planner.sock``;
+- otherwise ``/run/eplbd/planner.sock`` when it exists, else ``tcp://127.0.0.1:7050``.
+
+A flag beats an environment variable beats ``--config FILE`` (``EPLBD_CLI_CONFIG``, keys at
+the top level or in a ``[cli]`` table). ``EPLBD_CONFIG``, the daemons' shared file, is not
+read: its top-level keys are daemon settings.
+
+Every request has a deadline (``--timeout``, default 5 s) and each takes a fresh socket, so
+a late reply to an abandoned request can never be read as the answer to the next one. Exit
+codes (:mod:`eplbd.ops.exits`):
+
+- 69 unreachable: no connection within the deadline, connection refused, no socket file,
+  handshake (CURVE) refused;
+- 75 timeout: connected and the request sent, but no reply within the deadline (a wedged
+  planner), or ``--wait`` ran out;
+- 78 bad configuration: an invalid setting (endpoint, timeout, key files);
+- 1 error: the planner answered with an ``error`` or refused the command.
+
+Standard library, pyzmq and msgpack only (through :mod:`eplbd.wire`): ``eplbd status``
+must not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+from eplbd.cli._output import Output, add_output_arguments, emit_json_line
+from eplbd.ops import settings as cfg
+from eplbd.ops.exits import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+
+__all__ = [
+    "DEFAULT_RUNTIME_DIR",
+    "DEFAULT_TCP",
+    "CliError",
+    "CliSettings",
+    "PlannerClient",
+    "add_common_arguments",
+    "check_watch",
+    "fail",
+    "layer_list",
+    "load_settings",
+    "open_client",
+    "planner_endpoint",
+    "quiet_broken_pipe",
+    "watch_loop",
+]
+
+DEFAULT_RUNTIME_DIR = Path("/run/eplbd")
+DEFAULT_TCP = "tcp://127.0.0.1:7050"
+PLANNER_SOCKET = "planner.sock"  # the embedded planner's socket in an agent's runtime dir
+
+_SOURCE_RANK = {"default": 0, "file": 1, "env": 2, "flag": 3}
+
+
+@dataclass(frozen=True)
+class CliSettings:
+    """Where the planner is and how long to wait for it (flags, env, ``[cli]`` file table)."""
+
+    ENV_PREFIXES: ClassVar[tuple[str, ...]] = ("EPLBD_CLI_", "EPLBD_")
+    CONFIG_SECTION: ClassVar[str | None] = "cli"
+
+    planner: str | None = cfg.setting(
+        None,
+        help="planner control endpoint, e.g. tcp://planner-host:7050 or ipc:///run/eplbd/planner.sock",
+        env="EPLBD_PLANNER",  # the same variable the agent reads
+        check=cfg.check_endpoint("tcp", "ipc"),
+    )
+    runtime_dir: Path | None = cfg.setting(
+        None,
+        help="an agent's runtime directory: talk to its embedded planner (DIR/planner.sock)",
+        env="EPLBD_RUNTIME_DIR",  # the same variable the agent reads
+        check=cfg.check_path(directory=True),
+    )
+    timeout: float = cfg.setting(
+        5.0, help="seconds to wait for a connection and for each reply", min=0.01, max=3600.0
+    )
+    curve_secret_key: Path | None = cfg.setting(
+        None, help="this client's CURVE secret key file (NAME.key_secret), for a tcp planner"
+    )
+    curve_server_key: Path | None = cfg.setting(
+        None, help="the planner's CURVE public key file (NAME.key)"
+    )
+
+
+class CliError(Exception):
+    """A failure with the exit code it maps to; ``str()`` is the one line for stderr."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR, code: str = "error") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.code = code
+
+
+def fail(args: argparse.Namespace, err: CliError, stream: IO[str] | None = None) -> int:
+    """Print ``eplbd <command>: <message>`` on stderr and return the exit code."""
+    s = sys.stderr if stream is None else stream
+    s.write(f"eplbd {getattr(args, 'command', '')}: {err}\n")
+    s.flush()
+    return err.exit_code
+
+
+# ---------------------------------------------------------------------------------------
+# arguments and settings
+
+
+def layer_list(text: str) -> list[int]:
+    """``"0,3,5-7"`` -> ``[0, 3, 5, 6, 7]`` (argparse type: a bad list is a usage error)."""
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                a, b = int(lo), int(hi)
+                if a > b:
+                    raise ValueError
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: use e.g. 0,3,5-7") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"bad layer list {text!r}: use e.g. 0,3,5-7")
+    return sorted(out)
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, watch: bool = False, layers: bool = True
+) -> None:
+    """``--group``, ``--layers``, the output flags and the connection settings."""
+    parser.add_argument("--group", metavar="NAME", help="EP group (default: all, or the only one)")
+    if layers:
+        parser.add_argument(
+            "--layers",
+            type=layer_list,
+            metavar="LIST",
+            help="layers to show or act on, e.g. 0,3,5-7 (default: all)",
+        )
+    add_output_arguments(parser, watch=watch)
+    if watch:
+        parser.add_argument(
+            "--count",
+            type=int,
+            metavar="N",
+            help="with --watch: stop after N refreshes (default: until Ctrl-C)",
+        )
+    cfg.add_arguments(parser, CliSettings)
+
+
+def load_settings(
+    args: argparse.Namespace | Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> CliSettings:
+    """The CLI settings from flags, the environment and ``--config``; CliError(78) if bad."""
+    env = dict(os.environ if environ is None else environ)
+    env.pop("EPLBD_CONFIG", None)  # the daemons' file: its top-level keys are not ours
+    try:
+        s = cfg.load(CliSettings, args, env)
+    except cfg.ConfigError as e:
+        raise CliError(str(e), EXIT_CONFIG, "bad_configuration") from None
+    if (s.curve_secret_key is None) != (s.curve_server_key is None):
+        missing = "curve_server_key" if s.curve_server_key is None else "curve_secret_key"
+        raise CliError(
+            str(cfg.ConfigError(missing, "CURVE needs both curve_secret_key and curve_server_key")),
+            EXIT_CONFIG,
+            "bad_configuration",
+        )
+    return s
+
+
+def planner_endpoint(s: CliSettings) -> str:
+    """The endpoint to talk to (see the module docstring for the order)."""
+    src = cfg.sources(s)
+
+    def rank(name: str) -> int:
+        return _SOURCE_RANK.get(src.get(name, "default").split(" ", 1)[0], 0)
+
+    if s.planner is not None and (s.runtime_dir is None or rank("planner") >= rank("runtime_dir")):
+        return s.planner
+    if s.runtime_dir is not None:
+        return f"ipc://{s.runtime_dir / PLANNER_SOCKET}"
+    default_sock = DEFAULT_RUNTIME_DIR / PLANNER_SOCKET
+    if default_sock.exists():
+        return f"ipc://{default_sock}"
+    return DEFAULT_TCP
+
+
+# ---------------------------------------------------------------------------------------
+# requests
+
+
+class PlannerClient:
+    """Requests to one planner endpoint, each on a fresh DEALER with a deadline.
+
+    ``request`` returns the reply :class:`~eplbd.wire.Message` or raises :class:`CliError`
+    (69 / 75 / 1). A socket monitor tells a refused connection or handshake apart from a
+    slow planner, so an absent planner fails at once instead of after the whole timeout.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float = 5.0,
+        curve_secret_key: Path | None = None,
+        curve_server_key: Path | None = None,
+    ) -> None:
+        import zmq
+
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._curve: Any = None
+        if curve_secret_key is not None and curve_server_key is not None:
+            from eplbd.wire import load_client_keys
+
+            try:
+                self._curve = load_client_keys(curve_secret_key, curve_server_key)
+            except (OSError, ValueError) as e:
+                raise CliError(f"cannot load CURVE keys: {e}", EXIT_CONFIG) from None
+        self._ctx: Any = zmq.Context()
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def __enter__(self) -> PlannerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unreachable(self, why: str, *, hint: bool = True) -> CliError:
+        tail = (
+            " (is `eplbd planner` or `eplbd agent --embedded-planner` running? see --planner / "
+            "--runtime-dir)"
+            if hint
+            else ""
+        )
+        return CliError(
+            f"cannot reach the planner at {self.endpoint}: {why}{tail}",
+            EXIT_UNREACHABLE,
+            "unreachable",
+        )
+
+    def request(self, msg_type: str, body: Mapping[str, Any]) -> Any:
+        """Send one message and return the validated reply (a ``Message``)."""
+        import zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        from eplbd.wire import ERROR, BindError, WireError, control_client
+
+        if self.endpoint.startswith("ipc://") and not self.endpoint.startswith("ipc://@"):
+            path = self.endpoint[len("ipc://") :]
+            if not os.path.exists(path):
+                raise self._unreachable(f"no socket {path}")
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            sock = control_client(self._ctx, self.endpoint, curve=self._curve)
+        except (BindError, zmq.ZMQError, ValueError) as e:
+            raise CliError(f"bad planner endpoint {self.endpoint!r}: {e}", EXIT_CONFIG) from None
+        mon = sock.socket.get_monitor_socket(
+            zmq.EVENT_CONNECT_RETRIED
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_DISCONNECTED
+        )
+        try:
+            poller = zmq.Poller()
+            poller.register(mon, zmq.POLLIN)
+            poller.register(sock.socket, zmq.POLLOUT)
+            sent = False
+            retried = 0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if not sent:
+                        raise self._unreachable(f"no connection within {self.timeout_s:g} s")
+                    raise CliError(
+                        f"the planner at {self.endpoint} did not answer within "
+                        f"{self.timeout_s:g} s (connected; is it overloaded or stuck?)",
+                        EXIT_TIMEOUT,
+                        "timeout",
+                    )
+                events = dict(poller.poll(max(1, int(left * 1000))))
+                if mon in events:
+                    ev = recv_monitor_message(mon)
+                    kind = ev["event"]
+                    if kind == zmq.EVENT_CONNECT_RETRIED:
+                        # the monitor starts after connect(): the first retry may follow a
+                        # handshake failure it did not see; the next attempt tells them apart
+                        retried += 1
+                        if retried >= 2:
+                            raise self._unreachable("connection refused")
+                    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                        raise self._unreachable(
+                            "CURVE authentication refused (is this client's public key in the "
+                            "planner's allow list?)",
+                            hint=False,
+                        )
+                    if kind in (
+                        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                    ):
+                        raise self._unreachable(
+                            "handshake failed (a CURVE planner needs --curve-secret-key and "
+                            "--curve-server-key)"
+                            if self._curve is None
+                            else "handshake failed (is --curve-server-key the planner's key?)",
+                            hint=False,
+                        )
+                    if kind == zmq.EVENT_DISCONNECTED and sent:
+                        raise self._unreachable(
+                            "the connection closed before the reply", hint=False
+                        )
+                    if kind == zmq.EVENT_DISCONNECTED:
+                        retried = 0  # it connected: a refusal now would be news
+                if not sent and sock.socket in events:
+                    if not sock.send(msg_type, body, timeout_ms=0):
+                        continue
+                    sent = True
+                    poller.unregister(sock.socket)
+                    poller.register(sock.socket, zmq.POLLIN)
+                    continue
+                if sent and sock.socket in events:
+                    got = sock.recv(0)
+                    if got is None:  # a bad message: counted and dropped; keep waiting
+                        continue
+                    msg = got.message
+                    if msg.type == ERROR:
+                        b = msg.body
+                        raise CliError(
+                            f"{b.get('message') or b.get('code')}", EXIT_ERROR, str(b.get("code"))
+                        )
+                    return msg
+        except WireError as e:  # pragma: no cover - send-side encoding of our own bodies
+            raise CliError(f"cannot encode the request: {e}", EXIT_ERROR) from None
+        finally:
+            with contextlib.suppress(Exception):
+                sock.socket.disable_monitor()
+            mon.close(linger=0)
+            sock.close()
+
+    def status(self, what: str = "status", group: str | None = None) -> dict[str, Any]:
+        """``status_request`` -> the reply's ``data`` map (schemas in docs/daemons.md)."""
+        from eplbd.wire import STATUS_REPLY, STATUS_REQUEST
+
+        body: dict[str, Any] = {"what": what}
+        if group is not None:
+            body["group"] = group
+        msg = self.request(STATUS_REQUEST, body)
+        if msg.type != STATUS_REPLY:
+            raise CliError(f"unexpected reply {msg.type!r} to a status request", EXIT_ERROR)
+        data = dict(msg.body["data"])
+        if msg.tensors:
+            data.setdefault("tensors", {k: v.tolist() for k, v in msg.tensors.items()})
+        return data
+
+    def command(
+        self,
+        op: str,
+        group: str,
+        *,
+        layers: list[int] | None = None,
+        epoch: int | None = None,
+        dry_run: bool = False,
+    ) -> tuple[bool, str, dict[str, Any]]:
+        """``command`` -> (ok, message, data) from the ``command_reply``."""
+        from eplbd.wire import COMMAND, COMMAND_REPLY
+
+        body: dict[str, Any] = {"op": op, "group": group, "dry_run": dry_run}
+        if layers is not None:
+            body["layers"] = list(layers)
+        if epoch is not None:
+            body["epoch"] = epoch
+        msg = self.request(COMMAND, body)
+        if msg.type != COMMAND_REPLY:
+            raise CliError(f"unexpected reply {msg.type!r} to a command", EXIT_ERROR)
+        b = msg.body
+        return bool(b["ok"]), str(b["message"]), dict(b.get("data") or {})
+
+
+def open_client(args: argparse.Namespace) -> PlannerClient:
+    """A :class:`PlannerClient` from the parsed arguments (CliError 78 on bad settings)."""
+    given = {k: v for k, v in vars(args).items() if k in _SETTING_NAMES or k == "config"}
+    s = load_settings(given)
+    return PlannerClient(
+        planner_endpoint(s),
+        timeout_s=s.timeout,
+        curve_secret_key=s.curve_secret_key,
+        curve_server_key=s.curve_server_key,
+    )
+
+
+_SETTING_NAMES = frozenset(spec.name for spec in cfg.specs(CliSettings))
+
+
+# ---------------------------------------------------------------------------------------
+# --watch
+
+
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def quiet_broken_pipe(fn: Callable[[], int]) -> int:
+    """Run ``fn``; when the reader of stdout goes away (``eplbd history | head``), stop
+    quietly with 0 instead of a traceback (and keep Python's exit flush from raising)."""
+    try:
+        return fn()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def watch_loop(
+    args: argparse.Namespace,
+    fetch: Callable[[PlannerClient], dict[str, Any]],
+    render: Callable[[Output, dict[str, Any]], None],
+    *,
+    stream: IO[str] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Run one view once, or every ``--watch`` seconds.
+
+    ``fetch`` asks the planner and returns the JSON document of the view; ``render`` writes
+    its table. Once: errors exit with their code. Under ``--watch``: a TTY is redrawn in
+    place, other streams get one block (or one JSON line) per refresh; a failed refresh is
+    shown (``{"error": ...}`` in JSON) and the loop goes on; Ctrl-C ends it with 0, and
+    ``--count N`` after N refreshes with the last refresh's code. A closed stdout ends it
+    quietly with 0.
+    """
+    return quiet_broken_pipe(lambda: _watch_loop(args, fetch, render, stream, sleep))
+
+
+def _watch_loop(
+    args: argparse.Namespace,
+    fetch: Callable[[PlannerClient], dict[str, Any]],
+    render: Callable[[Output, dict[str, Any]], None],
+    stream: IO[str] | None,
+    sleep: Callable[[float], None],
+) -> int:
+    out = Output.from_args(args, stream)
+    interval = getattr(args, "watch", None)
+    bad = check_watch(args)
+    if bad is not None:
+        return fail(args, bad)
+    try:
+        client = open_client(args)
+    except CliError as e:
+        return fail(args, e)
+    with client:
+        if interval is None:
+            try:
+                doc = fetch(client)
+            except CliError as e:
+                return fail(args, e)
+            if out.json:
+                out.emit_json(doc)
+            else:
+                render(out, doc)
+            out.flush()
+            return EXIT_OK
+        count = getattr(args, "count", None)
+        tty = bool(getattr(out.stream, "isatty", lambda: False)()) and not out.json
+        code = EXIT_OK
+        n = 0
+        try:
+            for _ in _forever():
+                started = time.monotonic()
+                try:
+                    doc = fetch(client)
+                    code = EXIT_OK
+                except CliError as e:
+                    doc = {"error": {"code": e.code, "message": str(e), "exit_code": e.exit_code}}
+                    code = e.exit_code
+                if out.json:
+                    emit_json_line(doc, out.stream)
+                else:
+                    if tty:
+                        out.write(_CLEAR)
+                    stamp = time.strftime("%H:%M:%S")
+                    out.line(
+                        out.style(f"every {interval:g}s: eplbd {args.command}  {stamp}", "dim")
+                    )
+                    if "error" in doc:
+                        out.line(out.style(doc["error"]["message"], "red"))
+                    else:
+                        render(out, doc)
+                    if not tty:
+                        out.line()
+                    out.flush()
+                n += 1
+                if count is not None and n >= count:
+                    return code
+                sleep(max(0.0, interval - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            return EXIT_OK
+    return code  # pragma: no cover - the loop only returns from inside
+
+
+def _forever() -> Iterator[None]:
+    while True:
+        yield None
+
+
+def check_watch(args: argparse.Namespace) -> CliError | None:
+    """``--watch SECONDS`` must be positive; ``--count N`` needs ``--watch`` and N >= 1."""
+    interval = getattr(args, "watch", None)
+    count = getattr(args, "count", None)
+    if interval is not None and not interval > 0:
+        return CliError("--watch SECONDS must be positive", EXIT_USAGE, "usage")
+    if count is not None and count < 1:
+        return CliError("--count must be at least 1", EXIT_USAGE, "usage")
+    if count is not None and interval is None:
+        return CliError("--count needs --watch", EXIT_USAGE, "usage")
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# small formatting shared by the views
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """``3.2s``, ``4m12s``, ``2h05m``, ``3d04h``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    s = max(0.0, float(seconds))
+    if s < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(int(s), 60)
+    if m < 60:
+        return f"{m}m{sec:02d}s"
+    h, m = divmod(m, 60)
+    if h < 48:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+def fmt_ago(at: float | None, now: float | None) -> str:
+    """How long before ``now`` (both planner wall-clock timestamps) ``at`` was."""
+    if at is None or now is None:
+        return "-"
+    return fmt_duration(now - at) + " ago"
+
+
+def fmt_ranks(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    out: list[str] = []
+    rs = sorted(set(ranks))
+    i = 0
+    while i < len(rs):
+        j = i
+        while j + 1 < len(rs) and rs[j + 1] == rs[j] + 1:
+            j += 1
+        out.append(str(rs[i]) if i == j else f"{rs[i]}-{rs[j]}")
+        i = j + 1
+    return ",".join(out) or "-"
+
+
+def balance_style(value: float | None) -> tuple[str, ...]:
+    """Colour of a balance figure: green up to 1.10, yellow up to 1.30, red above."""
+    if value is None:
+        return ()
+    if value <= 1.10:
+        return ("green",)
+    if value <= 1.30:
+        return ("yellow",)
+    return ("red",)
+
+
+def fmt_balance(out: Output, value: float | None) -> str:
+    """A balance (max/mean) with three decimals, coloured on a terminal."""
+    if value is None:
+        return "-"
+    return out.style(f"{value:.3f}", *balance_style(value))
