@@ -491,7 +491,7 @@ class PlannerCore:
         for gname, r in previous - info.ranks:
             g = self.groups.get(gname)
             if g is not None and r in g.ranks and g.ranks[r].agent == name:
-                self._rank_gone(g, r, "no longer listed by its agent")
+                out += self._rank_gone(g, r, "no longer listed by its agent")
                 touched.add(gname)
         log.info(
             "agent registered",
@@ -553,7 +553,7 @@ class PlannerCore:
         r = hello["ep_rank"]
         prev = g.ranks.get(r)
         if prev is not None and prev.present and prev.incarnation != hello["incarnation"]:
-            self._rank_gone(g, r, f"restarted (incarnation {hello['incarnation']})")
+            out += self._rank_gone(g, r, f"restarted (incarnation {hello['incarnation']})")
         g.ranks[r] = RankInfo(
             ep_rank=r,
             worker=hello["worker"],
