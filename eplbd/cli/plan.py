@@ -1,0 +1,238 @@
+"""``eplbd plan``: the planner, offline, on a load file.
+
+::
+
+    eplbd plan LOADFILE --gpus G --slots P [--nodes N] [--previous LAYOUT.json]
+               [--policy migration|deepseek] [--groups K] [--min-gain X] [--move-cost X]
+               [--max-moves M] [--json] [-o FILE]
+
+LOADFILE holds the load of each expert of each MoE layer, [L][E]: ``.json`` (a list of
+lists of numbers), ``.npy`` or ``.pt`` (a tensor, loaded with ``weights_only``). The table
+shows per layer the balance (max / mean GPU load) before (under ``--previous``, or the
+default layout where slot p holds expert p mod E) and after, the lower bound, the slots
+moved and why the layer did or did not change; ``--json`` prints one object with the
+layout and the same figures; ``-o`` writes the layout (Layout JSON) to FILE.
+
+Exit codes: 0 ok, 2 usage, 78 bad input (unreadable or malformed file, bad shape, negative
+or non-finite load, inconsistent flags), 1 anything else (e.g. ``-o`` not writable).
+torch and numpy are imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from eplbd.cli._output import Output, add_output_arguments
+from eplbd.ops.exits import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
+
+__all__ = ["add_arguments", "load_file", "run"]
+
+PROG = "eplbd plan"
+
+
+class InputError(Exception):
+    """Bad input data or configuration: exit code 78."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "loadfile", metavar="LOADFILE", help="load per expert [L][E]: .json, .npy or .pt"
+    )
+    parser.add_argument("--gpus", type=int, required=True, metavar="G", help="GPUs (EP ranks)")
+    parser.add_argument(
+        "--slots", type=int, required=True, metavar="P",
+        help="physical expert slots in all (a multiple of G, at least E)",
+    )  # fmt: skip
+    parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
+    parser.add_argument(
+        "--previous", metavar="LAYOUT.json",
+        help="the layout now served (Layout JSON): plan close to it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--policy", choices=("migration", "deepseek"), default="migration",
+        help="migration (default): migration-aware; deepseek: DeepSeek's EPLB from scratch",
+    )  # fmt: skip
+    parser.add_argument(
+        "--groups", type=int, default=None, metavar="K",
+        help="expert groups for --policy deepseek (hierarchical when a multiple of N)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-gain", type=float, default=None, metavar="X",
+        help="change a layer only if its balance improves by X (default 0.005)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--move-cost",
+        type=float,
+        default=None,
+        metavar="X",
+        help="balance a layer must gain to be worth rewriting all its slots (default 0.35)",
+    )
+    parser.add_argument(
+        "--max-moves", type=int, default=None, metavar="M",
+        help="change at most M slots in all (with --previous)",
+    )  # fmt: skip
+    parser.add_argument("-o", "--output", metavar="FILE", help="write the layout JSON to FILE")
+    add_output_arguments(parser)
+
+
+def load_file(path: str) -> Any:
+    """Read a load file into a float64 numpy array [L, E]. Raises InputError."""
+    import numpy as np
+
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".json", ".npy", ".pt", ".pth"):
+        raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r} (.json, .npy, .pt)")
+    try:
+        if suffix == ".json":
+            import json
+
+            data: Any = json.loads(p.read_text())
+            if isinstance(data, dict) and "load" in data:
+                data = data["load"]
+            if not isinstance(data, list) or not all(isinstance(row, list) for row in data):
+                raise InputError(f"{path}: expected a JSON list of lists [layers][experts]")
+            for row in data:
+                for x in row:
+                    if isinstance(x, bool) or not isinstance(x, int | float):
+                        raise InputError(f"{path}: load values must be numbers, got {x!r}")
+        elif suffix == ".npy":
+            data = np.load(p, allow_pickle=False)
+        else:
+            import torch
+
+            try:
+                data = torch.load(p, map_location="cpu", weights_only=True)
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors alike
+                raise InputError(f"{path}: cannot read: {_first_line(e)}") from e
+            if not isinstance(data, torch.Tensor):
+                raise InputError(f"{path}: expected a tensor, got {type(data).__name__}")
+            data = data.detach().to(torch.float64).numpy()
+    except InputError:
+        raise
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: no such file") from e
+    except (OSError, ValueError, RuntimeError, EOFError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read: {_first_line(e)}") from e
+    try:
+        arr = np.asarray(data)
+    except ValueError as e:
+        raise InputError(f"{path}: not a rectangular array: {e}") from e
+    if arr.dtype == object or arr.dtype.kind not in "iuf":
+        raise InputError(f"{path}: expected numbers in a rectangular [layers][experts] array")
+    if arr.ndim != 2:
+        raise InputError(f"{path}: expected 2 dimensions [layers][experts], got shape {arr.shape}")
+    return arr.astype(np.float64)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_previous(path: str) -> Any:
+    from eplbd.layout import Layout, LayoutError
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: no such file") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read: {e}") from e
+    try:
+        return Layout.from_json(text)
+    except LayoutError as e:
+        raise InputError(f"{path}: {e}") from e
+
+
+def _plan(args: argparse.Namespace) -> Any:
+    from eplbd.planner import plan_with_report
+
+    load = load_file(args.loadfile)
+    previous = None if args.previous is None else _read_previous(args.previous)
+    kwargs: dict[str, Any] = {}
+    if args.min_gain is not None:
+        kwargs["min_gain"] = args.min_gain
+    if args.move_cost is not None:
+        kwargs["move_cost"] = args.move_cost
+    if args.max_moves is not None:
+        kwargs["max_moves"] = args.max_moves
+    try:
+        return plan_with_report(
+            load,
+            num_gpus=args.gpus,
+            num_physical_experts=args.slots,
+            num_nodes=args.nodes,
+            previous=previous,
+            policy=args.policy,
+            num_groups=args.groups,
+            **kwargs,
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from e
+
+
+def _render(out: Output, result: Any) -> None:
+    rows = [
+        [
+            d["layer"],
+            d["balance_before"],
+            d["balance_after"],
+            d["lower_bound"],
+            d["moves"],
+            out.style("yes", "green") if d["changed"] else "no",
+            d["reason"].replace("_", " "),
+        ]
+        for d in result.layers()
+    ]
+    out.table(
+        ["layer", "before", "after", "bound", "moves", "changed", "reason"],
+        rows,
+        align=[">", ">", ">", ">", ">", "<", "<"],
+    )
+    s = result.summary()
+    pct = 100.0 * s["moves"] / s["slots"] if s["slots"] else 0.0
+    out.line()
+    out.line(
+        f"{s['num_layers']} layers x {s['num_logical_experts']} experts, "
+        f"{s['num_physical_experts']} slots on {s['num_gpus']} GPUs"
+        + (f" in {s['num_nodes']} nodes" if s["num_nodes"] > 1 else "")
+        + f", policy {s['policy']}"
+    )
+    out.line(
+        f"balance (sum max / sum mean): {s['balance_before']:.4f} -> "
+        + out.style(f"{s['balance_after']:.4f}", "bold")
+        + f"  (lower bound {s['lower_bound']:.4f}; after / bound {s['bound_ratio']:.4f})"
+    )
+    out.line(
+        f"moves: {s['moves']} of {s['slots']} slots ({pct:.1f}%); "
+        f"layers changed: {s['layers_changed']} of {s['num_layers']}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Output.from_args(args)
+    try:
+        result = _plan(args)
+    except InputError as e:
+        print(f"{PROG}: error: {_first_line(e)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"{PROG}: internal error: {type(e).__name__}: {_first_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.output:
+        try:
+            Path(args.output).write_text(result.layout.to_json() + "\n")
+        except OSError as e:
+            print(f"{PROG}: error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+            return EXIT_ERROR
+    if out.json:
+        out.emit_json({"layout": result.layout.to_dict(), "figures": result.to_dict()})
+    else:
+        _render(out, result)
+    return EXIT_OK

@@ -1,0 +1,246 @@
+"""``eplbd plan``: load files, table and JSON output, layout files, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eplbd.cli.main import main
+from eplbd.layout import Layout
+from eplbd.planner import balance, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(L: int = 3, E: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.round(rng.random((L, E)) ** 3 * 1000)
+
+
+@pytest.fixture
+def loadfile(tmp_path: Path) -> Path:
+    p = tmp_path / "load.json"
+    p.write_text(json.dumps(_load().tolist()))
+    return p
+
+
+def test_table(loadfile: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(loadfile), "--gpus", "4", "--slots", "20"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["layer", "before", "after", "bound", "moves", "changed", "reason"]
+    assert [ln.split()[0] for ln in lines[1:4]] == ["0", "1", "2"]
+    assert "from scratch" in lines[1]
+    assert "balance (sum max / sum mean)" in out and "moves:" in out
+    # the figures are those of the planner
+    lay = plan(_load(), num_gpus=4, num_physical_experts=20)
+    after = balance(_load(), lay, 4)
+    assert float(lines[1].split()[2]) == pytest.approx(float(after[0]), abs=5e-4)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".json"])
+def test_json_and_output_file(
+    tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    w = _load(seed=1)
+    src = tmp_path / f"load{suffix}"
+    if suffix == ".npy":
+        np.save(src, w.astype(np.int64))
+    elif suffix == ".pt":
+        torch.save(torch.from_numpy(w).float(), src)
+    else:
+        src.write_text(json.dumps({"load": w.tolist()}))
+    out_file = tmp_path / "layout.json"
+    rc = main(
+        [
+            "plan",
+            str(src),
+            "--gpus",
+            "4",
+            "--slots",
+            "20",
+            "--nodes",
+            "2",
+            "--json",
+            "-o",
+            str(out_file),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["schema_version"] == 1
+    lay = Layout.from_dict(doc["layout"])
+    assert lay == Layout.from_json(out_file.read_text())
+    assert lay == plan(w, num_gpus=4, num_physical_experts=20, num_nodes=2)
+    figs = doc["figures"]
+    assert len(figs["layers"]) == 3
+    assert figs["summary"]["num_gpus"] == 4 and figs["summary"]["num_nodes"] == 2
+    assert figs["summary"]["bound_ratio"] >= 1.0
+
+
+def test_previous_layout_and_policies(
+    loadfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prev = tmp_path / "prev.json"
+    assert main(["plan", str(loadfile), "--gpus", "4", "--slots", "20", "-o", str(prev)]) == 0
+    capsys.readouterr()
+    # planning again from the plan of the same load changes nothing
+    assert (
+        main(
+            [
+                "plan",
+                str(loadfile),
+                "--gpus",
+                "4",
+                "--slots",
+                "20",
+                "--previous",
+                str(prev),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["figures"]["summary"]["moves"] == 0
+    assert Layout.from_dict(doc["layout"]) == Layout.from_json(prev.read_text())
+    rc = main(
+        ["plan", str(loadfile), "--gpus", "4", "--slots", "20", "--policy", "deepseek", "--json"]
+    )
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {r["reason"] for r in doc["figures"]["layers"]} == {"baseline"}
+
+
+def test_move_budget_flag(
+    loadfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    start = tmp_path / "start.json"
+    start.write_text(Layout.default(3, 16, 20).to_json())
+    args = [
+        "plan",
+        str(loadfile),
+        "--gpus",
+        "4",
+        "--slots",
+        "20",
+        "--previous",
+        str(start),
+        "--json",
+    ]
+    assert main([*args, "--max-moves", "6"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["figures"]["summary"]["moves"] <= 6
+    assert main([*args, "--min-gain", "100"]) == 0
+    assert json.loads(capsys.readouterr().out)["figures"]["summary"]["moves"] == 0
+    assert main([*args, "--move-cost", "1000"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["figures"]["summary"]["moves"] == 0
+    assert {r["reason"] for r in doc["figures"]["layers"]} == {"not_worth_moves"}
+
+
+def _bad(tmp_path: Path, name: str, content: bytes | str) -> Path:
+    p = tmp_path / name
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    else:
+        p.write_text(content)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "extra", "msg"),
+    [
+        ("missing.json", None, [], "no such file"),
+        ("load.csv", "1,2\n", [], "unsupported file type"),
+        ("load.json", "{not json", [], "cannot read"),
+        ("load.json", "[[1, 2], [3]]", [], "rectangular"),
+        ("load.json", '[[1, "a"]]', [], "must be numbers"),
+        ("load.json", "[1, 2, 3]", [], "list of lists"),
+        ("load.json", "[[1, -2, 3, 4]]", [], "negative"),
+        ("load.npy", b"garbage", [], "cannot read"),
+        ("load.pt", b"garbage", [], "cannot read"),
+        ("load.json", "[[1, 2, 3, 4]]", ["--slots", "5"], "cannot be split evenly over 2 GPUs"),
+        ("load.json", "[[1, 2, 3, 4]]", ["--slots", "2"], "cannot hold 4"),
+        ("load.json", "[[1, 2, 3, 4]]", ["--nodes", "3"], "over 3 nodes"),
+        ("load.json", "[[1, 2, 3, 4]]", ["--previous", "nope.json"], "no such file"),
+        ("load.json", "[[1, 2, 3, 4]]", ["--max-moves", "-3"], "max_moves"),
+        ("load.json", "[[1, 2, 3, 4]]", ["--move-cost", "-1"], "move_cost"),
+    ],
+)
+def test_bad_input_exits_78_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: str | None,
+    extra: list[str], msg: str,
+) -> None:  # fmt: skip
+    path = tmp_path / name if content is None else _bad(tmp_path, name, content)
+    args = ["plan", str(path), "--gpus", "2", "--slots", "4", *extra]
+    if "--slots" in extra:
+        args = ["plan", str(path), "--gpus", "2", *extra]
+    if "--previous" in extra:
+        args[-1] = str(tmp_path / "nope.json")
+    assert main(args) == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("eplbd plan: error:") and msg in err
+
+
+def test_nan_and_bad_previous(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.array([[1.0, float("nan")]]))
+    assert main(["plan", str(nan), "--gpus", "1", "--slots", "2"]) == 78
+    assert "not finite" in capsys.readouterr().err
+    good = _bad(tmp_path, "load.json", "[[1, 2, 3, 4]]")
+    wrong = _bad(tmp_path, "prev.json", Layout.default(1, 4, 8).to_json())
+    assert main(["plan", str(good), "--gpus", "2", "--slots", "4", "--previous", str(wrong)]) == 78
+    assert "previous layout has 1 layers x 4 experts x 8 slots" in capsys.readouterr().err
+    garbage = _bad(tmp_path, "g.json", '{"schema_version": 99}')
+    assert (
+        main(["plan", str(good), "--gpus", "2", "--slots", "4", "--previous", str(garbage)]) == 78
+    )
+    assert "schema_version" in capsys.readouterr().err
+
+
+def test_unwritable_output_exits_1(
+    loadfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "no" / "such" / "dir" / "layout.json"
+    assert main(["plan", str(loadfile), "--gpus", "4", "--slots", "20", "-o", str(target)]) == 1
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(loadfile: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["plan", str(loadfile), "--slots", "20"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["plan", str(loadfile), "--gpus", "four", "--slots", "20"])
+    assert e.value.code == 2
+
+
+def test_subprocess_and_lazy_import(loadfile: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    cmd = [sys.executable, "-m", "eplbd", "plan"]
+    topo = ["--gpus", "4", "--slots", "20"]
+    ok = subprocess.run(
+        [*cmd, str(loadfile), *topo, "--json"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["figures"]["summary"]["slots"] == 60
+    bad = subprocess.run(
+        [*cmd, str(tmp_path / "x.json"), *topo],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 78 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().endswith("no such file")
+    lazy = subprocess.run(
+        [sys.executable, "-c", "import sys, eplbd.cli.plan; print('torch' in sys.modules)"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert lazy.stdout.strip() == "False"
