@@ -1,0 +1,370 @@
+"""Turns an end-to-end job's measurements into a summary and markdown (pure: dicts in, text out).
+
+``result``: what rank 0 wrote (``result.json``, see ``_e2e_worker``); ``history``: per mode,
+the planner's attempts for that mode's group (``status history``), matched to the commits
+the workers served by epoch. The docs section holds one block per group size, so that the
+2- and 4-GPU runs, made by different jobs, sit side by side.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = [
+    "SECTION",
+    "block_key",
+    "command_for",
+    "doc_section",
+    "render_result",
+    "summarise",
+]
+
+SECTION = "e2e-gpu"
+MB = 1e6
+
+COMMANDS = """\
+Commands. Each run is one call of the device tool (one process per GPU, spawned by the
+script, NCCL; the agent with its embedded planner beside them on ipc sockets in a temporary
+directory). First, here: `bash ../shared/tools/gpu-wheels` (pyzmq and structlog into `.whl/`),
+then call the tool with carry `[".whl"]` and, on nvidia-h200-x2 and then nvidia-h200-x4:
+
+```
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PWD/clients; export PYTHONUNBUFFERED=1
+python3 -m benchmarks.bench_e2e_gpu --world-size 2 --timeout-s 540 --doc no --out $OUT/e2e-ws2   # on nvidia-h200-x2
+python3 -m benchmarks.bench_e2e_gpu --world-size 4 --timeout-s 540 --doc no --out $OUT/e2e-ws4   # on nvidia-h200-x4
+```
+
+then, back here, for each `e2e.json` that came back, write its block into this section:
+`python3 -m benchmarks.bench_e2e_gpu --render FILES_AT/e2e-ws2/e2e.json`. Expected length:
+3 to 6 minutes per job (4 domains x 1000 decode steps and x 400 prefill steps, three runs
+each). On the CPU (gloo, tiny dimensions, what tests/test_bench_e2e_smoke.py runs):
+`python3 -m benchmarks.bench_e2e_gpu --device cpu --world-size 2 --tiny --doc no`.
+
+If the peer-to-peer weight transfers (a second NCCL communicator used from the client's
+staging thread while the serving thread runs all-to-alls) hang on a stack, rerun with
+`--weight-source host` (a node-local host pool of every expert under /dev/shm, no
+coordination between ranks); `--decode-steps / --prefill-steps` set the steps per domain,
+`--window-s / --cooldown-s / --min-gain` the online planner's pace.
+"""
+
+METHOD = """\
+What runs: an EP group of G ranks (one process and one GPU each) serving a stack of
+DeepSeek-V2-Lite MoE layers (hidden 2048, expert intermediate 1408, 64 routed experts, top-6,
+8 of its 26 layers picked evenly, bf16, P = 72 slots), replaying the ESFT routing trace
+(`benchmarks/data/esft_routing_ids.npz`, domains intent, law, summary, translation one after
+the other, each domain's tokens wrapping around). Per layer: RMS norm, router softmax at the
+trace's ids, `EplbClient.map_and_record` (the real kernel), dispatch of every (token, k) pair
+to the GPU owning its physical slot with `all_to_all_single`, the slots' expert GEMMs grouped
+by slot (gate/up, SiLU, down), results sent back and combined in k order, a residual add. No
+attention: the MoE time is the whole step. Three runs in one job, same tokens: *none* (slot p
+holds expert p mod E), *deepseek* (DeepSeek's EPLB computed once from the whole trace's load,
+installed with `client.prepare` on every rank before the timed steps), *eplbd* (the client
+connected to `eplbd agent --embedded-planner`, which records, plans and commits while the
+steps run). MoE time: CUDA events around each step's forward, the slowest rank per step.
+Balance: rows (token, k pairs) computed per GPU, Σ over steps and layers of the max over
+GPUs / Σ of the mean. Commit: time from the layout's validation on the ranks to the step that
+serves it (the planner's prepare-to-commit latency beside it); stall: the `step()` that
+applied it minus a median `step()` of the same kind; bytes: expert weights fetched from
+other ranks. Outputs: a per-token fingerprint of every step and the full outputs of sampled
+steps against the *none* run, tolerance |d| <= 2^-3 rms(ref) + 2^-4 |ref| (bf16 GEMMs of
+other batch shapes round differently; a wrong expert moves outputs by tens of percent).
+"""
+
+
+def _f(x: Any, nd: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _attempts(history: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not history:
+        return []
+    out: list[dict[str, Any]] = []
+    for g in history.get("groups") or []:
+        out.extend(g.get("attempts") or [])
+    return out
+
+
+def summarise(result: dict[str, Any], history: dict[str, Any]) -> dict[str, Any]:
+    """Per mode: the three runs' headline figures, gains, commits with the planner's view."""
+    G = int(result["config"]["world_size"])
+    modes = []
+    for m in result["modes"]:
+        runs = {r["run"]: r for r in m["runs"]}
+        base = runs["none"]["moe_ms_median"]
+        atts = {int(a.get("epoch", -1)): a for a in _attempts(history.get(m["mode"]))}
+        rows = []
+        for name in ("none", "deepseek", "eplbd"):
+            r = runs[name]
+            commits = list(r["commits"])
+            for c in commits:
+                a = atts.get(int(c["epoch"]))
+                if a is not None:
+                    c["planner_commit_latency_s"] = a.get("commit_latency_s")
+                    c["planner_state"] = a.get("state")
+                    dec = a.get("decision") or {}
+                    c["planned_balance_before"] = dec.get("balance_now")
+                    c["planned_balance_after"] = dec.get("balance_after")
+            ins = r.get("install")
+            every = ([ins] if ins else []) + commits
+            check = r.get("check")
+            rows.append(
+                {
+                    "run": name,
+                    "moe_ms_median": r["moe_ms_median"],
+                    "moe_ms_p99": r["moe_ms_p99"],
+                    "speedup_vs_none": base / r["moe_ms_median"]
+                    if base and r["moe_ms_median"]
+                    else None,
+                    "balance": r["balance"],
+                    "commits": len(commits),
+                    "install": ins,
+                    "commit_list": commits,
+                    "fetched_bytes": sum(c["fetched_bytes"] for c in every),
+                    "moves": sum(c["moves"] for c in every),
+                    "max_commit_s": max(
+                        (c["commit_s"] for c in every if c.get("commit_s") is not None),
+                        default=None,
+                    ),
+                    "max_stall_ms": max((c["stall_ms"] for c in every), default=None),
+                    "host_step_ms_median": r["host_step_ms_median"],
+                    "host_step_ms_consensus_median": r.get("host_step_ms_consensus_median"),
+                    "check": check,
+                    "outputs_ok": None if check is None else bool(check["ok"]),
+                    "commits_agree": r["commits_agree"],
+                    "attempts_aborted": sum(1 for a in atts.values() if a.get("state") == "aborted")
+                    if name == "eplbd"
+                    else 0,
+                }
+            )
+        decisions: dict[str, int] = {}
+        for g in (history.get(m["mode"]) or {}).get("groups") or []:
+            for dec in g.get("decisions") or []:
+                key = str(dec.get("reason"))
+                decisions[key] = decisions.get(key, 0) + int(dec.get("repeats") or 1)
+        e = rows[2]["moe_ms_median"]
+        others = [rows[0]["moe_ms_median"], rows[1]["moe_ms_median"]]
+        beats = bool(e is not None and all(o is not None and e < o for o in others))
+        modes.append(
+            {
+                "mode": m["mode"],
+                "tokens_per_rank": m["tokens_per_rank"],
+                "steps": m["steps"],
+                "runs": rows,
+                "eplbd_beats_both": beats,
+                "gain_vs_none": _gain(others[0], e),
+                "gain_vs_deepseek": _gain(others[1], e),
+                "planner_decisions": decisions,
+            }
+        )
+    outputs_ok = all(
+        r["outputs_ok"] is not False for m in modes for r in m["runs"] if r["run"] != "none"
+    )
+    return {
+        "world_size": G,
+        "device": result["device_name"],
+        "machine": result["machine"],
+        "gemm": result["gemm"],
+        "gemm_note": result.get("gemm_note"),
+        "degenerate": G == 1,
+        "outputs_ok": outputs_ok,
+        "modes": modes,
+    }
+
+
+def _gain(ref: float | None, x: float | None) -> float | None:
+    """Fraction of the reference's time saved (0.10: 10% faster)."""
+    if ref is None or x is None or ref <= 0:
+        return None
+    return 1.0 - x / ref
+
+
+def block_key(result: dict[str, Any]) -> str:
+    G = int(result["config"]["world_size"])
+    dev = str(result["config"]["device"])
+    return f"ws{G}" if dev == "cuda" else f"ws{G}-{dev}"
+
+
+def command_for(cfg: dict[str, Any]) -> str:
+    """The command line that reproduces a job's configuration (options left at their
+    defaults are not repeated)."""
+    from benchmarks._e2e_config import E2EConfig, default_modes, tiny_modes
+
+    tiny = bool(cfg.get("tiny"))
+    parts = ["python3 -m benchmarks.bench_e2e_gpu", f"--world-size {cfg['world_size']}"]
+    parts.append(f"--device {cfg['device']}")
+    if tiny:
+        parts.append("--tiny")
+    defaults = {m.name: m for m in (tiny_modes() if tiny else default_modes())}
+    names = [m["name"] for m in cfg["modes"]]
+    if names != list(defaults):
+        parts.append("--modes " + ",".join(names))
+    for m in cfg["modes"]:
+        d = defaults[m["name"]]
+        if m["tokens"] != d.tokens:
+            parts.append(f"--{m['name']}-tokens {m['tokens']}")
+        if m["steps_per_domain"] != d.steps_per_domain:
+            parts.append(f"--{m['name']}-steps {m['steps_per_domain']}")
+    base = E2EConfig()
+    if not tiny:
+        if len(cfg["layers"]) != len(base.layers):
+            parts.append(f"--layers {len(cfg['layers'])}")
+        if cfg["sync_interval"] != base.sync_interval:
+            parts.append(f"--sync-interval {cfg['sync_interval']}")
+        for key in ("window_s", "windows", "min_windows", "cooldown_s", "min_gain"):
+            if cfg["tuning"][key] != getattr(base.tuning, key):
+                parts.append(f"--{key.replace('_', '-')} {cfg['tuning'][key]}")
+    for key in ("gemm", "weight_source"):
+        if cfg[key] != getattr(base, key):
+            parts.append(f"--{key.replace('_', '-')} {cfg[key]}")
+    if tuple(cfg["domains"]) != base.domains:
+        parts.append("--domains " + ",".join(cfg["domains"]))
+    return " ".join(parts)
+
+
+def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Markdown of one job (one group size)."""
+    cfg = result["config"]
+    G = summary["world_size"]
+    out = [
+        f"### EP = {G} ({summary['device']})",
+        "",
+        f"Machine: {summary['machine']}. Expert GEMMs: {summary['gemm']} "
+        f"({summary['gemm_note']}). Layers {cfg['layers']} of the trace, P = "
+        f"{G * cfg['slots_per_gpu']} slots ({cfg['slots_per_gpu']} per GPU), hidden "
+        f"{cfg['hidden']}, ffn {cfg['ffn']}, {cfg['dtype']}; sync_interval "
+        f"{cfg['sync_interval']}; planner window {cfg['tuning']['window_s']} s x "
+        f"{cfg['tuning']['windows']}, cooldown {cfg['tuning']['cooldown_s']} s, min gain "
+        f"{cfg['tuning']['min_gain']}; weights from {cfg['weight_source']}.",
+        "",
+        f"Command: `{command_for(cfg)}`"
+        + (f" (the job took {result['duration_s']:g} s)." if "duration_s" in result else "."),
+        "",
+    ]
+    if summary["degenerate"]:
+        out += [
+            "**One GPU: the balancing comparison is degenerate.** Every row lands on the "
+            "one GPU (balance 1.0 by definition), so balancing has nothing to gain (replicas "
+            "only split the same rows into more GEMM groups); this run exercises the code "
+            "paths (on CUDA: NCCL, the Triton kernel, the client staging DeepSeek's layout and "
+            "swapping it in place on the GPU, replicas copied locally) and times them. The "
+            "differences between the three runs here are no balancing effect; gains are "
+            "measured only with EP >= 2.",
+            "",
+        ]
+    for m in summary["modes"]:
+        out += [
+            f"**{m['mode']}**: {m['tokens_per_rank']} tokens per rank per step "
+            f"({m['tokens_per_rank'] * G} per step), {m['steps']} timed steps per run.",
+            "",
+            "| run | MoE ms median | p99 | vs none | GPU max/mean rows | commits | moves "
+            "| fetched MB | max commit s | max stall ms | step() ms (consensus) "
+            "| outputs vs none |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in m["runs"]:
+            c = r["check"]
+            if c is None:
+                outs = "reference"
+            else:
+                outs = (
+                    f"{'equal' if c['ok'] else 'DIFFERENT'} (max abs diff "
+                    f"{c['max_abs_diff']:.3g} of {c['ref_max_abs']:.3g}, {c['steps_full']} full "
+                    f"steps; fingerprints {c['fingerprint_max_abs_diff']:.3g}, "
+                    f"{c['steps_fingerprint']} steps)"
+                )
+            ncommit = r["commits"] + (1 if r["install"] else 0)
+            out.append(
+                f"| {r['run']} | {_f(r['moe_ms_median'])} | {_f(r['moe_ms_p99'])} | "
+                f"{_f(r['speedup_vs_none'], 3)}x | {_f(r['balance'], 4)} | {ncommit}"
+                f"{' (before timing)' if r['install'] else ''} | {r['moves']} | "
+                f"{r['fetched_bytes'] / MB:.1f} | {_f(r['max_commit_s'])} | "
+                f"{_f(r['max_stall_ms'])} | {_f(r['host_step_ms_median'], 4)} "
+                f"({_f(r['host_step_ms_consensus_median'])}) | {outs} |"
+            )
+        out.append("")
+        gn, gd = m["gain_vs_none"], m["gain_vs_deepseek"]
+        verdict = "yes" if m["eplbd_beats_both"] else "no"
+        out.append(
+            f"eplbd online vs none: {_pct(gn)} of the MoE time saved; vs DeepSeek once: "
+            f"{_pct(gd)}. Beats both: **{verdict}**."
+            + (" (one GPU: expected no)" if summary["degenerate"] else "")
+        )
+        if m.get("planner_decisions"):
+            out.append(
+                "Planner decisions during the eplbd run: "
+                + ", ".join(f"{k} x{v}" for k, v in sorted(m["planner_decisions"].items()))
+                + "."
+            )
+        commits = [
+            (r["run"], c)
+            for r in m["runs"]
+            for c in ([r["install"]] if r["install"] else []) + r["commit_list"]
+        ]
+        if commits:
+            out += [
+                "",
+                "| run | epoch | first step served | commit s (ranks) | planner prepare->commit s "
+                "| moves | fetched MB | apply step ms | stall ms |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for run, c in commits:
+                step = "before timing" if run == "deepseek" else str(c.get("step"))
+                out.append(
+                    f"| {run} | {c['epoch']} | {step} | {_f(c.get('commit_s'))} | "
+                    f"{_f(c.get('planner_commit_latency_s'))} | {c['moves']} | "
+                    f"{c['fetched_bytes'] / MB:.1f} | "
+                    f"{_f(c.get('step_ms', c.get('apply_step_ms')))} | {_f(c['stall_ms'])} |"
+                )
+        out.append("")
+    if not summary["outputs_ok"]:
+        out.append("**Outputs differ from the no-balancing run: a correctness bug.**")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+_BLOCK = re.compile(r"<!-- e2e:(?P<key>[\w-]+) -->\n(?P<body>.*?)<!-- /e2e:(?P=key) -->", re.S)
+
+
+def doc_section(existing: str | None, key: str | None, block: str | None) -> str:
+    """The whole ``e2e-gpu`` section: header, commands, status, then one block per group
+    size (``key`` replaced by ``block``; the others kept from ``existing``)."""
+    blocks: dict[str, str] = {}
+    if existing:
+        for mt in _BLOCK.finditer(existing):
+            blocks[mt.group("key")] = mt.group("body")
+    if key is not None and block is not None:
+        blocks[key] = block.rstrip() + "\n"
+    keys = sorted(blocks, key=lambda k: (int(re.sub(r"\D.*", "", k[2:]) or 0), k))
+    measured = [k for k in keys if not k.endswith("-cpu")]
+    want = ["ws2", "ws4"]
+    missing = [k for k in want if k not in blocks]
+    status = "Status: "
+    if measured:
+        status += "measured here: " + ", ".join(f"EP = {k[2:]}" for k in measured) + ". "
+    if missing:
+        status += (
+            "Not yet run: "
+            + ", ".join(f"EP = {k[2:]}" for k in missing)
+            + " (multi-GPU machines were not lent to the session that wrote this script; "
+            "the CPU smoke test runs the whole job with EP = 2 on gloo, tiny dimensions)."
+        )
+    parts = [
+        "## End to end on GPUs (`bench_e2e_gpu`)",
+        "",
+        METHOD,
+        COMMANDS,
+        status.rstrip(),
+        "",
+    ]
+    for k in keys:
+        parts.append(f"<!-- e2e:{k} -->\n{blocks[k]}<!-- /e2e:{k} -->")
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"

@@ -1,0 +1,612 @@
+"""One EP rank of the end-to-end benchmark (a process started by ``bench_e2e_gpu``).
+
+Joins the group (NCCL on CUDA, gloo on the CPU; MASTER_ADDR/PORT on loopback), then for each
+mode (decode-like, prefill-like) serves the same replayed trace three times, each time with a
+fresh :class:`~eplbd_client.EplbClient` and weights rebuilt for the default layout:
+
+1. ``none``: no balancing (slot p holds expert p mod E, ``sync_interval=0``). Its outputs are
+   the reference: a fingerprint of every step, the full outputs of sampled steps;
+2. ``deepseek``: DeepSeek's placement computed once from the whole trace's load
+   (:func:`eplbd.planner.rebalance_experts`), installed before the timed steps with
+   ``client.prepare`` on every rank (weights staged and swapped by the client);
+3. ``eplbd``: the client connected to the node agent with its embedded planner, which
+   records, plans and commits while the steps run.
+
+Per step: the MoE stack's time (CUDA events around the forward; wall time on the CPU), the
+time of ``client.step()``, the rows each GPU computed per layer, and whether the step
+applied a layout. Rank 0 gathers everything and writes ``<run_dir>/result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from eplbd_client import (
+    EplbClient,
+    FetchRequest,
+    HostExpertPool,
+    HostPoolWeightSource,
+    PeerWeightSource,
+    WeightSource,
+)
+
+from benchmarks._e2e_config import RUNS, E2EConfig, Mode
+from benchmarks._e2e_model import (
+    Dims,
+    EPStack,
+    OutputCheck,
+    compare_outputs,
+    fingerprint_vector,
+    pick_gemm,
+    step_inputs,
+)
+
+__all__ = ["CountingSource", "deepseek_layout", "trace_load", "worker_entry"]
+
+
+class CountingSource(WeightSource):
+    """Wraps a weight source and logs, per epoch, the bytes it fetched for this rank (from
+    peers or the host pool: what crossed a link, not the local copies) and how long it took."""
+
+    def __init__(self, inner: WeightSource) -> None:
+        self.inner = inner
+        self.collective = inner.collective
+        self.log: dict[int, tuple[int, float]] = {}
+
+    def bind(self, *, ep_rank: int, ep_size: int, group: Any, device: torch.device) -> None:
+        self.inner.bind(ep_rank=ep_rank, ep_size=ep_size, group=group, device=device)
+
+    def fetch(self, request: FetchRequest) -> None:
+        t0 = time.perf_counter()
+        self.inner.fetch(request)
+        n = sum(
+            t.numel() * t.element_size()
+            for pair in request.wanted
+            for t in request.out.get(pair, ())
+        )
+        self.log[request.epoch] = (n, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def trace_load(ids: list[np.ndarray], num_experts: int) -> torch.Tensor:
+    """Logical load [L, E] (float64) of whole trace arrays ``ids`` (each [tokens, L, K])."""
+    L = ids[0].shape[1]
+    load = np.zeros((L, num_experts), dtype=np.float64)
+    for a in ids:
+        for i in range(L):
+            load[i] += np.bincount(a[:, i, :].ravel(), minlength=num_experts)[:num_experts]
+    return torch.from_numpy(load)
+
+
+def deepseek_layout(load: torch.Tensor, num_physical: int, num_gpus: int) -> torch.Tensor:
+    """DeepSeek's EPLB on ``load`` [L, E]: phy2log [L, P] (one node, no expert groups, as
+    DeepSeek-V2-Lite routes)."""
+    from eplbd.planner import rebalance_experts
+
+    return rebalance_experts(load, num_physical, 1, 1, num_gpus)[0]
+
+
+def _die_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(1)
+    except Exception:
+        pass
+
+
+def worker_entry(rank: int, cfg_json: str) -> None:
+    """torch.multiprocessing target: rank ``rank`` of the job described by ``cfg_json``."""
+    _die_with_parent()
+    cfg = E2EConfig.from_json(cfg_json)
+    w = _Worker(rank, cfg)
+    try:
+        w.run()
+    finally:
+        w.close()
+
+
+class _Worker:
+    def __init__(self, rank: int, cfg: E2EConfig) -> None:
+        self.rank, self.cfg = rank, cfg
+        self.G = cfg.world_size
+        self.cuda = cfg.device == "cuda"
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(cfg.master_port)
+        if self.cuda:
+            torch.cuda.set_device(rank)
+            self.device = torch.device("cuda", rank)
+        else:
+            torch.set_num_threads(1)
+            self.device = torch.device("cpu")
+        dist.init_process_group(
+            "nccl" if self.cuda else "gloo",
+            rank=rank,
+            world_size=self.G,
+            timeout=timedelta(seconds=600),
+            device_id=self.device if self.cuda else None,
+        )
+        self.world: Any = dist.group.WORLD
+        self.cpu_group: Any = dist.new_group(backend="gloo") if self.cuda else self.world
+        self.peer_group: Any = None
+        if self.G > 1:
+            self.peer_group = dist.new_group(backend="nccl" if self.cuda else "gloo")
+        self.dims = Dims(
+            cfg.hidden,
+            cfg.ffn,
+            cfg.experts,
+            cfg.top_k,
+            tuple(cfg.layers),
+            getattr(torch, cfg.dtype),
+            cfg.seed,
+        )
+        self.pool: HostExpertPool | None = None
+        if cfg.weight_source == "host":
+            self.pool = HostExpertPool.open(cfg.pool_dir, pin=self.cuda)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def barrier(self) -> None:
+        if self.G > 1:
+            dist.barrier(group=self.cpu_group)
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.G == 1:
+            return [obj]
+        out: list[Any] = [None] * self.G
+        dist.all_gather_object(out, obj, group=self.cpu_group)
+        return out
+
+    def source(self) -> CountingSource:
+        inner: WeightSource
+        if self.pool is not None:
+            inner = HostPoolWeightSource(self.pool)
+        else:
+            inner = PeerWeightSource(group=self.peer_group, gpus_per_node=max(8, self.G))
+        return CountingSource(inner)
+
+    def client(self, kind: str, mode: Mode) -> tuple[EplbClient, CountingSource]:
+        cfg = self.cfg
+        src = self.source()
+        c = EplbClient(
+            len(cfg.layers),
+            cfg.experts,
+            cfg.num_physical,
+            ep_rank=self.rank,
+            ep_size=self.G,
+            agent=cfg.agent if kind == "eplbd" else None,
+            device=self.device,
+            group=self.world if self.G > 1 else None,
+            sync_interval=0 if kind == "none" and self.G > 1 else cfg.sync_interval,
+            weight_source=src,
+            cpu_group=self.cpu_group if self.G > 1 else None,
+            prepare_timeout_s=cfg.tuning.prepare_timeout_s,
+            top_k=cfg.top_k,
+            group_name=cfg.group_name(mode.name),
+            worker=f"e2e-{mode.name}-r{self.rank}",
+            node="e2e",
+        )
+        return c, src
+
+    # --- the job ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from eplbd.demo._trace import load_trace
+
+        cfg = self.cfg
+        tr = load_trace(cfg.trace, list(cfg.layers))
+        keep = [i for i, d in enumerate(tr.domains) if d in cfg.domains]
+        if not keep:
+            raise ValueError(f"none of the domains {cfg.domains} is in {cfg.trace}")
+        self.domains = [tr.domains[i] for i in keep]
+        host_ids = [tr.ids[i] for i in keep]
+        self.ids = [torch.from_numpy(a).to(self.device) for a in host_ids]
+        load = trace_load(host_ids, cfg.experts)
+        self.ds_layout = deepseek_layout(load, cfg.num_physical, self.G)
+        gemm, why = pick_gemm(cfg.gemm, self.device, self.dims.dtype)
+        picks = self.gather(gemm)
+        self.gemm = gemm if all(p == gemm for p in picks) else "loop"
+        self.gemm_note = why if self.gemm == gemm else "ranks disagree: loop"
+        self.fp_vec = fingerprint_vector(self.dims, self.device)
+        modes = []
+        for mode in cfg.modes:
+            modes.append(self.run_mode(mode))
+        if self.rank == 0:
+            from benchmarks._report import machine_line
+
+            out = {
+                "schema": 1,
+                "config": json.loads(cfg.to_json()),
+                "machine": machine_line(),
+                "device_name": torch.cuda.get_device_name(self.device) if self.cuda else "CPU",
+                "torch": torch.__version__,
+                "gemm": self.gemm,
+                "gemm_note": self.gemm_note,
+                "domains": self.domains,
+                "domain_tokens": [int(a.shape[0]) for a in host_ids],
+                "deepseek_layout": self.ds_layout.tolist(),
+                "trace_load": load.tolist(),
+                "expert_bytes": self.dims.expert_bytes,
+                "modes": modes,
+            }
+            path = os.path.join(cfg.run_dir, "result.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(out, f)
+            os.replace(path + ".tmp", path)
+        self.barrier()
+
+    def ids_at(self, step: int, mode: Mode) -> torch.Tensor:
+        """ids [T, L, K] of this rank at ``step``: domain after domain, wrapping inside one."""
+        nd = len(self.ids)
+        d = min(step // mode.steps_per_domain, nd - 1)
+        local = step - d * mode.steps_per_domain
+        src = self.ids[d]
+        start = (local * self.G + self.rank) * mode.tokens
+        rows = (torch.arange(mode.tokens, device=self.device) + start) % src.shape[0]
+        return src.index_select(0, rows)
+
+    def run_mode(self, mode: Mode) -> dict[str, Any]:
+        steps = mode.steps_per_domain * len(self.ids)
+        ref: tuple[torch.Tensor, torch.Tensor] | None = None
+        runs = []
+        for kind in RUNS:
+            res, outs = self.run_once(kind, mode, steps, ref)
+            if ref is None:
+                ref = outs
+            else:
+                del outs
+            runs.append(res)
+            if self.cuda:
+                torch.cuda.empty_cache()
+        del ref
+        if self.cuda:
+            torch.cuda.empty_cache()
+        return {"mode": mode.name, "tokens_per_rank": mode.tokens, "steps": steps, "runs": runs}
+
+    def _check_every(self, steps: int, tokens: int) -> int:
+        per = tokens * self.cfg.hidden * torch.empty((), dtype=self.dims.dtype).element_size()
+        budget = self.cfg.check_mb << 20
+        n = max(1, min(steps, budget // max(1, per)))
+        return max(1, math.ceil(steps / n))
+
+    def run_once(
+        self, kind: str, mode: Mode, steps: int, ref: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+        cfg, dev, T = self.cfg, self.device, mode.tokens
+        client, src = self.client(kind, mode)
+        try:
+            stack = EPStack(self.dims, client, self.world, dev, self.gemm)
+            install = None
+            if kind == "deepseek":
+                install = self.install(client, src, self.ds_layout, 1)
+            if kind == "eplbd":
+                self.wait_registered(client)
+            self.barrier()
+            for j in range(cfg.warmup):
+                stack.forward(step_inputs(self.dims, j, self.rank, T, dev), self.ids_at(j, mode))
+                client.step()
+            self.sync()
+            self.barrier()
+            every = self._check_every(steps, T)
+            fp = torch.empty(steps, T, dtype=torch.float32, device=dev)
+            full = torch.empty(
+                len(range(0, steps, every)), T, cfg.hidden, dtype=self.dims.dtype, device=dev
+            )
+            timing = self.timed(client, src, stack, mode, steps, fp, full, every)
+            check = None
+            if ref is not None:
+                check = compare_outputs(full, ref[1], fp, ref[0])
+            stats = client.stats
+            epoch = client.epoch
+        finally:
+            client.close()
+        del stack
+        rows = self.gather(timing.pop("rows"))
+        per_rank = self.gather(
+            {
+                **timing,
+                "check": None if check is None else check.as_dict(),
+                "install": install,
+                "epoch": epoch,
+            }
+        )
+        res = _merge(kind, per_rank, rows, self.G, stats, cfg.sync_interval)
+        return res, (fp, full)
+
+    def wait_registered(self, client: EplbClient, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while client.stats.get("received_welcome", 0) < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank {self.rank}: no welcome from the agent in {timeout_s} s")
+            time.sleep(0.02)
+
+    def install(
+        self, client: EplbClient, src: CountingSource, phy2log: torch.Tensor, epoch: int
+    ) -> dict[str, Any]:
+        """client.prepare on this rank, then steps (no forward) until the group flips."""
+        from eplbd.layout import moves_between
+
+        old = client.layout.phy2log.clone()
+        self.barrier()
+        self.sync()
+        t0 = time.perf_counter()
+        client.prepare(phy2log, epoch, timeout_s=self.cfg.install_timeout_s)
+        times: list[tuple[float, bool]] = []
+        while client.epoch != epoch:
+            if time.perf_counter() - t0 > self.cfg.install_timeout_s:
+                raise RuntimeError(f"rank {self.rank}: epoch {epoch} not applied in time")
+            self.sync()
+            ts = time.perf_counter()
+            client.step()
+            self.sync()
+            dt = time.perf_counter() - ts
+            times.append((dt, self._consensus_step(client)))
+            if client.epoch != epoch:
+                time.sleep(0.002)
+        total = time.perf_counter() - t0
+        apply_s = times[-1][0]
+        same = [t for t, c in times[:-1] if c == times[-1][1]] or [t for t, _ in times[:-1]]
+        nbytes, fetch_s = src.log.get(epoch, (0, 0.0))
+        moves = int(moves_between(old, phy2log).sum())
+        return {
+            "epoch": epoch,
+            "commit_s": total,
+            "apply_step_ms": apply_s * 1e3,
+            "stall_ms": (apply_s - statistics.median(same)) * 1e3 if same else apply_s * 1e3,
+            "fetched_bytes": nbytes,
+            "fetch_s": fetch_s,
+            "moves": moves,
+            "local_moves": int((old[:, self._slots()] != phy2log[:, self._slots()]).sum()),
+        }
+
+    def _slots(self) -> slice:
+        S = self.cfg.slots_per_gpu
+        return slice(self.rank * S, (self.rank + 1) * S)
+
+    def _consensus_step(self, client: EplbClient) -> bool:
+        return self.G > 1 and client.step_count % self.cfg.sync_interval == 0
+
+    def timed(
+        self,
+        client: EplbClient,
+        src: CountingSource,
+        stack: EPStack,
+        mode: Mode,
+        steps: int,
+        fp: torch.Tensor,
+        full: torch.Tensor,
+        every: int,
+    ) -> dict[str, Any]:
+        from eplbd.layout import moves_between
+
+        dev, T = self.device, mode.tokens
+        clock: Callable[[], Any]
+        events: list[tuple[Any, Any, Any]] = []
+        if self.cuda:
+            events = [
+                (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                for _ in range(steps)
+            ]
+        wall: list[tuple[float, float]] = []
+        host_step: list[float] = []
+        consensus: list[bool] = []
+        rows: list[list[int]] = []
+        commits: list[dict[str, Any]] = []
+        seen: dict[int, tuple[int, float]] = {}
+        clock = time.perf_counter
+        epoch_start = client.epoch
+        for s in range(steps):
+            x = step_inputs(self.dims, s, self.rank, T, dev)
+            ids = self.ids_at(s, mode)
+            ep = client.epoch
+            pe = client.pending_epoch
+            if pe is not None and pe not in seen:
+                seen[pe] = (s, clock())
+            old = client.layout.phy2log
+            if self.cuda:
+                e0, e1, e2 = events[s]
+                e0.record()
+                y = stack.forward(x, ids)
+                e1.record()
+                t0 = clock()
+                client.step()
+                t1 = clock()
+                e2.record()
+            else:
+                ta = clock()
+                y = stack.forward(x, ids)
+                t0 = clock()
+                client.step()
+                t1 = clock()
+                wall.append((t0 - ta, t1 - t0))
+            host_step.append(t1 - t0)
+            consensus.append(self._consensus_step(client))
+            rows.append(list(stack.last_rows))
+            fp[s] = y.float() @ self.fp_vec
+            if s % every == 0:
+                full[s // every].copy_(y)
+            if client.epoch != ep:
+                first = seen.get(client.epoch)
+                new = client.layout.phy2log
+                nbytes, fetch_s = src.log.get(client.epoch, (0, 0.0))
+                commits.append(
+                    {
+                        "epoch": client.epoch,
+                        "step": s + 1,
+                        "pending_step": None if first is None else first[0],
+                        "commit_s": None if first is None else clock() - first[1],
+                        "fetched_bytes": nbytes,
+                        "fetch_s": fetch_s,
+                        "moves": int(moves_between(old, new).sum()),
+                    }
+                )
+        self.sync()
+        if self.cuda:
+            fwd = [a.elapsed_time(b) for a, b, _ in events]
+            stp = [b.elapsed_time(c) for _, b, c in events]
+        else:
+            fwd = [a * 1e3 for a, _ in wall]
+            stp = [b * 1e3 for _, b in wall]
+        return {
+            "moe_ms": fwd,
+            "step_ms": stp,
+            "host_step_ms": [t * 1e3 for t in host_step],
+            "consensus": consensus,
+            "rows": rows,
+            "commits": commits,
+            "epoch_start": epoch_start,
+            "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if self.cuda else None,
+        }
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def _merge(
+    kind: str,
+    per_rank: list[dict[str, Any]],
+    rows: list[list[list[int]]],
+    G: int,
+    stats: dict[str, int],
+    sync_interval: int,
+) -> dict[str, Any]:
+    """Rank 0's summary of one run from every rank's measurements."""
+    steps = len(per_rank[0]["moe_ms"])
+    moe = [max(r["moe_ms"][s] for r in per_rank) for s in range(steps)]
+    stp = [max(r["step_ms"][s] for r in per_rank) for s in range(steps)]
+    host = [max(r["host_step_ms"][s] for r in per_rank) for s in range(steps)]
+    cons = per_rank[0]["consensus"]
+    L = len(rows[0][0]) if steps else 0
+    # rows[g][s][l]: rows GPU g computed in layer l at step s
+    sum_max = sum_mean = 0.0
+    per_step_balance = []
+    for s in range(steps):
+        smax = smean = 0.0
+        for layer in range(L):
+            v = [rows[g][s][layer] for g in range(G)]
+            smax += max(v)
+            smean += sum(v) / G
+        sum_max += smax
+        sum_mean += smean
+        per_step_balance.append(smax / smean if smean else 1.0)
+    check: OutputCheck | None = None
+    for r in per_rank:
+        if r["check"] is not None:
+            c = OutputCheck(
+                steps_full=r["check"]["steps_full"],
+                max_abs_diff=r["check"]["max_abs_diff"],
+                ref_max_abs=r["check"]["ref_max_abs"],
+                violations=r["check"]["violations"],
+                steps_fp=r["check"]["steps_fingerprint"],
+                fp_max_abs_diff=r["check"]["fingerprint_max_abs_diff"],
+                fp_violations=r["check"]["fingerprint_violations"],
+            )
+            check = c if check is None else _added(check, c)
+    commit_lists = [[(c["epoch"], c["step"]) for c in r["commits"]] for r in per_rank]
+    commits = []
+    for i, c0 in enumerate(per_rank[0]["commits"]):
+        cs = [r["commits"][i] for r in per_rank if i < len(r["commits"])]
+        step = c0["step"] - 1
+        # stall: the step() that applied, minus the median step() of the same kind
+        same = [
+            stp[s]
+            for s in range(steps)
+            if cons[s] == cons[step] and s != step and all(s != c["step"] - 1 for c in cs)
+        ]
+        base = statistics.median(same) if same else 0.0
+        times = [c["commit_s"] for c in cs if c["commit_s"] is not None]
+        commits.append(
+            {
+                "epoch": c0["epoch"],
+                "step": c0["step"],
+                "commit_s": max(times) if times else None,
+                "step_ms": stp[step],
+                "stall_ms": stp[step] - base,
+                "fetched_bytes": sum(c["fetched_bytes"] for c in cs),
+                "fetch_s": max(c["fetch_s"] for c in cs),
+                "moves": c0["moves"],
+            }
+        )
+    install = None
+    if per_rank[0]["install"] is not None:
+        ins = [r["install"] for r in per_rank]
+        install = {
+            "epoch": ins[0]["epoch"],
+            "commit_s": max(i["commit_s"] for i in ins),
+            "apply_step_ms": max(i["apply_step_ms"] for i in ins),
+            "stall_ms": max(i["stall_ms"] for i in ins),
+            "fetched_bytes": sum(i["fetched_bytes"] for i in ins),
+            "fetch_s": max(i["fetch_s"] for i in ins),
+            "moves": ins[0]["moves"],
+        }
+    normal = [host[s] for s in range(steps) if not cons[s]] or host
+    return {
+        "run": kind,
+        "steps": steps,
+        "moe_ms_median": statistics.median(moe) if moe else None,
+        "moe_ms_p99": _pct(moe, 0.99),
+        "moe_ms_mean": statistics.fmean(moe) if moe else None,
+        "step_ms_median": statistics.median(stp) if stp else None,
+        "host_step_ms_median": statistics.median(normal) if normal else None,
+        "host_step_ms_consensus_median": statistics.median(
+            [host[s] for s in range(steps) if cons[s]]
+        )
+        if any(cons)
+        else None,
+        "balance": sum_max / sum_mean if sum_mean else None,
+        "balance_per_step": per_step_balance,
+        "moe_ms": moe,
+        "rows_per_gpu": [sum(sum(st) for st in rows[g]) for g in range(G)],
+        "commits": commits,
+        "commits_agree": all(cl == commit_lists[0] for cl in commit_lists),
+        "install": install,
+        "epoch_start": per_rank[0]["epoch_start"],
+        "epoch_final": per_rank[0]["epoch"],
+        "check": None if check is None else check.as_dict(),
+        "peak_mem_gb": max((r["peak_mem_gb"] or 0.0) for r in per_rank) or None,
+        "client_stats": stats,
+        "sync_interval": 0 if kind == "none" and G > 1 else sync_interval,
+    }
+
+
+def _added(a: OutputCheck, b: OutputCheck) -> OutputCheck:
+    c = replace(a)
+    c.add(b)
+    return c

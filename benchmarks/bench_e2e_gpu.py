@@ -1,0 +1,416 @@
+"""End to end on GPUs: an EP group serving DeepSeek-V2-Lite MoE layers, real expert GEMMs,
+the ESFT routing trace replayed, with no balancing, DeepSeek's placement computed once, and
+eplbd online (client, agent and embedded planner in the loop), side by side in one job.
+
+Target (../shared/design/TARGETS.md): with EP >= 2, MoE step time lower than both others;
+outputs equal to the no-balancing run's up to summation order.
+
+This process (the driver) starts ``python3 -m eplbd agent --embedded-planner`` on ipc sockets
+in a temporary directory, spawns one worker per rank (``benchmarks._e2e_worker``, NCCL on
+CUDA or gloo on the CPU, MASTER_ADDR/PORT on loopback; no torchrun), waits for them, asks the
+planner for its history, prints a table, saves markdown and JSON under ``--out DIR`` and
+writes its block of the ``e2e-gpu`` section of docs/benchmarks.md.
+
+Run: ``python3 -m benchmarks.bench_e2e_gpu --world-size 2`` (one GPU per rank);
+``--device cpu --world-size 2 --tiny`` runs the same job on the CPU with tiny dimensions;
+``--render DIR/e2e.json`` writes a saved job's block into the docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks._e2e_config import E2EConfig, Mode, default_modes, tiny_modes
+from benchmarks._e2e_report import SECTION, block_key, doc_section, render_result, summarise
+
+ROOT = Path(__file__).resolve().parent.parent
+TRACE = ROOT / "benchmarks" / "data" / "esft_routing_ids.npz"
+_START_S = 120.0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python3 -m benchmarks.bench_e2e_gpu", description=__doc__)
+    p.add_argument("--world-size", type=int, default=None, help="EP ranks (default: 2)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    p.add_argument("--tiny", action="store_true", help="tiny dimensions and short runs")
+    p.add_argument("--layers", type=int, default=None, help="trace layers, picked evenly")
+    p.add_argument("--redundant", type=int, default=8, help="redundant slots in the group")
+    p.add_argument("--modes", default="decode,prefill")
+    p.add_argument("--decode-tokens", type=int, default=None)
+    p.add_argument("--prefill-tokens", type=int, default=None)
+    p.add_argument("--decode-steps", type=int, default=None, help="timed steps per domain")
+    p.add_argument("--prefill-steps", type=int, default=None, help="timed steps per domain")
+    p.add_argument("--domains", default="intent,law,summary,translation")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--sync-interval", type=int, default=None)
+    p.add_argument("--window-s", type=float, default=None)
+    p.add_argument("--windows", type=int, default=None)
+    p.add_argument("--min-windows", type=int, default=None)
+    p.add_argument("--cooldown-s", type=float, default=None)
+    p.add_argument("--min-gain", type=float, default=None)
+    p.add_argument("--gemm", choices=("auto", "grouped", "loop"), default="auto")
+    p.add_argument("--weight-source", choices=("peer", "host"), default="peer")
+    p.add_argument("--check-mb", type=int, default=None, help="MiB per rank of full outputs")
+    p.add_argument("--trace", default=str(TRACE))
+    p.add_argument("--out", default=None, help="directory for e2e.md and e2e.json")
+    p.add_argument(
+        "--doc",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="write docs/benchmarks.md (auto: only for a CUDA run at full size)",
+    )
+    p.add_argument("--render", default=None, help="only write the docs block of a saved e2e.json")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="whole job")
+    p.add_argument("--keep-dir", action="store_true", help="keep the run directory (logs)")
+    return p.parse_args(argv)
+
+
+def build_config(a: argparse.Namespace) -> E2EConfig:
+    import torch
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    G = a.world_size or 2
+    base = E2EConfig()
+    tuning = base.tuning
+    modes = {m.name: m for m in (tiny_modes() if a.tiny else default_modes())}
+    if a.tiny:
+        base = replace(
+            base,
+            hidden=64,
+            ffn=32,
+            layers=(0, 25),
+            warmup=2,
+            sync_interval=4,
+            check_mb=16,
+            tiny=True,
+        )
+        tuning = replace(
+            tuning,
+            window_s=0.2,
+            windows=3,
+            min_windows=1,
+            cooldown_s=0.5,
+            window_steps=4,
+            record_steps=4,
+            heartbeat_s=0.2,
+        )
+    if a.layers:
+        from eplbd.demo._trace import pick_layers
+
+        base = replace(base, layers=tuple(pick_layers(26, a.layers)))
+    tuning = replace(
+        tuning,
+        **{
+            k: v
+            for k, v in {
+                "window_s": a.window_s,
+                "windows": a.windows,
+                "min_windows": a.min_windows,
+                "cooldown_s": a.cooldown_s,
+                "min_gain": a.min_gain,
+            }.items()
+            if v is not None
+        },
+    )
+    for name, tok, steps in (
+        ("decode", a.decode_tokens, a.decode_steps),
+        ("prefill", a.prefill_tokens, a.prefill_steps),
+    ):
+        m = modes[name]
+        modes[name] = Mode(name, tok or m.tokens, steps or m.steps_per_domain)
+    wanted = [x for x in a.modes.split(",") if x]
+    unknown = [x for x in wanted if x not in modes]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}: decode, prefill")
+    S = -(-(base.experts + a.redundant) // G)
+    sync = a.sync_interval or base.sync_interval
+    return replace(
+        base,
+        world_size=G,
+        device=device,
+        slots_per_gpu=S,
+        modes=tuple(modes[x] for x in wanted),
+        domains=tuple(x for x in a.domains.split(",") if x),
+        warmup=a.warmup if a.warmup is not None else base.warmup,
+        sync_interval=sync,
+        gemm=a.gemm,
+        weight_source=a.weight_source,
+        check_mb=a.check_mb or base.check_mb,
+        trace=str(Path(a.trace).resolve()),
+        tuning=replace(tuning, sync_interval=sync),
+    )
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def _pdeathsig() -> None:  # in the agent child, between fork and exec
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    roots = {str(ROOT)}
+    for name in ("eplbd", "eplbd_client"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            roots.add(str(Path(spec.origin).resolve().parents[1]))
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join([*sorted(roots), *([old] if old else [])])
+    env.update(extra)
+    return env
+
+
+def _stop(p: subprocess.Popen[bytes], grace: float) -> None:
+    if p.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            p.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(5.0)
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+class Job:
+    """One run of the benchmark: agent, workers, results; :meth:`close` cleans up."""
+
+    def __init__(self, cfg: E2EConfig, keep_dir: bool = False) -> None:
+        self.keep_dir = keep_dir
+        tmp = "/tmp" if os.path.isdir("/tmp") else None  # ipc paths must stay short
+        self.run_dir = Path(tempfile.mkdtemp(prefix="eplbd-e2e-", dir=tmp))
+        (self.run_dir / "rt").mkdir()
+        (self.run_dir / "state").mkdir()
+        self.cfg = replace(
+            cfg,
+            run_dir=str(self.run_dir),
+            master_port=_free_port(),
+            agent=f"ipc://{self.run_dir / 'rt' / 'agent.sock'}",
+            pool_dir=str(self._pool_dir()) if cfg.weight_source == "host" else "",
+        )
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.agent_log = self.run_dir / "agent.log"
+        self.ctx: Any = None
+
+    def _pool_dir(self) -> Path:
+        shm = Path("/dev/shm")
+        return (
+            Path(tempfile.mkdtemp(prefix="eplbd-e2e-pool-", dir=shm))
+            if shm.is_dir()
+            else self.run_dir / "pool"
+        )
+
+    @property
+    def planner_endpoint(self) -> str:
+        return f"ipc://{self.run_dir / 'rt' / 'planner.sock'}"
+
+    def start_agent(self) -> None:
+        t = self.cfg.tuning
+        env = _child_env(t.planner_env())
+        argv = [
+            sys.executable,
+            "-m",
+            "eplbd",
+            "agent",
+            "--embedded-planner",
+            "--runtime-dir",
+            str(self.run_dir / "rt"),
+            "--state-dir",
+            str(self.run_dir / "state"),
+            "--node",
+            "e2e",
+            *t.agent_flags(),
+        ]
+        with open(self.agent_log, "wb") as fh:
+            self.agent = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=fh,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+            )
+        from eplbd.cli._client import CliError, PlannerClient
+
+        deadline = time.monotonic() + _START_S
+        rt = self.run_dir / "rt"
+        with PlannerClient(self.planner_endpoint, timeout_s=2.0) as c:
+            while True:
+                self._check_agent()
+                if (rt / "agent.sock").exists() and (rt / "planner.sock").exists():
+                    try:
+                        c.status("status")
+                        return
+                    except CliError:
+                        pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the agent did not start in {_START_S:g} s")
+                time.sleep(0.1)
+
+    def _check_agent(self) -> None:
+        if self.agent is not None and self.agent.poll() is not None:
+            raise RuntimeError(
+                f"the agent exited with code {self.agent.returncode}:\n{_tail(self.agent_log)}"
+            )
+
+    def make_pool(self) -> None:
+        """Every expert of every served layer in a host pool (``--weight-source host``)."""
+        import torch
+        from eplbd_client import HostExpertPool
+
+        from benchmarks._e2e_model import Dims, expert_weights
+
+        c = self.cfg
+        dims = Dims(c.hidden, c.ffn, c.experts, c.top_k, c.layers, getattr(torch, c.dtype), c.seed)
+        layers = [
+            list(expert_weights(dims, layer, list(range(c.experts)), "cpu")) for layer in c.layers
+        ]
+        HostExpertPool.create(c.pool_dir, layers)
+
+    def run_workers(self, timeout_s: float) -> dict[str, Any]:
+        import torch.multiprocessing as tmp
+
+        from benchmarks._e2e_worker import worker_entry
+
+        self.ctx = tmp.start_processes(
+            worker_entry,
+            args=(self.cfg.to_json(),),
+            nprocs=self.cfg.world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self.ctx.join(timeout=1.0):
+            self._check_agent()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the workers did not finish in {timeout_s:g} s")
+        with open(self.run_dir / "result.json") as f:
+            result: dict[str, Any] = json.load(f)
+        return result
+
+    def history(self) -> dict[str, Any]:
+        from eplbd.cli._client import CliError, PlannerClient
+
+        out: dict[str, Any] = {}
+        with PlannerClient(self.planner_endpoint, timeout_s=5.0) as c:
+            for m in self.cfg.modes:
+                try:
+                    out[m.name] = c.status("history", self.cfg.group_name(m.name))
+                except CliError as e:
+                    out[m.name] = {"error": str(e)}
+        return out
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            for p in self.ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in self.ctx.processes:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        if self.agent is not None:
+            _stop(self.agent, 10.0)
+        if self.cfg.pool_dir:
+            shutil.rmtree(self.cfg.pool_dir, ignore_errors=True)
+        if not self.keep_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        else:
+            print(f"run directory kept: {self.run_dir}", file=sys.stderr)
+
+
+def run_job(cfg: E2EConfig, timeout_s: float, keep_dir: bool = False) -> dict[str, Any]:
+    """Run the whole job; returns {"result", "history", "summary"}."""
+    cfg.check()
+    job = Job(cfg, keep_dir)
+    started = time.monotonic()
+    try:
+        job.start_agent()
+        if cfg.weight_source == "host":
+            job.make_pool()
+        result = job.run_workers(timeout_s)
+        history = job.history()
+    except BaseException:
+        if job.agent is not None:
+            print(f"agent log tail:\n{_tail(job.agent_log)}", file=sys.stderr)
+        raise
+    finally:
+        job.close()
+    result["duration_s"] = round(time.monotonic() - started, 1)
+    return {"result": result, "history": history, "summary": summarise(result, history)}
+
+
+def write_doc(result: dict[str, Any], summary: dict[str, Any]) -> None:
+    from benchmarks._report import DOC, write_section
+
+    text = DOC.read_text() if DOC.exists() else ""
+    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
+    existing = text.split(begin, 1)[1].split(end, 1)[0] if begin in text and end in text else None
+    write_section(SECTION, doc_section(existing, block_key(result), render_result(result, summary)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parse(argv)
+    if a.render:
+        with open(a.render) as f:
+            saved = json.load(f)
+        summary = summarise(saved["result"], saved["history"])
+        write_doc(saved["result"], summary)
+        print(render_result(saved["result"], summary))
+        return 0
+    cfg = build_config(a)
+    out = run_job(cfg, a.timeout_s, a.keep_dir)
+    result, summary = out["result"], out["summary"]
+    md = render_result(result, summary)
+    print(md)
+    if a.out:
+        d = Path(a.out)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "e2e.md").write_text(md)
+        with open(d / "e2e.json", "w") as f:
+            json.dump(out, f)
+    if a.doc == "yes" or (a.doc == "auto" and cfg.device == "cuda" and not cfg.tiny):
+        write_doc(result, summary)
+    return 0 if summary["outputs_ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
