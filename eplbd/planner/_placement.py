@@ -234,7 +234,10 @@ def transfer_counts(w: np.ndarray, r_prev: np.ndarray, limit: np.ndarray, cap: i
     have more than they need and whose load per replica stays lowest after giving one up.
     Returns r [n, E] int64 with the same row sums as ``r_prev``.
     """
-    need_min = np.clip(np.ceil(w / limit[:, None]), 1, cap).astype(np.int64)
+    # A layer with no load has limit 0: every expert needs just its one replica.
+    safe = np.where(limit > 0, limit, 1.0)[:, None]
+    need = np.where(limit[:, None] > 0, np.ceil(w / safe), 1.0)
+    need_min = np.clip(need, 1, cap).astype(np.int64)
     r = np.maximum(r_prev, need_min)
     owe = r.sum(axis=1) - r_prev.sum(axis=1)
     rows = np.flatnonzero(owe > 0)
