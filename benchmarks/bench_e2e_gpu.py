@@ -19,12 +19,9 @@ Run: ``python3 -m benchmarks.bench_e2e_gpu --world-size 2`` (one GPU per rank);
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +33,7 @@ from typing import Any
 
 from benchmarks._e2e_config import E2EConfig, Mode, default_modes, tiny_modes
 from benchmarks._e2e_report import SECTION, block_key, doc_section, render_result, summarise
+from eplbd.ops.procs import child_env, die_with_parent, log_tail, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "benchmarks" / "data" / "esft_routing_ids.npz"
@@ -158,54 +156,10 @@ def build_config(a: argparse.Namespace) -> E2EConfig:
 # --- processes ------------------------------------------------------------------------------
 
 
-def _pdeathsig() -> None:  # in the agent child, between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    roots = {str(ROOT)}
-    for name in ("eplbd", "eplbd_client"):
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin:
-            roots.add(str(Path(spec.origin).resolve().parents[1]))
-    old = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = os.pathsep.join([*sorted(roots), *([old] if old else [])])
-    env.update(extra)
-    return env
-
-
-def _stop(p: subprocess.Popen[bytes], grace: float) -> None:
-    if p.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            p.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(5.0)
-
-
-def _tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 class Job:
@@ -242,7 +196,7 @@ class Job:
 
     def start_agent(self) -> None:
         t = self.cfg.tuning
-        env = _child_env(t.planner_env())
+        env = child_env(t.planner_env(), roots=(str(ROOT),))
         argv = [
             sys.executable,
             "-m",
@@ -265,7 +219,7 @@ class Job:
                 stderr=fh,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             )
         from eplbd.cli._client import CliError, PlannerClient
 
@@ -287,7 +241,7 @@ class Job:
     def _check_agent(self) -> None:
         if self.agent is not None and self.agent.poll() is not None:
             raise RuntimeError(
-                f"the agent exited with code {self.agent.returncode}:\n{_tail(self.agent_log)}"
+                f"the agent exited with code {self.agent.returncode}:\n{log_tail(self.agent_log, 20)}"
             )
 
     def make_pool(self) -> None:
@@ -348,7 +302,7 @@ class Job:
                     p.kill()
                     p.join(5)
         if self.agent is not None:
-            _stop(self.agent, 10.0)
+            stop_process(self.agent, 10.0)
         if self.cfg.pool_dir:
             shutil.rmtree(self.cfg.pool_dir, ignore_errors=True)
         if not self.keep_dir:
@@ -370,7 +324,7 @@ def run_job(cfg: E2EConfig, timeout_s: float, keep_dir: bool = False) -> dict[st
         history = job.history()
     except BaseException:
         if job.agent is not None:
-            print(f"agent log tail:\n{_tail(job.agent_log)}", file=sys.stderr)
+            print(f"agent log tail:\n{log_tail(job.agent_log, 20)}", file=sys.stderr)
         raise
     finally:
         job.close()

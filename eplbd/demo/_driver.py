@@ -18,7 +18,6 @@ initial layout would have given the same tokens and the lower bound.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import selectors
@@ -35,6 +34,7 @@ from typing import IO, Any
 
 from eplbd.demo._config import TOLERANCE, DemoConfig
 from eplbd.demo._measure import Balance, StepRecord
+from eplbd.ops.procs import child_env, die_with_parent, log_tail, stop_process
 
 __all__ = ["DemoError", "DemoRun", "Rebalance"]
 
@@ -90,15 +90,6 @@ class Rebalance:
 
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
-
-
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 @dataclass
@@ -172,18 +163,10 @@ class DemoRun:
         (self.run_dir / "state").mkdir()
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("OMP_NUM_THREADS", "1")
         # children import the same eplbd and eplbd_client as this process (a fresh clone
         # run in place works without an install)
-        roots = set()
-        for name in ("eplbd", "eplbd_client"):  # found without importing (no torch here)
-            spec = importlib.util.find_spec(name)
-            if spec is not None and spec.origin:
-                roots.add(str(Path(spec.origin).resolve().parents[1]))
-        old = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = os.pathsep.join([*sorted(roots), *([old] if old else [])])
+        env = child_env()
+        env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
     def _spawn(
@@ -199,7 +182,7 @@ class DemoRun:
                 stderr=fh,
                 env=env,
                 start_new_session=True,  # Ctrl-C reaches only us; we stop them in order
-                preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             )
         p = _Proc(name, popen, log)
         self._procs.append(p)
@@ -264,7 +247,9 @@ class DemoRun:
     def _check_agent(self) -> None:
         a = self._agent
         if a is not None and a.popen.poll() is not None:
-            raise DemoError(f"the agent exited with code {a.popen.returncode}:\n{_tail(a.log)}")
+            raise DemoError(
+                f"the agent exited with code {a.popen.returncode}:\n{log_tail(a.log, indent='    ')}"
+            )
 
     def _start_workers(self) -> None:
         self._set_phase(f"starting {self.cfg.workers} workers (EP ranks on gloo)")
@@ -316,9 +301,13 @@ class DemoRun:
                 for p in self._workers():
                     rc = p.popen.poll()
                     if rc not in (None, 0):
-                        raise DemoError(f"{p.name} exited with code {rc}:\n{_tail(p.log)}")
+                        raise DemoError(
+                            f"{p.name} exited with code {rc}:\n{log_tail(p.log, indent='    ')}"
+                        )
                     if rc == 0 and p.done and int(p.name[6:]) not in self.done:
-                        raise DemoError(f"{p.name} exited without finishing:\n{_tail(p.log)}")
+                        raise DemoError(
+                            f"{p.name} exited without finishing:\n{log_tail(p.log, indent='    ')}"
+                        )
                 if now - last_progress > _STALL_S:
                     raise DemoError(
                         f"no progress for {_STALL_S:g} s; last step "
@@ -342,7 +331,7 @@ class DemoRun:
         elif kind == "done":
             self.done[int(msg["rank"])] = msg
         elif kind == "error":
-            raise DemoError(f"{p.name}: {msg.get('message')}\n{_tail(p.log)}")
+            raise DemoError(f"{p.name}: {msg.get('message')}\n{log_tail(p.log, indent='    ')}")
 
     def _on_step(self, msg: dict[str, Any]) -> None:
         r = StepRecord(
@@ -433,10 +422,10 @@ class DemoRun:
 
     def _cleanup(self) -> None:
         for p in self._workers():
-            _stop(p.popen, 3.0)
+            stop_process(p.popen, 3.0)
         for p in self._procs:
             if not p.name.startswith("worker"):
-                _stop(p.popen, 5.0)
+                stop_process(p.popen, 5.0)
         for p in self._procs:
             for s in (p.popen.stdout, p.popen.stderr):
                 if s is not None:
@@ -526,28 +515,6 @@ def _median(xs: list[float]) -> float | None:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
-
-
-def _stop(p: subprocess.Popen[bytes], grace: float) -> None:
-    if p.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            p.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(5.0)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join("    " + x for x in text.splitlines()[-lines:])
 
 
 def emit(stream: IO[str], text: str) -> None:
