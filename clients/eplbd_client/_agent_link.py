@@ -84,7 +84,9 @@ _PENDING_MAX = 256
 _HELLO_BACKOFF = (0.1, 2.0)
 _DEAD_HEARTBEATS = 5.0
 _CONTROL_OPTIONS = SocketOptions(sndhwm=1000, rcvhwm=1000, reconnect_ivl_max_ms=1000)
-_SNAPSHOT_OPTIONS = SocketOptions(sndhwm=4, rcvhwm=4, reconnect_ivl_max_ms=1000)
+_SNAPSHOT_OPTIONS = SocketOptions(
+    sndhwm=4, rcvhwm=4, reconnect_ivl_max_ms=1000, heartbeat_ivl_ms=0
+)  # telemetry: no ZMTP heartbeats (eplbd.wire.TELEMETRY_OPTIONS says why)
 
 
 def snapshot_endpoint_for(endpoint: str) -> str:

@@ -71,8 +71,9 @@ _MAX_WAIT_S = 0.05
 _BATCH = 256  # messages taken from one socket per loop turn (fairness between sockets)
 #: Worker snapshots: a few per worker in flight (per pipe); the planner PUSH holds a burst
 #: of held snapshots after an outage.
-_WORKER_SNAPSHOT_OPTIONS = SocketOptions(sndhwm=4, rcvhwm=64)
-_PLANNER_SNAPSHOT_OPTIONS = SocketOptions(sndhwm=256, rcvhwm=4)
+# Telemetry sockets run without ZMTP heartbeats, as eplbd.wire.TELEMETRY_OPTIONS explains.
+_WORKER_SNAPSHOT_OPTIONS = SocketOptions(sndhwm=4, rcvhwm=64, heartbeat_ivl_ms=0)
+_PLANNER_SNAPSHOT_OPTIONS = SocketOptions(sndhwm=256, rcvhwm=4, heartbeat_ivl_ms=0)
 
 
 @dataclass(frozen=True)

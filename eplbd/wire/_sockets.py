@@ -99,8 +99,11 @@ class SocketOptions:
 
 #: Control: messages that must arrive; a generous queue.
 CONTROL_OPTIONS = SocketOptions()
-#: Telemetry carries state: a few snapshots in flight, then drop and count.
-TELEMETRY_OPTIONS = SocketOptions(sndhwm=4, rcvhwm=16)
+#: Telemetry carries state: a few snapshots in flight, then drop and count. No ZMTP
+#: heartbeats: libzmq 4.3.5 aborts the process (``!_io_error``, stream_engine_base.cpp)
+#: when a heartbeating socket with a full receive pipe loses its peer, which a stalled
+#: receiver under a burst of snapshots hits; liveness comes from the control channel.
+TELEMETRY_OPTIONS = SocketOptions(sndhwm=4, rcvhwm=16, heartbeat_ivl_ms=0)
 
 
 @dataclass(frozen=True)
