@@ -955,6 +955,11 @@ class PlannerCore:
                 WireError("bad_field", f"snapshot for unknown group {gname!r}"), sender, SNAPSHOT
             )
             return
+        refused = self._snapshot_sender_refused(g, b)
+        if refused is not None:
+            self._bad(refused, sender, SNAPSHOT)
+            g.count(refused.reason)
+            return
         try:
             self.seq.check(f"{sender}/{g.name}", b["incarnation"], b["seq"])
         except WireError as e:
@@ -976,6 +981,22 @@ class PlannerCore:
         self.counters.received[SNAPSHOT] += 1
         if self.metrics is not None:
             self.metrics.snapshot(g.name)
+
+    def _snapshot_sender_refused(self, g: GroupState, b: dict[str, Any]) -> WireError | None:
+        """Load only counts from a registered agent, in its registered incarnation, for ranks
+        of this group that it serves: anything else on the (unauthenticated without CURVE)
+        snapshot socket could skew the forecast."""
+        name = b.get("agent")
+        info = self.agents.get(name) if isinstance(name, str) else None
+        if info is None:
+            return WireError("bad_field", f"snapshot from unregistered agent {name!r}")
+        if b.get("incarnation") != info.incarnation:
+            return WireError("stale_incarnation", f"snapshot from an old incarnation of {name}")
+        for r in b.get("ep_ranks") or []:
+            rank = g.ranks.get(r)
+            if rank is None or rank.agent != name:
+                return WireError("bad_field", f"{name} does not serve rank {r} of {g.name}")
+        return None
 
     # --- the clock -------------------------------------------------------------------------
 
