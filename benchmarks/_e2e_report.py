@@ -353,7 +353,7 @@ def doc_section(existing: str | None, key: str | None, block: str | None) -> str
         status += (
             "Not yet run: "
             + ", ".join(f"EP = {k[2:]}" for k in missing)
-            + " (multi-GPU machines were not lent to the session that wrote this script; "
+            + " (no machine with that many GPUs was lent so far; "
             "the CPU smoke test runs the whole job with EP = 2 on gloo, tiny dimensions)."
         )
     parts = [
