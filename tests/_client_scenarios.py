@@ -18,6 +18,7 @@ the per-slot load it routed, plus everything the client put in its outbox.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,19 @@ def _drain(client: EplbClient, sink: list[tuple[str, dict[str, Any], dict[str, A
         sink.append(client.outbox.get_nowait())
 
 
+def _warm_p2p(group: Any, rank: int, world: int, device: torch.device) -> None:
+    import torch.distributed as dist
+
+    ops = []
+    for peer in range(world):
+        if peer != rank:
+            ops.append(dist.P2POp(dist.isend, torch.ones(1, device=device), peer, group=group))
+            ops.append(dist.P2POp(dist.irecv, torch.empty(1, device=device), peer, group=group))
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    torch.cuda.synchronize(device)
+
+
 def layout_changes(
     rank: int, world: int, tmp: str, *, backend: str, source: str, gpus_per_node: int = 1
 ) -> dict[str, Any]:
@@ -71,6 +85,7 @@ def layout_changes(
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     group = dist.group.WORLD
     now = [0.0]
+    src = _source(source, tmp, gpus_per_node)
     client = EplbClient(
         CFG.num_layers,
         CFG.num_experts,
@@ -80,11 +95,16 @@ def layout_changes(
         device=device,
         group=group,
         sync_interval=SYNC,
-        weight_source=_source(source, tmp, gpus_per_node),
+        weight_source=src,
         clock=lambda: now[0],
         top_k=CFG.top_k,
         worker=f"w{rank}",
     )
+    gpu = backend == "nccl"
+    if gpu and isinstance(src, PeerWeightSource):
+        # NCCL sets up each pair's P2P connection at its first transfer, which takes longer
+        # than the few steps this script leaves between two prepares: do it up front.
+        _warm_p2p(src.group, rank, world, device)
     model = MoEModel(CFG, device)
     engine = EPMoEEngine(model, client, group)
     client.set_schedule(window_steps=6, record_steps=4)
@@ -133,6 +153,8 @@ def layout_changes(
                 loads[step, layer] = torch.bincount(phys.reshape(-1).cpu(), minlength=NUM_PHYSICAL)
         client.step()
         _drain(client, sink)
+        if gpu:  # GPU steps take microseconds; leave the staging thread the time CPU steps do
+            time.sleep(0.02)
     _drain(client, sink)
     stats = client.stats
     client.close()
