@@ -70,13 +70,12 @@ import dataclasses
 import math
 import os
 import re
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-
-import tomllib
 
 from eplbd.ops.exits import EXIT_CONFIG
 
