@@ -10,10 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,20 +202,6 @@ class FakeWorker:
     def close(self) -> None:
         self.ctrl.close()
         self.push.close()
-
-
-@pytest.fixture
-def rundir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="ea", dir="/tmp")
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    c: zmq.Context[Any] = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def settings_for(rundir: Path, planner: FakePlanner | tuple[str, str], **kw: Any) -> AgentSettings:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +30,6 @@ from eplbd.wire import control_server, encode
 pytestmark = pytest.mark.timeout(90)
 
 L, P = 2, 8
-
-
-@pytest.fixture
-def rundir() -> Iterator[Path]:
-    import shutil
-    import tempfile
-
-    d = tempfile.mkdtemp(prefix="el", dir="/tmp")
-    yield Path(d)
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    c: zmq.Context[Any] = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 class Inbox:

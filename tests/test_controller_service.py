@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,13 +176,6 @@ def status(ctx: zmq.Context[Any], endpoint: str, what: str = "status") -> dict[s
     m = cli_request(ctx, endpoint, STATUS_REQUEST, {"what": what})
     assert m.type == STATUS_REPLY
     return m.body["data"]  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    c: zmq.Context[Any] = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def wait_for(pred: Any, timeout_s: float = 10.0, every: Any = None) -> None:

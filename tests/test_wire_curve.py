@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,13 +42,6 @@ def keys(tmp_path: Path) -> dict[str, Path]:
         generate_keypair(kd, name)
     shutil.copy(kd / "good.key", allow / "good.key")
     return {"dir": kd, "allow": allow}
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def client_keys(keys: dict[str, Path], name: str) -> CurveClientKeys:
