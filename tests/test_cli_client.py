@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import zmq
+from _cli import clean_cli_env, cli
 
 from eplbd.cli._client import (
     DEFAULT_TCP,
@@ -29,7 +30,6 @@ from eplbd.cli._client import (
     load_settings,
     planner_endpoint,
 )
-from eplbd.cli.main import main
 from eplbd.wire import control_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,18 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith("EPLBD_") or k == "NO_COLOR":
-            monkeypatch.delenv(k)
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return rc, out, err
+    clean_cli_env(monkeypatch)
 
 
 def free_port() -> int:

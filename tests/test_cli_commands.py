@@ -29,9 +29,9 @@ from typing import Any
 import pytest
 import torch
 import zmq
+from _cli import clean_cli_env, cli
 
 from eplbd.cli._client import PlannerClient
-from eplbd.cli.main import main
 from eplbd.layout import Layout
 from eplbd.wire import (
     ABORT,
@@ -224,18 +224,7 @@ def planner() -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith("EPLBD_") or k == "NO_COLOR":
-            monkeypatch.delenv(k)
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return rc, out, err
+    clean_cli_env(monkeypatch)
 
 
 def status_json(capsys: pytest.CaptureFixture[str], planner: str) -> dict[str, Any]:
