@@ -1,0 +1,472 @@
+"""EP = 8 to 64 emulated on one GPU: MoE compute time per step of every balancing policy.
+
+**An emulation**: no all-to-all, no network, no other layers. Each EP rank's grouped expert
+GEMMs of every step and layer run on the one GPU, one rank after another
+(``benchmarks/_gemm_timer.py``: CUDA events, median of ``--reps``); a step's MoE compute
+time is, per layer, the slowest rank's time, summed over the layers (the ranks of a real
+group wait for the slowest one at every layer).
+
+Target (../shared/design/TARGETS.md): at EP >= 16, eplbd with the time objective closes at
+least half of the gap in MoE compute time between DeepSeek recomputed every N steps and a
+layout planned on each step itself (perfect knowledge: the better of DeepSeek's and eplbd's
+on that step), with at most 10% of DeepSeek's moves; in no regime is it slower than no
+balancing.
+
+    python3 -m benchmarks.bench_ep_emulation [--models DIR/cost_model.json] [--out DIR]
+    python3 -m benchmarks.bench_ep_emulation --render DIR/ep_emulation.json   # docs
+
+Routing (``benchmarks/_ep_trace.py``): EP = 8 (P = 72) and 16 (P = 80): the real ESFT traces
+(DeepSeek-V2-Lite routing: 64 experts, top-6; four of its 26 layers), the four domains one
+after another, each step taking G x T consecutive tokens, the steps advancing through the
+trace so that the run crosses every domain; EP = 32 (P = 288) and 64 (P = 320): synthetic
+DeepSeek-V3-size routing (256 experts, top-8, two layers; drifting heavy-tailed popularity
+with two regime switches), the ESFT traces having too few experts. Expert shapes:
+DeepSeek-V2-Lite (hidden 2048, ffn 1408) and DeepSeek-V3 (7168, 2048), bf16, for every
+routing. Regimes: decode-like (64 and 256 tokens per rank per step) and prefill-like (2048).
+
+Policies (``benchmarks/_ep_policies.py``) on the same steps: no balancing; DeepSeek once (on
+the warm-up steps); DeepSeek every N steps from the last N; eplbd online, token objective;
+eplbd online, time objective (the cost model calibrated in the same job, GEMMs only: the
+emulation has no dispatch); the two perfect-knowledge references. Moves: slots whose expert
+changes; bytes: moves x one expert's weights. Parameters (N, cadence, half-life, move cost)
+are the defaults of ``Schedule``; nothing was tuned on summary or translation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks._ep_policies import POLICIES, Replay, Schedule, replay
+from benchmarks._ep_trace import esft_stream, synthetic_stream
+from benchmarks._gemm_timer import SHAPES, ExpertShape, GemmTimer, hardware_ceilings
+from benchmarks._report import machine_line, write_section
+from eplbd.planner import CostModel, default_cost_model
+
+SECTION = "ep-emulation"
+ESFT_LAYERS = [3, 9, 15, 21]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One emulated group: routing, EP size G, slots P, regime (tokens per rank), shape."""
+
+    routing: str  # "esft" or "synthetic"
+    G: int
+    P: int
+    tokens: int
+    shape: str
+    steps: int
+    warmup: int
+
+    @property
+    def regime(self) -> str:
+        return "prefill" if self.tokens >= 1024 else "decode"
+
+    @property
+    def label(self) -> str:
+        return f"EP {self.G}, {self.shape}, {self.regime} {self.tokens} tok/rank"
+
+
+def cases(quick: bool, tiny: bool) -> list[Case]:
+    if tiny:
+        return [
+            Case("esft", 8, 72, 16, "v2lite", 3, 2),
+            Case("synthetic", 16, 288, 8, "v2lite", 3, 2),
+        ]
+    out = []
+    for routing, G, P in (
+        ("esft", 8, 72),
+        ("esft", 16, 80),
+        ("synthetic", 32, 288),
+        ("synthetic", 64, 320),
+    ):
+        for shape in ("v2lite", "v3"):
+            for tokens, steps in ((64, 24), (256, 24), (2048, 8)):
+                if quick and tokens == 256:
+                    continue
+                out.append(Case(routing, G, P, tokens, shape, steps, 8))
+    return out
+
+
+def _simulate(args: tuple[Case, dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    case, model_d, sched_d = args
+    torch.set_num_threads(1)
+    model = CostModel.from_dict(model_d).without_dispatch()
+    sched = Schedule(**sched_d)
+    total = sched.warmup + sched.steps
+    if case.routing == "esft":
+        stream = esft_stream(ESFT_LAYERS if case.G > 0 else [3])
+        stride = max(1, stream.ids.shape[0] // total)  # the run crosses every domain
+    else:
+        stream = synthetic_stream(total, case.G * case.tokens, num_layers=2, seed=case.G)
+        stride = None
+    t0 = time.perf_counter()
+    rep = replay(stream, case.G, case.P, case.tokens, model, sched, stride=stride)
+    return {"case": case, "replay": rep, "sim_s": time.perf_counter() - t0}
+
+
+def _models(path: str | None, device: str) -> dict[str, CostModel]:
+    """Per shape: the calibration of this run (``bench_cost_model --out``), or the default
+    model from this GPU's measured ceilings."""
+    out: dict[str, CostModel] = {}
+    if path:
+        res = json.loads(Path(path).read_text())
+        for r in res["shapes"]:
+            for key, sh in SHAPES.items():
+                if sh.name == r["shape"]["name"]:
+                    out[key] = CostModel.from_dict(r["model"])
+    ce = hardware_ceilings(device) if len(out) < len(SHAPES) else {}
+    for key, sh in SHAPES.items():
+        if key not in out:
+            kw = (
+                {"mem_bandwidth": ce["copy_bytes_per_s"], "peak_flops": ce["bf16_flops_per_s"]}
+                if ce
+                else {}
+            )
+            out[key] = default_cost_model(sh.hidden, sh.ffn, sh.dtype, link_bandwidth=None, **kw)
+    return out
+
+
+def time_replays(
+    sims: list[dict[str, Any]], device: str, reps: int, tiny: bool
+) -> dict[int, dict[str, np.ndarray]]:
+    """GPU time of every rank's workload: per sim index, per policy [steps, L, G] us."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for shape_key in sorted({s["case"].shape for s in sims}):
+        shape = SHAPES[shape_key]
+        if tiny:
+            shape = ExpertShape(shape.name, 64, 32, shape.dtype)
+        idx = [i for i, s in enumerate(sims) if s["case"].shape == shape_key]
+        uniq: dict[tuple[int, ...], int] = {}
+        for i in idx:
+            for arr in sims[i]["replay"].rows.values():
+                for w in arr.reshape(-1, arr.shape[-1]):
+                    uniq.setdefault(tuple(int(x) for x in w), len(uniq))
+        wl = list(uniq)
+        timer = GemmTimer(shape, max(len(w) for w in wl), max(sum(w) for w in wl), device)
+        t0 = time.perf_counter()
+        us = np.array(timer.time(wl, reps=reps))
+        print(
+            f"{shape.name}: {len(wl)} distinct workloads timed in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+        for i in idx:
+            res: dict[str, np.ndarray] = {}
+            for p, arr in sims[i]["replay"].rows.items():
+                flat = arr.reshape(-1, arr.shape[-1])
+                res[p] = us[[uniq[tuple(int(x) for x in w)] for w in flat]].reshape(arr.shape[:-1])
+            out[i] = res
+        del timer
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def summarise(
+    case: Case, rep: Replay, meas: dict[str, np.ndarray], shape: ExpertShape
+) -> dict[str, Any]:
+    """Per policy: MoE compute time per step (slowest rank per layer, summed over layers)."""
+    step = {p: meas[p].max(axis=2).sum(axis=1) for p in meas}  # [steps] us
+    none = float(step["none"].mean())
+    perfect = np.minimum(step["perfect-deepseek"], step["perfect-eplbd"])
+    pol: dict[str, Any] = {}
+    for p in meas:
+        ch = rep.changes[p]
+        steady = ch[1:] if ch and ch[0][0] == 0 else ch
+        moves = sum(m for _, m in ch)
+        pol[p] = {
+            "ms_mean": float(step[p].mean()) / 1e3,
+            "ms_median": float(np.median(step[p])) / 1e3,
+            "vs_none": float(step[p].mean()) / none,
+            "modelled_ms": float(rep.modelled[p].sum(axis=1).mean()) / 1e3,
+            "rebalances": len(ch),
+            "moves": moves,
+            "moves_per_rebalance": moves / len(ch) if ch else 0.0,
+            "steady_moves": sum(m for _, m in steady),
+            "bytes_per_rebalance": moves * shape.bytes / len(ch) if ch else 0.0,
+            "active_slots_per_gpu": rep.active[p],
+            "plan_ms": rep.plan_ms[p],
+        }
+    ds, mine = float(step["deepseek-every-N"].mean()), float(step["eplbd-time"].mean())
+    best = float(perfect.mean())
+    gap = ds - best
+    closed = (ds - mine) / gap if gap > 0 else None
+    ds_moves = pol["deepseek-every-N"]["moves"]
+    return {
+        "case": asdict(case),
+        "label": case.label,
+        "policies": pol,
+        "perfect_ms": best / 1e3,
+        "gap_closed": closed,
+        "moves_ratio": pol["eplbd-time"]["moves"] / ds_moves if ds_moves else None,
+        "steady_moves_ratio": (
+            pol["eplbd-time"]["steady_moves"] / pol["deepseek-every-N"]["steady_moves"]
+            if pol["deepseek-every-N"]["steady_moves"]
+            else None
+        ),
+        "slower_than_none": {p: pol[p]["vs_none"] > 1.0 for p in ("eplbd-time", "eplbd-tokens")},
+        "step_us": {p: step[p].tolist() for p in step},
+    }
+
+
+# --- report ----------------------------------------------------------------------------------
+
+SHORT = {
+    "none": "none",
+    "deepseek-once": "DS once",
+    "deepseek-every-N": "DS every N",
+    "eplbd-tokens": "eplbd tokens",
+    "eplbd-time": "eplbd time",
+    "eplbd-time-frugal": "eplbd time frugal",
+    "perfect-deepseek": "perfect DS",
+    "perfect-eplbd": "perfect eplbd",
+}
+
+
+def render(res: dict[str, Any]) -> str:
+    s = res["schedule"]
+    lines = [
+        "## EP emulation on one GPU (`bench_ep_emulation`) — an emulation: no all-to-all, no network",
+        "",
+        f"Machine: {res['machine']}. Command: `{res['command']}` (the job took {res['duration_s']:.0f} s; "
+        f"GEMM timing {res['timing_s']:.0f} s).",
+        "",
+        "**Every figure below is an emulation**: each EP rank's grouped expert GEMMs run on the "
+        "one GPU in turn (CUDA events, median of "
+        f"{res['reps']}); a step's MoE compute time is the slowest rank's time per layer, summed "
+        "over the layers; no dispatch, no combine, no network, no other layers. Routing: EP 8 "
+        "(P = 72) and 16 (P = 80) replay the ESFT traces (64 experts, top-6, layers "
+        f"{ESFT_LAYERS}, all four domains in order); EP 32 (P = 288) and 64 (P = 320) replay "
+        "synthetic DeepSeek-V3-size routing (256 experts, top-8, 2 layers, drifting with two "
+        "regime switches). bf16 expert shapes DeepSeek-V2-Lite (2048 x 1408) and DeepSeek-V3 "
+        f"(7168 x 2048). Schedule: {s['warmup']} warm-up steps, DeepSeek every N = {s['every']} "
+        f"steps from the last {s['every']}; eplbd plans every {s['cadence']} steps from an EWMA "
+        f"(half-life {s['half_life']:g} steps), min_gain {s['min_gain']}, move_cost "
+        f"{s['move_cost']}; the time objective uses the cost model calibrated in the same job "
+        "(GEMMs only). *perfect*: the better, per step, of DeepSeek and eplbd (time) planned on "
+        "the step itself. *gap closed*: (DS every N - eplbd time) / (DS every N - perfect). "
+        "Moves: slots rewritten over the timed steps, all rebalances (the first from the "
+        "default layout included); *steady*: without the first.",
+        "",
+        "MoE compute time per step, ms (mean over the timed steps; emulated):",
+        "",
+        "| case | steps | "
+        + " | ".join(SHORT[p] for p in POLICIES)
+        + " | eplbd time vs none | gap closed | eplbd time moves / DS moves (steady) |",
+        "|---|---:|" + "---:|" * len(POLICIES) + "---:|---:|---:|",
+    ]
+    for r in res["cases"]:
+        pol = r["policies"]
+        gc = "-" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
+        mr = "-" if r["moves_ratio"] is None else f"{r['moves_ratio']:.3f}"
+        sr = "-" if r["steady_moves_ratio"] is None else f"{r['steady_moves_ratio']:.3f}"
+        lines.append(
+            f"| {r['label']} | {r['case']['steps']} | "
+            + " | ".join(f"{pol[p]['ms_mean']:.3f}" for p in POLICIES)
+            + f" | {pol['eplbd-time']['vs_none']:.3f}x | {gc} | {mr} ({sr}) |"
+        )
+    lines += [
+        "",
+        "Moves and bytes per rebalance (emulated), and the cost model's own figure for the "
+        "same steps (modelled ms, GEMMs only):",
+        "",
+        "| case | policy | rebalances | moves / rebalance | MB / rebalance | active slots / GPU | modelled ms | measured ms | plan ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["cases"]:
+        for p in ("deepseek-every-N", "eplbd-tokens", "eplbd-time", "eplbd-time-frugal"):
+            q = r["policies"][p]
+            lines.append(
+                f"| {r['label']} | {SHORT[p]} | {q['rebalances']} | {q['moves_per_rebalance']:.1f} | "
+                f"{q['bytes_per_rebalance'] / 1e6:.0f} | {q['active_slots_per_gpu']:.2f} | "
+                f"{q['modelled_ms']:.3f} | {q['ms_mean']:.3f} | {q['plan_ms']:.1f} |"
+            )
+    lines += ["", *res.get("verdict", [])]
+    return "\n".join(lines)
+
+
+def verdict(res: dict[str, Any]) -> list[str]:
+    rows = [r for r in res["cases"] if r["case"]["G"] >= 16]
+    closed = [r["gap_closed"] for r in rows if r["gap_closed"] is not None]
+    ratios = [r["moves_ratio"] for r in rows if r["moves_ratio"] is not None]
+    slower = [r["label"] for r in res["cases"] if r["policies"]["eplbd-time"]["vs_none"] > 1.0]
+    worst = max((r["policies"]["eplbd-time"]["vs_none"] for r in res["cases"]), default=1.0)
+    out = ["Targets (emulated):"]
+    if closed:
+        out.append(
+            f"- EP >= 16, gap closed by eplbd (time): median {100 * statistics.median(closed):.0f}%, "
+            f"worst {100 * min(closed):.0f}% over {len(closed)} cases with a gap (target >= 50%: "
+            f"{'met' if min(closed) >= 0.5 else 'NOT met in every case'})."
+        )
+    if ratios:
+        out.append(
+            f"- EP >= 16, eplbd (time) moves / DeepSeek-every-N moves: worst {max(ratios):.3f} "
+            f"(target <= 0.10: {'met' if max(ratios) <= 0.10 else 'NOT met'})."
+        )
+    out.append(
+        f"- never slower than no balancing: worst eplbd (time) / none {worst:.3f}x"
+        + (f" (slower in: {', '.join(slower)})" if slower else " (met)")
+    )
+    return out
+
+
+def _tune_one(args: tuple[dict[str, Any], int, int, str, int]) -> dict[str, Any]:
+    kw, G, P, shape_key, tokens = args
+    torch.set_num_threads(1)
+    sh = SHAPES[shape_key]
+    model = default_cost_model(sh.hidden, sh.ffn, sh.dtype, link_bandwidth=None)
+    sched = Schedule(**kw)
+    stream = esft_stream(ESFT_LAYERS, ("intent", "law"))
+    stride = max(1, stream.ids.shape[0] // (sched.warmup + sched.steps))
+    pols = ("none", "deepseek-every-N", "eplbd-time", "perfect-deepseek", "perfect-eplbd")
+    rep = replay(stream, G, P, tokens, model, sched, stride=stride, policies=pols)
+    t = {p: rep.modelled[p].sum(axis=1) for p in pols}
+    perfect = float(np.minimum(t["perfect-deepseek"], t["perfect-eplbd"]).mean())
+    ds, mine = float(t["deepseek-every-N"].mean()), float(t["eplbd-time"].mean())
+    mv = {p: [m for _, m in rep.changes[p]] for p in pols}
+    return {
+        "closed": (ds - mine) / (ds - perfect) if ds > perfect else 1.0,
+        "vs_none": mine / float(t["none"].mean()),
+        "moves": sum(mv["eplbd-time"]) / max(sum(mv["deepseek-every-N"]), 1),
+        "steady": sum(mv["eplbd-time"][1:]) / max(sum(mv["deepseek-every-N"][1:]), 1),
+    }
+
+
+def tune(workers: int) -> str:
+    """The schedule's parameters on intent and law only, scored with the default cost model
+    (modelled time, no GPU): gap closed, moves against DeepSeek every N, time against none."""
+    grid = [
+        {"cadence": c, "half_life": h, "move_cost": mc}
+        for c in (1, 2, 4)
+        for h in (4.0, 8.0)
+        for mc in (0.35, 0.7, 1.0)
+    ]
+    settings = [
+        (G, P, sh, tok)
+        for G, P in ((8, 72), (16, 80))
+        for sh in ("v2lite", "v3")
+        for tok in (64, 256)
+    ]
+    jobs = [({**asdict(Schedule()), **g}, *st) for g in grid for st in settings]
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        outs = list(ex.map(_tune_one, jobs))
+    rows = []
+    k = len(settings)
+    for i, g in enumerate(grid):
+        o = outs[i * k : (i + 1) * k]
+        rows.append(
+            f"| {g['cadence']} | {g['half_life']:g} | {g['move_cost']} | "
+            f"{100 * statistics.mean(x['closed'] for x in o):.0f}% | {100 * min(x['closed'] for x in o):.0f}% | "
+            f"{max(x['moves'] for x in o):.3f} | {max(x['steady'] for x in o):.3f} | "
+            f"{max(x['vs_none'] for x in o):.3f} |"
+        )
+    return "\n".join(
+        [
+            "## EP emulation: tuning the online schedule (intent and law only, modelled)",
+            "",
+            f"Machine: {machine_line()}. `python3 -m benchmarks.bench_ep_emulation --tune`: the "
+            "emulation's replay on the ESFT intent and law traces only (EP 8 and 16, both expert "
+            "shapes, 64 and 256 tokens per rank, 24 timed steps), scored with the default cost "
+            "model (H100 constants; no GPU): gap closed between DeepSeek every 8 steps and perfect "
+            "knowledge, eplbd (time) moves / DeepSeek moves (all, and steady), eplbd (time) / none.",
+            "",
+            "| cadence (steps) | half-life (steps) | move_cost | mean gap closed | worst gap closed | worst moves ratio | worst steady moves ratio | worst vs none |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.bench_ep_emulation", description=__doc__
+    )
+    ap.add_argument("--models", default=None, help="bench_cost_model's cost_model.json (this GPU)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU smoke test)")
+    ap.add_argument("--quick", action="store_true", help="one decode size only")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--doc", choices=("auto", "yes", "no"), default="auto")
+    ap.add_argument("--render", default=None)
+    ap.add_argument("--tune", action="store_true", help="the schedule grid on intent and law (CPU)")
+    a = ap.parse_args(argv)
+    if a.tune:
+        md = tune(a.workers)
+        print(md)
+        if a.doc != "no":
+            write_section(SECTION + "-tuning", md)
+        return 0
+    if a.render:
+        res = json.loads(Path(a.render).read_text())
+        md = render(res)
+        write_section(SECTION, md)
+        print(md)
+        return 0
+    started = time.perf_counter()
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = _models(a.models, device)
+    sched = (
+        Schedule(steps=24, warmup=8)
+        if not a.tiny
+        else Schedule(steps=3, warmup=2, every=2, cadence=1)
+    )
+    cs = cases(a.quick, a.tiny)
+    jobs = [
+        (c, models[c.shape].to_dict(), {**asdict(sched), "steps": c.steps, "warmup": c.warmup})
+        for c in cs
+    ]
+    if a.workers > 1 and not a.tiny:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(a.workers, mp_context=mp.get_context("spawn")) as ex:
+            sims = list(ex.map(_simulate, jobs))
+    else:
+        sims = [_simulate(j) for j in jobs]
+    print(f"simulated {len(sims)} cases in {time.perf_counter() - started:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    meas = time_replays(sims, device, a.reps, a.tiny)
+    timing = time.perf_counter() - t0
+    res: dict[str, Any] = {
+        "machine": machine_line(),
+        "command": "python3 -m benchmarks.bench_ep_emulation"
+        + (" --quick" if a.quick else "")
+        + (" --tiny" if a.tiny else "")
+        + f" --reps {a.reps}",
+        "reps": a.reps,
+        "schedule": asdict(sched),
+        "models": {k: m.to_dict() for k, m in models.items()},
+        "cases": [
+            summarise(s["case"], s["replay"], meas[i], SHAPES[s["case"].shape])
+            for i, s in enumerate(sims)
+        ],
+        "timing_s": timing,
+    }
+    res["duration_s"] = time.perf_counter() - started
+    res["verdict"] = verdict(res)
+    md = render(res)
+    print(md)
+    if a.out:
+        d = Path(a.out)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "ep_emulation.json").write_text(json.dumps(res, default=str))
+    if a.doc == "yes" or (a.doc == "auto" and device == "cuda" and not a.tiny):
+        write_section(SECTION, md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
