@@ -7,11 +7,13 @@ before (except the two "perfect knowledge" references, which plan on the step it
 - ``deepseek-once``: DeepSeek's EPLB on the warm-up steps' load, never changed;
 - ``deepseek-every-N``: DeepSeek's EPLB recomputed every N steps from the last N steps'
   load (vLLM's and SGLang's schedule: a window of steps, a fixed interval);
+  ``deepseek-every-step``: the same with N = 1 (the issue's measurement: replanned every
+  step from the step before);
 - ``eplbd-tokens``: ``eplbd.planner.plan`` from the layout it serves, every ``cadence``
-  steps, on an EWMA forecast of the per-step load, token objective;
+  steps, on an EWMA forecast of the per-step load (half-life in tokens: a step of many
+  tokens is a better estimate than one of few), token objective;
 - ``eplbd-time``: the same, time objective with the calibrated cost model (its layouts may
-  leave replicas idle: a weighted split through the dispatch table); ``eplbd-time-frugal``:
-  the same with a higher price on moves (``frugal_move_cost``);
+  leave replicas idle: a weighted split through the dispatch table);
 - ``perfect-deepseek`` / ``perfect-eplbd``: DeepSeek's EPLB / eplbd's time objective (from
   scratch, exact counts) planned on each step's own load: what perfect knowledge reaches.
 
@@ -36,10 +38,10 @@ __all__ = ["POLICIES", "Replay", "Schedule", "replay"]
 POLICIES = (
     "none",
     "deepseek-once",
+    "deepseek-every-step",
     "deepseek-every-N",
     "eplbd-tokens",
     "eplbd-time",
-    "eplbd-time-frugal",
     "perfect-deepseek",
     "perfect-eplbd",
 )
@@ -49,22 +51,20 @@ POLICIES = (
 class Schedule:
     """warmup: steps before the timed ones (the first forecasts); steps: timed steps;
     every: DeepSeek's interval and window N; cadence: eplbd plans every this many steps;
-    half_life: the EWMA's half-life in steps; min_gain, move_cost: eplbd's decision
-    (frugal_move_cost: ``eplbd-time-frugal``'s). Defaults chosen on intent and law
-    (``bench_ep_emulation --tune``)."""
+    half_life_tokens: the EWMA's half-life in tokens of the group; min_gain, move_cost:
+    eplbd's decision. Defaults chosen on intent and law (``bench_ep_emulation --tune``)."""
 
     warmup: int = 8
     steps: int = 32
     every: int = 8
-    cadence: int = 4
-    half_life: float = 4.0
+    cadence: int = 2
+    half_life_tokens: float = 8192.0
     min_gain: float = 0.005
     move_cost: float = 0.35
-    frugal_move_cost: float = 0.7
 
-    @property
-    def alpha(self) -> float:
-        return 1.0 - 0.5 ** (1.0 / self.half_life)
+    def alpha(self, step_tokens: int) -> float:
+        """EWMA weight of one step of ``step_tokens`` tokens."""
+        return 1.0 - 0.5 ** (step_tokens / self.half_life_tokens)
 
 
 @dataclass
@@ -113,7 +113,7 @@ def replay(
     out = Replay()
     default = Layout.default(L, E, P)
     cur = {p: default for p in policies}
-    ewma = Ewma(sched.alpha)
+    ewma = Ewma(sched.alpha(G * tokens))
     spent = {p: 0.0 for p in policies}
     for p in policies:
         out.rows[p] = np.zeros((sched.steps, L, G, S), dtype=np.int32)
@@ -168,16 +168,16 @@ def _decide(
         return None
     if p == "deepseek-once":
         return _deepseek(loads[:W].sum(axis=0), P, G, E) if s == W else None
-    if p == "deepseek-every-N":
-        if s >= W and (s - W) % sched.every == 0:
-            return _deepseek(loads[s - sched.every : s].sum(axis=0), P, G, E)
+    if p in ("deepseek-every-N", "deepseek-every-step"):
+        n = sched.every if p == "deepseek-every-N" else 1
+        if s >= W and (s - W) % n == 0:
+            return _deepseek(loads[s - n : s].sum(axis=0), P, G, E)
         return None
-    if p in ("eplbd-tokens", "eplbd-time", "eplbd-time-frugal"):
+    if p in ("eplbd-tokens", "eplbd-time"):
         if s < W or (s - W) % sched.cadence != 0 or ewma.value is None:
             return None
-        mc = sched.frugal_move_cost if p == "eplbd-time-frugal" else sched.move_cost
-        kw: dict[str, Any] = {"min_gain": sched.min_gain, "move_cost": mc}
-        if p != "eplbd-tokens":
+        kw: dict[str, Any] = {"min_gain": sched.min_gain, "move_cost": sched.move_cost}
+        if p == "eplbd-time":
             kw.update(cost_model=model, steps=1.0, sampling="poisson")
         res = plan_with_report(ewma.value, num_gpus=G, num_physical_experts=P, previous=cur, **kw)
         return res.layout
