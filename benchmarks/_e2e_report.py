@@ -69,6 +69,15 @@ applied it minus a median `step()` of the same kind; bytes: expert weights fetch
 other ranks. Outputs: a per-token fingerprint of every step and the full outputs of sampled
 steps against the *none* run, tolerance |d| <= 2^-3 rms(ref) + 2^-4 |ref| (bf16 GEMMs of
 other batch shapes round differently; a wrong expert moves outputs by tens of percent).
+
+With one rank (EP = 1) and grouped GEMMs the forward has no host synchronisation (every row
+stays on the GPU, T x K of them, known in advance; with EP > 1 the all-to-all needs its
+split sizes on the host), so it is captured once per run and replayed as a CUDA graph
+(`--graph auto`; `--graph off` launches it eagerly, the block marked *eager*). For EP = 1
+the job also reports how far the MoE step is from the hardware limit: the active slots'
+weights read once at the measured copy bandwidth and the expert GEMMs' FLOPs at the
+measured bf16 matrix rate (per layer the larger, summed over layers), and the time of the
+same rows' grouped GEMMs alone.
 """
 
 
@@ -235,8 +244,9 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
     """Markdown of one job (one group size)."""
     cfg = result["config"]
     G = summary["world_size"]
+    eager = G == 1 and not summary["graph"] and cfg["device"] == "cuda"
     out = [
-        f"### EP = {G} ({summary['device']})",
+        f"### EP = {G}{', eager' if eager else ''} ({summary['device']})",
         "",
         f"Machine: {summary['machine']}. Expert GEMMs: {summary['gemm']} "
         f"({summary['gemm_note']}); forward {'replayed as a CUDA graph' if summary['graph'] else 'launched eagerly'}. Layers {cfg['layers']} of the trace, P = "
@@ -366,7 +376,11 @@ def doc_section(existing: str | None, key: str | None, block: str | None) -> str
     missing = [k for k in want if k not in blocks]
     status = "Status: "
     if measured:
-        status += "measured here: " + ", ".join(f"EP = {k[2:]}" for k in measured) + ". "
+        status += (
+            "measured here: "
+            + ", ".join(f"EP = {k[2:].replace('-eager', ' (eager)')}" for k in measured)
+            + ". "
+        )
     if missing:
         status += (
             "Not yet run: "

@@ -57,8 +57,8 @@ class Schedule:
     warmup: int = 8
     steps: int = 32
     every: int = 8
-    cadence: int = 2
-    half_life_tokens: float = 8192.0
+    cadence: int = 1
+    half_life_tokens: float = 512.0
     min_gain: float = 0.005
     move_cost: float = 0.35
 
