@@ -92,7 +92,7 @@ def cases(quick: bool, tiny: bool) -> list[Case]:
         ("synthetic", 64, 320),
     ):
         for shape in ("v2lite", "v3"):
-            for tokens, steps in ((64, 24), (256, 24), (2048, 8)):
+            for tokens, steps in ((64, 20), (256, 20), (2048, 8)):
                 if quick and tokens == 256:
                     continue
                 out.append(Case(routing, G, P, tokens, shape, steps, 8))
@@ -152,8 +152,8 @@ def load_replays(path: str) -> list[dict[str, Any]]:
 
 def _models(path: str | None, device: str, stored_only: bool = False) -> dict[str, CostModel]:
     """Per shape: the calibration of this run (``bench_cost_model --out``), else the one
-    stored in benchmarks/calibration/ (the only kind with ``stored_only``), else the default
-    model from this GPU's measured ceilings."""
+    stored in benchmarks/calibration/ for this GPU (on the CPU: any stored one; the only
+    kind with ``stored_only``), else the default model from this GPU's measured ceilings."""
     out: dict[str, CostModel] = {}
     if path:
         res = json.loads(Path(path).read_text())
@@ -161,9 +161,10 @@ def _models(path: str | None, device: str, stored_only: bool = False) -> dict[st
             for key, sh in SHAPES.items():
                 if sh.name == r["shape"]["name"]:
                     out[key] = CostModel.from_dict(r["model"])
+    gpu = device_slug(torch.cuda.get_device_name(0)) if device == "cuda" else "*"
     for key, sh in SHAPES.items():
-        if key not in out and (device != "cuda" or stored_only):
-            stored = sorted(CALIBRATION.glob(f"*-{device_slug(sh.name)}-{sh.dtype}.json"))
+        if key not in out:
+            stored = sorted(CALIBRATION.glob(f"{gpu}-{device_slug(sh.name)}-{sh.dtype}.json"))
             if stored:
                 out[key] = CostModel.from_json(stored[0].read_text())
     if stored_only:
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None)
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU smoke test)")
     ap.add_argument("--quick", action="store_true", help="one decode size only")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--out", default=None)
     ap.add_argument("--doc", choices=("auto", "yes", "no"), default="auto")
@@ -503,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = _models(a.models, device)
     sched = (
-        Schedule(steps=24, warmup=8)
+        Schedule(steps=20, warmup=8)
         if not a.tiny
         else Schedule(steps=3, warmup=2, every=2, cadence=1)
     )
