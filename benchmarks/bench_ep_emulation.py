@@ -182,8 +182,9 @@ def _models(path: str | None, device: str, stored_only: bool = False) -> dict[st
 
 
 def time_shape(
-    sims: list[dict[str, Any]], shape_key: str, device: str, reps: int, tiny: bool
-) -> dict[int, dict[str, np.ndarray]]:
+    sims: list[dict[str, Any]], shape_key: str, device: str, reps: int, tiny: bool,
+    stat: str = "median",
+) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
     """GPU time of every rank's workload of the cases of one expert shape: per sim index,
     per policy [steps, L, G] us. Identical workloads are timed once."""
     shape = SHAPES[shape_key]
@@ -198,7 +199,7 @@ def time_shape(
     wl = list(uniq)
     timer = GemmTimer(shape, max(len(w) for w in wl), max(sum(w) for w in wl), device)
     t0 = time.perf_counter()
-    us = np.array(timer.time(wl, reps=reps))
+    us = np.array(timer.time(wl, reps=reps, stat=stat))
     print(
         f"{shape.name}: {len(wl)} distinct workloads timed in {time.perf_counter() - t0:.1f} s",
         flush=True,
@@ -288,8 +289,9 @@ def render(res: dict[str, Any]) -> str:
         f"GEMM timing {res['timing_s']:.0f} s).",
         "",
         "**Every figure below is an emulation**: each EP rank's grouped expert GEMMs run on the "
-        "one GPU in turn (CUDA events, median of "
-        f"{res['reps']}); a step's MoE compute time is the slowest rank's time per layer, summed "
+        "one GPU in turn (CUDA events, "
+        f"{'the fastest' if res.get('stat') == 'min' else 'median'} of {res['reps']} runs "
+        "of each); a step's MoE compute time is the slowest rank's time per layer, summed "
         "over the layers; no dispatch, no combine, no network, no other layers. Routing: EP 8 "
         "(P = 72) and 16 (P = 80) replay the ESFT traces (64 experts, top-6, layers "
         f"{ESFT_LAYERS}, all four domains in order); EP 32 (P = 288) and 64 (P = 320) replay "
@@ -480,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU smoke test)")
     ap.add_argument("--quick", action="store_true", help="one decode size only")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--stat", choices=("median", "min"), default="median", help="of the reps")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--out", default=None)
     ap.add_argument("--doc", choices=("auto", "yes", "no"), default="auto")
