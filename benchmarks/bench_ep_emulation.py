@@ -92,7 +92,7 @@ def cases(quick: bool, tiny: bool) -> list[Case]:
         ("synthetic", 64, 320),
     ):
         for shape in ("v2lite", "v3"):
-            for tokens, steps in ((64, 20), (256, 20), (2048, 8)):
+            for tokens, steps in ((64, 16), (256, 16), (2048, 8)):
                 if quick and tokens == 256:
                     continue
                 out.append(Case(routing, G, P, tokens, shape, steps, 8))
@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = _models(a.models, device)
     sched = (
-        Schedule(steps=20, warmup=8)
+        Schedule(steps=16, warmup=8)
         if not a.tiny
         else Schedule(steps=3, warmup=2, every=2, cadence=1)
     )
