@@ -460,9 +460,13 @@ def tune(workers: int) -> str:
             "",
             f"Machine: {machine_line()}. `python3 -m benchmarks.bench_ep_emulation --tune`: the "
             "emulation's replay on the ESFT intent and law traces only (EP 8 and 16, both expert "
-            "shapes, 64 and 256 tokens per rank, 24 timed steps), scored with the default cost "
-            "model (H100 constants; no GPU): gap closed between DeepSeek every 8 steps and perfect "
-            "knowledge, eplbd (time) moves / DeepSeek moves (all, and steady), eplbd (time) / none.",
+            "shapes, 64 and 256 tokens per rank, 8 warm-up and 32 timed steps), scored with "
+            "the calibrated cost models stored in benchmarks/calibration (modelled time, GEMMs "
+            "only; no GPU): gap closed between DeepSeek (every 8 steps; every step) and perfect "
+            "knowledge, eplbd (time) moves / DeepSeek moves over the run, eplbd (time) / none "
+            "(worst over the 8 settings). Chosen: plan every step, half-life 512 tokens, "
+            "move_cost 0.35 (the most gap closed with moves under 10% of DeepSeek every "
+            "step's); summary, translation and the synthetic routing were not looked at.",
             "",
             "| cadence (steps) | half-life (tokens) | move_cost | mean gap closed vs every 8 | worst "
             "| worst moves ratio | mean gap closed vs every step | worst | worst moves ratio "
