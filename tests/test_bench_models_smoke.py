@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not an inst
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_cost_model, bench_ep_emulation  # noqa: E402
+from benchmarks._ep_policies import POLICIES  # noqa: E402
 from benchmarks._ep_trace import dispatch_counts, esft_stream, step_ids  # noqa: E402
 from eplbd.kernels import map_and_record  # noqa: E402
 from eplbd.layout import Layout  # noqa: E402
@@ -83,7 +84,7 @@ def test_calibration_and_emulation_run_on_the_cpu(tmp_path: Path) -> None:
     assert len(out["cases"]) == 2
     for case in out["cases"]:
         pol = case["policies"]
-        assert set(pol) == set(bench_ep_emulation.POLICIES)
+        assert set(pol) == set(POLICIES)
         assert all(p["ms_mean"] > 0 for p in pol.values())
         assert pol["none"]["moves"] == 0 and pol["deepseek-every-step"]["rebalances"] >= 1
     assert "an emulation" in bench_ep_emulation.render(out)
