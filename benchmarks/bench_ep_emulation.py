@@ -610,8 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python3 -m benchmarks.bench_ep_emulation"
         + (" --quick" if a.quick else "")
         + (" --tiny" if a.tiny else "")
-        + f" --reps {a.reps}",
+        + (" --modelled" if a.modelled else f" --reps {a.reps} --stat {a.stat}"),
         "reps": a.reps,
+        "stat": a.stat,
+        "modelled": a.modelled,
         "schedule": asdict(sched),
         "models": {k: m.to_dict() for k, m in models.items()},
         "cases": [],
@@ -620,11 +622,18 @@ def main(argv: list[str] | None = None) -> int:
     # one shape after the other, the results saved after each (a job cut short keeps them)
     for shape_key in ("v2lite", "v3"):
         t0 = time.perf_counter()
-        meas = (
-            time_shape(sims, shape_key, device, a.reps, a.tiny)
-            if any(s["case"].shape == shape_key for s in sims)
-            else {}
-        )
+        idx = [i for i, s in enumerate(sims) if s["case"].shape == shape_key]
+        if a.modelled:  # every rank's time from the cost model, base included
+            m = models[shape_key]
+            meas = {
+                i: {
+                    p: m.slot_time(r, "exact").sum(axis=-1) + m.base_us
+                    for p, r in sims[i]["replay"].rows.items()
+                }
+                for i in idx
+            }
+        else:
+            meas = time_shape(sims, shape_key, device, a.reps, a.tiny, a.stat) if idx else {}
         res["timing_s"] += time.perf_counter() - t0
         for i, m in sorted(meas.items()):
             c = sims[i]["case"]
