@@ -14,7 +14,6 @@ import torch
 
 from eplbd.layout import Layout
 
-
 #: Largest total load of a layer: far above any real count, far below where float64 sums
 #: and products overflow.
 MAX_TOTAL = 1e200

@@ -22,7 +22,7 @@ import torch
 from eplbd.layout import Layout
 from eplbd.planner._apportion import lower_bound_np
 from eplbd.planner._checks import as_load, check_int
-from eplbd.planner._cost import CostModel
+from eplbd.planner._cost import SAMPLINGS, CostModel
 
 
 def _phy2log(layout: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -132,16 +132,17 @@ def _time_inputs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if not isinstance(cost_model, CostModel):
         raise ValueError(f"cost_model must be a CostModel, got {type(cost_model).__name__}")
-    check_steps(steps)
-    if sampling not in ("poisson", "exact"):
-        raise ValueError(f"sampling must be 'poisson' or 'exact', got {sampling!r}")
+    check_steps(steps, sampling)
     w, p2l, share = _inputs(load, layout, num_gpus)
     return w / float(steps), p2l, share
 
 
-def check_steps(steps: Any) -> float:
+def check_steps(steps: Any, sampling: str = "poisson") -> float:
+    """A finite ``steps`` > 0 and a known ``sampling``; raises ValueError. -> steps."""
     if isinstance(steps, bool) or not isinstance(steps, int | float) or not 0 < steps < np.inf:
         raise ValueError(f"steps must be a finite number > 0, got {steps!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     return float(steps)
 
 
@@ -188,9 +189,7 @@ def activated_slots(
     """Slots of each GPU that receive at least one row per step (each is a weight read).
     -> [L, G] float64: with "poisson" the expected number (a slot expecting x rows is read
     with probability 1 - e^-x), with "exact" the count for one step's load."""
-    check_steps(steps)
-    if sampling not in ("poisson", "exact"):
-        raise ValueError(f"sampling must be 'poisson' or 'exact', got {sampling!r}")
+    check_steps(steps, sampling)
     w, p2l, share = _inputs(load, layout, num_gpus)
     x = slot_rows_np(w / float(steps), p2l, share)
     a = -np.expm1(-x) if sampling == "poisson" else (x > 0).astype(np.float64)

@@ -53,7 +53,7 @@ from eplbd.layout import Layout, default_phy2log
 from eplbd.planner._align import align
 from eplbd.planner._apportion import apportion
 from eplbd.planner._checks import as_load, check_int, check_previous, check_topology, replica_cap
-from eplbd.planner._cost import SAMPLINGS, CostModel
+from eplbd.planner._cost import CostModel
 from eplbd.planner._deepseek import check_deepseek_args, rebalance_experts
 from eplbd.planner._metrics import balance_np, check_steps, slot_rows_np
 from eplbd.planner._placement import (
@@ -364,9 +364,7 @@ def plan_with_report(
         raise ValueError(f"cost_model must be a CostModel, got {type(cost_model).__name__}")
     if obj == "time" and cost_model is None:
         raise ValueError("objective 'time' needs a cost_model")
-    check_steps(steps)
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
+    check_steps(steps, sampling)
     if previous is not None:
         check_previous(previous, L, E, P)
     if not (isinstance(min_gain, int | float) and min_gain >= 0):
