@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._ep_policies import Replay, Schedule, replay
+from benchmarks._ep_policies import POLICIES, Replay, Schedule, replay
 from benchmarks._ep_trace import esft_stream, synthetic_stream
 from benchmarks._gemm_timer import SHAPES, ExpertShape, GemmTimer, hardware_ceilings
 from benchmarks._report import machine_line, write_section
@@ -268,17 +268,8 @@ def summarise(
 
 # --- report ----------------------------------------------------------------------------------
 
-ORDER = (
-    "none",
-    "deepseek-once",
-    "deepseek-every-step",
-    "deepseek-every-N",
-    "eplbd-tokens",
-    "eplbd-time",
-    "eplbd-time-frugal",
-    "perfect-deepseek",
-    "perfect-eplbd",
-)
+#: Columns: the policies, and one that an earlier version ran (results saved by it render).
+ORDER = (*POLICIES[:6], "eplbd-time-frugal", *POLICIES[6:])
 SHORT = {
     "eplbd-time-frugal": "eplbd time, move_cost 0.7",
     "none": "none",

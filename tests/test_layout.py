@@ -80,6 +80,15 @@ def test_json_roundtrip_and_errors() -> None:
         Layout.from_dict({"schema_version": 1, "phy2log": [[0]]})
 
 
+def _random_phy2log(L: int, E: int, extra: int, g: torch.Generator) -> torch.Tensor:
+    """[L, E + extra]: every expert once, ``extra`` more at random, shuffled."""
+    rows = []
+    for _ in range(L):
+        row = torch.cat([torch.arange(E), torch.randint(0, E, (extra,), generator=g)])
+        rows.append(row[torch.randperm(E + extra, generator=g)])
+    return torch.stack(rows)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     L=st.integers(1, 3),
@@ -90,11 +99,7 @@ def test_json_roundtrip_and_errors() -> None:
 def test_maps_agree(L: int, E: int, extra: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     P = E + extra
-    rows = []
-    for _ in range(L):
-        row = torch.cat([torch.arange(E), torch.randint(0, E, (extra,), generator=g)])
-        rows.append(row[torch.randperm(P, generator=g)])
-    lay = Layout.from_phy2log(torch.stack(rows), E)
+    lay = Layout.from_phy2log(_random_phy2log(L, E, extra, g), E)
     lay.validate_consistent()
     assert int(lay.logcnt.sum()) == L * P
     assert lay.max_replicas == int(lay.logcnt.max())
@@ -175,11 +180,7 @@ def test_json_with_shares() -> None:
 def test_dispatch_table_lists_each_slot_share_times(L: int, E: int, extra: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     P = E + extra
-    rows = []
-    for _ in range(L):
-        row = torch.cat([torch.arange(E), torch.randint(0, E, (extra,), generator=g)])
-        rows.append(row[torch.randperm(P, generator=g)])
-    p2l = torch.stack(rows)
+    p2l = _random_phy2log(L, E, extra, g)
     share = torch.randint(0, 3, (L, P), generator=g)
     # every expert keeps one slot with a share; no expert over the width P - E + 1
     for layer in range(L):

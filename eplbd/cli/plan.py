@@ -165,15 +165,19 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _read_previous(path: str) -> Any:
-    from eplbd.layout import Layout, LayoutError
-
+def _read_text(path: str) -> str:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except FileNotFoundError as e:
         raise InputError(f"{path}: no such file") from e
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read: {e}") from e
+
+
+def _read_previous(path: str) -> Any:
+    from eplbd.layout import Layout, LayoutError
+
+    text = _read_text(path)
     try:
         return Layout.from_json(text)
     except LayoutError as e:
@@ -185,12 +189,7 @@ def _cost_model(args: argparse.Namespace) -> Any:
     from eplbd.planner import CostModel, default_cost_model
 
     if args.cost_model:
-        try:
-            text = Path(args.cost_model).read_text()
-        except FileNotFoundError as e:
-            raise InputError(f"{args.cost_model}: no such file") from e
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{args.cost_model}: cannot read: {e}") from e
+        text = _read_text(args.cost_model)
         try:
             return CostModel.from_json(text)
         except ValueError as e:
