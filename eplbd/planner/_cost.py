@@ -142,12 +142,19 @@ class CostModel:
         if sampling != "poisson":
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         grid_x, grid_t = self._table
+        out = np.asarray(np.interp(x, grid_x, grid_t))
         # below the grid the time is linear (x rows: read with probability ~x, one tile);
         # above it (1e7 rows a step) the count's spread is negligible: half a tile on average
-        small = x * (grid_t[0] / grid_x[0])
-        large = self.fixed_us + self.tile_us * (x / self.tile_rows + 0.5) + self.row_us * x
-        mid = np.interp(x, grid_x, grid_t)
-        return np.where(x <= grid_x[0], small, np.where(x >= grid_x[-1], large, mid))
+        low = x < grid_x[0]
+        if low.any():
+            out[low] = x[low] * (grid_t[0] / grid_x[0])
+        high = x > grid_x[-1]
+        if high.any():
+            xh = x[high]
+            out[high] = (
+                self.fixed_us + self.tile_us * (xh / self.tile_rows + 0.5) + self.row_us * xh
+            )
+        return out
 
     @functools.cached_property
     def _table(self) -> tuple[np.ndarray, np.ndarray]:
