@@ -240,7 +240,6 @@ class _Worker:
         self.use_graph = g == "on" or (
             g == "auto" and self.G == 1 and self.cuda and self.gemm == "grouped"
         )
-        self.graphs: list[Any] = []
         self.fp_vec = fingerprint_vector(self.dims, self.device)
         modes = []
         for mode in cfg.modes:
@@ -560,7 +559,6 @@ class _Worker:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             sy = stack.forward(sx, sids)
-        self.graphs.append(graph)
 
         def run(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
             sx.copy_(x)
