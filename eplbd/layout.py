@@ -11,8 +11,8 @@ each MoE layer. Everything else follows from it:
 Optionally a layout also says how each expert's rows are split over its replicas:
 ``share[L, P]``, a small integer per slot (0: the replica is idle, kept warm but sent no
 rows). Without it every replica gets an equal share (vLLM's contract). The split reaches the
-kernel as a **dispatch table** (``dispatch_map[L, E, D]``, ``dispatch_count[L, E]``): each
-expert's slots listed as many times as their share, so the unchanged ``map_and_record``
+kernel as a **dispatch table** (:meth:`Layout.dispatch`: a table [L, E, D] and counts
+[L, E]): each expert's slots listed as many times as their share, so the unchanged ``map_and_record``
 (equal split over ``count`` entries by the Knuth hash) sends each slot rows in proportion
 to its share. An engine that calls vLLM's own kernel gets the weighted split the same way.
 
