@@ -48,7 +48,10 @@ class E2EConfig:
     device: "cuda" (NCCL) or "cpu" (gloo); gemm: "auto" | "grouped" | "loop";
     weight_source: "peer" (NCCL/gloo P2P, the client's default) or "host" (a host pool);
     check_mb: device memory per rank for the full outputs kept for the exact comparison
-    (sampled steps; a fingerprint of every step is always compared);
+    (sampled steps; a fingerprint of every step is always compared); graph: "auto" | "on" |
+    "off": replay each run's forward as a CUDA graph (auto: with one rank on CUDA and grouped
+    GEMMs, where the forward has no host synchronisation; the all-to-all of EP > 1 needs its
+    split sizes on the host);
     tuning: the agent's and embedded planner's settings for the online run.
     """
 
@@ -67,6 +70,7 @@ class E2EConfig:
     sync_interval: int = 8
     gemm: str = "auto"
     weight_source: str = "peer"
+    graph: str = "auto"
     check_mb: int = 1024
     trace: str = ""
     tiny: bool = False
@@ -103,6 +107,10 @@ class E2EConfig:
             raise ValueError(f"--device must be cuda or cpu, not {self.device!r}")
         if self.gemm not in ("auto", "grouped", "loop"):
             raise ValueError(f"--gemm must be auto, grouped or loop, not {self.gemm!r}")
+        if self.graph not in ("auto", "on", "off"):
+            raise ValueError(f"--graph must be auto, on or off, not {self.graph!r}")
+        if self.graph == "on" and (self.world_size != 1 or self.device != "cuda"):
+            raise ValueError("--graph on needs --world-size 1 on cuda")
         if self.weight_source not in ("peer", "host"):
             raise ValueError(f"--weight-source must be peer or host, not {self.weight_source!r}")
         if self.sync_interval < 1:

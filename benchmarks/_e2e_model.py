@@ -192,7 +192,10 @@ class EPStack:
     (slot i of this rank holds ``client.layout.phy2log[l, rank * S + i]``), registered with
     the client, which rewrites their rows in place when a layout commits. ``group``: the EP
     process group (NCCL or gloo); None with one rank computes locally, no collectives.
-    ``last_rows[l]``: rows (token, k pairs) this rank computed in layer l in the last forward.
+    ``last_rows[l]``: rows (token, k pairs) this rank computed in layer l in the last forward;
+    ``slot_rows [L, S]`` (device): the rows of each of this rank's slots in the last forward.
+    With one rank and grouped GEMMs the forward never synchronises with the host (the rows
+    are T x K, known in advance), so it can be captured in a CUDA graph.
     """
 
     def __init__(
@@ -218,6 +221,7 @@ class EPStack:
             client.register_expert_weights(i, [w13, w2])
         self._slot_ids = torch.arange(self.S, device=device).repeat(self.size)
         self.last_rows: list[int] = []
+        self.slot_rows = torch.zeros(len(dims.layers), self.S, dtype=torch.int64, device=device)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids [T, L, K] logical expert ids (int64) -> [T, H]."""
@@ -242,7 +246,12 @@ class EPStack:
         cnt = torch.zeros(G * S, dtype=torch.int64, device=hn.device)
         cnt.index_add_(0, flat, torch.ones_like(flat))
         rows = hn.index_select(0, torch.div(order, K, rounding_mode="floor"))
-        if self.group is None:
+        if self.group is None and self.gemm == "grouped":
+            # one rank: every row stays here, T x K of them: no host synchronisation
+            recv_cnt, recv = cnt, rows
+            per_slot = []
+            send_splits = recv_splits = [T * K]
+        elif self.group is None:
             recv_cnt, host = cnt, cnt.cpu()
             send_splits = recv_splits = [int(host.sum())]
             per_slot = host.tolist()
@@ -259,8 +268,9 @@ class EPStack:
             per_slot = rc.sum(0).tolist()
             recv = rows.new_empty(sum(recv_splits), H)
             dist.all_to_all_single(recv, rows, recv_splits, send_splits, group=self.group)
-        M = sum(per_slot)
+        M = sum(recv_splits)
         self.last_rows.append(M)
+        self.slot_rows[i].copy_(recv_cnt.view(G, S).sum(0))
         out_recv = torch.empty_like(recv)
         if M:
             # received rows come source-major, slot-ascending within a source: regroup by slot

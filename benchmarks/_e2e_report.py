@@ -69,6 +69,15 @@ applied it minus a median `step()` of the same kind; bytes: expert weights fetch
 other ranks. Outputs: a per-token fingerprint of every step and the full outputs of sampled
 steps against the *none* run, tolerance |d| <= 2^-3 rms(ref) + 2^-4 |ref| (bf16 GEMMs of
 other batch shapes round differently; a wrong expert moves outputs by tens of percent).
+
+With one rank (EP = 1) and grouped GEMMs the forward has no host synchronisation (every row
+stays on the GPU, T x K of them, known in advance; with EP > 1 the all-to-all needs its
+split sizes on the host), so it is captured once per run and replayed as a CUDA graph
+(`--graph auto`; `--graph off` launches it eagerly, the block marked *eager*). For EP = 1
+the job also reports how far the MoE step is from the hardware limit: the active slots'
+weights read once at the measured copy bandwidth and the expert GEMMs' FLOPs at the
+measured bf16 matrix rate (per layer the larger, summed over layers), and the time of the
+same rows' grouped GEMMs alone.
 """
 
 
@@ -156,6 +165,7 @@ def summarise(result: dict[str, Any], history: dict[str, Any]) -> dict[str, Any]
                 "steps": m["steps"],
                 "runs": rows,
                 "eplbd_beats_both": beats,
+                "hardware": m.get("hardware"),
                 "gain_vs_none": _gain(others[0], e),
                 "gain_vs_deepseek": _gain(others[1], e),
                 "planner_decisions": decisions,
@@ -170,6 +180,7 @@ def summarise(result: dict[str, Any], history: dict[str, Any]) -> dict[str, Any]
         "machine": result["machine"],
         "gemm": result["gemm"],
         "gemm_note": result.get("gemm_note"),
+        "graph": bool(result.get("graph")),
         "degenerate": G == 1,
         "outputs_ok": outputs_ok,
         "modes": modes,
@@ -186,7 +197,10 @@ def _gain(ref: float | None, x: float | None) -> float | None:
 def block_key(result: dict[str, Any]) -> str:
     G = int(result["config"]["world_size"])
     dev = str(result["config"]["device"])
-    return f"ws{G}" if dev == "cuda" else f"ws{G}-{dev}"
+    key = f"ws{G}" if dev == "cuda" else f"ws{G}-{dev}"
+    if G == 1 and dev == "cuda" and not result.get("graph"):
+        key += "-eager"  # the same job without CUDA graphs, beside the graphed one
+    return key
 
 
 def command_for(cfg: dict[str, Any]) -> str:
@@ -218,7 +232,7 @@ def command_for(cfg: dict[str, Any]) -> str:
         for key in ("window_s", "windows", "min_windows", "cooldown_s", "min_gain"):
             if cfg["tuning"][key] != getattr(base.tuning, key):
                 parts.append(f"--{key.replace('_', '-')} {cfg['tuning'][key]}")
-    for key in ("gemm", "weight_source"):
+    for key in ("gemm", "weight_source", "graph"):
         if cfg[key] != getattr(base, key):
             parts.append(f"--{key.replace('_', '-')} {cfg[key]}")
     if tuple(cfg["domains"]) != base.domains:
@@ -230,11 +244,12 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
     """Markdown of one job (one group size)."""
     cfg = result["config"]
     G = summary["world_size"]
+    eager = G == 1 and not summary["graph"] and cfg["device"] == "cuda"
     out = [
-        f"### EP = {G} ({summary['device']})",
+        f"### EP = {G}{', eager' if eager else ''} ({summary['device']})",
         "",
         f"Machine: {summary['machine']}. Expert GEMMs: {summary['gemm']} "
-        f"({summary['gemm_note']}). Layers {cfg['layers']} of the trace, P = "
+        f"({summary['gemm_note']}); forward {'replayed as a CUDA graph' if summary['graph'] else 'launched eagerly'}. Layers {cfg['layers']} of the trace, P = "
         f"{G * cfg['slots_per_gpu']} slots ({cfg['slots_per_gpu']} per GPU), hidden "
         f"{cfg['hidden']}, ffn {cfg['ffn']}, {cfg['dtype']}; sync_interval "
         f"{cfg['sync_interval']}; planner window {cfg['tuning']['window_s']} s x "
@@ -294,6 +309,19 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
             f"{_pct(gd)}. Beats both: **{verdict}**."
             + (" (one GPU: expected no)" if summary["degenerate"] else "")
         )
+        hw = m.get("hardware")
+        if hw:
+            ce = hw["ceilings"]
+            out.append(
+                f"Hardware limit of the *{hw['run']}* run's MoE step (one GPU, measured ceilings: copy "
+                f"{ce['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 {ce['bf16_flops_per_s'] / 1e12:.0f} "
+                f"TFLOP/s): the active slots' weights ({hw['active_slots']:.1f} per layer) read once "
+                f"{hw['weights_ms']:.3f} ms, the expert GEMMs' FLOPs {hw['flops_ms']:.3f} ms; per layer "
+                f"the larger, summed: **{hw['limit_ms']:.3f} ms** (both added: {hw['limit_sum_ms']:.3f} ms). "
+                f"The grouped GEMMs of the same rows alone, timed: {hw['gemm_ms']:.3f} ms. MoE step: "
+                f"{hw['moe_ms']:.3f} ms, so **{100 * hw['limit_ms'] / hw['moe_ms']:.0f}% of the limit** "
+                f"({100 * hw['gemm_ms'] / hw['moe_ms']:.0f}% of the step in the expert GEMMs)."
+            )
         if m.get("planner_decisions"):
             out.append(
                 "Planner decisions during the eplbd run: "
@@ -348,7 +376,11 @@ def doc_section(existing: str | None, key: str | None, block: str | None) -> str
     missing = [k for k in want if k not in blocks]
     status = "Status: "
     if measured:
-        status += "measured here: " + ", ".join(f"EP = {k[2:]}" for k in measured) + ". "
+        status += (
+            "measured here: "
+            + ", ".join(f"EP = {k[2:].replace('-eager', ' (eager)')}" for k in measured)
+            + ". "
+        )
     if missing:
         status += (
             "Not yet run: "

@@ -236,6 +236,10 @@ class _Worker:
         picks = self.gather(gemm)
         self.gemm = gemm if all(p == gemm for p in picks) else "loop"
         self.gemm_note = why if self.gemm == gemm else "ranks disagree: loop"
+        g = cfg.graph
+        self.use_graph = g == "on" or (
+            g == "auto" and self.G == 1 and self.cuda and self.gemm == "grouped"
+        )
         self.fp_vec = fingerprint_vector(self.dims, self.device)
         modes = []
         for mode in cfg.modes:
@@ -251,6 +255,7 @@ class _Worker:
                 "torch": torch.__version__,
                 "gemm": self.gemm,
                 "gemm_note": self.gemm_note,
+                "graph": self.use_graph,
                 "domains": self.domains,
                 "domain_tokens": [int(a.shape[0]) for a in host_ids],
                 "deepseek_layout": self.ds_layout.tolist(),
@@ -290,7 +295,47 @@ class _Worker:
         del ref
         if self.cuda:
             torch.cuda.empty_cache()
-        return {"mode": mode.name, "tokens_per_rank": mode.tokens, "steps": steps, "runs": runs}
+        out = {"mode": mode.name, "tokens_per_rank": mode.tokens, "steps": steps, "runs": runs}
+        if self.G == 1 and self.cuda:
+            out["hardware"] = self.hardware(runs[0])
+        for r in runs:
+            r.pop("slot_rows", None)
+        return out
+
+    def hardware(self, run: dict[str, Any]) -> dict[str, Any]:
+        """One GPU: how far the MoE step is from the hardware limit. From the rows each slot
+        computed in every step of ``run``: the active slots' weights read at the measured
+        copy bandwidth, the GEMM FLOPs at the measured bf16 matrix rate (per layer the larger,
+        summed over layers: the limit), and the grouped GEMMs of the same rows alone (timed
+        by ``benchmarks/_gemm_timer.py`` on up to 24 of the steps)."""
+        from benchmarks._gemm_timer import ExpertShape, GemmTimer, hardware_ceilings
+
+        if not hasattr(self, "_ceilings"):
+            self._ceilings = hardware_ceilings(self.device)
+        ce = self._ceilings
+        sr = np.asarray(run["slot_rows"], dtype=np.int64)  # [steps, L, S]
+        steps, L, S = sr.shape
+        d = self.dims
+        w_ms = (sr > 0).sum(axis=2) * d.expert_bytes / ce["copy_bytes_per_s"] * 1e3
+        f_ms = sr.sum(axis=2) * 6.0 * d.hidden * d.ffn / ce["bf16_flops_per_s"] * 1e3
+        pick = np.unique(np.linspace(0, steps - 1, min(steps, 24)).astype(int))
+        wl = [[int(x) for x in r] for r in sr[pick].reshape(-1, S)]
+        shape = ExpertShape("expert", d.hidden, d.ffn, str(d.dtype).replace("torch.", ""))
+        timer = GemmTimer(shape, S, max(sum(w) for w in wl), self.device)
+        us = np.array(timer.time(wl, reps=3)).reshape(len(pick), L)
+        del timer
+        torch.cuda.empty_cache()
+        return {
+            "ceilings": ce,
+            "weights_ms": float(np.median(w_ms.sum(axis=1))),
+            "flops_ms": float(np.median(f_ms.sum(axis=1))),
+            "limit_ms": float(np.median(np.maximum(w_ms, f_ms).sum(axis=1))),
+            "limit_sum_ms": float(np.median((w_ms + f_ms).sum(axis=1))),
+            "gemm_ms": float(np.median(us.sum(axis=1))) / 1e3,
+            "active_slots": float((sr > 0).sum(axis=2).mean()),
+            "moe_ms": run["moe_ms_median"],
+            "run": run["run"],
+        }
 
     def _check_every(self, steps: int, tokens: int) -> int:
         per = tokens * self.cfg.hidden * torch.empty((), dtype=self.dims.dtype).element_size()
@@ -304,7 +349,7 @@ class _Worker:
         cfg, dev, T = self.cfg, self.device, mode.tokens
         client, src = self.client(kind, mode)
         try:
-            stack = EPStack(self.dims, client, self.world, dev, self.gemm)
+            stack = EPStack(self.dims, client, self.world if self.G > 1 else None, dev, self.gemm)
             install = None
             if kind == "deepseek":
                 install = self.install(client, src, self.ds_layout, 1)
@@ -331,6 +376,7 @@ class _Worker:
             client.close()
         del stack
         rows = self.gather(timing.pop("rows"))
+        slot_rows = timing.pop("slot_rows")
         per_rank = self.gather(
             {
                 **timing,
@@ -340,6 +386,7 @@ class _Worker:
             }
         )
         res = _merge(kind, per_rank, rows, self.G, stats, cfg.sync_interval)
+        res["slot_rows"] = slot_rows if self.G == 1 else None
         return res, (fp, full)
 
     def wait_registered(self, client: EplbClient, timeout_s: float = 60.0) -> None:
@@ -410,6 +457,8 @@ class _Worker:
 
         dev, T = self.device, mode.tokens
         clock: Callable[[], Any]
+        forward = self._graphed(stack, mode) if self.use_graph else stack.forward
+        slot_rows = torch.zeros(steps, *stack.slot_rows.shape, dtype=torch.int64, device=dev)
         events: list[tuple[Any, Any, Any]] = []
         if self.cuda:
             events = [
@@ -439,7 +488,7 @@ class _Worker:
             if self.cuda:
                 e0, e1, e2 = events[s]
                 e0.record()
-                y = stack.forward(x, ids)
+                y = forward(x, ids)
                 e1.record()
                 t0 = clock()
                 client.step()
@@ -455,6 +504,7 @@ class _Worker:
             host_step.append(t1 - t0)
             consensus.append(self._consensus_step(client))
             rows.append(list(stack.last_rows))
+            slot_rows[s].copy_(stack.slot_rows)
             fp[s] = y.float() @ self.fp_vec
             if s % every == 0:
                 full[s // every].copy_(y)
@@ -489,7 +539,34 @@ class _Worker:
             "commits": commits,
             "epoch_start": epoch_start,
             "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if self.cuda else None,
+            "slot_rows": slot_rows.cpu().tolist(),
         }
+
+    def _graphed(
+        self, stack: EPStack, mode: Mode
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The stack's forward captured in a CUDA graph (after the warm-up steps): inputs
+        copied into static buffers, the graph replayed, its static output returned."""
+        T = mode.tokens
+        x0 = step_inputs(self.dims, 0, self.rank, T, self.device)
+        ids0 = self.ids_at(0, mode)
+        sx, sids = x0.clone(), ids0.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            stack.forward(sx, sids)  # allocations of the capture's shapes, off the graph
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sy = stack.forward(sx, sids)
+
+        def run(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            sx.copy_(x)
+            sids.copy_(ids)
+            graph.replay()
+            return sy
+
+        return run
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -62,6 +62,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-gain", type=float, default=None)
     p.add_argument("--gemm", choices=("auto", "grouped", "loop"), default="auto")
     p.add_argument("--weight-source", choices=("peer", "host"), default="peer")
+    p.add_argument(
+        "--graph", choices=("auto", "on", "off"), default="auto",
+        help="replay the forward as a CUDA graph (auto: one rank on cuda, grouped GEMMs)",
+    )  # fmt: skip
     p.add_argument("--check-mb", type=int, default=None, help="MiB per rank of full outputs")
     p.add_argument("--trace", default=str(TRACE))
     p.add_argument("--out", default=None, help="directory for e2e.md and e2e.json")
@@ -147,6 +151,7 @@ def build_config(a: argparse.Namespace) -> E2EConfig:
         sync_interval=sync,
         gemm=a.gemm,
         weight_source=a.weight_source,
+        graph=a.graph,
         check_mb=a.check_mb or base.check_mb,
         trace=str(Path(a.trace).resolve()),
         tuning=replace(tuning, sync_interval=sync),

@@ -42,8 +42,16 @@ import torch
 
 from benchmarks._report import machine_line, write_section
 from eplbd.layout import Layout
-from eplbd.planner import Ewma, lower_bound, plan, plan_with_report, rebalance_experts
-from eplbd.planner._metrics import gpu_loads_np
+from eplbd.planner import (
+    CostModel,
+    Ewma,
+    default_cost_model,
+    lower_bound,
+    plan,
+    plan_with_report,
+    rebalance_experts,
+)
+from eplbd.planner._metrics import gpu_loads_np, gpu_times_np
 
 DATA = Path(__file__).resolve().parent / "data"
 DOMAINS = ("intent", "law", "summary", "translation")
@@ -180,6 +188,83 @@ def online(wins: np.ndarray, G: int, P: int, policy: str, alpha: float, **kw: An
         (moves - first) / (max(steps - 1, 1) * L * P),
         omax / omean,
     )
+
+
+def v2lite_model() -> CostModel:
+    """The cost model of a DeepSeek-V2-Lite expert (the ESFT traces' model): the stored
+    calibration (benchmarks/calibration/, GEMMs only) if any, else the default one."""
+    stored = sorted(
+        (Path(__file__).resolve().parent / "calibration").glob("*-deepseek-v2-lite-*.json")
+    )
+    if stored:
+        return CostModel.from_json(stored[0].read_text())
+    return default_cost_model(2048, 1408, link_bandwidth=None)
+
+
+def online_time(
+    wins: np.ndarray, G: int, P: int, policy: str, alpha: float, model: CostModel
+) -> tuple[float, float]:
+    """Like :func:`online`, scored in modelled time: each window is one step whose exact
+    rows the GPUs compute. -> (Σ max GPU time / Σ ideal mean on the next windows, moves
+    per window / slots). ``policy``: none, deepseek, tokens or time (eplbd's objectives)."""
+    n, L, E = wins.shape
+    ew = Ewma(alpha)
+    lay = Layout.default(L, E, P)
+    smax = sideal = 0.0
+    moves = 0
+    for k in range(n - 1):
+        f = ew.update(wins[k]).numpy()
+        if policy == "deepseek":
+            new = Layout.from_phy2log(deepseek(f, P, G), E)
+        elif policy in ("tokens", "time"):
+            kw: dict[str, Any] = {"cost_model": model} if policy == "time" else {}
+            new = plan_with_report(f, num_gpus=G, num_physical_experts=P, previous=lay, **kw).layout
+        else:
+            new = lay
+        moves += int((new.phy2log != lay.phy2log).sum())
+        lay = new
+        w = wins[k + 1]
+        share = None if lay.share is None else lay.share.numpy()
+        t = gpu_times_np(w, lay.phy2log.numpy(), G, model, share, "exact")
+        smax += float(t.max(axis=1).sum())
+        sideal += float(model.slot_time(w, "exact").sum()) / G
+    return smax / sideal, moves / ((n - 1) * L * P)
+
+
+def time_section() -> list[str]:
+    model = v2lite_model()
+    rows: list[list[Any]] = []
+    for dom in DOMAINS:
+        for W in WINDOWS:
+            wins = esft_windows(dom, W)
+            a = alpha_for(W)
+            for G, P in TOPOLOGIES:
+                res = {
+                    pol: online_time(wins, G, P, pol, a, model)
+                    for pol in ("none", "deepseek", "tokens", "time")
+                }
+                rows.append([
+                    dom, W, f"{G} / {P}", res["none"][0], res["deepseek"][0], res["tokens"][0],
+                    res["time"][0], res["time"][0] / res["deepseek"][0],
+                    f"{100 * res['deepseek'][1]:.1f}%", f"{100 * res['tokens'][1]:.1f}%",
+                    f"{100 * res['time'][1]:.1f}%",
+                ])  # fmt: skip
+    head = ["domain", "W", "G / P", "none", "DeepSeek", "eplbd tokens", "eplbd time",
+            "eplbd time / DeepSeek", "DeepSeek moves", "eplbd tokens moves", "eplbd time moves"]  # fmt: skip
+    src = f"calibrated on {model.device}" if model.source == "calibrated" else "default"
+    return [
+        "### Online, scored with the cost model (modelled time)",
+        "",
+        f"The same protocol, each window scored as one forward step whose rows are the "
+        f"window's exact counts, with the cost model of a DeepSeek-V2-Lite expert ({src}: "
+        f"fixed {model.fixed_us:.2f} us per active slot, {model.tile_us:.2f} us per tile of "
+        f"{model.tile_rows} rows; GEMMs only). Figures: Σ max modelled GPU time / Σ ideal "
+        "(every expert's rows on one replica, the GPUs equally busy), on the next window. "
+        "*eplbd time*: the time objective with that model (the forecast as expected rows of "
+        "the step). CPU only: no GPU was used for this table.",
+        "",
+        *_table(head, rows),
+    ]
 
 
 def lb_next(wins: np.ndarray, G: int, P: int) -> float:
@@ -357,6 +442,8 @@ def main() -> None:
             *perfect_section(),
             "",
             *online_section(),
+            "",
+            *time_section(),
         ]
     )
     print(md)

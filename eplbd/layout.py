@@ -8,6 +8,14 @@ each MoE layer. Everything else follows from it:
   where ``R`` is the largest replica count of the layout (not a fixed 1024, so the map stays
   small and the kernel reads one short row per token).
 
+Optionally a layout also says how each expert's rows are split over its replicas:
+``share[L, P]``, a small integer per slot (0: the replica is idle, kept warm but sent no
+rows). Without it every replica gets an equal share (vLLM's contract). The split reaches the
+kernel as a **dispatch table** (:meth:`Layout.dispatch`: a table [L, E, D] and counts
+[L, E]): each expert's slots listed as many times as their share, so the unchanged ``map_and_record``
+(equal split over ``count`` entries by the Knuth hash) sends each slot rows in proportion
+to its share. An engine that calls vLLM's own kernel gets the weighted split the same way.
+
 Slot ``p`` lives on EP rank ``p // S`` with ``S = P // G`` slots per GPU.
 
 The module is pure: tensors in, tensors out. Validation raises :class:`LayoutError` with a
@@ -27,12 +35,16 @@ __all__ = [
     "Layout",
     "LayoutError",
     "default_phy2log",
+    "dispatch_table",
     "log2phy_from_phy2log",
     "logcnt_from_phy2log",
     "moves_between",
 ]
 
-LAYOUT_SCHEMA_VERSION = 1
+#: Newest JSON schema: 2 adds the optional ``share``. A layout without shares is still
+#: written as schema 1, so that readers that know only schema 1 read it.
+LAYOUT_SCHEMA_VERSION = 2
+_SCHEMAS = (1, 2)
 
 
 class LayoutError(ValueError):
@@ -86,6 +98,47 @@ def log2phy_from_phy2log(
     return out
 
 
+def dispatch_table(
+    phy2log: torch.Tensor, share: torch.Tensor, num_logical: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's slots, ascending, each listed ``share`` times, padded with -1.
+
+    phy2log, share [L, P] -> (table [L, E, D] int64, count [L, E] int64), D = the largest
+    count (or ``width``). ``map_and_record(ids, table[l], count[l], ...)`` then sends slot p
+    a fraction share[p] / count[e] of its expert's rows (the Knuth hash splits evenly over
+    the count entries).
+    """
+    L, P = phy2log.shape
+    p2l = phy2log.long()
+    sh = share.long()
+    count = torch.zeros(L, num_logical, dtype=torch.int64)
+    count.scatter_add_(1, p2l, sh)
+    D = max(int(count.max().item()) if count.numel() else 0, 1)
+    if width is not None:
+        if width < D:
+            raise LayoutError(f"dispatch width {width} < largest dispatch count {D}")
+        D = width
+    # Entries in slot order: slot p of expert e fills positions [start, start + share[p])
+    # of e's row, start = shares of e's lower slots.
+    order = torch.sort(p2l, dim=1, stable=True).indices
+    e_sorted = torch.gather(p2l, 1, order)
+    s_sorted = torch.gather(sh, 1, order)
+    within = torch.cumsum(s_sorted, dim=1) - s_sorted  # shares before, over all experts
+    first = torch.cumsum(count, dim=1) - count
+    start = within - torch.gather(first, 1, e_sorted)
+    reps = s_sorted.reshape(-1)
+    layer = torch.arange(L).unsqueeze(1).expand(L, P).reshape(-1)
+    lrep = torch.repeat_interleave(layer, reps)
+    erep = torch.repeat_interleave(e_sorted.reshape(-1), reps)
+    srep = torch.repeat_interleave(order.reshape(-1), reps)
+    base = torch.repeat_interleave(start.reshape(-1), reps)
+    run_start = torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)
+    pos = base + torch.arange(int(reps.sum().item())) - run_start
+    table = torch.full((L, num_logical, D), -1, dtype=torch.int64)
+    table[lrep, erep, pos] = srep
+    return table, count
+
+
 def moves_between(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """Slots whose logical expert changes, per layer. [L, P] x [L, P] -> [L] int64."""
     if old.shape != new.shape:
@@ -104,12 +157,19 @@ class Layout:
         logcnt:  [L, E], e.g. ``[[2, 2, 1, 1]]``;
         log2phy: [L, E, R], e.g. ``[[[0, 4], [1, 5], [2, -1], [3, -1]]]``.
 
+    share: None (every replica gets an equal share of its expert's rows), or [L, P] int64
+        >= 0, e.g. ``[[1, 1, 1, 1, 3, 0]]``: expert 0's rows go 1 : 3 to slots 0 and 4,
+        slot 5 (expert 1) is idle and slot 1 takes all of expert 1's rows. Every expert has
+        a slot with a positive share and the shares of one expert add up to at most
+        P - E + 1 (so the dispatch table fits the engines' maps, which are that wide).
+
     Build one with :meth:`from_phy2log`, which validates; the constructor trusts its input.
     """
 
     phy2log: torch.Tensor
     logcnt: torch.Tensor
     log2phy: torch.Tensor
+    share: torch.Tensor | None = None
 
     @classmethod
     def from_phy2log(
@@ -120,11 +180,14 @@ class Layout:
         num_gpus: int | None = None,
         num_layers: int | None = None,
         num_physical_experts: int | None = None,
+        share: Any = None,
     ) -> Layout:
-        """Validate ``phy2log`` [L, P] and derive the other maps.
+        """Validate ``phy2log`` [L, P] (and ``share`` [L, P], if given) and derive the maps.
 
         Raises :class:`LayoutError` when it is not a 2-D integer tensor, an id is outside
-        [0, E), an expert has no replica, or a given size does not match.
+        [0, E), an expert has no replica, a given size does not match, or the shares are
+        malformed (see :class:`Layout`). Shares that are all 1 are the equal split: stored
+        as None.
         """
         t = _as_index_tensor(phy2log, "phy2log")
         if t.dim() != 2:
@@ -156,7 +219,44 @@ class Layout:
                 f"expert {expert} of layer {layer} has no replica "
                 f"({missing.shape[0]} expert(s) missing in all)"
             )
-        return cls(t, logcnt, log2phy_from_phy2log(t, E))
+        sh = None if share is None else _check_share(share, t, E)
+        return cls(t, logcnt, log2phy_from_phy2log(t, E), sh)
+
+    def with_share(self, share: Any) -> Layout:
+        """The same placement with another split (None: equal). Validates ``share``."""
+        sh = None if share is None else _check_share(share, self.phy2log, self.num_logical)
+        return Layout(self.phy2log, self.logcnt, self.log2phy, sh)
+
+    @property
+    def shares(self) -> torch.Tensor:
+        """The share of every slot, [L, P] int64 (all 1 for the equal split)."""
+        return torch.ones_like(self.phy2log) if self.share is None else self.share
+
+    @property
+    def active(self) -> torch.Tensor:
+        """Slots that receive rows (share > 0). [L, P] bool"""
+        return self.shares > 0
+
+    def dispatch(self, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The maps to hand ``map_and_record``: (table [L, E, D], count [L, E]) int64.
+
+        With the equal split they are ``log2phy`` and ``logcnt`` (padded to ``width``);
+        with shares, each slot listed ``share`` times (:func:`dispatch_table`).
+        """
+        if self.share is None:
+            if width is None or width == self.max_replicas:
+                return self.log2phy, self.logcnt
+            return log2phy_from_phy2log(self.phy2log, self.num_logical, width), self.logcnt
+        return dispatch_table(self.phy2log, self.share, self.num_logical, width)
+
+    @property
+    def dispatch_width(self) -> int:
+        """D: the largest dispatch count (the table width an engine's map needs)."""
+        if self.share is None:
+            return self.max_replicas
+        cnt = torch.zeros(self.num_layers, self.num_logical, dtype=torch.int64)
+        cnt.scatter_add_(1, self.phy2log, self.share)
+        return max(int(cnt.max()), 1)
 
     @classmethod
     def default(cls, num_layers: int, num_logical: int, num_physical: int) -> Layout:
@@ -190,6 +290,8 @@ class Layout:
         want = log2phy_from_phy2log(self.phy2log, self.num_logical, R)
         if not torch.equal(want, self.log2phy.long()):
             raise LayoutError("log2phy does not match phy2log")
+        if self.share is not None:
+            _check_share(self.share, self.phy2log, self.num_logical)
 
     def moves_from(self, previous: Layout) -> torch.Tensor:
         """Slots per layer whose expert differs from ``previous``. -> [L] int64."""
@@ -202,7 +304,11 @@ class Layout:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Layout):
             return NotImplemented
-        return torch.equal(self.phy2log, other.phy2log) and self.num_logical == other.num_logical
+        return (
+            torch.equal(self.phy2log, other.phy2log)
+            and self.num_logical == other.num_logical
+            and torch.equal(self.shares, other.shares)
+        )
 
     def __hash__(self) -> int:
         return hash((tuple(self.phy2log.shape), self.num_logical, self.phy2log.sum().item()))
@@ -210,13 +316,17 @@ class Layout:
     # --- JSON form -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": LAYOUT_SCHEMA_VERSION,
+        """The JSON form: schema 1 (phy2log) for the equal split, schema 2 with ``share``."""
+        d: dict[str, Any] = {
+            "schema_version": 1 if self.share is None else 2,
             "num_layers": self.num_layers,
             "num_logical_experts": self.num_logical,
             "num_physical_experts": self.num_physical,
             "phy2log": self.phy2log.tolist(),
         }
+        if self.share is not None:
+            d["share"] = self.share.tolist()
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -226,10 +336,13 @@ class Layout:
         if not isinstance(d, dict):
             raise LayoutError(f"layout JSON must be an object, got {type(d).__name__}")
         ver = d.get("schema_version")
-        if ver != LAYOUT_SCHEMA_VERSION:
+        if isinstance(ver, bool) or ver not in _SCHEMAS:
             raise LayoutError(
-                f"layout schema_version {ver!r} is not supported (expected {LAYOUT_SCHEMA_VERSION})"
+                f"layout schema_version {ver!r} is not supported "
+                f"(expected one of {', '.join(map(str, _SCHEMAS))})"
             )
+        if ver == 1 and "share" in d:
+            raise LayoutError("a schema 1 layout has no 'share' (schema 2 has)")
         for key in ("num_logical_experts", "phy2log"):
             if key not in d:
                 raise LayoutError(f"layout JSON lacks {key!r}")
@@ -241,6 +354,7 @@ class Layout:
             E,
             num_layers=d.get("num_layers"),
             num_physical_experts=d.get("num_physical_experts"),
+            share=d.get("share"),
         )
 
     @classmethod
@@ -250,6 +364,32 @@ class Layout:
         except json.JSONDecodeError as e:
             raise LayoutError(f"layout is not valid JSON: {e}") from e
         return cls.from_dict(d)
+
+
+def _check_share(share: Any, phy2log: torch.Tensor, num_logical: int) -> torch.Tensor | None:
+    """Validate shares [L, P] for ``phy2log``; None when they are all 1 (the equal split)."""
+    sh = _as_index_tensor(share, "share")
+    if tuple(sh.shape) != tuple(phy2log.shape):
+        raise LayoutError(f"share has shape {tuple(sh.shape)}, phy2log {tuple(phy2log.shape)}")
+    if sh.numel() and int(sh.min()) < 0:
+        layer, slot = (sh < 0).nonzero()[0].tolist()
+        raise LayoutError(f"share is negative at layer {layer} slot {slot}")
+    L, P = phy2log.shape
+    total = torch.zeros(L, num_logical, dtype=torch.int64)
+    total.scatter_add_(1, phy2log.long(), sh.clamp(max=P))
+    idle = (total == 0).nonzero()
+    if idle.numel():
+        layer, expert = idle[0].tolist()
+        raise LayoutError(f"expert {expert} of layer {layer} has no replica with a share > 0")
+    width = P - num_logical + 1
+    over = (total > width).nonzero()
+    if over.numel():
+        layer, expert = over[0].tolist()
+        raise LayoutError(
+            f"the shares of expert {expert} of layer {layer} add up to more than {width} "
+            "(P - E + 1, the width of the engines' maps)"
+        )
+    return None if bool((sh == 1).all()) else sh
 
 
 def _as_index_tensor(x: Any, name: str) -> torch.Tensor:

@@ -32,6 +32,7 @@ from benchmarks._e2e_model import (  # noqa: E402
     compare_outputs,
     fingerprint_vector,
     hash_values,
+    pick_gemm,
     step_inputs,
 )
 from benchmarks._e2e_report import doc_section  # noqa: E402
@@ -107,11 +108,11 @@ def test_tiny_job_on_cpu_runs_all_three_and_outputs_match(tmp_path: Path) -> Non
     assert after == before
 
 
-def _stack(dims: Dims, layout: torch.Tensor | None = None) -> EPStack:
+def _stack(dims: Dims, layout: torch.Tensor | None = None, gemm: str = "loop") -> EPStack:
     from eplbd_client import EplbClient
 
     c = EplbClient(len(dims.layers), dims.experts, 72)
-    stack = EPStack(dims, c, None, torch.device("cpu"), "loop")
+    stack = EPStack(dims, c, None, torch.device("cpu"), gemm)
     if layout is not None:
         c.prepare(layout, 1)
         deadline = time.monotonic() + 60
@@ -152,6 +153,10 @@ def test_output_check_passes_a_rebalanced_layout_and_catches_a_wrong_expert() ->
     assert (layout != torch.arange(72).remainder(64)).any()
     balanced = _stack(dims, layout)
     assert check(_outputs(balanced, dims, ids, steps, T), ref)
+
+    # one rank, grouped GEMMs: the path with no host synchronisation (CUDA-graphed on a GPU)
+    if pick_gemm("auto", torch.device("cpu"), dims.dtype)[0] == "grouped":
+        assert check(_outputs(_stack(dims, layout, "grouped"), dims, ids, steps, T), ref)
 
     # slot 3 of layer 1 computes another expert's FFN: a stale or misplaced weight
     wrong = _stack(dims, layout)

@@ -35,7 +35,8 @@ def test_table(loadfile: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", str(loadfile), "--gpus", "4", "--slots", "20"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["layer", "before", "after", "bound", "moves", "changed", "reason"]
+    head = ["layer", "before", "after", "bound", "moves", "active", "changed", "reason"]
+    assert lines[0].split() == head
     assert [ln.split()[0] for ln in lines[1:4]] == ["0", "1", "2"]
     assert "from scratch" in lines[1]
     assert "balance (sum max / sum mean)" in out and "moves:" in out
@@ -244,3 +245,57 @@ def test_subprocess_and_lazy_import(loadfile: Path, tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=120, check=False,
     )  # fmt: skip
     assert lazy.stdout.strip() == "False"
+
+
+def test_free_moves_from_the_served_layout_reach_the_bound(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the case: 8 experts, 2 GPUs, 12 slots, the served layout as --previous
+    toy = tmp_path / "toy.json"
+    toy.write_text(json.dumps([[80, 44, 40, 12, 16, 24, 4, 50]]))
+    cur = tmp_path / "cur.json"
+    cur.write_text(Layout.from_phy2log([[5, 6, 1, 0, 7, 2, 3, 1, 0, 7, 5, 4]], 8).to_json())
+    args = ["plan", str(toy), "--gpus", "2", "--slots", "12", "--json"]
+    assert main(args) == 0
+    scratch = json.loads(capsys.readouterr().out)["figures"]["layers"][0]
+    assert main([*args, "--previous", str(cur), "--move-cost", "0", "--min-gain", "0"]) == 0
+    layer = json.loads(capsys.readouterr().out)["figures"]["layers"][0]
+    assert scratch["balance_after"] == pytest.approx(1.0)
+    assert layer["balance_after"] == pytest.approx(1.0) and layer["reason"] == "improved"
+
+
+def test_time_objective_with_a_cost_model(
+    loadfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eplbd.planner import CostModel
+
+    model = tmp_path / "model.json"
+    model.write_text(CostModel(fixed_us=20.0, tile_us=5.0, tile_rows=128, device="test").to_json())
+    base = ["plan", str(loadfile), "--gpus", "4", "--slots", "20"]
+    assert main([*base, "--cost-model", str(model), "--steps", "10", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["figures"]["summary"]["objective"] == "time"
+    m = doc["figures"]["metrics"]
+    assert m["time_balance"] >= 1.0 and m["token_balance"] >= 1.0
+    assert 0 < m["activated_slots_per_gpu"]["max"] <= 5
+    assert m["cost_model"]["device"] == "test"
+    Layout.from_dict(doc["layout"])  # shares, if any, travel in the layout's JSON
+    assert main([*base, "--expert", "2048,1408", "--objective", "tokens"]) == 0
+    out = capsys.readouterr().out
+    assert "modelled time balance" in out and "token balance" in out
+    for bad, msg in (
+        (["--objective", "time"], "needs a cost_model"),
+        (["--expert", "2048"], "--expert wants H,F"),
+        (["--cost-model", str(tmp_path / "none.json")], "no such file"),
+        (["--cost-model", str(loadfile)], "cost model JSON must be an object"),
+        (["--expert", "64,64", "--steps", "0"], "steps"),
+    ):
+        assert main([*base, *bad]) == 78, bad
+        assert msg in capsys.readouterr().err
+
+
+def test_huge_load_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps([[1e308, 1e308, 1.0, 2.0]]))
+    assert main(["plan", str(huge), "--gpus", "2", "--slots", "6"]) == 78
+    assert "too large" in capsys.readouterr().err

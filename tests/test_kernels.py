@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from eplbd.kernels import _triton, backend, map_and_record, map_and_record_torch
+from eplbd.layout import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -335,3 +336,58 @@ def test_variable_set_before_import_runs_the_interpreted_kernel() -> None:
     )
     assert res.returncode == 0, res.stderr
     assert "interpreted ok" in res.stdout
+
+
+# --- weighted split: a dispatch table through the same kernels -----------------------------
+
+
+def share_layout() -> Layout:
+    """E = 4, P = 8: expert 0 in slots 0, 4, 6 with shares 1 : 3 : 0 (slot 6 idle),
+    expert 1 in slots 1, 5 with shares 1 : 1, expert 2 in slots 2, 7 with 0 : 1."""
+    return Layout.from_phy2log([[0, 1, 2, 3, 0, 1, 0, 2]], 4, share=[[1, 1, 0, 1, 3, 1, 0, 1]])
+
+
+def test_dispatch_table_splits_rows_by_share() -> None:
+    lay = share_layout()
+    table, count = lay.dispatch()
+    tokens = 8000
+    ids = torch.tensor([0, 1, 2, 3]).repeat(tokens, 1)  # every token routes to all four
+    load = torch.zeros(8, dtype=torch.int64)
+    phys = map_and_record(ids, table[0], count[0], load, torch.ones(1))
+    assert (lay.phy2log[0][phys] == ids).all()  # every row lands on a slot of its expert
+    # idle slots get nothing; the others their share of the rows, within 2%
+    assert load[[2, 6]].tolist() == [0, 0]
+    for slots, shares in (([0, 4], [1, 3]), ([1, 5], [1, 1]), ([7], [1]), ([3], [1])):
+        want = torch.tensor(shares, dtype=torch.float64) / sum(shares) * tokens
+        assert (load[slots].double() - want).abs().max() <= 0.02 * tokens, (slots, load)
+
+
+@pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_kernels_agree_on_a_dispatch_table(name: str) -> None:
+    lay = share_layout()
+    table, count = lay.dispatch(width=5)  # padded wider than needed, as engines allocate
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(-1, 5, (37, 3), generator=g)
+    launch = functools.partial(_triton.launch_fast, config=CONFIGS[name])
+    run_both(launch, ids, table[0], count[0], 8, 1, 30)
+    run_both(
+        functools.partial(_triton.launch_baseline, block=32), ids, table[0], count[0], 8, 1, None
+    )
+
+
+def test_weighted_split_never_changes_an_output() -> None:
+    """A tiny MoE layer: slot p computes with its expert's weights, so whichever replica a
+    row is sent to, the output equals the one with no EPLB at all."""
+    g = torch.Generator().manual_seed(0)
+    lay = share_layout()
+    T, K, H = 64, 3, 8
+    w = torch.randn(4, H, H, generator=g, dtype=torch.float64)  # expert weights
+    slot_w = w[lay.phy2log[0]]  # [P, H, H]: what each slot holds
+    x = torch.randn(T, H, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(4, generator=g)[:K] for _ in range(T)])
+    ref = torch.einsum("th,tkhj->tj", x, w[ids])
+    for table, count in (lay.dispatch(), lay.with_share(None).dispatch()):
+        phys = map_and_record(ids, table[0], count[0], torch.zeros(8), torch.zeros(1))
+        out = torch.einsum("th,tkhj->tj", x, slot_w[phys])
+        assert torch.allclose(out, ref, rtol=0, atol=1e-12)

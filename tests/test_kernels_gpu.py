@@ -143,3 +143,43 @@ def test_cuda_graph_replay_with_recording_toggled(tokens: int) -> None:
         assert torch.equal(out, want), step
         assert torch.equal(load, want_load), step
     assert int(load.sum()) > 0
+
+
+@pytest.mark.parametrize("tokens", [64, 16384, 65536 + 7])
+def test_dispatch_table_on_the_gpu(tokens: int) -> None:
+    """A weighted split (a dispatch table with slots listed share times, idle replicas
+    left out) through the Triton kernel: same as torch, rows in proportion to the shares,
+    captured in a CUDA graph with the table rewritten in place between replays."""
+    from eplbd.layout import Layout
+
+    g = torch.Generator().manual_seed(tokens)
+    phy2log = torch.randperm(P, generator=g) % E
+    share = torch.randint(0, 3, (P,), generator=g)
+    for e in range(E):  # every expert keeps a slot with rows
+        slots = (phy2log == e).nonzero().flatten()
+        share[slots[0]] = max(1, int(share[slots[0]]))
+    lay = Layout.from_phy2log(phy2log[None], E, share=share[None])
+    table, count = (t[0].cuda() for t in lay.dispatch(width=P - E + 1))
+    ids = routing(tokens, torch.int64, 7, True)
+    check(map_and_record, ids, table, count)
+    flag = torch.ones(1, dtype=torch.int32, device="cuda")
+    load = torch.zeros(P, dtype=torch.int64, device="cuda")
+    map_and_record(ids, table, count, load, flag)
+    assert int(load[lay.shares[0].cuda() == 0].sum()) == 0  # idle replicas get no rows
+    # the same tensors, rewritten in place (a new split), inside a captured graph
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        map_and_record(ids, table, count, load, flag)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = map_and_record(ids, table, count, load, flag)
+    even_t, even_c = (t[0].cuda() for t in lay.with_share(None).dispatch(width=P - E + 1))
+    for tab, cnt in ((even_t, even_c), (table.clone(), count.clone())):
+        table.copy_(tab)
+        count.copy_(cnt)
+        graph.replay()
+        want = map_and_record_torch(ids, tab, cnt, torch.zeros_like(load), flag)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)

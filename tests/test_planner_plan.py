@@ -91,6 +91,38 @@ def test_every_plan_is_a_valid_layout_no_better_than_the_bound(
     assert torch.equal(second.layout.phy2log[kept], first.layout.phy2log[kept])
 
 
+def test_free_moves_from_the_served_layout_reach_what_scratch_reaches() -> None:
+    # The case (8 experts, 2 GPUs, 12 slots): from the served layout with
+    # --move-cost 0 --min-gain 0 the planner said "balanced" at 1.059 of the bound, where
+    # a plan from scratch reaches 1.000.
+    served = Layout.from_phy2log([[5, 6, 1, 0, 7, 2, 3, 1, 0, 7, 5, 4]], 8)
+    load = [[80.0, 44.0, 40.0, 12.0, 16.0, 24.0, 4.0, 50.0]]
+    kw = {"num_gpus": 2, "num_physical_experts": 12}
+    scratch = plan_with_report(load, **kw)
+    assert scratch.bound_ratio == pytest.approx(1.0)
+    res = plan_with_report(load, **kw, previous=served, move_cost=0, min_gain=0)
+    assert res.bound_ratio == pytest.approx(1.0)
+    assert res.reasons == ("improved",)
+    # the plan from scratch, renumbered to keep what the served layout holds, moves less
+    assert 0 < res.total_moves <= int(moves_between(served.phy2log, scratch.layout.phy2log).sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(_case(), st.integers(0, 2**16))
+def test_with_free_moves_a_previous_layout_never_ends_worse_than_scratch(
+    case: tuple[np.ndarray, int, int, int], seed: int
+) -> None:
+    w, G, P, N = case
+    rng = np.random.default_rng(seed)
+    served = plan(
+        w * rng.uniform(0.2, 2.0, w.shape), num_gpus=G, num_physical_experts=P, num_nodes=N
+    )
+    kw = {"num_gpus": G, "num_physical_experts": P, "num_nodes": N}
+    scratch = plan_with_report(w, **kw)
+    res = plan_with_report(w, **kw, previous=served, move_cost=0, min_gain=0)
+    assert (res.max_after <= scratch.max_after * (1 + 1e-9) + 1e-12).all()
+
+
 def test_deterministic() -> None:
     w = _heavy_tailed(4, 32, seed=1)
     a = plan(w, num_gpus=8, num_physical_experts=40, num_nodes=2)

@@ -4,14 +4,23 @@
 
     eplbd plan LOADFILE --gpus G --slots P [--nodes N] [--previous LAYOUT.json]
                [--policy migration|deepseek] [--groups K] [--min-gain X] [--move-cost X]
-               [--max-moves M] [--json] [-o FILE]
+               [--max-moves M] [--objective tokens|time] [--cost-model FILE | --expert H,F]
+               [--steps N] [--exact] [--json] [-o FILE]
 
 LOADFILE holds the load of each expert of each MoE layer, [L][E]: ``.json`` (a list of
 lists of numbers), ``.npy`` or ``.pt`` (a tensor, loaded with ``weights_only``). The table
-shows per layer the balance (max / mean GPU load) before (under ``--previous``, or the
-default layout where slot p holds expert p mod E) and after, the lower bound, the slots
-moved and why the layer did or did not change; ``--json`` prints one object with the
+shows per layer the balance (max / mean GPU load; with the time objective, max / ideal
+modelled GPU time) before (under ``--previous``, or the default layout where slot p holds
+expert p mod E) and after, the lower bound, the slots moved, the slots per GPU that receive
+rows, and why the layer did or did not change; ``--json`` prints one object with the
 layout and the same figures; ``-o`` writes the layout (Layout JSON) to FILE.
+
+With a cost model (``--cost-model`` a calibration JSON of ``benchmarks/bench_cost_model``,
+or ``--expert H,F``: the default model of an expert of hidden H and ffn F) the planner
+balances modelled time (``--objective time``, the default then) and the summary shows the
+token and the time balance side by side; ``--steps N``: the load was counted over N forward
+steps (the model works per step); ``--exact``: the load is one step's exact rows (not a
+forecast).
 
 Exit codes: 0 ok, 2 usage, 78 bad input (unreadable or malformed file, bad shape, negative
 or non-finite load, inconsistent flags), 1 anything else (e.g. ``-o`` not writable).
@@ -74,6 +83,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-moves", type=int, default=None, metavar="M",
         help="change at most M slots in all (with --previous)",
     )  # fmt: skip
+    parser.add_argument(
+        "--objective", choices=("tokens", "time"), default=None,
+        help="balance rows (tokens) or modelled GPU time (time; default with a cost model)",
+    )  # fmt: skip
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument(
+        "--cost-model", metavar="FILE",
+        help="cost model JSON (a calibration from benchmarks/bench_cost_model.py)",
+    )  # fmt: skip
+    model.add_argument(
+        "--expert", metavar="H,F",
+        help="the default cost model of an expert of hidden size H and ffn size F (bf16)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=float, default=None, metavar="N",
+        help="forward steps the load was counted over (default 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--exact", action="store_true",
+        help="the load is one step's exact rows, not a forecast (time objective)",
+    )  # fmt: skip
     parser.add_argument("-o", "--output", metavar="FILE", help="write the layout JSON to FILE")
     add_output_arguments(parser)
 
@@ -135,27 +165,63 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _read_previous(path: str) -> Any:
-    from eplbd.layout import Layout, LayoutError
-
+def _read_text(path: str) -> str:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except FileNotFoundError as e:
         raise InputError(f"{path}: no such file") from e
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read: {e}") from e
+
+
+def _read_previous(path: str) -> Any:
+    from eplbd.layout import Layout, LayoutError
+
+    text = _read_text(path)
     try:
         return Layout.from_json(text)
     except LayoutError as e:
         raise InputError(f"{path}: {e}") from e
 
 
-def _plan(args: argparse.Namespace) -> Any:
+def _cost_model(args: argparse.Namespace) -> Any:
+    """The CostModel of --cost-model or --expert, or None. Raises InputError."""
+    from eplbd.planner import CostModel, default_cost_model
+
+    if args.cost_model:
+        text = _read_text(args.cost_model)
+        try:
+            return CostModel.from_json(text)
+        except ValueError as e:
+            raise InputError(f"{args.cost_model}: {e}") from e
+    if args.expert:
+        parts = args.expert.split(",")
+        try:
+            h, f = (int(x) for x in parts)
+            return default_cost_model(h, f)
+        except ValueError as e:
+            raise InputError(
+                f"--expert wants H,F (two positive integers), got {args.expert!r}"
+            ) from e
+    return None
+
+
+def _plan(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """-> (load, cost model or None, PlanResult)."""
     from eplbd.planner import plan_with_report
 
     load = load_file(args.loadfile)
     previous = None if args.previous is None else _read_previous(args.previous)
+    model = _cost_model(args)
     kwargs: dict[str, Any] = {}
+    if args.objective is not None:
+        kwargs["objective"] = args.objective
+    if model is not None:
+        kwargs["cost_model"] = model
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    if args.exact:
+        kwargs["sampling"] = "exact"
     if args.min_gain is not None:
         kwargs["min_gain"] = args.min_gain
     if args.move_cost is not None:
@@ -163,7 +229,7 @@ def _plan(args: argparse.Namespace) -> Any:
     if args.max_moves is not None:
         kwargs["max_moves"] = args.max_moves
     try:
-        return plan_with_report(
+        res = plan_with_report(
             load,
             num_gpus=args.gpus,
             num_physical_experts=args.slots,
@@ -175,9 +241,37 @@ def _plan(args: argparse.Namespace) -> Any:
         )
     except ValueError as e:
         raise InputError(str(e)) from e
+    return load, model, res
 
 
-def _render(out: Output, result: Any) -> None:
+def _metrics(load: Any, model: Any, result: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What the layout does in rows and, with a model, in time: token balance, time balance
+    (Σ max / Σ mean of modelled GPU times), slots per GPU that receive rows (per step)."""
+    from eplbd.planner import activated_slots, aggregate_balance, time_balance
+
+    steps = 1.0 if args.steps is None else args.steps
+    sampling = "exact" if args.exact else "poisson"
+    lay, G = result.layout, result.num_gpus
+    act = activated_slots(load, lay, G, steps=steps, sampling=sampling)
+    out: dict[str, Any] = {
+        "token_balance": aggregate_balance(load, lay, G),
+        "activated_slots_per_gpu": {
+            "mean": float(act.mean()),
+            "max": float(act.max()),
+            "slots_per_gpu": lay.num_physical // G,
+        },
+        "layers_activated_max": [float(x) for x in act.max(dim=1).values],
+    }
+    if model is not None:
+        out["time_balance"] = time_balance(load, lay, G, model, steps=steps, sampling=sampling)
+        out["cost_model"] = {
+            k: getattr(model, k) for k in ("device", "hidden", "ffn", "dtype", "source")
+        }
+    return out
+
+
+def _render(out: Output, result: Any, metrics: dict[str, Any]) -> None:
+    act = metrics["layers_activated_max"]
     rows = [
         [
             d["layer"],
@@ -185,15 +279,16 @@ def _render(out: Output, result: Any) -> None:
             d["balance_after"],
             d["lower_bound"],
             d["moves"],
+            f"{act[d['layer']]:.1f}",
             out.style("yes", "green") if d["changed"] else "no",
             d["reason"].replace("_", " "),
         ]
         for d in result.layers()
     ]
     out.table(
-        ["layer", "before", "after", "bound", "moves", "changed", "reason"],
+        ["layer", "before", "after", "bound", "moves", "active", "changed", "reason"],
         rows,
-        align=[">", ">", ">", ">", ">", "<", "<"],
+        align=[">", ">", ">", ">", ">", ">", "<", "<"],
     )
     s = result.summary()
     pct = 100.0 * s["moves"] / s["slots"] if s["slots"] else 0.0
@@ -204,11 +299,21 @@ def _render(out: Output, result: Any) -> None:
         + (f" in {s['num_nodes']} nodes" if s["num_nodes"] > 1 else "")
         + f", policy {s['policy']}"
     )
+    what = "time vs ideal" if s["objective"] == "time" else "balance"
     out.line(
-        f"balance (sum max / sum mean): {s['balance_before']:.4f} -> "
+        f"{what} (sum max / sum mean): {s['balance_before']:.4f} -> "
         + out.style(f"{s['balance_after']:.4f}", "bold")
         + f"  (lower bound {s['lower_bound']:.4f}; after / bound {s['bound_ratio']:.4f})"
     )
+    a = metrics["activated_slots_per_gpu"]
+    line = f"after: token balance {metrics['token_balance']:.4f}"
+    if "time_balance" in metrics:
+        line += f", modelled time balance {metrics['time_balance']:.4f}"
+    line += (
+        f"; slots per GPU receiving rows per step: mean {a['mean']:.2f}, max {a['max']:.2f} "
+        f"of {a['slots_per_gpu']} (column active: a layer's busiest GPU)"
+    )
+    out.line(line)
     out.line(
         f"moves: {s['moves']} of {s['slots']} slots ({pct:.1f}%); "
         f"layers changed: {s['layers_changed']} of {s['num_layers']}"
@@ -218,7 +323,8 @@ def _render(out: Output, result: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Output.from_args(args)
     try:
-        result = _plan(args)
+        load, model, result = _plan(args)
+        metrics = _metrics(load, model, result, args)
     except InputError as e:
         print(f"{PROG}: error: {_first_line(e)}", file=sys.stderr)
         return EXIT_CONFIG
@@ -232,7 +338,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
             return EXIT_ERROR
     if out.json:
-        out.emit_json({"layout": result.layout.to_dict(), "figures": result.to_dict()})
+        figures = result.to_dict()
+        figures["metrics"] = metrics
+        out.emit_json({"layout": result.layout.to_dict(), "figures": figures})
     else:
-        _render(out, result)
+        _render(out, result, metrics)
     return EXIT_OK

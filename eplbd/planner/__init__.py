@@ -7,6 +7,9 @@
   counts that reach the per-replica part of it;
 - :func:`gpu_loads`, :func:`balance`, :func:`aggregate_balance`, :func:`bound_ratio`,
   :func:`moves_between`: how good a layout is for a load, and what changing it costs;
+- :class:`CostModel`, :func:`default_cost_model`: modelled time of a GPU's expert work
+  (weight reads, tiles of rows, rows dispatched), the time objective's measure;
+  :func:`gpu_times`, :func:`time_balance`, :func:`activated_slots`: a layout in time;
 - :class:`SlidingWindow`, :class:`Ewma`: forecasts of the next window's load.
 
 See docs/planner.md.
@@ -16,25 +19,40 @@ from __future__ import annotations
 
 from eplbd.layout import moves_between
 from eplbd.planner._apportion import lower_bound, replica_counts
+from eplbd.planner._cost import CostModel, default_cost_model
 from eplbd.planner._deepseek import rebalance_experts
 from eplbd.planner._forecast import Ewma, SlidingWindow
-from eplbd.planner._metrics import aggregate_balance, balance, bound_ratio, gpu_loads
-from eplbd.planner._plan import POLICIES, REASONS, PlanResult, plan, plan_with_report
+from eplbd.planner._metrics import (
+    activated_slots,
+    aggregate_balance,
+    balance,
+    bound_ratio,
+    gpu_loads,
+    gpu_times,
+    time_balance,
+)
+from eplbd.planner._plan import OBJECTIVES, POLICIES, REASONS, PlanResult, plan, plan_with_report
 
 __all__ = [
+    "CostModel",
     "Ewma",
+    "OBJECTIVES",
     "POLICIES",
     "PlanResult",
     "REASONS",
     "SlidingWindow",
+    "activated_slots",
     "aggregate_balance",
     "balance",
     "bound_ratio",
+    "default_cost_model",
     "gpu_loads",
+    "gpu_times",
     "lower_bound",
     "moves_between",
     "plan",
     "plan_with_report",
     "rebalance_experts",
     "replica_counts",
+    "time_balance",
 ]

@@ -14,12 +14,16 @@ import torch
 
 from eplbd.layout import Layout
 
+#: Largest total load of a layer: far above any real count, far below where float64 sums
+#: and products overflow.
+MAX_TOTAL = 1e200
+
 
 def as_load(load: Any, name: str = "load", dtype: type = np.float64) -> np.ndarray:
     """``load`` (tensor, array or nested list) [L, E] -> a C-contiguous numpy array.
 
     Raises ValueError unless it is a 2-D array of real numbers, finite and non-negative,
-    with at least one layer and one expert.
+    with at least one layer and one expert, and no layer's total above :data:`MAX_TOTAL`.
     """
     if isinstance(load, torch.Tensor):
         t = load.detach().to("cpu")
@@ -44,6 +48,14 @@ def as_load(load: Any, name: str = "load", dtype: type = np.float64) -> np.ndarr
     if (arr < 0).any():
         layer, expert = np.argwhere(arr < 0)[0]
         raise ValueError(f"{name} is negative at layer {layer} expert {expert}")
+    with np.errstate(over="ignore"):
+        total = arr.sum(axis=1)
+    big = ~np.isfinite(total) | (total > MAX_TOTAL)
+    if big.any():
+        raise ValueError(
+            f"{name} of layer {int(np.argmax(big))} is too large to plan with "
+            f"(its total exceeds {MAX_TOTAL:g})"
+        )
     # + 0.0 turns -0.0 into +0.0, which the bit-pattern sort keys rely on.
     return np.ascontiguousarray(arr.astype(dtype, copy=False) + dtype(0.0))
 

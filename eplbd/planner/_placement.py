@@ -6,7 +6,9 @@ A placement of a batch of n layers is three arrays (G GPUs, S slots per GPU):
   -1 for a slot being refilled;
 - ``sw`` [n, G, S] float64: the load of the replica in each slot (its expert's load divided
   by the expert's replica count);
-- ``loads`` [n, G] float64: the sum of ``sw`` over each GPU's slots.
+- ``loads`` [n, G] float64: the sum of ``sw`` over each GPU's slots;
+- ``act`` [n, G, S] bool or None: whether each slot receives rows (the time objective's
+  idle replicas have weight 0 and ``act`` False; None: every slot does).
 
 Steps: :func:`ldm_pack` places everything from scratch; :func:`transfer_counts`,
 :func:`free_surplus` and :func:`refill` change only what new replica counts require;
@@ -44,6 +46,7 @@ class Placement:
     loads: np.ndarray
     has: np.ndarray | None = None
     duplicated: bool = False  # some GPU held two copies of an expert when has was built
+    act: np.ndarray | None = None
 
     def holdings(self, num_experts: int | None = None) -> np.ndarray:
         if self.has is None:
@@ -68,6 +71,22 @@ class Placement:
         """phy2log [n, P] int64."""
         n, G, S = self.shape
         return self.p2l.reshape(n, G * S)
+
+    def flat_act(self) -> np.ndarray:
+        """Active slots [n, P] bool (all True without ``act``)."""
+        n, G, S = self.shape
+        if self.act is None:
+            return np.ones((n, G * S), dtype=bool)
+        return self.act.reshape(n, G * S)
+
+    def take(self, rows: np.ndarray) -> Placement:
+        """A copy of the given layers (``has`` rebuilt on demand)."""
+        return Placement(
+            self.p2l[rows].copy(),
+            self.sw[rows].copy(),
+            self.loads[rows].copy(),
+            act=None if self.act is None else self.act[rows].copy(),
+        )
 
 
 def slot_loads(w: np.ndarray, r: np.ndarray, p2l: np.ndarray) -> np.ndarray:
@@ -98,6 +117,11 @@ def _swap_many(
     sw[fb] = va
     loads[ga] += vb - va
     loads[gb] += va - vb
+    if pl.act is not None:
+        act = pl.act.reshape(-1)
+        aa, ab = act[fa], act[fb]
+        act[fa] = ab
+        act[fb] = aa
     if pl.has is not None:
         E = pl.has.shape[2]
         has = pl.has.reshape(-1)
@@ -110,8 +134,28 @@ def _swap_many(
 # --- from scratch ------------------------------------------------------------------------
 
 
+def replica_items(r: np.ndarray) -> np.ndarray:
+    """Each layer's replicas as a list of experts, ascending. r [n, E] (rows sum to P) ->
+    [n, P] int64."""
+    n, E = r.shape
+    P = int(r[0].sum())
+    return np.repeat(np.tile(np.arange(E, dtype=np.int64), n), r.ravel()).reshape(n, P)
+
+
 def ldm_pack(w: np.ndarray, r: np.ndarray, num_gpus: int) -> Placement:
-    """Pack every replica from scratch by largest differencing. w [n, E], r [n, E].
+    """Pack every replica (expert e's weighing w_e / r_e) from scratch by largest
+    differencing (:func:`ldm_pack_items`). w [n, E], r [n, E]."""
+    n = w.shape[0]
+    items = replica_items(r)
+    iw = (w / np.maximum(r, 1))[np.arange(n)[:, None], items]
+    return ldm_pack_items(items, iw, num_gpus)
+
+
+def ldm_pack_items(
+    items: np.ndarray, iw: np.ndarray, num_gpus: int, active: np.ndarray | None = None
+) -> Placement:
+    """Pack items (experts [n, P], weights [n, P]) onto G GPUs by largest differencing;
+    ``active`` [n, P] bool travels with the items (None: all active).
 
     The replicas, heaviest first, are dealt into T = P / G tuples of G (tuple k holds the
     k-th G heaviest). Then, T - 1 times, the two tuples whose loads spread most are merged:
@@ -120,13 +164,10 @@ def ldm_pack(w: np.ndarray, r: np.ndarray, num_gpus: int) -> Placement:
     gets exactly one replica from every original tuple, which becomes its slot k. Much
     closer to the bound than greedy LPT; :func:`refine` finishes the job.
     """
-    n, E = w.shape
-    P = int(r[0].sum())
+    n, P = items.shape
     G = num_gpus
     T = P // G
     R2 = np.arange(n)[:, None]
-    items = np.repeat(np.tile(np.arange(E, dtype=np.int64), n), r.ravel()).reshape(n, P)
-    iw = (w / r)[R2, items]
     order = desc_order(iw)
     items = items[R2, order]
     iw = iw[R2, order]
@@ -162,7 +203,14 @@ def ldm_pack(w: np.ndarray, r: np.ndarray, num_gpus: int) -> Placement:
     sw = np.empty((n, P))
     p2l[R2, slot] = items
     sw[R2, slot] = iw
-    pl = Placement(p2l.reshape(n, G, T), sw.reshape(n, G, T), sw.reshape(n, G, T).sum(axis=2))
+    act: np.ndarray | None = None
+    if active is not None:
+        flat_act = np.empty((n, P), dtype=bool)
+        flat_act[R2, slot] = active[R2, order]
+        act = flat_act.reshape(n, G, T)
+    pl = Placement(
+        p2l.reshape(n, G, T), sw.reshape(n, G, T), sw.reshape(n, G, T).sum(axis=2), act=act
+    )
     fix_duplicates(pl)
     return pl
 
@@ -251,6 +299,35 @@ def transfer_counts(w: np.ndarray, r_prev: np.ndarray, limit: np.ndarray, cap: i
     return r
 
 
+def busiest_slots(
+    p2l: np.ndarray, loads: np.ndarray, drop: np.ndarray, eligible: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each expert, its ``drop`` [n, E] slots on the busiest GPUs (ties: lower slot).
+
+    p2l [n, G, S]; loads [n, G]; eligible [n, G, S] bool: the slots that may be picked
+    (None: all). Returns (layers, flat slots) of the picked slots.
+    """
+    n, G, S = p2l.shape
+    E = drop.shape[1]
+    flat = p2l.reshape(n, G * S)
+    mask = drop[np.arange(n)[:, None], np.maximum(flat, 0)] > 0
+    mask &= flat >= 0
+    if eligible is not None:
+        mask &= eligible.reshape(n, G * S)
+    li, si = np.nonzero(mask)
+    if li.size == 0:
+        return li, si
+    e = flat[li, si]
+    # Group by (layer, expert), busiest GPU first (then lower slot); pick the first ones.
+    order = np.lexsort((si, -loads[li, si // S], e, li))
+    li, si, e = li[order], si[order], e[order]
+    key = li * E + e
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    rank = np.arange(key.size) - np.repeat(first, np.diff(np.r_[first, key.size]))
+    pick = rank < drop[li, e]
+    return li[pick], si[pick]
+
+
 def free_surplus(p2l: np.ndarray, loads: np.ndarray, r_prev: np.ndarray, r_new: np.ndarray) -> None:
     """Empty the slots of replicas no longer wanted, on the busiest GPUs first (in place).
 
@@ -258,22 +335,8 @@ def free_surplus(p2l: np.ndarray, loads: np.ndarray, r_prev: np.ndarray, r_new: 
     r_prev > r_new loses r_prev - r_new replicas; their slots get expert -1.
     """
     n, G, S = p2l.shape
-    E = r_prev.shape[1]
-    drop = np.maximum(r_prev - r_new, 0)
-    flat = p2l.reshape(n, G * S)
-    li, si = np.nonzero(drop[np.arange(n)[:, None], flat] > 0)  # slots of experts that shrink
-    if li.size == 0:
-        return
-    e = flat[li, si]
-    # Group by (layer, expert), busiest GPU first (then lower slot); free the first ones.
-    order = np.lexsort((si, -loads[li, si // S], e, li))
-    li, si, e = li[order], si[order], e[order]
-    key = li * E + e
-    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    rank = np.arange(key.size) - np.repeat(first, np.diff(np.r_[first, key.size]))
-    free = rank < drop[li, e]
-    s = si[free]
-    p2l[li[free], s // S, s % S] = NO_EXPERT
+    li, s = busiest_slots(p2l, loads, np.maximum(r_prev - r_new, 0))
+    p2l[li, s // S, s % S] = NO_EXPERT
 
 
 def refill(
@@ -340,6 +403,8 @@ def refill(
         iw = item_w[rows, t]
         pl.p2l[rows, g, k] = e
         pl.sw[rows, g, k] = iw
+        if pl.act is not None:
+            pl.act[rows, g, k] = True
         pl.loads[rows, g] += iw
         free_n[rows, g] -= 1
         has[rows, g, e] += 1

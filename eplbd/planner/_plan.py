@@ -19,7 +19,21 @@ Policy ``"migration"`` (the default), for each layer (all layers at once, vector
 4. decision: a layer keeps its layout, or takes the candidate whose gain in balance (max /
    mean GPU load, on this load) minus ``move_cost`` times the share of its slots rewritten
    is largest, if positive and the gain is at least ``min_gain``; when ``max_moves`` caps
-   the slots changed per call, layers are served by value per move.
+   the slots changed per call, layers are served by value per move. The plan from scratch,
+   its GPUs and slots renumbered to match the previous layout (:mod:`._align`), is always
+   one of the candidates, so that with no price on moves a plan from a previous layout
+   never ends worse than one from scratch.
+
+Two objectives. ``"tokens"``: a GPU's load is the rows (token, k pairs) it computes, every
+replica gets an even share of its expert's rows. ``"time"``: a GPU's load is its modelled
+time per step (:class:`~eplbd.planner.CostModel`: a weight read per slot that receives
+rows, a cost per tile of rows, a cost per row received), and a replica may be **idle**
+(share 0: it holds its expert's weights but receives no rows), since in the regime where
+weight reads dominate a replica costs more than it saves. The time objective decides how
+many replicas of each expert are active (:mod:`._timeplan`), places active and idle
+replicas with the same machinery, and can change which replicas are active without moving
+any weights. Balance, gain and bound are then in time, relative to the ideal mean (every
+expert's rows on one replica, the GPUs equally busy).
 
 Policy ``"deepseek"``: DeepSeek's algorithm from scratch (:func:`rebalance_experts`), the
 baseline, for comparison.
@@ -36,27 +50,43 @@ import numpy as np
 import torch
 
 from eplbd.layout import Layout, default_phy2log
+from eplbd.planner._align import align
 from eplbd.planner._apportion import apportion
 from eplbd.planner._checks import as_load, check_int, check_previous, check_topology, replica_cap
+from eplbd.planner._cost import CostModel
 from eplbd.planner._deepseek import check_deepseek_args, rebalance_experts
-from eplbd.planner._metrics import balance_np, gpu_loads_np
+from eplbd.planner._metrics import balance_np, check_steps, slot_rows_np
 from eplbd.planner._placement import (
     Placement,
     SwapCosts,
+    busiest_slots,
     fix_duplicates,
     free_surplus,
     ldm_pack,
+    ldm_pack_items,
     refill,
     refine,
     slot_loads,
     transfer_counts,
 )
+from eplbd.planner._timeplan import (
+    Cost,
+    TimeCounts,
+    candidate_items,
+    deactivate_surplus,
+    time_counts,
+    toggle,
+)
 
 POLICIES = ("migration", "deepseek")
+OBJECTIVES = ("tokens", "time")
 
-#: Refinement: partners tried first for the busiest GPU, and the iteration cap.
+#: Refinement: partners tried first for the busiest GPU, and the iteration cap (the time
+#: objective's bound is looser, whole weight reads per GPU, so its layers stay above it
+#: longer; past 16 rounds they gained nothing measurable in development runs).
 SWAP_PARTNERS = 6
 MAX_SWAP_ITERATIONS = 64
+TIME_SWAP_ITERATIONS = 16
 #: Without a previous layout nothing can be kept, so every layer is refined to within this
 #: fraction of its bound (``tolerance`` applies to plans from a previous layout).
 SCRATCH_TOLERANCE = 0.002
@@ -85,14 +115,16 @@ REASONS = {
 class PlanResult:
     """A layout and why it is what it is, per layer.
 
-    Tensors are CPU float64 ``[L]`` unless said otherwise; loads in the units of the input.
+    Tensors are CPU float64 ``[L]`` unless said otherwise; loads in the objective's unit
+    (:attr:`unit`): for "tokens" the units of the input, for "time" modelled microseconds
+    per step.
 
     layout: the planned Layout; baseline [L, P] int64: the phy2log it is compared with
-    (``previous``, or the default p mod E layout); mean: mean GPU load W / G;
-    max_before / max_after: max GPU load under baseline / layout; bound: lower bound of the
-    max GPU load; moves [L] int64: slots changed from baseline; changed [L] bool: whether
-    the layer took a new placement; reasons: one key of :data:`REASONS` per layer; params:
-    the parameters used.
+    (``previous``, or the default p mod E layout); mean: mean GPU load W / G (time: the
+    ideal mean, every expert's rows on one replica); max_before / max_after: max GPU load
+    under baseline / layout; bound: lower bound of the max GPU load; moves [L] int64: slots
+    changed from baseline; changed [L] bool: whether the layer took a new placement or
+    split; reasons: one key of :data:`REASONS` per layer; params: the parameters used.
     """
 
     layout: Layout
@@ -108,6 +140,12 @@ class PlanResult:
     changed: torch.Tensor
     reasons: tuple[str, ...]
     params: dict[str, Any] = field(default_factory=dict)
+    objective: str = "tokens"
+
+    @property
+    def unit(self) -> str:
+        """What the loads count: "rows" (tokens objective) or "us" (time objective)."""
+        return "us" if self.objective == "time" else "rows"
 
     @property
     def balance_before(self) -> torch.Tensor:
@@ -173,6 +211,8 @@ class PlanResult:
         L = self.layout.num_layers
         return {
             "policy": self.policy,
+            "objective": self.objective,
+            "unit": self.unit,
             "num_layers": L,
             "num_logical_experts": self.layout.num_logical,
             "num_physical_experts": P,
@@ -193,10 +233,13 @@ class PlanResult:
         return {"summary": self.summary(), "layers": self.layers()}
 
 
-def _layout(phy2log: np.ndarray, logcnt: np.ndarray) -> Layout:
+def _layout(phy2log: np.ndarray, num_logical: int, act: np.ndarray | None = None) -> Layout:
     """Build a Layout from arrays known to be valid (the planner's own output)."""
     L, P = phy2log.shape
-    E = logcnt.shape[1]
+    E = num_logical
+    logcnt = np.bincount((np.arange(L)[:, None] * E + phy2log).ravel(), minlength=L * E).reshape(
+        L, E
+    )
     R = max(int(logcnt.max()), 1)
     key = (phy2log << 20) | np.arange(P, dtype=np.int64)
     key.sort(axis=1)
@@ -206,11 +249,62 @@ def _layout(phy2log: np.ndarray, logcnt: np.ndarray) -> Layout:
     rank = np.arange(P) - np.take_along_axis(start, e, axis=1)
     log2phy = np.full((L, E, R), -1, dtype=np.int64)
     log2phy[np.arange(L)[:, None], e, rank] = slot
+    share = None
+    if act is not None and not act.all():
+        share = torch.from_numpy(np.ascontiguousarray(act.astype(np.int64)))
     return Layout(
         torch.from_numpy(np.ascontiguousarray(phy2log)),
-        torch.from_numpy(np.ascontiguousarray(logcnt)),
+        torch.from_numpy(logcnt),
         torch.from_numpy(log2phy),
+        share,
     )
+
+
+@dataclass
+class _Problem:
+    """What every step of a plan needs: the load in the objective's terms and the topology.
+
+    w [L, E]: tokens: the load; time: rows per step (load / steps). f: the time
+    objective's per-slot cost (None for tokens)."""
+
+    w: np.ndarray
+    G: int
+    P: int
+    N: int
+    cap: int
+    f: Cost | None
+
+    @property
+    def L(self) -> int:
+        return int(self.w.shape[0])
+
+    @property
+    def E(self) -> int:
+        return int(self.w.shape[1])
+
+    @property
+    def gpu_node(self) -> np.ndarray:
+        return np.arange(self.G) // (self.G // self.N)
+
+    def slot_weight(self, p2l: np.ndarray, act: np.ndarray | None) -> np.ndarray:
+        """Each slot's load [L, P] under phy2log and the active slots (None: all)."""
+        rows = slot_rows_np(self.w, p2l, None if act is None else act.astype(np.float64))
+        return rows if self.f is None else self.f(rows)
+
+    def max_load(self, p2l: np.ndarray, act: np.ndarray | None) -> np.ndarray:
+        """Max GPU load per layer. -> [L]"""
+        sw = self.slot_weight(p2l, act)
+        return sw.reshape(self.L, self.G, self.P // self.G).sum(axis=2).max(axis=1)
+
+
+@dataclass
+class _Cand:
+    """A candidate layout of every layer: phy2log [L, P], active slots [L, P] (None: all),
+    max GPU load [L]."""
+
+    p2l: np.ndarray
+    act: np.ndarray | None
+    max: np.ndarray
 
 
 def plan_with_report(
@@ -227,6 +321,10 @@ def plan_with_report(
     tolerance: float = 0.01,
     replica_slack: float = 0.0,
     num_groups: int | None = None,
+    objective: str | None = None,
+    cost_model: CostModel | None = None,
+    steps: float = 1.0,
+    sampling: str = "poisson",
 ) -> PlanResult:
     """Plan a layout for ``load`` and explain it per layer; see the module docstring.
 
@@ -242,9 +340,16 @@ def plan_with_report(
     tolerance: the finest refinement, as a fraction of the bound (without ``previous``:
     :data:`SCRATCH_TOLERANCE`);
     replica_slack: replica counts stay as they are while every per-replica load is under
-    ``(1 + replica_slack) * m*``, m* being the smallest largest per-replica load possible.
+    ``(1 + replica_slack) * m*``, m* being the smallest largest per-replica load possible
+    (tokens objective only).
     min_gain, move_cost, tolerance and replica_slack only matter with ``previous``; their
     defaults were tuned on the ESFT ``intent`` and ``law`` traces (docs/planner.md).
+    objective: "tokens" (balance rows; the default without a cost model) or "time"
+    (balance modelled time; the default with one); cost_model: the
+    :class:`~eplbd.planner.CostModel` of one GPU's expert work (needed for "time");
+    steps: the forward steps ``load`` was counted over (the time objective plans for
+    load / steps rows per step); sampling: "poisson" (the load is a forecast, a step's
+    rows vary) or "exact" (the load is the rows of the step planned for).
 
     Raises ValueError for a bad load, topology, previous layout, policy or parameter.
     """
@@ -255,6 +360,14 @@ def plan_with_report(
     pol = "migration" if policy is None else policy
     if pol not in POLICIES:
         raise ValueError(f"unknown policy {policy!r} (choose from {', '.join(POLICIES)})")
+    obj = objective if objective is not None else ("tokens" if cost_model is None else "time")
+    if obj not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    if cost_model is not None and not isinstance(cost_model, CostModel):
+        raise ValueError(f"cost_model must be a CostModel, got {type(cost_model).__name__}")
+    if obj == "time" and cost_model is None:
+        raise ValueError("objective 'time' needs a cost_model")
+    check_steps(steps, sampling)
     if previous is not None:
         check_previous(previous, L, E, P)
     if not (isinstance(min_gain, int | float) and min_gain >= 0):
@@ -269,151 +382,354 @@ def plan_with_report(
         raise ValueError(f"replica_slack must be a number >= 0, got {replica_slack!r}")
 
     cap = replica_cap(E, P, G)
-    r_star = apportion(w, P, cap)
-    mean = w.sum(axis=1) / G
-    peak = (w / r_star).max(axis=1)
-    bound = np.maximum(mean, peak)
-    base_p2l = default_phy2log(L, E, P).numpy() if previous is None else previous.phy2log.numpy()
-    base_cnt = None if previous is None else previous.logcnt.numpy()
-    max_before = gpu_loads_np(w, base_p2l, G, base_cnt).max(axis=1)
+    f: Cost | None = None
+    if obj == "time":
+        assert cost_model is not None
+        model = cost_model
+
+        def f(x: np.ndarray) -> np.ndarray:
+            return model.slot_time(x, sampling)
+
+        pb = _Problem(w / float(steps), G, P, N, cap, f)
+    else:
+        pb = _Problem(w, G, P, N, cap, None)
+    if previous is None:
+        base_p2l = default_phy2log(L, E, P).numpy()
+        base_act = None
+    else:
+        base_p2l = previous.phy2log.numpy()
+        base_act = None if previous.share is None else previous.share.numpy() > 0
+    max_before = pb.max_load(base_p2l, base_act)
     params: dict[str, Any] = {
         "min_gain": float(min_gain),
         "move_cost": float(move_cost),
         "max_moves": max_moves,
     }
-    gpu_node = np.arange(G) // (G // N)
-    max_after: np.ndarray | None = None
-
+    if obj == "time":
+        params.update(steps=float(steps), sampling=sampling)
+    tc: TimeCounts | None = None
+    if obj == "time":
+        tc = time_counts(pb.w, pb.f, P, G, cap)  # type: ignore[arg-type]
+        mean, bound = tc.ideal, tc.bound
+        r_star = tc.full
+    else:
+        r_star = apportion(w, P, cap)
+        mean = w.sum(axis=1) / G
+        bound = np.maximum(mean, (w / r_star).max(axis=1))
+    act: np.ndarray | None = None
     if pol == "deepseek":
         groups = 1 if num_groups is None else num_groups
         check_deepseek_args(E, P, groups, N, G)
-        p2l_t, _, cnt_t = rebalance_experts(w, P, groups, N, G)
-        new = p2l_t.numpy()
+        new = rebalance_experts(w, P, groups, N, G)[0].numpy()
         changed = (new != base_p2l).any(axis=1)
+        if base_act is not None:
+            changed |= ~base_act.all(axis=1)
         reasons = ["baseline"] * L
-        logcnt = cnt_t.numpy()
+        max_after = pb.max_load(new, None)
         params = {"num_groups": groups}
     else:
         params.update(tolerance=float(tolerance), replica_slack=float(replica_slack))
-        costs_node = NODE_PENALTY * mean if N > 1 else None
         if previous is None:
-            target = bound * (1.0 + SCRATCH_TOLERANCE)
-            pl = ldm_pack(w, r_star, G)
-            costs = SwapCosts(gpu_node, None, np.zeros(L), None)  # nothing to keep
-            refine(
-                pl, np.arange(L), target, costs,
-                max_iter=MAX_SWAP_ITERATIONS, partners=SWAP_PARTNERS,
-            )  # fmt: skip
-            new = pl.flat().copy()
-            max_after = pl.loads.max(axis=1)
+            scratch = _scratch(pb, r_star, bound, tc, np.arange(L))
+            new, act, max_after = scratch.p2l, scratch.act, scratch.max
             changed = (new != base_p2l).any(axis=1)
+            if act is not None:
+                changed |= ~act.all(axis=1)
             reasons = ["from_scratch"] * L
-            logcnt = r_star
         else:
-            cands, cand_cnt = _migrate(w, previous, r_star, peak, mean, bound, tolerance,
-                                       gpu_node, costs_node, cap, replica_slack, G)  # fmt: skip
-            new, logcnt, max_after, changed, reasons = _decide(
-                base_p2l, previous.logcnt.numpy(), cands, cand_cnt, mean, max_before,
+            if tc is None:
+                cands = _migrate(pb, previous, r_star, bound, tolerance, replica_slack)
+                # the plan from scratch, where it may do better: every layer when moves are
+                # free, else where the refinement got stuck above its finest target
+                best = np.min([c.max for c in cands], axis=0)
+                stuck = best > bound * (1.0 + tolerance) * (1.0 + 1e-9)
+                rows = np.flatnonzero((stuck | (move_cost == 0)) & (mean > 0))
+                scratch = _scratch(pb, r_star, bound, None, rows)
+            else:
+                scratch = _scratch(pb, r_star, bound, tc, np.arange(L))
+                cands = _migrate_time(pb, previous, tc, scratch, tolerance)
+                # the token objective's candidates (every replica active), timed: where
+                # compute dominates they are what time wants, and they move little
+                tok = _Problem(pb.w, G, P, N, cap, None)
+                r_tok = apportion(pb.w, P, cap)
+                b_tok = np.maximum(pb.w.sum(axis=1) / G, (pb.w / r_tok).max(axis=1))
+                for c in _migrate(tok, previous, r_tok, b_tok, tolerance, replica_slack):
+                    cands.append(_Cand(c.p2l, None, pb.max_load(c.p2l, None)))
+            if scratch.rows.size:
+                cands.append(_aligned(pb, scratch, previous, base_act))
+            new, act, max_after, changed, reasons = _decide(
+                base_p2l, base_act, cands, mean, max_before,
                 float(min_gain), float(move_cost), max_moves,
             )  # fmt: skip
 
-    if max_after is None:
-        max_after = gpu_loads_np(w, new, G, logcnt).max(axis=1)
     no_load = mean <= 0
     reasons = ["no_load" if no_load[i] else reasons[i] for i in range(L)]
-    layout = _layout(new, logcnt)
+    layout = _layout(new, E, act)
     return PlanResult(
         layout=layout,
         baseline=torch.from_numpy(base_p2l),
         policy=pol,
         num_gpus=G,
         num_nodes=N,
-        mean=torch.from_numpy(mean),
+        mean=torch.from_numpy(np.asarray(mean, dtype=np.float64)),
         max_before=torch.from_numpy(max_before),
-        max_after=torch.from_numpy(max_after),
-        bound=torch.from_numpy(bound),
+        max_after=torch.from_numpy(np.asarray(max_after, dtype=np.float64)),
+        bound=torch.from_numpy(np.asarray(bound, dtype=np.float64)),
         moves=torch.from_numpy((new != base_p2l).sum(axis=1).astype(np.int64)),
         changed=torch.from_numpy(np.asarray(changed, dtype=bool)),
         reasons=tuple(reasons),
         params=params,
+        objective=obj,
     )
 
 
+@dataclass
+class _Scratch:
+    """Layers ``rows`` planned from scratch: their placement (slots' loads and active
+    flags included) and, over all layers (the others left as they were), as a candidate."""
+
+    rows: np.ndarray
+    pl: Placement
+
+    @property
+    def p2l(self) -> np.ndarray:
+        return self.pl.flat()
+
+    @property
+    def act(self) -> np.ndarray | None:
+        return None if self.pl.act is None else self.pl.flat_act()
+
+    @property
+    def max(self) -> np.ndarray:
+        return self.pl.loads.max(axis=1)
+
+
+def _scratch(
+    pb: _Problem, r_star: np.ndarray, bound: np.ndarray, tc: TimeCounts | None, rows: np.ndarray
+) -> _Scratch:
+    """Layers ``rows`` planned from scratch: largest differencing, then swaps to within
+    :data:`SCRATCH_TOLERANCE` of the bound (time: of the chosen count's own bound)."""
+    n, G = rows.size, pb.G
+    sub = np.arange(n)
+    costs = SwapCosts(pb.gpu_node, None, np.zeros(n), None)  # nothing to keep
+    if n == 0:
+        S = pb.P // G
+        return _Scratch(rows, Placement(np.zeros((0, G, S), np.int64), np.zeros((0, G, S)),
+                                        np.zeros((0, G))))  # fmt: skip
+    if tc is None:
+        pl = ldm_pack(pb.w[rows], r_star[rows], G)
+        target = bound[rows] * (1.0 + SCRATCH_TOLERANCE)
+    else:
+        assert pb.f is not None and n == pb.L
+        items, iw, active, _ = candidate_items(tc, pb.w, pb.f)
+        C, P = items.shape[0], pb.P
+        every = ldm_pack_items(
+            np.ascontiguousarray(items).reshape(C * n, P), iw.reshape(C * n, P), G,
+            active.reshape(C * n, P),
+        )  # fmt: skip
+        mx = every.loads.max(axis=1).reshape(C, n)
+        # the fewest active replicas among the candidates that pack (nearly) best
+        best = (mx <= mx.min(axis=0) * (1.0 + 1e-9)).argmax(axis=0)
+        pl = every.take(best * n + sub)
+        target = tc.target[sub, best] * (1.0 + SCRATCH_TOLERANCE)
+    iters = MAX_SWAP_ITERATIONS if tc is None else TIME_SWAP_ITERATIONS
+    refine(pl, sub, target, costs, max_iter=iters, partners=SWAP_PARTNERS)
+    if pl.act is not None:
+        toggle(pl, sub, pb.P)
+    return _Scratch(rows, pl)
+
+
+def _aligned(
+    pb: _Problem, scratch: _Scratch, previous: Layout, prev_act: np.ndarray | None
+) -> _Cand:
+    """The plan from scratch with GPUs and slots renumbered to keep what ``previous``
+    holds; layers not planned from scratch stay as they are."""
+    rows = scratch.rows
+    prev = previous.phy2log.numpy()
+    L, P = prev.shape
+    pl = scratch.pl.take(np.arange(rows.size))
+    align(pl, prev[rows].reshape(pl.shape))
+    p2l = prev.copy()
+    p2l[rows] = pl.flat()
+    act = None
+    if pl.act is not None or prev_act is not None:
+        act = np.ones((L, P), dtype=bool) if prev_act is None else prev_act.copy()
+        act[rows] = pl.flat_act()
+    mx = np.full(L, np.inf)
+    mx[rows] = pl.loads.max(axis=1)
+    return _Cand(p2l, act, mx)
+
+
 def _migrate(
-    w: np.ndarray,
+    pb: _Problem,
     previous: Layout,
     r_star: np.ndarray,
-    peak: np.ndarray,
-    mean: np.ndarray,
     bound: np.ndarray,
     tolerance: float,
-    gpu_node: np.ndarray,
-    node_cost: np.ndarray | None,
-    cap: int,
     replica_slack: float,
-    G: int,
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """Candidate placements of every layer from ``previous``, one per refinement depth.
-
-    Returns ([(phy2log [L, P], max GPU load [L]) per depth, coarsest first], logcnt [L, E]):
-    the first has the new replica counts placed and no swaps; each next one is refined
-    further, down to ``tolerance`` of the bound (see :data:`DEPTHS`).
-    """
+) -> list[_Cand]:
+    """Token objective: candidate placements of every layer from ``previous``, one per
+    refinement depth, coarsest first. The first has the new replica counts placed and no
+    swaps; each next one is refined further, down to ``tolerance`` of the bound (see
+    :data:`DEPTHS`)."""
+    w, G = pb.w, pb.G
     prev = previous.phy2log.numpy()
     L, P = prev.shape
     S = P // G
+    mean = w.sum(axis=1) / G
+    peak = (w / r_star).max(axis=1)
+    node_cost = NODE_PENALTY * mean if pb.N > 1 else None
     r_prev = previous.logcnt.numpy()
     limit = peak * (1.0 + replica_slack + 1e-9)
-    r_new = transfer_counts(w, r_prev, limit, cap)
-    over_cap = r_prev.max(axis=1) > cap  # a previous layout from elsewhere: recount
+    r_new = transfer_counts(w, r_prev, limit, pb.cap)
+    over_cap = r_prev.max(axis=1) > pb.cap  # a previous layout from elsewhere: recount
     r_new[over_cap] = r_star[over_cap]
     p2l = prev.reshape(L, G, S).copy()
     free_surplus(p2l, slot_loads(w, r_prev, p2l).sum(axis=2), r_prev, r_new)
     sw = np.where(p2l >= 0, slot_loads(w, r_new, np.maximum(p2l, 0)), 0.0)
     pl = Placement(p2l, sw, sw.sum(axis=2))
-    forced = refill(pl, w, r_prev, r_new, gpu_node, node_cost)
+    forced = refill(pl, w, r_prev, r_new, pb.gpu_node, node_cost)
     pl.holdings(w.shape[1])  # also says whether the previous layout had duplicates
     if forced or pl.duplicated:
         fix_duplicates(pl)
-    costs = SwapCosts(gpu_node, node_cost, MOVE_PENALTY * mean, prev.reshape(L, G, S))
-    cands = [(pl.flat().copy(), pl.loads.max(axis=1))]
-    rows = np.arange(L)
+    costs = SwapCosts(pb.gpu_node, node_cost, MOVE_PENALTY * mean, prev.reshape(L, G, S))
+    return _refined(pl, bound, tolerance, costs)
+
+
+def _refined(pl: Placement, bound: np.ndarray, tolerance: float, costs: SwapCosts) -> list[_Cand]:
+    """The placement as it is, then refined to each depth in turn: one candidate each."""
+    n = pl.shape[0]
+    rows = np.arange(n)
+    time = pl.act is not None
+
+    def snap() -> _Cand:
+        return _Cand(pl.flat().copy(), pl.flat_act().copy() if time else None,
+                     pl.loads.max(axis=1))  # fmt: skip
+
+    cands = [snap()]
+    iters = TIME_SWAP_ITERATIONS if time else MAX_SWAP_ITERATIONS
     for depth in DEPTHS:
         refine(pl, rows, bound * (1.0 + depth * tolerance), costs,
-               max_iter=MAX_SWAP_ITERATIONS, partners=SWAP_PARTNERS)  # fmt: skip
-        cands.append((pl.flat().copy(), pl.loads.max(axis=1)))
-    return cands, r_new
+               max_iter=iters, partners=SWAP_PARTNERS)  # fmt: skip
+        if time:
+            toggle(pl, rows, pl.p2l.shape[1] * pl.p2l.shape[2])
+        cands.append(snap())
+    return cands
+
+
+def _migrate_time(
+    pb: _Problem, previous: Layout, tc: TimeCounts, scratch: _Scratch, tolerance: float
+) -> list[_Cand]:
+    """Time objective: candidates from ``previous``. Active counts a* are those the plan
+    from scratch chose (per layer); toggling which replicas are active moves nothing, new
+    replicas do.
+
+    First candidate, no moves: the previous placement with up to a* of each expert's
+    replicas active (:func:`_activate`). Then the migration: experts with fewer replicas
+    than a* get new ones, in slots of surplus replicas of the least loaded experts (on the
+    least busy GPUs), heaviest first onto the least busy GPU; surplus replicas go idle on
+    the busiest GPUs; then swaps and toggles to each refinement depth.
+    """
+    assert pb.f is not None
+    f = pb.f
+    mu, G = pb.w, pb.G
+    prev = previous.phy2log.numpy()
+    L, P = prev.shape
+    S = P // G
+    E = pb.E
+    rows = np.arange(L)
+    sh = (L, G, S)
+    a_star = _active_counts(scratch.p2l, scratch.act, E)
+    r_prev = previous.logcnt.numpy()
+    prev_act = None if previous.share is None else previous.share.numpy() > 0
+    ideal = tc.ideal
+    node_cost = NODE_PENALTY * ideal if pb.N > 1 else None
+    costs = SwapCosts(pb.gpu_node, node_cost, MOVE_PENALTY * ideal, prev.reshape(sh))
+    cands = [_activate(pb, prev, np.minimum(a_star, r_prev))]
+    # counts: needy experts get replicas from the surplus of the least loaded ones
+    need = np.maximum(a_star - r_prev, 0)
+    owe = need.sum(axis=1)
+    surplus = np.maximum(r_prev - a_star, 0)
+    order = np.argsort(mu, axis=1, kind="stable")  # least loaded first
+    sur_o = np.take_along_axis(surplus, order, axis=1)
+    before = np.cumsum(sur_o, axis=1) - sur_o
+    give_o = np.clip(owe[:, None] - before, 0, sur_o)
+    give = np.empty_like(give_o)
+    give[rows[:, None], order] = give_o
+    r_new = r_prev + need - give
+    c = f(mu / np.maximum(a_star, 1))  # time of an active replica, per expert
+    p2l = prev.reshape(sh).copy()
+    loads_now = pb.slot_weight(prev, prev_act).reshape(sh).sum(axis=2)
+    li, s = busiest_slots(p2l, -loads_now, give)  # donors' slots on the least busy GPUs
+    p2l[li, s // S, s % S] = -1
+    sw = np.where(p2l >= 0, c[rows[:, None, None], np.maximum(p2l, 0)], 0.0)
+    pl = Placement(p2l, sw, sw.sum(axis=2), act=p2l >= 0)
+    forced = refill(pl, c * r_new, r_prev, r_new, pb.gpu_node, node_cost)
+    pl.holdings(E)
+    if forced or pl.duplicated:
+        fix_duplicates(pl)
+    deactivate_surplus(pl, a_star)
+    toggle(pl, rows, G * S)
+    cands += _refined(pl, tc.bound, tolerance, costs)
+    return cands
+
+
+def _active_counts(p2l: np.ndarray, act: np.ndarray | None, E: int) -> np.ndarray:
+    """Active replicas per expert. p2l, act [L, P] -> [L, E] int64."""
+    L = p2l.shape[0]
+    on = np.ones(p2l.shape) if act is None else act.astype(np.float64)
+    idx = (np.arange(L)[:, None] * E + p2l).ravel()
+    return np.bincount(idx, weights=on.ravel(), minlength=L * E).reshape(L, E).astype(np.int64)
+
+
+def _activate(pb: _Problem, p2l: np.ndarray, active_counts: np.ndarray) -> _Cand:
+    """``p2l`` as it is, ``active_counts`` [L, E] of each expert's replicas active: the
+    surplus ones on the busiest GPUs idle, then toggles."""
+    assert pb.f is not None
+    L, G, S = pb.L, pb.G, pb.P // pb.G
+    sh = (L, G, S)
+    c = pb.f(pb.w / np.maximum(active_counts, 1))
+    sw = c[np.arange(L)[:, None], p2l].reshape(sh).copy()
+    pl = Placement(p2l.reshape(sh).copy(), sw, sw.sum(axis=2), act=np.ones(sh, dtype=bool))
+    deactivate_surplus(pl, active_counts)
+    toggle(pl, np.arange(L), G * S)
+    return _Cand(pl.flat().copy(), pl.flat_act().copy(), pl.loads.max(axis=1))
 
 
 def _decide(
     prev: np.ndarray,
-    prev_cnt: np.ndarray,
-    cands: list[tuple[np.ndarray, np.ndarray]],
-    cand_cnt: np.ndarray,
+    prev_act: np.ndarray | None,
+    cands: list[_Cand],
     mean: np.ndarray,
     max_before: np.ndarray,
     min_gain: float,
     move_cost: float,
     max_moves: int | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, list[str]]:
     """Per layer: keep ``prev`` or take one of ``cands``: the one whose gain in balance
     minus ``move_cost`` times the share of the layer's slots it rewrites (moves / P: the
     share of each GPU's expert memory restaged, the GPUs staging in parallel) is largest,
-    and positive, with gain >= min_gain.
+    and positive, with gain >= min_gain. A candidate that changes only which replicas are
+    active moves nothing.
 
-    -> (phy2log, logcnt, max GPU load, changed, reasons)."""
-    L = prev.shape[0]
+    -> (phy2log, active slots or None, max GPU load, changed, reasons)."""
+    L, P = prev.shape
+    pact = np.ones((L, P), dtype=bool) if prev_act is None else prev_act
     before = balance_np(max_before, mean)
-    gain = np.stack([before - balance_np(m, mean) for _, m in cands], axis=1)  # [L, C]
-    moves = np.stack([(c != prev).sum(axis=1) for c, _ in cands], axis=1)
-    ok = (moves > 0) & (gain >= min_gain) & (gain > 0) & (mean > 0)[:, None]
-    value = np.where(ok, gain - move_cost * moves / prev.shape[1], -np.inf)
+    gain = np.stack([before - balance_np(c.max, mean) for c in cands], axis=1)  # [L, C]
+    moves = np.stack([(c.p2l != prev).sum(axis=1) for c in cands], axis=1)
+    differs = np.stack(
+        [(c.p2l != prev).any(axis=1) | ((pact if c.act is None else c.act) != pact).any(axis=1)
+         for c in cands], axis=1,
+    )  # fmt: skip
+    ok = differs & (gain >= min_gain) & (gain > 0) & (mean > 0)[:, None]
+    value = np.where(ok, gain - move_cost * moves / P, -np.inf)
     why = np.where(
-        (moves == 0).all(axis=1),
+        ~differs.any(axis=1),
         "balanced",
         np.where(ok.any(axis=1), "not_worth_moves", "gain_below_threshold"),
     ).astype(object)
-    # Each layer's best option (ties: the coarser one, which moves less).
+    # Each layer's best option (ties: the first, which moves less).
     best = value.argmax(axis=1)
     choice = np.where(value[np.arange(L), best] > 0, best, -1)
     if max_moves is not None:
@@ -422,13 +738,14 @@ def _decide(
     reasons: list[str] = why.tolist()
     changed = choice >= 0
     new = prev.copy()
+    act = pact.copy()
     max_after = max_before.copy()
-    for j, (c, m) in enumerate(cands):
+    for j, c in enumerate(cands):
         take = choice == j
-        new[take] = c[take]
-        max_after[take] = m[take]
-    logcnt = np.where(changed[:, None], cand_cnt, prev_cnt)
-    return new, logcnt, max_after, changed, reasons
+        new[take] = c.p2l[take]
+        act[take] = True if c.act is None else c.act[take]
+        max_after[take] = c.max[take]
+    return new, (None if act.all() else act), max_after, changed, reasons
 
 
 def _within_budget(
@@ -439,7 +756,8 @@ def _within_budget(
     L, C = value.shape
     out = np.full(L, -1)
     wanted = [i for i in range(L) if choice[i] >= 0]
-    wanted.sort(key=lambda i: (-value[i, choice[i]] / moves[i, choice[i]], i))
+    # value per move; a change that moves nothing (a new split) comes first
+    wanted.sort(key=lambda i: (-value[i, choice[i]] / max(moves[i, choice[i]], 0.5), i))
     for i in wanted:
         options = sorted((j for j in range(C) if value[i, j] > 0), key=lambda j: (-value[i, j], j))
         fits = [j for j in options if moves[i, j] <= budget]
@@ -465,6 +783,10 @@ def plan(
     tolerance: float = 0.01,
     replica_slack: float = 0.0,
     num_groups: int | None = None,
+    objective: str | None = None,
+    cost_model: CostModel | None = None,
+    steps: float = 1.0,
+    sampling: str = "poisson",
 ) -> Layout:
     """The layout :func:`plan_with_report` plans (same arguments), without the report.
 
@@ -483,4 +805,8 @@ def plan(
         tolerance=tolerance,
         replica_slack=replica_slack,
         num_groups=num_groups,
+        objective=objective,
+        cost_model=cost_model,
+        steps=steps,
+        sampling=sampling,
     ).layout

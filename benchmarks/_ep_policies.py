@@ -1,0 +1,192 @@
+"""The balancing policies of the one-GPU EP emulation, replayed online over a routing stream.
+
+Every policy serves a layout at every step; what it may look at is the load of the steps
+before (except the two "perfect knowledge" references, which plan on the step itself):
+
+- ``none``: slot p holds expert p mod E (the engines' default), never changed;
+- ``deepseek-once``: DeepSeek's EPLB on the warm-up steps' load, never changed;
+- ``deepseek-every-N``: DeepSeek's EPLB recomputed every N steps from the last N steps'
+  load (vLLM's and SGLang's schedule: a window of steps, a fixed interval);
+  ``deepseek-every-step``: the same with N = 1 (the issue's measurement: replanned every
+  step from the step before);
+- ``eplbd-tokens``: ``eplbd.planner.plan`` from the layout it serves, every ``cadence``
+  steps, on an EWMA forecast of the per-step load (half-life in tokens: a step of many
+  tokens is a better estimate than one of few), token objective;
+- ``eplbd-time``: the same, time objective with the calibrated cost model (its layouts may
+  leave replicas idle: a weighted split through the dispatch table);
+- ``perfect-deepseek`` / ``perfect-eplbd``: DeepSeek's EPLB / eplbd's time objective (from
+  scratch, exact counts) planned on each step's own load: what perfect knowledge reaches.
+
+Each step's rows per slot come from the step's token ids through the dispatch table of
+the policy's layout (``_ep_trace.dispatch_counts``, the kernel's semantics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks._ep_trace import Stream, dispatch_counts, step_ids
+from eplbd.layout import Layout
+from eplbd.planner import CostModel, Ewma, plan_with_report, rebalance_experts
+
+__all__ = ["POLICIES", "Replay", "Schedule", "replay"]
+
+POLICIES = (
+    "none",
+    "deepseek-once",
+    "deepseek-every-step",
+    "deepseek-every-N",
+    "eplbd-tokens",
+    "eplbd-time",
+    "perfect-deepseek",
+    "perfect-eplbd",
+)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """warmup: steps before the timed ones (the first forecasts); steps: timed steps;
+    every: DeepSeek's interval and window N; cadence: eplbd plans every this many steps;
+    half_life_tokens: the EWMA's half-life in tokens of the group; min_gain, move_cost:
+    eplbd's decision. Defaults chosen on intent and law (``bench_ep_emulation --tune``)."""
+
+    warmup: int = 8
+    steps: int = 32
+    every: int = 8
+    cadence: int = 1
+    half_life_tokens: float = 512.0
+    min_gain: float = 0.005
+    move_cost: float = 0.35
+
+    def alpha(self, step_tokens: int) -> float:
+        """EWMA weight of one step of ``step_tokens`` tokens."""
+        return 1.0 - 0.5 ** (step_tokens / self.half_life_tokens)
+
+
+@dataclass
+class Replay:
+    """rows[policy]: [steps, L, G, S] int32 rows per slot of each timed step; changes
+    [policy]: (step, moves) of every layout change in the timed steps (and the one at its
+    start); modelled[policy]: [steps, L] modelled max GPU time (exact counts)."""
+
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    changes: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    modelled: dict[str, np.ndarray] = field(default_factory=dict)
+    active: dict[str, float] = field(default_factory=dict)
+    plan_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _deepseek(load: np.ndarray, P: int, G: int, E: int) -> Layout:
+    return Layout.from_phy2log(rebalance_experts(torch.from_numpy(load), P, 1, 1, G)[0], E)
+
+
+def replay(
+    stream: Stream,
+    ranks: int,
+    num_physical: int,
+    tokens: int,
+    model: CostModel,
+    sched: Schedule,
+    stride: int | None = None,
+    policies: tuple[str, ...] = POLICIES,
+) -> Replay:
+    """Serve ``sched.warmup + sched.steps`` steps of ``ranks`` x ``tokens`` tokens with every
+    policy; record the timed steps. ``stride``: tokens the stream advances per step (None:
+    a whole step's tokens)."""
+    import time
+
+    G, P, E, L = ranks, num_physical, stream.num_experts, stream.num_layers
+    S = P // G
+    total = sched.warmup + sched.steps
+    step_tokens = stride if stride is not None else G * tokens
+    ids_all = []
+    loads = np.zeros((total, L, E))
+    for s in range(total):
+        ids = _ids(stream, s, step_tokens, G, tokens)
+        ids_all.append(ids)
+        for layer in range(L):
+            loads[s, layer] = np.bincount(ids[:, :, layer].ravel(), minlength=E)
+    out = Replay()
+    default = Layout.default(L, E, P)
+    cur = {p: default for p in policies}
+    ewma = Ewma(sched.alpha(G * tokens))
+    spent = {p: 0.0 for p in policies}
+    for p in policies:
+        out.rows[p] = np.zeros((sched.steps, L, G, S), dtype=np.int32)
+        out.changes[p] = []
+        out.modelled[p] = np.zeros((sched.steps, L))
+    act_sum = {p: 0.0 for p in policies}
+    for s in range(total):
+        timed = s - sched.warmup
+        if s > 0:
+            ewma.update(loads[s - 1])
+        for p in policies:
+            t0 = time.perf_counter()
+            new = _decide(p, s, timed, cur[p], loads, ewma, sched, model, G, P, E)
+            spent[p] += time.perf_counter() - t0
+            if new is not None and timed >= 0:
+                moves = int(new.moves_from(cur[p]).sum())
+                if moves or not torch.equal(new.shares, cur[p].shares):
+                    out.changes[p].append((timed, moves))
+            if new is not None:
+                cur[p] = new
+            if timed < 0:
+                continue
+            table, count = (t.numpy() for t in cur[p].dispatch())
+            for layer in range(L):
+                c = dispatch_counts(ids_all[s][:, :, layer], table[layer], count[layer], P)
+                out.rows[p][timed, layer] = c.reshape(G, S)
+            r = out.rows[p][timed].astype(np.float64)
+            t = model.slot_time(r, "exact").sum(axis=2)  # [L, G]
+            out.modelled[p][timed] = t.max(axis=1)
+            act_sum[p] += float((r > 0).sum()) / (L * G)
+    for p in policies:
+        out.active[p] = act_sum[p] / sched.steps
+        out.plan_ms[p] = 1e3 * spent[p] / total
+    return out
+
+
+def _ids(stream: Stream, s: int, step_tokens: int, G: int, tokens: int) -> np.ndarray:
+    if step_tokens == G * tokens:
+        return step_ids(stream, s, G, tokens)
+    n = stream.ids.shape[0]
+    idx = (np.arange(G * tokens) + s * step_tokens) % n
+    return stream.ids[idx].reshape(G, tokens, stream.num_layers, stream.top_k)
+
+
+def _decide(
+    p: str, s: int, timed: int, cur: Layout, loads: np.ndarray, ewma: Ewma, sched: Schedule,
+    model: CostModel, G: int, P: int, E: int,
+) -> Layout | None:  # fmt: skip
+    """The layout policy ``p`` serves from step ``s`` on, or None to keep ``cur``."""
+    W = sched.warmup
+    if p == "none":
+        return None
+    if p == "deepseek-once":
+        return _deepseek(loads[:W].sum(axis=0), P, G, E) if s == W else None
+    if p in ("deepseek-every-N", "deepseek-every-step"):
+        n = sched.every if p == "deepseek-every-N" else 1
+        if s >= W and (s - W) % n == 0:
+            return _deepseek(loads[s - n : s].sum(axis=0), P, G, E)
+        return None
+    if p in ("eplbd-tokens", "eplbd-time"):
+        if s < W or (s - W) % sched.cadence != 0 or ewma.value is None:
+            return None
+        kw: dict[str, Any] = {"min_gain": sched.min_gain, "move_cost": sched.move_cost}
+        if p == "eplbd-time":
+            kw.update(cost_model=model, steps=1.0, sampling="poisson")
+        res = plan_with_report(ewma.value, num_gpus=G, num_physical_experts=P, previous=cur, **kw)
+        return res.layout
+    if timed < 0:
+        return None
+    if p == "perfect-deepseek":
+        return _deepseek(loads[s], P, G, E)
+    if p == "perfect-eplbd":
+        return plan_with_report(
+            loads[s], num_gpus=G, num_physical_experts=P, cost_model=model, sampling="exact"
+        ).layout
+    raise ValueError(f"unknown policy {p!r}")

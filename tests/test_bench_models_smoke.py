@@ -1,0 +1,91 @@
+"""The cost-model calibration and the one-GPU EP emulation benchmarks, small, on the CPU.
+
+- the dispatch of the emulation is the kernel's: rows per slot equal ``map_and_record``
+  called on each rank's own tokens;
+- the calibration's fit recovers a model's constants from times it made;
+- both benchmarks run end to end on the CPU with tiny sizes and write their JSON (the
+  emulation also through a saved replay), leaving the docs alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_cost_model, bench_ep_emulation  # noqa: E402
+from benchmarks._ep_policies import POLICIES  # noqa: E402
+from benchmarks._ep_trace import dispatch_counts, esft_stream, step_ids  # noqa: E402
+from eplbd.kernels import map_and_record  # noqa: E402
+from eplbd.layout import Layout  # noqa: E402
+from eplbd.planner import CostModel  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def test_emulated_dispatch_is_the_kernel_per_rank() -> None:
+    stream = esft_stream([3])
+    G, P, T = 4, 72, 37
+    default = Layout.default(1, 64, P)  # slots 64..71 repeat experts 0..7
+    share = torch.ones(1, P, dtype=torch.int64)
+    share[0, 64:68] = 0  # idle replicas
+    share[0, 68:] = 2  # a 1 : 2 split
+    shuffled = torch.randperm(P, generator=torch.Generator().manual_seed(1))[None] % 64
+    for lay in (default, default.with_share(share), Layout.from_phy2log(shuffled, 64)):
+        table, count = lay.dispatch()
+        ids = step_ids(stream, 5, G, T)[:, :, 0]  # [G, T, K]
+        want = torch.zeros(P, dtype=torch.int64)
+        for g in range(G):  # every rank hashes its own token index
+            map_and_record(torch.from_numpy(ids[g]), table[0], count[0], want, torch.ones(1))
+        got = dispatch_counts(ids, table[0].numpy(), count[0].numpy(), P)
+        assert got.tolist() == want.tolist()
+
+
+def test_fit_recovers_the_constants() -> None:
+    truth = CostModel(fixed_us=7.0, tile_us=3.0, tile_rows=64, base_us=20.0)
+    wl = bench_cost_model.uniform_workloads(False) + bench_cost_model.random_workloads(60, 3, False)
+    t = np.array([truth.gemm_time(w) for w in wl])
+    base, fixed, tile = bench_cost_model.fit(wl, t, 64)
+    assert (base, fixed, tile) == pytest.approx((20.0, 7.0, 3.0), rel=1e-6)
+    errs = bench_cost_model.errors(truth, wl, t)
+    assert errs["max_abs"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_calibration_and_emulation_run_on_the_cpu(tmp_path: Path) -> None:
+    before = DOC.read_bytes() if DOC.exists() else None
+    cm = tmp_path / "cm"
+    assert (
+        bench_cost_model.main(["--tiny", "--device", "cpu", "--reps", "1", "--out", str(cm)]) == 0
+    )
+    res = json.loads((cm / "cost_model.json").read_text())
+    assert [r["shape"]["name"] for r in res["shapes"]] == ["DeepSeek-V2-Lite", "DeepSeek-V3"]
+    for r in res["shapes"]:
+        model = CostModel.from_dict(r["model"])
+        assert model.source == "calibrated" and model.tile_rows in bench_cost_model.TILES
+        assert any(k.startswith("held out: ESFT") for k in r["sets"])
+    emu = tmp_path / "emu"
+    rep = tmp_path / "replays.npz"
+    args = ["--tiny", "--device", "cpu", "--models", str(cm / "cost_model.json")]
+    assert bench_ep_emulation.main([*args, "--save-replays", str(rep)]) == 0
+    assert (
+        bench_ep_emulation.main([*args, "--replays", str(rep), "--reps", "1", "--out", str(emu)])
+        == 0
+    )
+    out = json.loads((emu / "ep_emulation.json").read_text())
+    assert len(out["cases"]) == 2
+    for case in out["cases"]:
+        pol = case["policies"]
+        assert set(pol) == set(POLICIES)
+        assert all(p["ms_mean"] > 0 for p in pol.values())
+        assert pol["none"]["moves"] == 0 and pol["deepseek-every-step"]["rebalances"] >= 1
+    assert "an emulation" in bench_ep_emulation.render(out)
+    assert (DOC.read_bytes() if DOC.exists() else None) == before

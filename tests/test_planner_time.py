@@ -1,0 +1,233 @@
+"""The cost model of a GPU's expert work and the planner's time objective: weight reads
+and tiles of rows, idle replicas, activity moved without moving weights, and metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplbd.layout import Layout
+from eplbd.planner import (
+    CostModel,
+    activated_slots,
+    default_cost_model,
+    gpu_times,
+    plan,
+    plan_with_report,
+    time_balance,
+)
+
+# DeepSeek-V2-Lite's expert (hidden 2048, ffn 1408), bf16, on an H100, no dispatch term
+V2 = default_cost_model(2048, 1408, link_bandwidth=None)
+
+
+def _skewed(L: int, E: int, rows: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    p = rng.lognormal(0.0, 1.0, (L, E))
+    p /= p.sum(axis=1, keepdims=True)
+    return np.stack([rng.multinomial(rows, row) for row in p]).astype(float)
+
+
+# --- the cost model --------------------------------------------------------------------
+
+
+def test_default_model_from_bandwidth_and_flops() -> None:
+    m = default_cost_model(1024, 512, mem_bandwidth=1e12, peak_flops=1e15, tile_rows=64)
+    assert m.fixed_us == pytest.approx(3 * 1024 * 512 * 2 / 1e12 * 1e6)  # weights read
+    assert m.tile_us == pytest.approx(6 * 1024 * 512 * 64 / 1e15 * 1e6)  # 6 H F per row
+    assert m.row_us == pytest.approx(2 * 1024 * 2 / 4.5e11 * 1e6)  # there and back
+    assert m.source == "default" and (m.hidden, m.ffn) == (1024, 512)
+    with pytest.raises(ValueError, match="dtype"):
+        default_cost_model(8, 8, "int4")
+    with pytest.raises(ValueError, match="hidden"):
+        default_cost_model(0, 8)
+
+
+def test_exact_time_is_the_formula() -> None:
+    m = CostModel(fixed_us=10.0, tile_us=3.0, tile_rows=128, row_us=0.5)
+    got = m.slot_time([0, 1, 128, 129, 1000], "exact")
+    want = [0, 10 + 3 + 0.5, 10 + 3 + 64, 10 + 6 + 64.5, 10 + 8 * 3 + 500]
+    assert got.tolist() == pytest.approx(want)
+    assert m.gemm_time([0, 5, 300]) == pytest.approx(2 * 10 + (1 + 3) * 3)
+
+
+@pytest.mark.parametrize("x", [0.02, 0.7, 3.0, 90.0, 128.0, 200.0, 3000.0])
+def test_poisson_time_is_the_expectation_over_steps(x: float) -> None:
+    m = CostModel(fixed_us=10.0, tile_us=3.0, tile_rows=128, row_us=0.01)
+    t = m.slot_time(np.random.default_rng(0).poisson(x, 400_000), "exact")
+    se = t.std() / np.sqrt(t.size)  # the Monte Carlo estimate's standard error
+    assert abs(float(m.slot_time(x)) - t.mean()) <= 4 * se + 2e-3 * t.mean()
+    assert float(m.slot_time(0.0)) == 0.0
+
+
+def test_json_round_trip_and_bad_files() -> None:
+    m = CostModel(fixed_us=5.5, tile_us=2.0, tile_rows=64, device="NVIDIA H100 80GB HBM3",
+                  hidden=2048, ffn=1408, source="calibrated", fit={"median_error": 0.03})  # fmt: skip
+    back = CostModel.from_json(m.to_json())
+    assert back == m and back.fit == m.fit
+    d = json.loads(m.to_json())
+    for bad, msg in (
+        ({**d, "schema_version": 9}, "schema"),
+        ({**d, "kind": "other"}, "schema"),
+        ({k: v for k, v in d.items() if k != "tile_us"}, "lacks tile_us"),
+        ({**d, "fixed_us": -1.0}, "fixed_us"),
+        ({**d, "fixed_us": float("nan")}, "fixed_us"),
+        ({**d, "tile_rows": 0}, "tile_rows"),
+        ({**d, "hidden": "big"}, "hidden"),
+        ({**d, "fixed_us": 0.0, "tile_us": 0.0, "row_us": 0.0}, "all 0"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            CostModel.from_dict(bad)
+    with pytest.raises(ValueError, match="JSON"):
+        CostModel.from_json("{")
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+def test_time_metrics_on_a_hand_worked_layout() -> None:
+    m = CostModel(fixed_us=10.0, tile_us=1.0, tile_rows=4)
+    # 2 GPUs x 2 slots; expert 0 on slots 0 and 2, expert 1 on slot 1, expert 2 on slot 3
+    lay = Layout.from_phy2log([[0, 1, 0, 2]], 3)
+    load = [[8.0, 4.0, 0.0]]  # rows per step
+    # even split: slot 0 and 2 get 4 rows each: GPU 0 = (10 + 1) + (10 + 1), GPU 1 = 11 + 0
+    t = gpu_times(load, lay, 2, m, sampling="exact")
+    assert t.tolist() == [[22.0, 11.0]]
+    assert time_balance(load, lay, 2, m, sampling="exact") == pytest.approx(22 / 16.5)
+    assert activated_slots(load, lay, 2, sampling="exact").tolist() == [[2.0, 1.0]]
+    # all of expert 0 on slot 2 (slot 0 idle): GPU 0 = 11, GPU 1 = 10 + 2
+    idle = lay.with_share([[0, 1, 1, 1]])
+    assert gpu_times(load, idle, 2, m, sampling="exact").tolist() == [[11.0, 12.0]]
+    assert activated_slots(load, idle, 2, sampling="exact").tolist() == [[1.0, 1.0]]
+    # counted over 4 steps: 2 rows per step on expert 0, 1 per replica: each read with
+    # probability 1 - e^-1
+    exp = activated_slots([[8.0, 0.0, 0.0]], lay, 2, steps=4)
+    assert exp[0].tolist() == pytest.approx([1 - np.exp(-1), 1 - np.exp(-1)])
+    with pytest.raises(ValueError, match="steps"):
+        gpu_times(load, lay, 2, m, steps=0)
+    with pytest.raises(ValueError, match="CostModel"):
+        time_balance(load, lay, 2, "fast")  # type: ignore[arg-type]
+
+
+# --- the time objective ------------------------------------------------------------------
+
+
+def _check(res_layout: Layout, G: int, E: int, P: int) -> None:
+    res_layout.validate_consistent()
+    assert (res_layout.logcnt >= 1).all()
+    table, count = res_layout.dispatch()
+    assert (count >= 1).all()  # every expert has an active replica
+    assert res_layout.dispatch_width <= P - E + 1
+
+
+def test_decode_regime_leaves_replicas_idle_and_beats_token_balance() -> None:
+    # 128 tokens per step over 64 experts (top-6): about 12 rows per expert, so a
+    # replica is a second weight read for a handful of rows
+    load = _skewed(6, 64, 128 * 6, seed=1)
+    G, P = 8, 72
+    res = plan_with_report(
+        load, num_gpus=G, num_physical_experts=P, cost_model=V2, sampling="exact"
+    )
+    assert res.objective == "time" and res.unit == "us"
+    _check(res.layout, G, 64, P)
+    assert int(res.layout.active.sum()) < 6 * P  # idle replicas
+    tok = plan(load, num_gpus=G, num_physical_experts=P)
+    none = Layout.default(6, 64, P)
+
+    def t(lay: Layout) -> float:
+        return float(gpu_times(load, lay, G, V2, sampling="exact").max(dim=1).values.sum())
+
+    assert t(res.layout) < t(tok) and t(res.layout) < t(none)
+    assert float(res.max_after.sum()) == pytest.approx(t(res.layout))
+    assert (res.max_after >= res.bound * (1 - 1e-9)).all()
+
+
+def test_prefill_regime_activates_the_replicas() -> None:
+    load = _skewed(4, 64, 8192 * 6, seed=2)
+    G, P = 8, 72
+    res = plan_with_report(load, num_gpus=G, num_physical_experts=P, cost_model=V2)
+    _check(res.layout, G, 64, P)
+    assert int(res.layout.active.sum()) == 4 * P
+    tok = plan(load, num_gpus=G, num_physical_experts=P)
+    t_res = time_balance(load, res.layout, G, V2)
+    assert t_res <= time_balance(load, tok, G, V2) * 1.01
+
+
+def test_regime_change_toggles_activity_without_moving_weights() -> None:
+    G, P = 8, 72
+    prefill = _skewed(4, 64, 8192 * 6, seed=3)
+    served = plan(prefill, num_gpus=G, num_physical_experts=P, cost_model=V2)
+    assert served.share is None  # every replica active
+    decode = prefill / 64.0  # the same experts, 64x fewer rows per step
+    res = plan_with_report(decode, num_gpus=G, num_physical_experts=P, cost_model=V2,
+                           previous=served, move_cost=1.0)  # fmt: skip
+    assert res.changed.any()
+    # a change of split alone moves nothing
+    moved = res.moves > 0
+    assert (~res.layout.active[~moved]).any()
+    assert torch.equal(res.layout.phy2log[~moved], served.phy2log[~moved])
+    assert float(res.max_after.sum()) < float(res.max_before.sum())
+
+
+def test_steps_scale_the_load_to_a_step() -> None:
+    load = _skewed(2, 64, 64 * 6, seed=4)
+    G, P = 8, 72
+    one = plan(load, num_gpus=G, num_physical_experts=P, cost_model=V2)
+    many = plan(load * 100, num_gpus=G, num_physical_experts=P, cost_model=V2, steps=100)
+    assert one == many
+
+
+def test_objective_arguments() -> None:
+    load = np.ones((2, 8))
+    kw = {"num_gpus": 2, "num_physical_experts": 10}
+    assert plan_with_report(load, **kw).objective == "tokens"
+    assert plan_with_report(load, **kw, cost_model=V2, objective="tokens").objective == "tokens"
+    with pytest.raises(ValueError, match="needs a cost_model"):
+        plan(load, **kw, objective="time")
+    with pytest.raises(ValueError, match="unknown objective"):
+        plan(load, **kw, objective="speed")
+    with pytest.raises(ValueError, match="CostModel"):
+        plan(load, **kw, cost_model={"fixed_us": 1})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="steps"):
+        plan(load, **kw, cost_model=V2, steps=-1)
+    with pytest.raises(ValueError, match="sampling"):
+        plan(load, **kw, cost_model=V2, sampling="gauss")
+
+
+@st.composite
+def _time_case(draw: st.DrawFn) -> tuple[np.ndarray, int, int, int, float]:
+    nodes = draw(st.sampled_from([1, 2]))
+    G = nodes * draw(st.integers(1, 3))
+    E = draw(st.integers(2, 12))
+    S = max(1, -(-E // G)) + draw(st.integers(0, 2))
+    L = draw(st.integers(1, 3))
+    rows = draw(st.sampled_from([0.0, 3.0, 40.0, 400.0, 40000.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    w = rng.lognormal(0.0, 1.5, (L, E))
+    w = w / w.sum(axis=1, keepdims=True) * rows * E
+    return w, G, G * S, nodes, rows
+
+
+@settings(max_examples=50, deadline=None)
+@given(_time_case(), st.integers(0, 2**16))
+def test_time_plans_are_valid_and_free_moves_never_end_worse_than_scratch(
+    case: tuple[np.ndarray, int, int, int, float], seed: int
+) -> None:
+    w, G, P, N, _ = case
+    L, E = w.shape
+    kw = {"num_gpus": G, "num_physical_experts": P, "num_nodes": N, "cost_model": V2}
+    rng = np.random.default_rng(seed)
+    served = plan(w * rng.uniform(0.1, 3.0, w.shape), **kw)
+    scratch = plan_with_report(w, **kw)
+    res = plan_with_report(w, **kw, previous=served, move_cost=0, min_gain=0)
+    for r in (scratch, res):
+        _check(r.layout, G, E, P)
+        t = gpu_times(w, r.layout, G, V2).max(dim=1).values
+        assert torch.allclose(t, r.max_after, rtol=1e-9, atol=1e-9)
+        assert (r.max_after >= r.bound * (1 - 1e-9) - 1e-9).all()
+    assert (res.max_after <= scratch.max_after * (1 + 1e-9) + 1e-9).all()
