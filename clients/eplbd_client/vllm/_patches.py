@@ -143,9 +143,10 @@ def install(settings: VllmPluginSettings) -> None:
         else:
             h.step(is_dummy or is_profile)
 
-    for wrapper, original in ((eplb_state_add_model, add_model), (eplb_state_step, step)):
+    wrappers: list[tuple[Any, Any]] = [(eplb_state_add_model, add_model), (eplb_state_step, step)]
+    for wrapper, original in wrappers:
         setattr(wrapper, _PATCHED, True)
-        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        wrapper.__wrapped__ = original
         wrapper.__doc__ = f"eplbd's patch of vLLM's EplbState.{original.__name__}."
     EplbState.add_model = eplb_state_add_model
     EplbState.step = eplb_state_step
