@@ -229,3 +229,14 @@ def test_a_handed_over_state_steps_the_client_and_refuses_a_second_model(
     assert len(stepped) == 3 and state.calls == []  # vLLM's own step never runs
     with pytest.raises(RuntimeError, match="second model"):
         state.add_model(_moe_model(), SimpleNamespace(model="draft"))
+
+
+def test_every_setting_is_documented() -> None:
+    from eplbd_client.vllm import VllmPluginSettings
+
+    from eplbd.ops import settings as cfg
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "integration.md").read_text()
+    for spec in cfg.specs(VllmPluginSettings):
+        for name in cfg.env_names(VllmPluginSettings, spec):
+            assert f"`{name}`" in doc, name
