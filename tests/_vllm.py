@@ -218,19 +218,28 @@ class Driver:
     proc: VllmProcess
     out: Path
     control: Path
+    check: Callable[[dict[str, Any]], None]
     seen: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def start(
-        cls, python: Path, workdir: Path, name: str, spec: dict[str, Any], env: dict[str, str]
+        cls,
+        python: Path,
+        workdir: Path,
+        name: str,
+        spec: dict[str, Any],
+        env: dict[str, str],
+        check: Callable[[dict[str, Any]], None],
     ) -> Driver:
+        """``check`` is called on every round as it is read (a failed check stops the wait
+        at once)."""
         out, control = workdir / f"{name}.jsonl", workdir / f"{name}.control"
         control.write_text(spec.pop("phase", "a"))
         spec = {**spec, "out": str(out), "control": str(control)}
         spec_file = workdir / f"{name}.json"
         spec_file.write_text(json.dumps(spec))
         argv = [str(python), str(VLLM_DIR / "driver.py"), str(spec_file)]
-        return cls(VllmProcess.start(argv, env, workdir / f"{name}.log"), out, control)
+        return cls(VllmProcess.start(argv, env, workdir / f"{name}.log"), out, control, check)
 
     def phase(self, name: str) -> None:
         tmp = self.control.with_suffix(".tmp")
@@ -245,7 +254,9 @@ class Driver:
             return []
         lines = text.split("\n")[:-1]
         for line in lines[len(self.seen) :]:
-            self.seen.append(json.loads(line))
+            r = json.loads(line)
+            self.check(r)
+            self.seen.append(r)
         return self.seen
 
     def wait_rounds(
