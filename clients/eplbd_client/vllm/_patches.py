@@ -35,8 +35,7 @@ from typing import Any
 import torch
 
 from eplbd.kernels import map_and_record
-from eplbd_client._client import EplbClient
-from eplbd_client._sources import PeerWeightSource
+from eplbd_client import EplbClient, PeerWeightSource
 from eplbd_client.vllm._settings import VllmPluginSettings
 
 __all__ = [
@@ -191,7 +190,7 @@ def _take_over(
     ep = get_ep_group()
     client: EplbClient | None = None
     try:
-        client = _build_client(state, model, model_config, settings)
+        client = _build_client(model, model_config, settings)
         failed = None
     except Exception as e:  # every rank must take the same road: agree below
         failed = e
@@ -233,9 +232,7 @@ def _take_over(
     )
 
 
-def _build_client(
-    state: Any, model: Any, model_config: Any, settings: VllmPluginSettings
-) -> EplbClient:
+def _build_client(model: Any, model_config: Any, settings: VllmPluginSettings) -> EplbClient:
     from vllm.distributed.parallel_state import get_ep_group, get_eplb_group, get_node_count
 
     ep, eplb = get_ep_group(), get_eplb_group()
