@@ -554,10 +554,18 @@ class Stack:
         )
         return self.planner
 
-    def start_agent(self, node: str, *, embedded_planner: bool = False, **settings: Any) -> Agent:
+    def start_agent(
+        self,
+        node: str,
+        *,
+        embedded_planner: bool = False,
+        planner: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> Agent:
         """Start ``eplbd agent`` with its runtime dir ``<dir>/<node>``, connected to the
         stack's planner, or with ``--embedded-planner`` (state in ``<dir>/state``, planner
-        settings :data:`PLANNER_FAST` through ``EPLBD_PLANNER_*``). Returns at once."""
+        settings :data:`PLANNER_FAST` updated with ``planner``, through ``EPLBD_PLANNER_*``).
+        Returns at once."""
         rd = self.dir / node
         s: dict[str, Any] = {
             "runtime_dir": rd,
@@ -571,7 +579,8 @@ class Stack:
         if embedded_planner:
             s["state_dir"] = self.dir / "state"
             argv = ["agent", "--embedded-planner", *_flags(s)]
-            env.update({f"EPLBD_PLANNER_{k.upper()}": str(v) for k, v in PLANNER_FAST.items()})
+            ps = {**PLANNER_FAST, **(planner or {})}
+            env.update({f"EPLBD_PLANNER_{k.upper()}": str(v) for k, v in ps.items()})
         else:
             assert self.planner is not None, "start the planner first"
             argv = ["agent", "--planner", self.planner.control, *_flags(s)]

@@ -16,6 +16,7 @@ PACKAGES = [
     "eplbd.testing",
     "eplbd.wire",
     "eplbd_client",
+    "eplbd_client.vllm",
 ]
 
 
