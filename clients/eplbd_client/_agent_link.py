@@ -15,7 +15,7 @@ The serving thread talks to it through two plain objects: it puts ``(msg_type, b
 tensors)`` triples on ``outbox`` (a ``queue.Queue``; ``put_nowait`` never blocks on the link,
 which drains it every few milliseconds whether or not the agent is up), and it receives the
 agent's ``welcome``, ``schedule``, ``prepare`` and ``abort`` through ``deliver(msg_type, body,
-tensors)``, called from the IO thread after the message was decoded and validated (bad ones
+tensors)`` (tensors as torch tensors), called from the IO thread after the message was decoded and validated (bad ones
 are counted, logged through ``logging.getLogger("eplbd_client")`` and dropped). ``deliver``
 should only enqueue: it runs on the IO thread.
 
@@ -67,6 +67,7 @@ from eplbd.wire import (
     decode,
     new_incarnation,
     snapshot_sender,
+    torch_tensors,
     validate,
 )
 
@@ -405,7 +406,7 @@ class AgentLink:
             action = "welcomed"
         self._count(f"delivered_{msg.type}")
         try:
-            self._deliver(msg.type, body, dict(msg.tensors))
+            self._deliver(msg.type, body, torch_tensors(msg))
         except Exception:
             self._count("deliver_errors")
             log.exception("eplbd: deliver(%s) raised; message dropped", msg.type)

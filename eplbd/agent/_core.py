@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from eplbd import __version__
 from eplbd.agent._merge import Merged, SnapshotMerger
@@ -109,7 +109,7 @@ class Send:
     to: str
     msg_type: str
     body: dict[str, Any]
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
     identity: bytes = b""
 
 
@@ -183,8 +183,8 @@ class _Group:
     model: ModelShape | None = None
     ep_size: int = 0
     epoch: int = 0  # last committed epoch known (0: the initial layout)
-    phy2log: torch.Tensor | None = None  # its layout [L, P] int64, None for epoch 0
-    pending: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)
+    phy2log: np.ndarray | None = None  # its layout [L, P] int64, None for epoch 0
+    pending: OrderedDict[int, np.ndarray] = field(default_factory=OrderedDict)
     held: deque[Merged] = field(default_factory=deque)
 
 
@@ -418,7 +418,7 @@ class AgentCore:
             "schedule": self.schedule.body(),
             "agent": self.cfg.agent_id,
         }
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, np.ndarray] = {}
         p2l, model = g.phy2log, g.model
         if g.epoch > 0 and p2l is not None and model is not None and tuple(p2l.shape) == model.lp:
             body["epoch"] = g.epoch
@@ -704,13 +704,13 @@ class AgentCore:
                 out.append(self._snapshot_send(g.held.popleft()))
         return out
 
-    def _on_layout(self, body: dict[str, Any], phy2log: torch.Tensor) -> list[Send]:
+    def _on_layout(self, body: dict[str, Any], phy2log: np.ndarray) -> list[Send]:
         name, epoch = str(body["group"]), int(body["epoch"])
         g = self._group(name)
         if g is None:
             return []
         if epoch > g.epoch or (epoch == g.epoch and g.phy2log is None and epoch > 0):
-            g.epoch, g.phy2log = epoch, phy2log.to(torch.int64).contiguous()
+            g.epoch, g.phy2log = epoch, np.ascontiguousarray(phy2log, dtype=np.int64)
             for e in [e for e in g.pending if e <= epoch]:
                 del g.pending[e]
             log.info("layout from the planner", group=name, epoch=epoch)
