@@ -369,6 +369,91 @@ def test_garbage_on_the_control_socket_is_answered_and_counted(clock: FakeClock)
     assert of(register(core, b"w0", hello("w0", 0)), WORKER, "welcome")
 
 
+# --- the agent's own stalls, lost reports, what ranks serve -------------------------------
+
+
+def heartbeat(core: AgentCore, ident: bytes, worker: str, epoch: int | None = None) -> list[Send]:
+    body: dict[str, Any] = {"sender": worker, "incarnation": f"{worker}-i1"}
+    if epoch is not None:
+        body["epoch"] = epoch
+    return core.on_worker(ident, encode("heartbeat", body))
+
+
+def test_a_gap_between_ticks_is_the_agents_stall_not_its_workers_silence(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    register(core, b"w1", hello("w1", 1))
+    clock.advance(30.0)  # SIGSTOP: no tick ran for 30 s (dead_s is 5)
+    out = core.tick()
+    assert list(core.workers) == ["w0", "w1"] and not of(out, PLANNER, "worker_left")
+    (ah,) = of(out, PLANNER, "agent_hello")  # the session starts over at once
+    assert {w["worker"] for w in ah.body["workers"]} == {"w0", "w1"} and not core.synced
+    assert core.events["stalled"] == 1
+    # the grace is one dead timeout: a worker still silent after it is gone
+    for _ in range(6):
+        clock.advance(1.0)
+        heartbeat(core, b"w0", "w0")
+        out = core.tick()
+        if of(out, PLANNER, "worker_left") or "w1" not in core.workers:
+            break
+    assert list(core.workers) == ["w0"] and core.events["worker_left:timeout"] == 1
+
+
+def test_a_refused_send_to_the_planner_keeps_the_answer_and_resyncs(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    committed = {"group": "g0", "epoch": 3, "ep_rank": 0, "worker": "w0", "step": 5}
+    (up,) = of(core.on_worker(b"w0", encode("committed", committed)), PLANNER)
+    out = core.planner_send_failed(up)  # the loop could not send it: no planner connection
+    assert of(out, PLANNER, "agent_hello") and not core.synced
+    assert core.workers["w0"].epoch == 3
+    assert roundtrip(of(out, PLANNER, "agent_hello")[0]).body["workers"][0]["epoch"] == 3
+    assert core.planner_send_failed(of(out, PLANNER)[0]) == []  # agent_hello: retried later
+    out = core.on_planner(
+        encode("welcome", {"incarnation": "pl-1", "epoch": 0, "schedule": Schedule().body()})
+    )
+    assert [roundtrip(s).body["step"] for s in of(out, PLANNER, "committed")] == [5]
+
+
+def test_a_worker_serving_a_newer_epoch_than_reported_is_told_to_the_planner(
+    clock: FakeClock,
+) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    register(core, b"w1", hello("w1", 1))
+    core.on_planner(
+        encode("prepare", {"group": "g0", "epoch": 2, "timeout_s": 9.0}, {"phy2log": p2l(1)})
+    )
+    # w0's committed was lost; its next hello says it serves epoch 2
+    out = register(core, b"w0", hello("w0", 0, epoch=2))
+    (joined,) = of(out, PLANNER, "worker_joined")
+    assert roundtrip(joined).body["hello"]["epoch"] == 2 and joined.body["worker"] == "w0"
+    assert core.groups["g0"].epoch == 2  # the layout it relayed is the group's now
+    # w1's heartbeats say so too: told once its committed had a heartbeat's time to arrive
+    assert heartbeat(core, b"w1", "w1", epoch=2) == []
+    assert not of(core.tick(), PLANNER, "worker_joined")
+    clock.advance(1.0)
+    heartbeat(core, b"w1", "w1", epoch=2)
+    (joined,) = of(core.tick(), PLANNER, "worker_joined")
+    assert joined.body["worker"] == "w1" and joined.body["epoch"] == 2
+    clock.advance(1.0)
+    heartbeat(core, b"w1", "w1", epoch=2)
+    assert not of(core.tick(), PLANNER, "worker_joined")  # said once
+
+
+def test_an_epoch_change_during_the_hello_is_sent_after_the_welcome(clock: FakeClock) -> None:
+    core = make_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    (ah,) = of(core.tick(), PLANNER, "agent_hello")
+    assert ah.body["workers"][0]["epoch"] == 0
+    register(core, b"w0", hello("w0", 0, epoch=4))  # before the planner's welcome
+    out = core.on_planner(
+        encode("welcome", {"incarnation": "pl-1", "epoch": 0, "schedule": Schedule().body()})
+    )
+    (joined,) = of(out, PLANNER, "worker_joined")
+    assert joined.body["epoch"] == 4
+
+
 def test_merger_bounds_open_windows_per_group() -> None:
     m = SnapshotMerger(timeout_s=10.0, max_open_per_group=2)
     ranks = {0, 1}

@@ -179,7 +179,8 @@ class FakeWorker:
         raise AssertionError(f"{self.name}: no {msg_type}")
 
     def heartbeat(self) -> None:
-        self.ctrl.send("heartbeat", {"sender": self.name, "incarnation": self.hello["incarnation"]})
+        inc, epoch = self.hello["incarnation"], self.hello["epoch"]
+        self.ctrl.send("heartbeat", {"sender": self.name, "incarnation": inc, "epoch": epoch})
 
     def snapshot(self, counts: torch.Tensor, s0: int = 0) -> None:
         self.seq += 1

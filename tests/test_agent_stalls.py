@@ -129,3 +129,77 @@ def test_the_agent_runs_without_torch_in_under_100_mb(ctx: zmq.Context[Any], run
             w.close()
         agent.close()
         fp.close()
+
+
+def test_a_resumed_agent_gives_its_workers_time_instead_of_declaring_them_left(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    """SIGSTOP longer than the dead timeout while the workers say nothing (their link holds
+    its messages, as a real one does once the agent is silent): after SIGCONT the agent must
+    not count its own stall as its workers' silence."""
+    fp = FakePlanner(ctx)
+    agent = AgentProcess(rundir, fp)
+    workers: list[FakeWorker] = []
+    try:
+        workers = _registered(ctx, agent, fp)
+        fp.keepalive = []
+        agent.stall(fp, 2 * DEAD)
+        fp.keepalive = workers  # they talk again once the agent runs
+        resumed = time.monotonic()
+        fp.pump(lambda p: time.monotonic() > resumed + 2 * DEAD, timeout=4 * DEAD)
+        m = agent.metrics()
+        assert m.get('eplbd_agent_events_total{event="worker_left_timeout"}', 0) == 0
+        assert m["eplbd_agent_workers"] == 2
+        assert m.get('eplbd_agent_events_total{event="stalled"}', 0) >= 1
+        assert not fp.of("worker_left")
+        hellos = fp.of("agent_hello")
+        assert {w["worker"] for w in hellos[-1].body["workers"]} == {"w0", "w1"}
+    finally:
+        for w in workers:
+            w.close()
+        agent.close()
+        fp.close()
+
+
+def test_what_ranks_serve_reaches_the_planner_after_the_agent_stalls(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    """The ranks flip to epoch 1 while their agent is stopped and its ``committed`` reports
+    never arrive (lost with the connection): once the agent runs again, the planner must be
+    told what each rank serves (from the workers' heartbeats), not keep epoch 0 until the
+    next commit."""
+    fp = FakePlanner(ctx)
+    agent = AgentProcess(rundir, fp)
+    workers: list[FakeWorker] = []
+    try:
+        workers = _registered(ctx, agent, fp)
+        fp.keepalive = workers
+        fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 30.0}, {"phy2log": p2l(1)})
+        for w in workers:
+            w.expect("prepare")
+            w.answer("staged", 1, ok=True, reason="", staged_bytes=0)
+        fp.pump(lambda p: len(p.of("staged")) == 2)
+        fp.keepalive = []
+        agent.stall(fp, 2 * DEAD)
+        for w in workers:  # they serve epoch 1 now, and say so in every heartbeat
+            w.hello["epoch"] = 1
+        fp.keepalive = workers
+
+        def told_epochs(p: FakePlanner) -> dict[str, int]:
+            seen: dict[str, int] = {}
+            for m in p.control:
+                b = m.body
+                if m.type == "agent_hello":
+                    seen.update({w["worker"]: w["epoch"] for w in b["workers"]})
+                elif m.type == "worker_joined":
+                    seen[b["worker"]] = b["hello"]["epoch"]
+                elif m.type == "committed":
+                    seen[b["worker"]] = b["epoch"]
+            return seen
+
+        fp.pump(lambda p: told_epochs(p) == {"w0": 1, "w1": 1}, timeout=5 * DEAD)
+    finally:
+        for w in workers:
+            w.close()
+        agent.close()
+        fp.close()

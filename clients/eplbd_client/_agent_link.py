@@ -287,8 +287,17 @@ class AgentLink:
             if now >= next_hb:
                 next_hb = now + self.heartbeat_s
                 if self._welcomed:
-                    body = {"sender": self._sender[0], "incarnation": self._sender[1]}
-                    dealer.send(HEARTBEAT, body)
+                    dealer.send(HEARTBEAT, self._heartbeat_body())
+
+    def _heartbeat_body(self) -> dict[str, Any]:
+        """sender, incarnation and (extra) the epoch the worker serves: the agent learns it
+        even when a ``committed`` was lost on the way."""
+        body: dict[str, Any] = {"sender": self._sender[0], "incarnation": self._sender[1]}
+        with contextlib.suppress(Exception):
+            epoch = self._hello().get("epoch")
+            if type(epoch) is int and epoch >= 0:
+                body["epoch"] = epoch
+        return body
 
     def _send_hello(self, dealer: WireSocket) -> ModelShape | None:
         try:

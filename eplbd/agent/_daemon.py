@@ -11,7 +11,9 @@ One thread owns all four sockets (one socket, one thread):
 
 Every send is non-blocking: a full queue or a vanished peer is a counted drop, so neither a
 slow planner nor a stuck worker can stall the loop, and the loop never waits on anything but
-its poller (at most 50 ms, so a stop request is seen quickly).
+its poller (at most 50 ms, so a stop request is seen quickly). A control message the planner
+socket refused goes back to the core (``planner_send_failed``), which keeps the workers'
+answers and starts the session over.
 
 :func:`start_agent` runs an agent in a thread of the calling process (tests, the demo);
 ``eplbd agent`` (:mod:`eplbd.cli.agent_cmd`) runs :meth:`AgentDaemon.run` in its main thread.
@@ -320,9 +322,12 @@ class AgentDaemon:
             if sock is None:
                 continue
             try:
-                sock.send(s.msg_type, s.body, s.tensors or None, to=to)
+                ok = sock.send(s.msg_type, s.body, s.tensors or None, to=to)
             except WireError as e:
                 log.error("cannot encode", type=s.msg_type, error=str(e))
+                continue
+            if not ok and s.to == PLANNER:  # counted by the socket; the core keeps what matters
+                self._send(self.core.planner_send_failed(s))
 
     def _publish(self, force: bool = False) -> None:
         now = self.clock.monotonic()
