@@ -172,7 +172,7 @@ def test_layer_state_shapes_and_fixed_addresses() -> None:
 def test_map_and_record_uses_the_kernel_on_the_layer_state() -> None:
     p2l = _layouts(1, seed=4)[0]
     client = EplbClient(L, E, P, initial_layout=p2l)
-    client.set_schedule(10, 10)
+    client.set_schedule(1, 1)  # windows of one step: recording from the next step on
     client.step()
     ids = torch.randint(0, E, (50, 3), generator=torch.Generator().manual_seed(1))
     lay = Layout.from_phy2log(p2l, E)
