@@ -335,7 +335,8 @@ class SimRank:
             self.backoff = min(self.backoff * 2, _HELLO_BACKOFF[1])
         if self.welcomed and now >= self.next_hb:
             self.next_hb = now + hb
-            self._send(HEARTBEAT, {"sender": self.worker, "incarnation": self.incarnation})
+            body = {"sender": self.worker, "incarnation": self.incarnation, "epoch": self.epoch}
+            self._send(HEARTBEAT, body)
         p = self.pending
         if p is not None and not p.staged and not p.fail_reason and now >= p.staged_at:
             p.staged = True
@@ -395,7 +396,12 @@ class SimRank:
     # --- the client's commit rules -----------------------------------------------------------
 
     def _ids(self, epoch: int) -> dict[str, Any]:
-        return {"group": self.group.name, "epoch": epoch, "ep_rank": self.rank, "worker": self.worker}
+        return {
+            "group": self.group.name,
+            "epoch": epoch,
+            "ep_rank": self.rank,
+            "worker": self.worker,
+        }
 
     def _refuse(self, epoch: int, reason: str) -> None:
         self._count("refused")
@@ -453,7 +459,9 @@ class SimRank:
             self.failed_epoch = max(self.failed_epoch, p.epoch)
         return p.epoch, p.epoch if p.staged else 0, self.failed_epoch, p.digest
 
-    def decide(self, vmin: int, vmax: int, smin: int, smax: int, f: int, hmin: int, hmax: int) -> bool:
+    def decide(
+        self, vmin: int, vmax: int, smin: int, smax: int, f: int, hmin: int, hmax: int
+    ) -> bool:
         """The client's decision after the all-reduce; True if this rank applied its epoch."""
         self.failed_epoch = max(self.failed_epoch, f)
         p = self.pending
@@ -521,14 +529,7 @@ class SimRank:
             self._snapshot(self.win_start, step)
             self.recording = False
         if step >= self.win_end:
-            W, R, on = self.schedule
-            if not on or R == 0:
-                return
-            if self.cfg.legacy_windows:
-                self.win_start, self.rec_end, self.win_end = step, step + R, step + W
-            else:
-                self.win_start, self.rec_end, self.win_end = window_at(step, W, R)
-            self.recording = self.win_start == step
+            self._open_window(step)
 
     def _snapshot(self, start: int, end: int) -> None:
         assert self.push is not None
@@ -591,7 +592,8 @@ class SimGroup:
         self._shares_cache: dict[tuple[int, int], np.ndarray] = {}
         per_node = ep_size // len(agent_dirs)
         self.ranks = [
-            SimRank(self, r, nodes[r // per_node], agent_dirs[r // per_node]) for r in range(ep_size)
+            SimRank(self, r, nodes[r // per_node], agent_dirs[r // per_node])
+            for r in range(ep_size)
         ]
         self.step = 0
         self.paused = False
@@ -662,7 +664,15 @@ class Simulator:
         agent_dirs: list[str],
         nodes: list[str],
     ) -> SimGroup:
-        g = SimGroup(self, name, ep_size, slots_per_rank, agent_dirs, nodes, self.cfg.seed + len(self.groups) * 101)
+        g = SimGroup(
+            self,
+            name,
+            ep_size,
+            slots_per_rank,
+            agent_dirs,
+            nodes,
+            self.cfg.seed + len(self.groups) * 101,
+        )
         self.groups.append(g)
         return g
 

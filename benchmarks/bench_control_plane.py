@@ -137,6 +137,7 @@ class Timing:
     drop_s: float = 10.0
     settle_limit_s: float = 60.0
     rank_heartbeat_s: float = 1.0
+    drift_every_s: float = 3.0  # the load changes, so every forced rebalance has a gain
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -392,6 +393,7 @@ class Bench:
                 sync_interval=t.sync_interval,
                 staging_s=t.staging_s,
                 heartbeat_s=t.rank_heartbeat_s,
+                drift_every_s=t.drift_every_s,
                 legacy_windows=legacy_windows,
             ),
             run_id=self.dir.name,
@@ -465,7 +467,9 @@ class Bench:
                 s["planner_snapshots"] = f"tcp://127.0.0.1:{self.proxy_ports[1]}"
             argv = [sys.executable, "-m", "eplbd", "agent", *_flags(s)]
             self.nodes.append(node)
-            self.agents.append(Proc(f"agent-{node}", argv, self.dir / f"{node}.log", "agent serving"))
+            self.agents.append(
+                Proc(f"agent-{node}", argv, self.dir / f"{node}.log", "agent serving")
+            )
 
     def close(self) -> None:
         self.stop_sim.set()
@@ -538,7 +542,9 @@ class Bench:
             time.sleep(0.5)
         return None, 0.0
 
-    def wait_prepared(self, group: str, epoch: int, ranks: list[int], timeout_s: float = 20.0) -> bool:
+    def wait_prepared(
+        self, group: str, epoch: int, ranks: list[int], timeout_s: float = 20.0
+    ) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             got = self.sim.prepare_rx.get((group, epoch), {})
@@ -553,7 +559,7 @@ class Bench:
     # --- the run -----------------------------------------------------------------------------
 
     def run(self, faults: tuple[str, ...]) -> dict[str, Any]:
-        sc, t = self.sc, self.t
+        sc = self.sc
         res = self.results
         t_start = time.time()
         self.start_planner()
@@ -570,7 +576,9 @@ class Bench:
         for name, ep in sc.groups:
             n_nodes = ep // per_node
             dirs = [str(self.dir / self.nodes[i]) for i in range(first, first + n_nodes)]
-            self.sim.add_group(name, ep, sc.num_experts // ep + 1, dirs, self.nodes[first : first + n_nodes])
+            self.sim.add_group(
+                name, ep, sc.num_experts // ep + 1, dirs, self.nodes[first : first + n_nodes]
+            )
             first += n_nodes
         started = threading.Event()
         self.sim_thread = threading.Thread(
@@ -583,10 +591,14 @@ class Bench:
         reg = None
         while time.time() < t_sim + 120:
             st = self.status()
-            if st is not None and all(
-                g["complete"] and all(r["state"] == "alive" for r in g["ranks"])
-                for g in st["groups"]
-            ) and len(st["groups"]) == len(sc.groups):
+            if (
+                st is not None
+                and all(
+                    g["complete"] and all(r["state"] == "alive" for r in g["ranks"])
+                    for g in st["groups"]
+                )
+                and len(st["groups"]) == len(sc.groups)
+            ):
                 reg = time.time() - t_sim
                 break
             time.sleep(0.1)
@@ -603,6 +615,11 @@ class Bench:
         self.drain()
         self.collect()
         res["run_s"] = round(time.time() - t_start, 1)
+        ranks: dict[str, int] = {}
+        for r in self.sim.ranks():
+            for k, v in r.counts.items():
+                ranks[k] = ranks.get(k, 0) + v
+        res["rank_counters"] = ranks
         return res
 
     def _samples(self) -> dict[str, Any]:
@@ -619,6 +636,7 @@ class Bench:
             "agents_cpu": sum(a.cpu_s() for a in self.agents if a.alive()),
             "snapshots": snaps,
             "received": {} if st is None else dict(st["planner"]["counters"]["received"]),
+            "steps": sum(g.step for g in self.sim.groups),
             "sim": dict(self.sim.stats.msgs),
             "sim_bytes": dict(self.sim.stats.nbytes),
             "agent_metrics": self.agent_metrics(),
@@ -633,7 +651,14 @@ class Bench:
                 continue
             with contextlib.suppress(Exception):
                 for k, v in _scrape(str(a.serving["metrics"])).items():
-                    if k.startswith(("eplbd_agent_snapshots_forwarded_total", "eplbd_agent_relayed_total", "eplbd_agent_events_total", "eplbd_agent_dropped_total")):
+                    if k.startswith(
+                        (
+                            "eplbd_agent_snapshots_forwarded_total",
+                            "eplbd_agent_relayed_total",
+                            "eplbd_agent_events_total",
+                            "eplbd_agent_dropped_total",
+                        )
+                    ):
                         tot[k] = tot.get(k, 0.0) + v
         return tot
 
@@ -679,19 +704,19 @@ class Bench:
             "agent_torch": any(p.maps_torch() for p in self.agents[:3]),
             "bench_cpu_pct": round(100 * (b["self_cpu"] - a["self_cpu"]) / dt, 1),
             "snapshots_per_s": round((b["snapshots"] - a["snapshots"]) / dt, 1),
-            "snapshots_expected_per_s": round(
-                self.sc.nodes * t.steps_per_s / t.window_steps, 1
-            ),
+            "snapshots_expected_per_s": round(self.sc.nodes * t.steps_per_s / t.window_steps, 1),
             "status_rtt_ms_p50": round(1000 * statistics.median(self.status_rtts), 1),
             "status_rtt_ms_max": round(1000 * max(self.status_rtts), 1),
             "plan_rtt_ms_p50": None if not plan else round(1000 * statistics.median(plan), 1),
             "plan_rtt_ms_max": None if not plan else round(1000 * max(plan), 1),
             "commits_started": len(epochs),
-            "steps_late": self.sim.steps_late,
+            "steps_per_s": round((b["steps"] - a["steps"]) / dt / len(self.sim.groups), 1),
             "load_average": [round(a["load"], 1), round(b["load"], 1)],
         }
         fwd = {
-            kind: b["agent_metrics"].get(f'eplbd_agent_snapshots_forwarded_total{{kind="{kind}"}}', 0)
+            kind: b["agent_metrics"].get(
+                f'eplbd_agent_snapshots_forwarded_total{{kind="{kind}"}}', 0
+            )
             - a["agent_metrics"].get(f'eplbd_agent_snapshots_forwarded_total{{kind="{kind}"}}', 0)
             for kind in ("complete", "partial")
         }
@@ -818,13 +843,17 @@ class Bench:
         done = [r for r in rows if r.get("state") == "committed" and "beyond_s" in r]
 
         def q(key: str, p: float) -> float | None:
-            v = _pct([r[key] for r in done], p)
+            v = _pct([float(r[key]) for r in done], p)
             return None if v is None else round(v, 3)
 
         res["commits"] = {
             "n": len(done),
             "not_committed": [r for r in rows if r.get("state") != "committed"],
-            **{f"{k}_p{p}": q(k, p) for k in ("total_s", "beyond_s", "first_s", "fanout_s", "consensus_s", "fanin_s") for p in (50, 99)},
+            **{
+                f"{k}_p{p}": q(k, p)
+                for k in ("total_s", "beyond_s", "first_s", "fanout_s", "consensus_s", "fanin_s")
+                for p in (50, 99)
+            },
             "staging_s": t.staging_s,
             "consensus_period_s": round(t.sync_interval / t.steps_per_s, 3),
         }
@@ -836,7 +865,9 @@ class Bench:
 
         res["per_commit"] = {
             "ranks_rx_prepare": per_commit(a["sim"], b["sim"], "down:prepare"),
-            "ranks_rx_prepare_mb": round(per_commit(a["sim_bytes"], b["sim_bytes"], "down:prepare") / 1e6, 2),
+            "ranks_rx_prepare_mb": round(
+                per_commit(a["sim_bytes"], b["sim_bytes"], "down:prepare") / 1e6, 2
+            ),
             "ranks_tx_staged": per_commit(a["sim"], b["sim"], "up:staged"),
             "ranks_tx_committed": per_commit(a["sim"], b["sim"], "up:committed"),
             "ranks_tx_aborted": per_commit(a["sim"], b["sim"], "up:aborted"),
@@ -889,7 +920,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--faults", default=",".join(FAULTS), help="comma list, or none")
     ap.add_argument("--label", default="current")
     ap.add_argument("--record", type=Path, default=None, help="append results (JSON lines)")
-    ap.add_argument("--legacy-windows", action="store_true", help="the client's window rule before issue 14")
+    ap.add_argument(
+        "--legacy-windows", action="store_true", help="the client's window rule before issue 14"
+    )
     for f in Timing.__dataclass_fields__.values():
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = ap.parse_args(argv)
@@ -901,7 +934,9 @@ def main(argv: list[str] | None = None) -> int:
         sc = SCENARIOS[name]
         print(f"scenario {name}: {sc.ranks} ranks on {sc.nodes} agents, groups {sc.groups}")
         r = run_scenario(sc, t, faults, args.legacy_windows)
-        r.update(label=args.label, machine=machine, timing=asdict(t), at=time.strftime("%Y-%m-%d %H:%M"))
+        r.update(
+            label=args.label, machine=machine, timing=asdict(t), at=time.strftime("%Y-%m-%d %H:%M")
+        )
         print(json.dumps(r, indent=1))
         if args.record is not None:
             args.record.parent.mkdir(parents=True, exist_ok=True)
