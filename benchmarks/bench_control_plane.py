@@ -817,7 +817,7 @@ class Bench:
         h = self.pc.history()
         res = self.results
         t = self.t
-        rows = []
+        rows: list[dict[str, Any]] = []
         if h is not None:
             by = {(gh["group"], a["epoch"]): a for gh in h["groups"] for a in gh["attempts"]}
             for key in self.steady_epochs:
