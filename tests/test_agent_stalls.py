@@ -101,7 +101,7 @@ def _registered(ctx: zmq.Context[Any], agent: AgentProcess, fp: FakePlanner) -> 
     workers = [agent.worker(ctx, f"w{r}", r) for r in range(2)]
     for w in workers:
         w.say_hello()
-    fp.pump(lambda p: {"w0", "w1"} <= set(p.told()))
+    fp.pump(lambda p: {"w0", "w1"} <= set(p.told()), timeout=30)
     return workers
 
 
@@ -115,9 +115,9 @@ def test_the_agent_runs_without_torch_in_under_100_mb(ctx: zmq.Context[Any], run
         fp.keepalive = workers
         fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 30.0}, {"phy2log": p2l(1)})
         for w in workers:
-            assert np.array_equal(w.expect("prepare").tensors["phy2log"], p2l(1))
+            assert np.array_equal(w.expect("prepare", 30).tensors["phy2log"], p2l(1))
             w.snapshot(np.ones((2, 8), dtype=np.int32))
-        merged = fp.pump(lambda p: p.snapshots)[0]
+        merged = fp.pump(lambda p: p.snapshots, timeout=30)[0]
         assert merged.body["ep_ranks"] == [0, 1] and int(merged.tensors["counts"][0, 0]) == 2
         maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
         assert "libtorch" not in maps and "/torch/" not in maps
@@ -176,9 +176,9 @@ def test_what_ranks_serve_reaches_the_planner_after_the_agent_stalls(
         fp.keepalive = workers
         fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 30.0}, {"phy2log": p2l(1)})
         for w in workers:
-            w.expect("prepare")
+            w.expect("prepare", 30)
             w.answer("staged", 1, ok=True, reason="", staged_bytes=0)
-        fp.pump(lambda p: len(p.of("staged")) == 2)
+        fp.pump(lambda p: len(p.of("staged")) == 2, timeout=30)
         fp.keepalive = []
         agent.stall(fp, 2 * DEAD)
         for w in workers:  # they serve epoch 1 now, and say so in every heartbeat
@@ -197,7 +197,7 @@ def test_what_ranks_serve_reaches_the_planner_after_the_agent_stalls(
                     seen[b["worker"]] = b["epoch"]
             return seen
 
-        fp.pump(lambda p: told_epochs(p) == {"w0": 1, "w1": 1}, timeout=5 * DEAD)
+        fp.pump(lambda p: told_epochs(p) == {"w0": 1, "w1": 1}, timeout=30)
     finally:
         for w in workers:
             w.close()

@@ -321,6 +321,14 @@ class AgentCore:
 
     # --- workers' control socket --------------------------------------------------------
 
+    def planner_link_lost(self) -> list[Send]:
+        """The connection to the planner dropped: what was queued on it may be lost (no
+        receipt), so a session we believed up starts over."""
+        if not self.synced or not self.cfg.has_planner:
+            return []
+        log.warning("planner connection lost: resynchronising")
+        return self._resync("disconnected")
+
     def on_worker(self, identity: bytes, frames: Sequence[Any]) -> list[Send]:
         """A message from a worker's DEALER (ROUTER identity already split off)."""
         sender = self.by_identity.get(identity) or f"id:{identity.hex()[:16]}"

@@ -13,7 +13,8 @@ Every send is non-blocking: a full queue or a vanished peer is a counted drop, s
 slow planner nor a stuck worker can stall the loop, and the loop never waits on anything but
 its poller (at most 50 ms, so a stop request is seen quickly). A control message the planner
 socket refused goes back to the core (``planner_send_failed``), which keeps the workers'
-answers and starts the session over.
+answers and starts the session over; so does a dropped connection to the planner (a socket
+monitor on the DEALER: ZeroMQ gives no receipt for what was queued on it).
 
 :func:`start_agent` runs an agent in a thread of the calling process (tests, the demo);
 ``eplbd agent`` (:mod:`eplbd.cli.agent_cmd`) runs :meth:`AgentDaemon.run` in its main thread.
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from eplbd.agent._core import (
     PLANNER,
@@ -147,6 +149,7 @@ class AgentDaemon:
         self._pull: WireSocket | None = None
         self._dealer: WireSocket | None = None
         self._push: WireSocket | None = None
+        self._monitor: zmq.Socket[Any] | None = None  # the planner DEALER's disconnects
         self._planner_service: Any = None
         self._metrics_server: MetricsServer | None = None
         self._status: dict[str, Any] = self.core.status()
@@ -191,6 +194,7 @@ class AgentDaemon:
                     options=CONTROL_OPTIONS,
                     counters=self.core.planner_counters,
                 )
+                self._monitor = self._dealer.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
                 assert self.endpoints.planner_snapshots is not None
                 self._push = snapshot_sender(
                     self._ctx,
@@ -230,6 +234,11 @@ class AgentDaemon:
     def close(self) -> None:
         """Close every socket (linger 0), release the lock files, stop the embedded planner
         and the metrics endpoint. Idempotent."""
+        if self._monitor is not None:
+            if self._dealer is not None:
+                self._dealer.socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         for sock in (self._push, self._dealer, self._pull, self._router):
             if sock is not None:
                 sock.close()
@@ -271,6 +280,8 @@ class AgentDaemon:
             readers.append((self._dealer, self.core.on_planner))
         for sock, _ in readers:
             poller.register(sock.socket, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         self._send(self.core.tick())
         while not stop.is_set():
             wait = self.core.next_deadline() - self.clock.monotonic()
@@ -281,6 +292,8 @@ class AgentDaemon:
                 if e.errno == zmq.ETERM:
                     break
                 raise
+            if self._monitor is not None and self._monitor in ready:
+                self._planner_link_events()
             for sock, handle in readers:
                 if sock.socket in ready:
                     self._drain(sock, handle)
@@ -295,6 +308,18 @@ class AgentDaemon:
             if self.watchdog is not None:
                 self.watchdog.progress()
                 self.watchdog.maybe_ping()
+
+    def _planner_link_events(self) -> None:
+        """The connection to the planner dropped (a ZMTP heartbeat timed out, the planner
+        went): what was sent on it may never have arrived, so the core starts over."""
+        assert self._monitor is not None
+        while True:
+            try:
+                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_DISCONNECTED:
+                self._send(self.core.planner_link_lost())
 
     def _drain(self, sock: WireSocket, handle: Callable[[list[Any]], list[Send]]) -> None:
         for _ in range(_BATCH):
