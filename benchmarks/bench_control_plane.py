@@ -803,7 +803,8 @@ class Bench:
             g.paused = True
         t0 = time.time()
         last_n, last_change = -1, t0
-        while time.time() < t0 + self.t.merge_timeout_s + 6.0:
+        quiet = self.t.merge_timeout_s + 1.0  # a partial window waits merge_timeout_s
+        while time.time() < min(t0 + 30.0, last_change + quiet):
             st, _ = self.pc.status()
             if st is not None:
                 n = st["planner"]["counters"]["received"].get("snapshot", 0)
