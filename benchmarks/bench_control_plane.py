@@ -915,6 +915,113 @@ def machine_line() -> str:
     )
 
 
+def _f(x: Any, nd: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """The docs section: three tables (resources and ingest, commits and status, faults),
+    one row per run (label, scenario), in the order recorded."""
+    out = [
+        "## Control plane at scale (`bench_control_plane`)",
+        "",
+        "One real `eplbd planner`, one real `eplbd agent` per node (8 ranks each), the ranks "
+        "**simulated** by `benchmarks/_cp_sim.py` on the agents' real ipc sockets with the real "
+        "messages; **the consensus among the ranks is emulated in-process** (a rank applies an "
+        "epoch only if every rank of its group staged it, at the same step, every "
+        "`sync_interval` = 16 steps at 20 steps/s: a 0.8 s pace), staging 0.5 s. DeepSeek-V3 "
+        "shapes (58 layers, 256 experts, top-8; P = 288, 288, 320 slots at EP 32, 144, 320), a "
+        "4-of-16-step recording schedule, skewed load drifting every 3 s, a forced rebalance "
+        "every 3 s. `multi` = two groups of EP 144 at once. Faults and method: the module "
+        "docstring. `python3 -m benchmarks.bench_control_plane`.",
+        "",
+        "Labels: `baseline` = the code before issue 14 (the ranks follow the client's old "
+        "window rule); `no-torch` = agent without torch; `stalls` = plus the agent's stall, "
+        "lost-report and disconnect handling; `aligned` = plus the client's windows aligned on "
+        "the group's step count (the ranks follow the new rule).",
+        "",
+        "Machine, every row: "
+        + (rows[0]["machine"].split(";")[0] if rows else "-")
+        + ". **Shared with three other engineers' test runs (vLLM on CPU):** the load "
+        "average during each steady phase is in the last column; figures under a load of "
+        "10-60 on 2 cores are slow, not representative of a quiet host.",
+        "",
+        "### Resources and ingest (steady phase)",
+        "",
+        "| label | scenario | ranks / agents | planner CPU % of a core | planner RSS MB | agent RSS MB (median / max) | torch in agent | snapshots/s (expected) | merged complete / partial | drain lag s | steps/s achieved | load avg |",
+        "|---|---|---|---:|---:|---|---|---|---|---:|---:|---|",
+    ]
+    for r in rows:
+        s = r["steady"]
+        out.append(
+            f"| {r['label']} | {r['scenario']} | {r['ranks']} / {r['nodes']} | "
+            f"{_f(s['planner_cpu_pct'])} | {_f(s['planner_hwm_mb'])} | "
+            f"{_f(s['agent_rss_mb_median'])} / {_f(s['agent_rss_mb_max'])} | "
+            f"{'yes' if s['agent_torch'] else 'no'} | {_f(s['snapshots_per_s'])} "
+            f"({_f(s['snapshots_expected_per_s'])}) | {s['merged_complete']} / "
+            f"{s['merged_partial']} | {_f(r.get('drain_lag_s'), 2)} | "
+            f"{_f(s.get('steps_per_s'))} | {s['load_average'][0]}-{s['load_average'][1]} |"
+        )
+    out += [
+        "",
+        "### Commits and status (steady phase)",
+        "",
+        "PREPARE→COMMITTED: the planner's `started_at` to `finished_at` (every rank's "
+        "`committed` recorded); *beyond* = that minus staging (0.5 s) minus the consensus "
+        "wait measured by the simulator (last rank staged → the round that flipped); *first* = "
+        "to the first `committed`. Plan: round trip of the `rebalance` command (plan, persist, "
+        "PREPARE sent). Per commit: PREPAREs and MB received by the ranks, `committed` sent "
+        "by them, `committed` received by the planner; the planner sends one PREPARE and one "
+        "`layout` per agent of the group.",
+        "",
+        "| label | scenario | commits | plan ms p50 / max | PREPARE→COMMITTED s p50 / p99 | beyond s p50 / p99 | first s p50 | consensus wait s p50 | ranks: PREPAREs, MB | committed ranks→planner | status ms p50 / max | `eplbd status` CLI s |",
+        "|---|---|---:|---|---|---|---:|---:|---|---|---|---:|",
+    ]
+    for r in rows:
+        s, c, m = r["steady"], r["commits"], r["per_commit"]
+        out.append(
+            f"| {r['label']} | {r['scenario']} | {c['n']} | {_f(s['plan_rtt_ms_p50'])} / "
+            f"{_f(s['plan_rtt_ms_max'])} | {_f(c['total_s_p50'], 2)} / {_f(c['total_s_p99'], 2)} | "
+            f"{_f(c['beyond_s_p50'], 2)} / {_f(c['beyond_s_p99'], 2)} | {_f(c['first_s_p50'], 2)} | "
+            f"{_f(c['consensus_s_p50'], 2)} | {_f(m['ranks_rx_prepare'], 0)}, "
+            f"{_f(m['ranks_rx_prepare_mb'])} | {_f(m['ranks_tx_committed'], 0)} → "
+            f"{_f(m['planner_rx_committed'], 0)} | {_f(s['status_rtt_ms_p50'])} / "
+            f"{_f(s['status_rtt_ms_max'])} | {_f(r.get('cli_status_s'), 2)} |"
+        )
+    out += [
+        "",
+        "### Faults",
+        "",
+        "Seconds from the fault's end to the planner's status being right for every rank "
+        "(alive, the epoch it serves, the group's epoch, nothing pending), polled every "
+        "0.25 s; ✓ = within 5 s; the commit's outcome in brackets. Targets at EP 320: every "
+        "fault ✓, the reconnect storm (planner restart) settled within 10 s.",
+        "",
+        "| label | scenario | " + " | ".join(FAULTS) + " |",
+        "|---|---|" + "---|" * len(FAULTS),
+    ]
+    for r in rows:
+        by = {f["name"]: f for f in r.get("faults", [])}
+        cells = []
+        for name in FAULTS:
+            f = by.get(name)
+            if f is None:
+                cells.append("-")
+            elif f["settle_s"] is None:
+                cells.append(f"✗ not within {r['timing']['settle_limit_s']:g} s ({f['outcome']})")
+            else:
+                ok = "✓" if f["correct_within_5s"] else "✗"
+                cells.append(f"{ok} {f['settle_s']:.2f} ({f['outcome']})")
+        out.append(f"| {r['label']} | {r['scenario']} | " + " | ".join(cells) + " |")
+    runs = ", ".join(f"{r['label']}/{r['scenario']} {r['run_s']:.0f} s" for r in rows)
+    out += ["", f"Run times (start to end, this machine): {runs}."]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenario", default="ep32,ep144,ep320,multi")

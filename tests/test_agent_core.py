@@ -454,6 +454,19 @@ def test_an_epoch_change_during_the_hello_is_sent_after_the_welcome(clock: FakeC
     assert joined.body["epoch"] == 4
 
 
+def test_the_planner_connection_events_start_and_restart_the_session(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    assert core.planner_link_up() == []  # a session is up: nothing to do
+    (ah,) = core.planner_link_lost()  # what was queued on the connection may be lost
+    assert ah.msg_type == "agent_hello" and not core.synced
+    assert core.planner_link_lost() == []
+    for _ in range(20):  # no planner: agent_hello backs off
+        clock.advance(0.25)
+        core.tick()
+    (ah,) = core.planner_link_up()  # the connection is back: at once, not at the backoff
+    assert ah.msg_type == "agent_hello"
+
+
 def test_merger_bounds_open_windows_per_group() -> None:
     m = SnapshotMerger(timeout_s=10.0, max_open_per_group=2)
     ranks = {0, 1}

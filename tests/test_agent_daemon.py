@@ -311,10 +311,13 @@ def test_planner_outage_agent_reconnects_and_workers_unaffected(
         w0.say_hello()
         fp.pump(lambda p: p.told())
         fp.close()  # the planner goes away
+
         # the dropped connection (or the planner's silence) ends the session
-        wait_for(lambda: not agent.status()["planner"]["synced"], 5, "planner away", [w0])
-        ev = agent.status()["events"]
-        assert ev.get("planner_resync:disconnected") or ev.get("planner_lost"), ev
+        def away() -> bool:
+            ev = agent.status()["events"]
+            return bool(ev.get("planner_resync:disconnected") or ev.get("planner_lost"))
+
+        wait_for(away, 5, "planner away", [w0])
         # the worker keeps being served: hello again, heartbeats, snapshots held
         assert w0.say_hello().body["incarnation"] == agent.daemon.incarnation
         for i in range(3):
@@ -327,7 +330,7 @@ def test_planner_outage_agent_reconnects_and_workers_unaffected(
         fp = FakePlanner(ctx, *endpoints, incarnation="pl-2")
         fp.keepalive = [w0]
         fp.pump(lambda p: p.agent and len(p.snapshots) == 3, timeout=10)
-        (ah,) = fp.of("agent_hello")
+        ah = fp.of("agent_hello")[-1]  # (one, or a retry if the welcome came late)
         assert [w["worker"] for w in ah.body["workers"]] == ["w0"]
         assert [int(m.tensors["counts"][0, 0]) for m in fp.snapshots] == [1, 2, 3]
         wait_for(lambda: agent.status()["planner"]["synced"], 5, "resynced")

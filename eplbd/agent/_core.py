@@ -329,6 +329,14 @@ class AgentCore:
         log.warning("planner connection lost: resynchronising")
         return self._resync("disconnected")
 
+    def planner_link_up(self) -> list[Send]:
+        """A connection to the planner came up (its restart, the end of a partition): with no
+        session, say agent_hello now rather than at the next backoff step."""
+        if self.synced or not self.cfg.has_planner:
+            return []
+        self._next_hello = self._now() + self._backoff  # the next retry, if no welcome comes
+        return [self.agent_hello()]
+
     def on_worker(self, identity: bytes, frames: Sequence[Any]) -> list[Send]:
         """A message from a worker's DEALER (ROUTER identity already split off)."""
         sender = self.by_identity.get(identity) or f"id:{identity.hex()[:16]}"

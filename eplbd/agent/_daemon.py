@@ -55,7 +55,6 @@ from eplbd.ops.logging import get_logger
 from eplbd.ops.metrics import MetricsServer, Registry, serve_metrics
 from eplbd.ops.sdnotify import Watchdog
 from eplbd.wire import (
-    CONTROL_OPTIONS,
     SocketOptions,
     WireError,
     WireSocket,
@@ -77,7 +76,12 @@ _BATCH = 256  # messages taken from one socket per loop turn (fairness between s
 #: of held snapshots after an outage.
 # Telemetry sockets run without ZMTP heartbeats, as eplbd.wire.TELEMETRY_OPTIONS explains.
 _WORKER_SNAPSHOT_OPTIONS = SocketOptions(sndhwm=4, rcvhwm=64, heartbeat_ivl_ms=0)
-_PLANNER_SNAPSHOT_OPTIONS = SocketOptions(sndhwm=256, rcvhwm=4, heartbeat_ivl_ms=0)
+_PLANNER_SNAPSHOT_OPTIONS = SocketOptions(
+    sndhwm=256, rcvhwm=4, heartbeat_ivl_ms=0, reconnect_ivl_max_ms=1000
+)
+#: To the planner: reconnect at least every second (not libzmq's backoff to 5 s), so that
+#: after a planner restart or a partition every agent is back within about a second.
+_PLANNER_CONTROL_OPTIONS = SocketOptions(reconnect_ivl_max_ms=1000)
 
 
 @dataclass(frozen=True)
@@ -191,10 +195,12 @@ class AgentDaemon:
                     self.endpoints.planner,
                     identity=s.node,
                     curve=curve,
-                    options=CONTROL_OPTIONS,
+                    options=_PLANNER_CONTROL_OPTIONS,
                     counters=self.core.planner_counters,
                 )
-                self._monitor = self._dealer.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                self._monitor = self._dealer.socket.get_monitor_socket(
+                    zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                )
                 assert self.endpoints.planner_snapshots is not None
                 self._push = snapshot_sender(
                     self._ctx,
@@ -311,7 +317,8 @@ class AgentDaemon:
 
     def _planner_link_events(self) -> None:
         """The connection to the planner dropped (a ZMTP heartbeat timed out, the planner
-        went): what was sent on it may never have arrived, so the core starts over."""
+        went): what was sent on it may never have arrived, so the core starts over. It came
+        up: the core says agent_hello at once if it has no session."""
         assert self._monitor is not None
         while True:
             try:
@@ -320,6 +327,8 @@ class AgentDaemon:
                 return
             if ev["event"] == zmq.EVENT_DISCONNECTED:
                 self._send(self.core.planner_link_lost())
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._send(self.core.planner_link_up())
 
     def _drain(self, sock: WireSocket, handle: Callable[[list[Any]], list[Send]]) -> None:
         for _ in range(_BATCH):
