@@ -115,7 +115,9 @@ class SimConfig:
 
     ``legacy_windows``: the client's window rule before issue 14 (a window opens at the step
     the schedule arrives, so ranks welcomed at different steps record different windows);
-    used to measure the code as it was.
+    used to measure the code as it was. ``link_stagger_s``: each rank's link starts at a
+    random time within this many seconds while its group already steps (engines start
+    serving before every worker's agent link is welcomed).
     """
 
     num_layers: int = 58
@@ -129,6 +131,7 @@ class SimConfig:
     drift_every_s: float = 10.0
     seed: int = 0
     legacy_windows: bool = False
+    link_stagger_s: float = 0.0  # ranks connect at random times in [0, this) while stepping
 
 
 class LoadModel:
@@ -694,24 +697,31 @@ class Simulator:
         ctx.set(zmq.MAX_SOCKETS, 65536)
         self._ctx = ctx
         ranks = self.ranks()
+        rng = np.random.default_rng(self.cfg.seed)
+        t0 = time.monotonic()
+        starts = sorted(
+            ((t0 + float(rng.uniform(0, self.cfg.link_stagger_s)), i) for i in range(len(ranks))),
+            reverse=True,
+        )
+        opened: list[SimRank] = []
         try:
-            for r in ranks:
-                r.open(ctx)
             poller = zmq.Poller()
             by_sock: dict[Any, SimRank] = {}
-            for r in ranks:
-                assert r.dealer is not None
-                poller.register(r.dealer.socket, zmq.POLLIN)
-                by_sock[r.dealer.socket] = r
             if started is not None:
                 started.set()
             period = 1.0 / self.cfg.steps_per_s
-            t0 = time.monotonic()
             next_step = {g.name: t0 + period for g in self.groups}
             next_timers = t0
             next_drift = t0 + self.cfg.drift_every_s
             while not stop.is_set():
                 now = time.monotonic()
+                while starts and starts[-1][0] <= now:
+                    r = ranks[starts.pop()[1]]
+                    r.open(ctx)
+                    assert r.dealer is not None
+                    poller.register(r.dealer.socket, zmq.POLLIN)
+                    by_sock[r.dealer.socket] = r
+                    opened.append(r)
                 wake = min(min(next_step.values()), next_timers)
                 events = poller.poll(max(0, int((wake - now) * 1000)))
                 for sock, _ in events:
@@ -725,7 +735,7 @@ class Simulator:
                 now = time.monotonic()
                 if now >= next_timers:
                     next_timers = now + 0.02
-                    for r in ranks:
+                    for r in opened:
                         r.timers(now)
                     while self.hooks:
                         self.hooks.pop(0)()
@@ -744,6 +754,6 @@ class Simulator:
                             self.steps_late += 1
                             next_step[g.name] = now + period
         finally:
-            for r in ranks:
+            for r in opened:
                 r.close()
             ctx.destroy(linger=0)

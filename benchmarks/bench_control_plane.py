@@ -15,7 +15,9 @@ What runs (all on this machine, loopback TCP and ipc):
   every rank of its group staged it, at the same step, every ``sync_interval`` steps;
   staging takes ``staging_s``. DeepSeek-V3 shapes: 58 layers, 256 experts, top-8, P = G x S
   slots with S = 256 // G + 1 (EP 32: 288, EP 144: 288, EP 320: 320); a 4-of-16-step
-  recording schedule; skewed load that drifts every 10 s;
+  recording schedule; skewed load that drifts every 3 s; each rank's link starts at a random
+  time within the first 2 s while its group already steps (so welcomes come at different
+  steps);
 - commits are started with the operator's ``rebalance`` command on the control socket
   (force: any gain), every ``commit_every_s`` during the steady phase and once per fault.
 
@@ -138,6 +140,7 @@ class Timing:
     settle_limit_s: float = 60.0
     rank_heartbeat_s: float = 1.0
     drift_every_s: float = 3.0  # the load changes, so every forced rebalance has a gain
+    link_stagger_s: float = 2.0  # the ranks' links start within 2 s while the groups step
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -395,6 +398,7 @@ class Bench:
                 heartbeat_s=t.rank_heartbeat_s,
                 drift_every_s=t.drift_every_s,
                 legacy_windows=legacy_windows,
+                link_stagger_s=t.link_stagger_s,
             ),
             run_id=self.dir.name,
         )
