@@ -29,16 +29,18 @@ is known); a bad one is counted per reason and per sender (:class:`~eplbd.wire.W
 logged, answered with ``error`` on the workers' control socket, and dropped.
 
 Why the agent watches its own pace: ``tick`` runs at least every ``min(heartbeat_s,
-merge_timeout_s) / 2``; a gap of ``stall_s`` or more between two ticks means the agent itself
-did not run (SIGSTOP, a starved host, a clock jump), not that its workers went quiet. It then
+merge_timeout_s) / 2``; a gap of ``stall_s`` (``dead_s / 2`` by default) or more between two
+ticks means the agent itself did not run (SIGSTOP, a starved host, a clock jump), not that
+its workers went quiet. It then
 gives every worker a fresh ``dead_s`` to be heard from (their connections need a moment to
 come back) and starts its planner session over, so the ``agent_hello`` tells the planner what
 every rank serves now. What each rank serves also arrives with every worker heartbeat
 (``epoch``) and hello: when it is newer than the agent knew (a ``committed`` lost on the way),
 the planner is told with a ``worker_joined``. A control message the loop could not hand to
-the planner socket is reported back (:meth:`AgentCore.planner_send_failed`): the workers'
-answers are kept for the next session and the session starts over, instead of being lost
-while the agent still believes the planner connected.
+the planner socket is reported back (:meth:`AgentCore.planner_send_failed`), and so is a
+dropped connection to it (:meth:`AgentCore.planner_link_lost`): the workers' answers are kept
+for the next session and the session starts over, instead of being lost while the agent
+still believes the planner connected.
 """
 
 from __future__ import annotations
@@ -247,8 +249,7 @@ class AgentCore:
         self._next_hello = now
         self._next_planner_hb = now
         self._next_worker_hb = now
-        self._last_tick = now
-        self.stalls = 0
+        self._last_tick: float | None = None  # the loop's previous turn (None: not yet)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -307,35 +308,7 @@ class AgentCore:
             self._bump(self.dropped, f"{old.msg_type}:planner_away")
         self._pending_up.append(s)
 
-    def planner_send_failed(self, s: Send) -> list[Send]:
-        """The loop could not hand ``s`` to the planner's control socket (not connected, or
-        its queue full): nothing of it reached the planner. A worker's answer is kept for the
-        next session; a session we believed up is started over (its ``agent_hello`` carries
-        the membership and the epochs that may have been lost with ``s``)."""
-        if s.msg_type in (STAGED, ABORTED, COMMITTED):
-            self._hold_up(s)
-        if not self.synced or not self.cfg.has_planner:
-            return []
-        log.warning("send to the planner failed: resynchronising", type=s.msg_type)
-        return self._resync("send_failed")
-
     # --- workers' control socket --------------------------------------------------------
-
-    def planner_link_lost(self) -> list[Send]:
-        """The connection to the planner dropped: what was queued on it may be lost (no
-        receipt), so a session we believed up starts over."""
-        if not self.synced or not self.cfg.has_planner:
-            return []
-        log.warning("planner connection lost: resynchronising")
-        return self._resync("disconnected")
-
-    def planner_link_up(self) -> list[Send]:
-        """A connection to the planner came up (its restart, the end of a partition): with no
-        session, say agent_hello now rather than at the next backoff step."""
-        if self.synced or not self.cfg.has_planner:
-            return []
-        self._next_hello = self._now() + self._backoff  # the next retry, if no welcome comes
-        return [self.agent_hello()]
 
     def on_worker(self, identity: bytes, frames: Sequence[Any]) -> list[Send]:
         """A message from a worker's DEALER (ROUTER identity already split off)."""
@@ -678,6 +651,34 @@ class AgentCore:
         self._bump(self.events, f"planner_resync:{why}")
         return [self.agent_hello()] if self.cfg.has_planner else []
 
+    def planner_send_failed(self, s: Send) -> list[Send]:
+        """The loop could not hand ``s`` to the planner's control socket (not connected, or
+        its queue full): nothing of it reached the planner. A worker's answer is kept for the
+        next session; a session we believed up is started over (its ``agent_hello`` carries
+        the membership and the epochs that may have been lost with ``s``)."""
+        if s.msg_type in (STAGED, ABORTED, COMMITTED):
+            self._hold_up(s)
+        if not self.synced or not self.cfg.has_planner:
+            return []
+        log.warning("send to the planner failed: resynchronising", type=s.msg_type)
+        return self._resync("send_failed")
+
+    def planner_link_lost(self) -> list[Send]:
+        """The connection to the planner dropped: what was queued on it may be lost (no
+        receipt), so a session we believed up starts over."""
+        if not self.synced or not self.cfg.has_planner:
+            return []
+        log.warning("planner connection lost: resynchronising")
+        return self._resync("disconnected")
+
+    def planner_link_up(self) -> list[Send]:
+        """A connection to the planner came up (its restart, the end of a partition): with no
+        session, say agent_hello now rather than at the next backoff step."""
+        if self.synced or not self.cfg.has_planner:
+            return []
+        self._next_hello = self._now() + self._backoff  # the next retry, if no welcome comes
+        return [self.agent_hello()]
+
     def on_planner(self, frames: Sequence[Any]) -> list[Send]:
         """A message from the planner on the control DEALER."""
         try:
@@ -839,9 +840,9 @@ class AgentCore:
         """Run the timers; call at least every ``min(heartbeat_s, merge_timeout_s) / 2``."""
         now = self._now()
         out: list[Send] = []
-        gap, self._last_tick = now - self._last_tick, now
-        if gap >= self.cfg.stall_after_s:
-            out += self._resumed(gap)
+        if self._last_tick is not None and now - self._last_tick >= self.cfg.stall_after_s:
+            out += self._resumed(now - self._last_tick)
+        self._last_tick = now
         for w in list(self.workers.values()):
             # dead workers (any message refreshes last_seen)
             if now - w.last_seen >= self.cfg.dead_s:
@@ -877,7 +878,6 @@ class AgentCore:
     def _resumed(self, gap: float) -> list[Send]:
         """The agent did not run for ``gap`` seconds: its workers' silence is its own."""
         now = self._now()
-        self.stalls += 1
         self._bump(self.events, "stalled")
         log.warning(
             "agent stalled: workers get a fresh dead timeout; resynchronising with the planner",
@@ -885,7 +885,7 @@ class AgentCore:
             workers=len(self.workers),
         )
         for w in self.workers.values():
-            w.last_seen = max(w.last_seen, now)
+            w.last_seen = now
         if self.synced and self.cfg.has_planner:
             return self._resync("stalled")
         return []

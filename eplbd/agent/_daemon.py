@@ -153,7 +153,7 @@ class AgentDaemon:
         self._pull: WireSocket | None = None
         self._dealer: WireSocket | None = None
         self._push: WireSocket | None = None
-        self._monitor: zmq.Socket[Any] | None = None  # the planner DEALER's disconnects
+        self._monitor: zmq.Socket[Any] | None = None  # the planner DEALER: (dis)connections
         self._planner_service: Any = None
         self._metrics_server: MetricsServer | None = None
         self._status: dict[str, Any] = self.core.status()
