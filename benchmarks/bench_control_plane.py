@@ -557,6 +557,12 @@ class Bench:
             time.sleep(0.01)
         return False
 
+    def mid_commit(self, fr: FaultResult, g: SimGroup, ranks: list[int]) -> None:
+        """Start a commit of ``g`` and wait until its PREPARE reached ``ranks``."""
+        fr.epoch, _ = self.trigger(g.name)
+        if fr.epoch is None or not self.wait_prepared(g.name, fr.epoch, ranks):
+            fr.note = "no PREPARE reached the ranks of the fault"
+
     def node_ranks(self, group: SimGroup, node: int) -> list[int]:
         return [r.rank for r in group.ranks if r.node == self.nodes[node]]
 
@@ -739,29 +745,20 @@ class Bench:
         self.log(f"  fault {name}")
         if name == "agent_kill":
             node = 1 % self.sc.nodes
-            e, _ = self.trigger(g.name)
-            fr.epoch = e
-            if e is None or not self.wait_prepared(g.name, e, self.node_ranks(g, node)):
-                fr.note = "no prepare reached the node"
+            self.mid_commit(fr, g, self.node_ranks(g, node))
             self.agents[node].kill()
             time.sleep(t.kill_down_s)
             self.agents[node].restart()
             self.agents[node].wait_serving()
         elif name == "agent_stop":
             node = 2 % self.sc.nodes
-            e, _ = self.trigger(g.name)
-            fr.epoch = e
-            if e is None or not self.wait_prepared(g.name, e, self.node_ranks(g, node)):
-                fr.note = "no prepare reached the node"
+            self.mid_commit(fr, g, self.node_ranks(g, node))
             self.agents[node].signal(signal.SIGSTOP)
             time.sleep(t.stop_s)
             self.agents[node].signal(signal.SIGCONT)
         elif name == "planner_restart":
             assert self.planner is not None
-            e, _ = self.trigger(g.name)
-            fr.epoch = e
-            if e is None or not self.wait_prepared(g.name, e, [r.rank for r in g.ranks]):
-                fr.note = "no prepare reached every rank"
+            self.mid_commit(fr, g, [r.rank for r in g.ranks])
             self.planner.kill()
             time.sleep(1.0)
             self.planner.restart()
@@ -771,16 +768,11 @@ class Bench:
             rank = g.ranks[self.node_ranks(g, node)[0]]
             rank.slow_s = t.prepare_timeout_s + 5.0
             t0 = time.time()
-            e, _ = self.trigger(g.name)
-            fr.epoch = e
+            fr.epoch, _ = self.trigger(g.name)
             # the fault ends at the planner's deadline for the attempt
             time.sleep(max(0.0, t0 + t.prepare_timeout_s - time.time()))
         elif name == "partition":
-            node = self.partition_node
-            e, _ = self.trigger(g.name)
-            fr.epoch = e
-            if e is None or not self.wait_prepared(g.name, e, self.node_ranks(g, node)):
-                fr.note = "no prepare reached the node"
+            self.mid_commit(fr, g, self.node_ranks(g, self.partition_node))
             assert self.proxy is not None
             self.proxy.send_signal(signal.SIGUSR1)
             time.sleep(t.drop_s)

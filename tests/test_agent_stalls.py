@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,34 +98,27 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def _registered(ctx: zmq.Context[Any], agent: AgentProcess, fp: FakePlanner) -> list[FakeWorker]:
-    fp.pump(lambda p: p.agent, timeout=30)
-    workers = [agent.worker(ctx, f"w{r}", r) for r in range(2)]
-    for w in workers:
-        w.say_hello()
-    fp.pump(lambda p: {"w0", "w1"} <= set(p.told()), timeout=30)
-    return workers
+@dataclass
+class Node:
+    """The agent process, the fake planner, and two registered fake workers (ranks 0, 1)."""
+
+    fp: FakePlanner
+    agent: AgentProcess
+    workers: list[FakeWorker]
 
 
-def test_the_agent_runs_without_torch_in_under_100_mb(ctx: zmq.Context[Any], rundir: Path) -> None:
-    """Relaying a layout and merging snapshots (tensor frames both ways) loads no torch."""
+@pytest.fixture
+def node(ctx: zmq.Context[Any], rundir: Path) -> Iterator[Node]:
     fp = FakePlanner(ctx)
     agent = AgentProcess(rundir, fp)
     workers: list[FakeWorker] = []
     try:
-        workers = _registered(ctx, agent, fp)
-        fp.keepalive = workers
-        fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 30.0}, {"phy2log": p2l(1)})
+        fp.pump(lambda p: p.agent, timeout=30)
+        workers = [agent.worker(ctx, f"w{r}", r) for r in range(2)]
         for w in workers:
-            assert np.array_equal(w.expect("prepare", 30).tensors["phy2log"], p2l(1))
-            w.snapshot(np.ones((2, 8), dtype=np.int32))
-        merged = fp.pump(lambda p: p.snapshots, timeout=30)[0]
-        assert merged.body["ep_ranks"] == [0, 1] and int(merged.tensors["counts"][0, 0]) == 2
-        maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
-        assert "libtorch" not in maps and "/torch/" not in maps
-        rss = _rss_mb(agent.proc.pid)
-        print(f"agent RSS after relaying and merging: {rss:.1f} MB")
-        assert rss < 100.0
+            w.say_hello()
+        fp.pump(lambda p: {"w0", "w1"} <= set(p.told()), timeout=30)
+        yield Node(fp, agent, workers)
     finally:
         for w in workers:
             w.close()
@@ -131,75 +126,72 @@ def test_the_agent_runs_without_torch_in_under_100_mb(ctx: zmq.Context[Any], run
         fp.close()
 
 
+def test_the_agent_runs_without_torch_in_under_100_mb(node: Node) -> None:
+    """Relaying a layout and merging snapshots (tensor frames both ways) loads no torch."""
+    fp, agent, workers = node.fp, node.agent, node.workers
+    fp.keepalive = workers
+    fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 30.0}, {"phy2log": p2l(1)})
+    for w in workers:
+        assert np.array_equal(w.expect("prepare", 30).tensors["phy2log"], p2l(1))
+        w.snapshot(np.ones((2, 8), dtype=np.int32))
+    merged = fp.pump(lambda p: p.snapshots, timeout=30)[0]
+    assert merged.body["ep_ranks"] == [0, 1] and int(merged.tensors["counts"][0, 0]) == 2
+    maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "/torch/" not in maps
+    rss = _rss_mb(agent.proc.pid)
+    print(f"agent RSS after relaying and merging: {rss:.1f} MB")
+    assert rss < 100.0
+
+
 def test_a_resumed_agent_gives_its_workers_time_instead_of_declaring_them_left(
-    ctx: zmq.Context[Any], rundir: Path
+    node: Node,
 ) -> None:
     """SIGSTOP longer than the dead timeout while the workers say nothing (their link holds
     its messages, as a real one does once the agent is silent): after SIGCONT the agent must
     not count its own stall as its workers' silence."""
-    fp = FakePlanner(ctx)
-    agent = AgentProcess(rundir, fp)
-    workers: list[FakeWorker] = []
-    try:
-        workers = _registered(ctx, agent, fp)
-        fp.keepalive = []
-        agent.stall(fp, 2 * DEAD)
-        fp.keepalive = workers  # they talk again once the agent runs
-        resumed = time.monotonic()
-        fp.pump(lambda p: time.monotonic() > resumed + 2 * DEAD, timeout=4 * DEAD)
-        m = agent.metrics()
-        assert m.get('eplbd_agent_events_total{event="worker_left_timeout"}', 0) == 0
-        assert m["eplbd_agent_workers"] == 2
-        assert m.get('eplbd_agent_events_total{event="stalled"}', 0) >= 1
-        assert not fp.of("worker_left")
-        hellos = fp.of("agent_hello")
-        assert {w["worker"] for w in hellos[-1].body["workers"]} == {"w0", "w1"}
-    finally:
-        for w in workers:
-            w.close()
-        agent.close()
-        fp.close()
+    fp, agent = node.fp, node.agent
+    fp.keepalive = []
+    agent.stall(fp, 2 * DEAD)
+    fp.keepalive = node.workers  # they talk again once the agent runs
+    resumed = time.monotonic()
+    fp.pump(lambda p: time.monotonic() > resumed + 2 * DEAD, timeout=4 * DEAD)
+    m = agent.metrics()
+    assert m.get('eplbd_agent_events_total{event="worker_left_timeout"}', 0) == 0
+    assert m["eplbd_agent_workers"] == 2
+    assert m.get('eplbd_agent_events_total{event="stalled"}', 0) >= 1
+    assert not fp.of("worker_left")
+    hellos = fp.of("agent_hello")
+    assert {w["worker"] for w in hellos[-1].body["workers"]} == {"w0", "w1"}
 
 
-def test_what_ranks_serve_reaches_the_planner_after_the_agent_stalls(
-    ctx: zmq.Context[Any], rundir: Path
-) -> None:
+def test_what_ranks_serve_reaches_the_planner_after_the_agent_stalls(node: Node) -> None:
     """The ranks flip to epoch 1 while their agent is stopped and its ``committed`` reports
     never arrive (lost with the connection): once the agent runs again, the planner must be
     told what each rank serves (from the workers' heartbeats), not keep epoch 0 until the
     next commit."""
-    fp = FakePlanner(ctx)
-    agent = AgentProcess(rundir, fp)
-    workers: list[FakeWorker] = []
-    try:
-        workers = _registered(ctx, agent, fp)
-        fp.keepalive = workers
-        fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 30.0}, {"phy2log": p2l(1)})
-        for w in workers:
-            w.expect("prepare", 30)
-            w.answer("staged", 1, ok=True, reason="", staged_bytes=0)
-        fp.pump(lambda p: len(p.of("staged")) == 2, timeout=30)
-        fp.keepalive = []
-        agent.stall(fp, 2 * DEAD)
-        for w in workers:  # they serve epoch 1 now, and say so in every heartbeat
-            w.hello["epoch"] = 1
-        fp.keepalive = workers
+    fp, agent, workers = node.fp, node.agent, node.workers
+    fp.keepalive = workers
+    fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 30.0}, {"phy2log": p2l(1)})
+    for w in workers:
+        w.expect("prepare", 30)
+        w.answer("staged", 1, ok=True, reason="", staged_bytes=0)
+    fp.pump(lambda p: len(p.of("staged")) == 2, timeout=30)
+    fp.keepalive = []
+    agent.stall(fp, 2 * DEAD)
+    for w in workers:  # they serve epoch 1 now, and say so in every heartbeat
+        w.hello["epoch"] = 1
+    fp.keepalive = workers
 
-        def told_epochs(p: FakePlanner) -> dict[str, int]:
-            seen: dict[str, int] = {}
-            for m in p.control:
-                b = m.body
-                if m.type == "agent_hello":
-                    seen.update({w["worker"]: w["epoch"] for w in b["workers"]})
-                elif m.type == "worker_joined":
-                    seen[b["worker"]] = b["hello"]["epoch"]
-                elif m.type == "committed":
-                    seen[b["worker"]] = b["epoch"]
-            return seen
+    def told_epochs(p: FakePlanner) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        for m in p.control:
+            b = m.body
+            if m.type == "agent_hello":
+                seen.update({w["worker"]: w["epoch"] for w in b["workers"]})
+            elif m.type == "worker_joined":
+                seen[b["worker"]] = b["hello"]["epoch"]
+            elif m.type == "committed":
+                seen[b["worker"]] = b["epoch"]
+        return seen
 
-        fp.pump(lambda p: told_epochs(p) == {"w0": 1, "w1": 1}, timeout=30)
-    finally:
-        for w in workers:
-            w.close()
-        agent.close()
-        fp.close()
+    fp.pump(lambda p: told_epochs(p) == {"w0": 1, "w1": 1}, timeout=30)
