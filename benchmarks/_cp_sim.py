@@ -156,10 +156,10 @@ class LoadModel:
 
     def drift(self, fraction: float = 0.1) -> None:
         """Swap ``fraction`` of the experts' places in every layer's popularity order."""
-        n = max(1, int(self.E * fraction))
+        n = max(1, min(self.E // 2, int(self.E * fraction)))
         for row in self.perm:
-            a = self.rng.choice(self.E, size=n, replace=False)
-            b = self.rng.choice(self.E, size=n, replace=False)
+            idx = self.rng.choice(self.E, size=2 * n, replace=False)  # n disjoint pairs
+            a, b = idx[:n], idx[n:]
             row[a], row[b] = row[b].copy(), row[a].copy()
         self.phase += 1
         self._shares = self._compute()
