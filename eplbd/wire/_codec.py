@@ -16,10 +16,10 @@ Why raw frames and not msgpack arrays: a [58, 288] int32 count tensor is 66 KB t
 byte that arrives is untrusted.
 
 No torch here: tensors decode to numpy arrays, so the processes that only relay and sum
-counts (the agent, the CLI) never load torch (and numpy is imported only once a message
-carries tensors, so ``eplbd status`` loads neither). :func:`torch_tensors` gives a message's arrays
-as torch tensors (sharing memory) to the code that has torch (the client, the planner).
-``encode`` takes numpy arrays or torch tensors. numpy has no bfloat16: such a frame decodes
+counts (the agent, the CLI) never load torch, and numpy is imported only once a message
+carries tensors (``eplbd status`` loads neither). :func:`torch_tensors` gives a message's
+arrays as torch tensors (sharing memory) to the code that has torch (the client, the
+planner). ``encode`` takes numpy arrays or torch tensors. numpy has no bfloat16: such a frame decodes
 to its raw ``uint16`` bits, and ``body["tensors"]`` (or :meth:`Message.wire_dtype`) keeps
 the wire dtype, which :func:`torch_tensors` restores.
 
