@@ -201,7 +201,7 @@ class Proc:
                         out.append(json.loads(line))
         return out
 
-    def wait_serving(self, timeout_s: float = 180.0) -> dict[str, Any]:
+    def wait_serving(self, timeout_s: float = 900.0) -> dict[str, Any]:
         """The daemon's "... serving" log event (it has bound its sockets)."""
         deadline = time.monotonic() + timeout_s
         while self.serving is None:
