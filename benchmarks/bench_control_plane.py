@@ -948,6 +948,13 @@ def render(rows: list[dict[str, Any]]) -> str:
         "",
         "### Resources and ingest (steady phase)",
         "",
+        "CPU over the steady phase, which includes one `status` request a second (the status "
+        "response time below) and a forced rebalance every 3 s; RSS: the planner's peak, the "
+        "agents' over the phase; snapshots/s ingested by the planner, expected = agents x "
+        "steps/s / window_steps when every merge is complete; merged complete / partial: the "
+        "agents' forwarded snapshots; drain lag: the ranks stop stepping, time until the "
+        "planner's snapshot count stops moving.",
+        "",
         "| label | scenario | ranks / agents | planner CPU % of a core | planner RSS MB | agent RSS MB (median / max) | torch in agent | snapshots/s (expected) | merged complete / partial | drain lag s | steps/s achieved | load avg |",
         "|---|---|---|---:|---:|---|---|---|---|---:|---:|---|",
     ]
