@@ -228,7 +228,7 @@ class Proc:
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         assert self.popen is not None
-        self.popen.wait(10)
+        self.popen.wait(120)  # a heavily loaded host takes its time
 
     def stop(self) -> None:
         if self.popen is not None:
