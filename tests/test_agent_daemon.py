@@ -506,7 +506,7 @@ def test_agent_process_serves_refuses_a_second_and_stops_on_sigterm(
             ctx, f"ipc://{rundir}/agent.sock", f"ipc://{rundir}/snapshots.sock", "w0", 0
         )
         w0.say_hello()
-        fp.pump(lambda p: p.told())
+        fp.pump(lambda p: p.told(), timeout=20)
         second = subprocess.run(
             _agent_cmd(rundir, "--planner", ctl),
             env=env,
