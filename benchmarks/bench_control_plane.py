@@ -3,7 +3,8 @@
     python3 -m benchmarks.bench_control_plane [--scenario ep32,ep144,ep320,multi]
         [--faults agent_kill,agent_stop,planner_restart,slow_rank,partition | none]
         [--steps-per-s 20] [--staging-s 0.5] [--stop-s 25] [--steady-s 40]
-        [--label NAME] [--record FILE.jsonl] [--write] [--legacy-windows]
+        [--label NAME] [--record FILE.jsonl] [--legacy-windows]
+    python3 -m benchmarks.bench_control_plane --render benchmarks/results/control_plane.jsonl
 
 What runs (all on this machine, loopback TCP and ipc):
 
@@ -1059,9 +1060,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--legacy-windows", action="store_true", help="the client's window rule before issue 14"
     )
+    ap.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help=f"only write the docs section from these results (e.g. {RESULTS.relative_to(RESULTS.parents[2])})",
+    )
     for f in Timing.__dataclass_fields__.values():
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     args = ap.parse_args(argv)
+    if args.render is not None:
+        from benchmarks._report import write_section
+
+        lines = args.render.read_text().splitlines()
+        write_section(SECTION, render([json.loads(x) for x in lines if x.strip()]))
+        return 0
     t = Timing(**{k: getattr(args, k) for k in Timing.__dataclass_fields__})
     faults = () if args.faults == "none" else tuple(x for x in args.faults.split(",") if x)
     machine = machine_line()
