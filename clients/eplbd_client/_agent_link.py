@@ -15,9 +15,10 @@ The serving thread talks to it through two plain objects: it puts ``(msg_type, b
 tensors)`` triples on ``outbox`` (a ``queue.Queue``; ``put_nowait`` never blocks on the link,
 which drains it every few milliseconds whether or not the agent is up), and it receives the
 agent's ``welcome``, ``schedule``, ``prepare`` and ``abort`` through ``deliver(msg_type, body,
-tensors)`` (tensors as torch tensors), called from the IO thread after the message was decoded and validated (bad ones
-are counted, logged through ``logging.getLogger("eplbd_client")`` and dropped). ``deliver``
-should only enqueue: it runs on the IO thread.
+tensors)`` (tensors as torch tensors), called from the IO thread after the message was
+decoded and validated (bad ones are counted, logged through
+``logging.getLogger("eplbd_client")`` and dropped). ``deliver`` should only enqueue: it runs
+on the IO thread. Its heartbeats carry the epoch the worker serves (from ``hello()``).
 
 Agent restarts: the link sends ``hello`` (a fresh body from ``hello()``, called on the IO
 thread, so it can report the worker's current epoch) on start and again whenever the agent
