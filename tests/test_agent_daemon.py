@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -178,7 +179,8 @@ class FakeWorker:
         raise AssertionError(f"{self.name}: no {msg_type}")
 
     def heartbeat(self) -> None:
-        self.ctrl.send("heartbeat", {"sender": self.name, "incarnation": self.hello["incarnation"]})
+        inc, epoch = self.hello["incarnation"], self.hello["epoch"]
+        self.ctrl.send("heartbeat", {"sender": self.name, "incarnation": inc, "epoch": epoch})
 
     def snapshot(self, counts: torch.Tensor, s0: int = 0) -> None:
         self.seq += 1
@@ -257,12 +259,12 @@ def test_workers_register_merge_relay_and_late_worker_gets_layout(
         fp.pump(lambda p: p.snapshots)
         (merged,) = fp.snapshots
         assert merged.body["ep_ranks"] == [0, 1] and merged.body["agent"] == "n0"
-        assert torch.equal(merged.tensors["counts"].long(), (c0 + c1).long())
+        assert np.array_equal(merged.tensors["counts"], (c0 + c1).numpy())
         # prepare goes down to both, staged and committed come up
         fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 5.0}, {"phy2log": p2l(1)})
         for w in (w0, w1):
             prep = w.expect("prepare")
-            assert torch.equal(prep.tensors["phy2log"], p2l(1))
+            assert np.array_equal(prep.tensors["phy2log"], p2l(1))
             w.answer("staged", 1, ok=True, reason="", staged_bytes=64)
         fp.pump(lambda p: len(p.of("staged")) == 2)
         assert {m.body["worker"] for m in fp.of("staged")} == {"w0", "w1"}
@@ -278,7 +280,7 @@ def test_workers_register_merge_relay_and_late_worker_gets_layout(
         workers.append(w2)
         welcome = w2.say_hello()
         assert welcome.body["epoch"] == 1
-        assert torch.equal(welcome.tensors["phy2log"], p2l(1))
+        assert np.array_equal(welcome.tensors["phy2log"], p2l(1))
         wait_for(lambda: agent.status()["relayed"].get("abort:down") == 2, 5, "status")
         st = agent.status()
         assert st["relayed"]["prepare:down"] == 2 and st["relayed"]["committed:up"] == 2
@@ -309,7 +311,13 @@ def test_planner_outage_agent_reconnects_and_workers_unaffected(
         w0.say_hello()
         fp.pump(lambda p: p.told())
         fp.close()  # the planner goes away
-        wait_for(lambda: agent.status()["events"].get("planner_lost"), 5, "planner away", [w0])
+
+        # the dropped connection (or the planner's silence) ends the session
+        def away() -> bool:
+            ev = agent.status()["events"]
+            return bool(ev.get("planner_resync:disconnected") or ev.get("planner_lost"))
+
+        wait_for(away, 5, "planner away", [w0])
         # the worker keeps being served: hello again, heartbeats, snapshots held
         assert w0.say_hello().body["incarnation"] == agent.daemon.incarnation
         for i in range(3):
@@ -322,7 +330,7 @@ def test_planner_outage_agent_reconnects_and_workers_unaffected(
         fp = FakePlanner(ctx, *endpoints, incarnation="pl-2")
         fp.keepalive = [w0]
         fp.pump(lambda p: p.agent and len(p.snapshots) == 3, timeout=10)
-        (ah,) = fp.of("agent_hello")
+        ah = fp.of("agent_hello")[-1]  # (one, or a retry if the welcome came late)
         assert [w["worker"] for w in ah.body["workers"]] == ["w0"]
         assert [int(m.tensors["counts"][0, 0]) for m in fp.snapshots] == [1, 2, 3]
         wait_for(lambda: agent.status()["planner"]["synced"], 5, "resynced")
@@ -498,7 +506,7 @@ def test_agent_process_serves_refuses_a_second_and_stops_on_sigterm(
             ctx, f"ipc://{rundir}/agent.sock", f"ipc://{rundir}/snapshots.sock", "w0", 0
         )
         w0.say_hello()
-        fp.pump(lambda p: p.told())
+        fp.pump(lambda p: p.told(), timeout=20)
         second = subprocess.run(
             _agent_cmd(rundir, "--planner", ctl),
             env=env,

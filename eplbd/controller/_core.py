@@ -747,7 +747,7 @@ class PlannerCore:
                 rec.layout_times.pop(e, None)
 
     def _on_layout(
-        self, identity: bytes, b: dict[str, Any], tensors: dict[str, torch.Tensor]
+        self, identity: bytes, b: dict[str, Any], tensors: dict[str, Any]
     ) -> list[Outbound]:
         """An agent tells us a committed layout (protocol addition: agent -> planner)."""
         g = self.groups.get(b["group"])
@@ -975,7 +975,8 @@ class PlannerCore:
         if b["agent"] is not None and b["agent"] in self.agents:
             self.liveness.seen(b["agent"])
         now = self.clock.monotonic()
-        g.window.add_counts(b["epoch"], lay.phy2log, msg.tensors["counts"], b["tokens"], now)
+        counts = torch.as_tensor(msg.tensors["counts"])  # the codec decodes to numpy
+        g.window.add_counts(b["epoch"], lay.phy2log, counts, b["tokens"], now)
         g.snapshots += 1
         g.last_snapshot_mono = now
         self.counters.received[SNAPSHOT] += 1
