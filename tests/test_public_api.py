@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,38 @@ def test_fixed_interfaces_are_public() -> None:
     ):
         assert callable(getattr(EplbClient, method))
     assert isinstance(EplbClient.epoch, property)
+
+
+def _imports_of(path: Path, package: str) -> set[str]:
+    """The sibling modules ``path`` imports (TYPE_CHECKING imports included: a cycle there
+    still ties two modules together)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith(package + "."):
+                out.add(node.module[len(package) + 1 :].split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("name", [p for p in PACKAGES if p != "eplbd"])
+def test_no_import_cycles_between_sibling_modules(name: str) -> None:
+    pkg_dir = Path(importlib.import_module(name).__file__ or "").parent
+    graph = {
+        p.stem: _imports_of(p, name) - {p.stem}
+        for p in pkg_dir.glob("*.py")
+        if p.stem != "__init__"
+    }
+    done: set[str] = set()
+
+    def visit(mod: str, stack: list[str]) -> None:
+        if mod in stack:
+            cycle = stack[stack.index(mod) :] + [mod]
+            raise AssertionError(f"import cycle in {name}: {' -> '.join(cycle)}")
+        if mod in done or mod not in graph:
+            return
+        for dep in sorted(graph[mod]):
+            visit(dep, [*stack, mod])
+        done.add(mod)
+
+    for mod in sorted(graph):
+        visit(mod, [])

@@ -327,15 +327,6 @@ class PlannerCore(Registration, CommitOrchestration):
 
     # --- the trigger -----------------------------------------------------------------------
 
-    def _blocked(self, g: GroupState) -> str | None:
-        if g.attempt is not None and not g.attempt.finished:
-            return "pending_commit"
-        if not self.complete(g):
-            return "group_incomplete"
-        if g.layout_unknown or g.current_layout is None:
-            return "layout_unknown"
-        return None
-
     def decide(
         self,
         g: GroupState,

@@ -17,11 +17,9 @@ from eplbd.controller._state import AgentInfo, CoreBase, GroupState, Outbound, R
 from eplbd.layout import Layout, LayoutError
 from eplbd.wire import (
     AGENT_HELLO,
-    DEAD,
     ERROR,
     HEARTBEAT,
     HELLO,
-    STALE,
     WELCOME,
     ModelShape,
     WireError,
@@ -220,36 +218,6 @@ class Registration(CoreBase):
         return self._effects(
             g, a, a.on_rank_lost(r, why, self.clock.monotonic(), self.clock.time())
         )
-
-    def rank_state(self, g: GroupState, r: int) -> str:
-        """alive | stale | dead | left | missing."""
-        rank = g.ranks.get(r)
-        if rank is None:
-            return "missing"
-        if not rank.present:
-            return "left"
-        st = self.liveness.state(rank.agent)
-        return st if st is not None else DEAD
-
-    def complete(self, g: GroupState) -> bool:
-        """Every rank registered, present, and its agent not dead."""
-        if not g.ep_size or g.shape is None:
-            return False
-        return all(self.rank_state(g, r) in ("alive", STALE) for r in range(g.ep_size))
-
-    def _num_nodes(self, g: GroupState) -> int:
-        """Nodes of the group, when ranks are split evenly and contiguously over them."""
-        if not g.ep_size or len(g.ranks) < g.ep_size:
-            return 1
-        nodes = [g.ranks[r].node for r in range(g.ep_size)]
-        n = len(set(nodes))
-        if n <= 1 or g.ep_size % n:
-            return 1
-        per = g.ep_size // n
-        for i in range(0, g.ep_size, per):
-            if len(set(nodes[i : i + per])) != 1:
-                return 1
-        return n
 
     def _reconcile(self, g: GroupState) -> list[Outbound]:
         """Align the group with what its ranks report serving (after restarts on either side)."""

@@ -26,7 +26,9 @@ from eplbd.layout import Layout
 from eplbd.ops.clock import SYSTEM_CLOCK, Clock
 from eplbd.ops.logging import get_logger
 from eplbd.wire import (
+    DEAD,
     LAYOUT,
+    STALE,
     LivenessTracker,
     ModelShape,
     SequenceTracker,
@@ -304,6 +306,47 @@ class CoreBase:
             if e != rec.epoch:
                 rec.layouts.pop(e, None)
                 rec.layout_times.pop(e, None)
+
+    # --- what the state says ------------------------------------------------------------
+
+    def rank_state(self, g: GroupState, r: int) -> str:
+        """alive | stale | dead | left | missing."""
+        rank = g.ranks.get(r)
+        if rank is None:
+            return "missing"
+        if not rank.present:
+            return "left"
+        st = self.liveness.state(rank.agent)
+        return st if st is not None else DEAD
+
+    def complete(self, g: GroupState) -> bool:
+        """Every rank registered, present, and its agent not dead."""
+        if not g.ep_size or g.shape is None:
+            return False
+        return all(self.rank_state(g, r) in ("alive", STALE) for r in range(g.ep_size))
+
+    def _num_nodes(self, g: GroupState) -> int:
+        """Nodes of the group, when ranks are split evenly and contiguously over them."""
+        if not g.ep_size or len(g.ranks) < g.ep_size:
+            return 1
+        nodes = [g.ranks[r].node for r in range(g.ep_size)]
+        n = len(set(nodes))
+        if n <= 1 or g.ep_size % n:
+            return 1
+        per = g.ep_size // n
+        for i in range(0, g.ep_size, per):
+            if len(set(nodes[i : i + per])) != 1:
+                return 1
+        return n
+
+    def _blocked(self, g: GroupState) -> str | None:
+        if g.attempt is not None and not g.attempt.finished:
+            return "pending_commit"
+        if not self.complete(g):
+            return "group_incomplete"
+        if g.layout_unknown or g.current_layout is None:
+            return "layout_unknown"
+        return None
 
     def _effects(self, g: GroupState, a: Attempt, effects: list[Effect]) -> list[Outbound]:
         """Act on what an attempt says happened (commit orchestration implements it)."""

@@ -1,31 +1,26 @@
 """The status views: the ``data`` maps behind ``eplbd status``, ``top``, ``heatmap`` and
 ``history`` (schemas in docs/daemons.md, "Status API").
 
-Read-only functions of a :class:`~eplbd.controller._core.PlannerCore`'s state; nothing here
+Read-only functions of the planner core's state (:class:`~eplbd.controller._state.CoreBase`); nothing here
 changes it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from eplbd import __version__
 from eplbd.controller._figures import balance, gpu_loads, lower_bound_balance, total_balance
-from eplbd.controller._state import STATUS_SCHEMA_VERSION, GroupState, round_or_none
+from eplbd.controller._state import STATUS_SCHEMA_VERSION, CoreBase, GroupState, round_or_none
 from eplbd.wire import DEAD
-
-if TYPE_CHECKING:
-    from eplbd.controller._core import PlannerCore
 
 __all__ = ["estimate", "status_data"]
 
 
-def status_data(
-    core: PlannerCore, what: str = "status", group: str | None = None
-) -> dict[str, Any]:
+def status_data(core: CoreBase, what: str = "status", group: str | None = None) -> dict[str, Any]:
     """The ``data`` map of a status_reply (schemas in docs/daemons.md)."""
     groups = (
         [core.groups[group]] if group is not None else [core.groups[k] for k in sorted(core.groups)]
@@ -61,7 +56,7 @@ def status_data(
     return data
 
 
-def planner_info(core: PlannerCore) -> dict[str, Any]:
+def planner_info(core: CoreBase) -> dict[str, Any]:
     now = core.clock.monotonic()
     return {
         "incarnation": core.incarnation,
@@ -81,7 +76,7 @@ def planner_info(core: PlannerCore) -> dict[str, Any]:
     }
 
 
-def agents_info(core: PlannerCore) -> list[dict[str, Any]]:
+def agents_info(core: CoreBase) -> list[dict[str, Any]]:
     now = core.clock.monotonic()
     peers = core.liveness.peers()
     out = []
@@ -113,7 +108,7 @@ def estimate(g: GroupState) -> tuple[torch.Tensor | None, str]:
     return (f, "open_window") if f is not None else (None, "none")
 
 
-def group_status(core: PlannerCore, g: GroupState) -> dict[str, Any]:
+def group_status(core: CoreBase, g: GroupState) -> dict[str, Any]:
     now = core.clock.monotonic()
     rec = g.record
     s = g.shape
@@ -216,7 +211,7 @@ def group_status(core: PlannerCore, g: GroupState) -> dict[str, Any]:
     }
 
 
-def group_top(core: PlannerCore, g: GroupState) -> dict[str, Any]:
+def group_top(core: CoreBase, g: GroupState) -> dict[str, Any]:
     load, source = estimate(g)
     cur = g.current_layout
     out: dict[str, Any] = {
@@ -273,7 +268,7 @@ def group_top(core: PlannerCore, g: GroupState) -> dict[str, Any]:
     return out
 
 
-def group_heatmap(core: PlannerCore, g: GroupState) -> dict[str, Any]:
+def group_heatmap(core: CoreBase, g: GroupState) -> dict[str, Any]:
     load, source = estimate(g)
     cur = g.current_layout
     out: dict[str, Any] = {
