@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 import torch
 import zmq
+from _scrape import scrape
 from eplbd_client import FetchRequest, PeerWeightSource
 
 from eplbd.wire import COMMAND, COMMAND_REPLY, STATUS_REPLY, STATUS_REQUEST, Message, control_client
@@ -103,19 +103,6 @@ def free_port_pair() -> int:
                     continue
             return port
     raise RuntimeError("no free pair of loopback ports")
-
-
-def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float]:
-    """A Prometheus text endpoint as {'name{labels}': value}."""
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        out[key] = float(value)
-    return out
 
 
 def _load_libc() -> Any:

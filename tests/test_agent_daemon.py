@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 import zmq
+from _scrape import scrape
 
 from eplbd.agent import AgentSettings, check_agent_settings, start_agent
 from eplbd.wire import (
@@ -282,13 +282,11 @@ def test_workers_register_merge_relay_and_late_worker_gets_layout(
         wait_for(lambda: agent.status()["relayed"].get("abort:down") == 2, 5, "status")
         st = agent.status()
         assert st["relayed"]["prepare:down"] == 2 and st["relayed"]["committed:up"] == 2
-        url = f"http://127.0.0.1:{agent.daemon.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
-        assert "eplbd_agent_workers 3" in text
-        assert "eplbd_agent_planner_connected 1" in text
-        assert 'eplbd_agent_relayed_total{type="prepare",direction="down"} 2' in text
-        assert 'eplbd_agent_snapshots_forwarded_total{kind="complete"} 1' in text
+        m = scrape(f"http://127.0.0.1:{agent.daemon.metrics_port}/metrics")
+        assert m["eplbd_agent_workers"] == 3
+        assert m["eplbd_agent_planner_connected"] == 1
+        assert m['eplbd_agent_relayed_total{direction="down",type="prepare"}'] == 2
+        assert m['eplbd_agent_snapshots_forwarded_total{kind="complete"}'] == 1
     finally:
         agent.stop()
         for w in workers:

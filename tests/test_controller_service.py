@@ -17,13 +17,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import zmq
+from _scrape import scrape
 
 from eplbd.controller import PlannerService, PlannerSettings, StoreLocked
 from eplbd.layout import Layout
@@ -258,11 +258,11 @@ def test_in_thread_service_commit_status_garbage_metrics(tmp_path: Path, ctx: An
         assert rep.type == COMMAND_REPLY and rep.body["ok"]
         assert status(ctx, svc.control_endpoint)["groups"][0]["frozen"] is True
 
-        text = urllib.request.urlopen(svc.metrics_url, timeout=5).read().decode()
-        assert 'eplbd_planner_dropped_total{reason="truncated"} 1' in text
-        assert 'eplbd_planner_epoch{group="g"} 1' in text
-        assert 'eplbd_planner_attempts_total{group="g",outcome="committed"} 1' in text
-        assert 'eplbd_planner_peers{kind="rank",state="alive"} 2' in text
+        m = scrape(svc.metrics_url)
+        assert m['eplbd_planner_dropped_total{reason="truncated"}'] == 1
+        assert m['eplbd_planner_epoch{group="g"}'] == 1
+        assert m['eplbd_planner_attempts_total{group="g",outcome="committed"}'] == 1
+        assert m['eplbd_planner_peers{kind="rank",state="alive"}'] == 2
     finally:
         if agent is not None:
             agent.close()

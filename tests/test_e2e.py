@@ -383,7 +383,13 @@ def _random_messages(n: int) -> list[list[bytes]]:
 
 
 def _bad_metrics(m: dict[str, float], prefix: str) -> dict[str, float]:
-    return {k[len(prefix) :].split('"')[0]: v for k, v in m.items() if k.startswith(prefix)}
+    """{reason: n} of the series ``prefix{reason="...",side="workers"}``."""
+    tail = '",side="workers"}'
+    return {
+        k[len(prefix) : -len(tail)]: v
+        for k, v in m.items()
+        if k.startswith(prefix) and k.endswith(tail)
+    }
 
 
 FLOOD = 300
@@ -628,7 +634,7 @@ def test_garbage_on_every_daemon_socket_is_counted_and_dropped(mode: str) -> Non
             "replay": 1,
             "bad_protocol": 2 * FLOOD,
         }
-        prefix = 'eplbd_agent_bad_messages_total{side="workers",reason="'
+        prefix = 'eplbd_agent_bad_messages_total{reason="'
         st.wait_until(
             lambda: _bad_metrics(agent.metrics(), prefix) == want_agent,
             15,

@@ -55,9 +55,13 @@ def _imports_of(path: Path, package: str) -> set[str]:
     still ties two modules together)."""
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.startswith(package + "."):
-                out.add(node.module[len(package) + 1 :].split(".")[0])
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.startswith(package + ".")
+        ):
+            out.add(node.module[len(package) + 1 :].split(".")[0])
     return out
 
 
