@@ -423,8 +423,9 @@ def test_sigkilled_worker_is_reported_as_worker_left(ctx: zmq.Context[Any], rund
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
         t0 = time.monotonic()
-        fp.pump(lambda p: p.of("worker_left"), timeout=5)
-        assert time.monotonic() - t0 < DEAD + 1.0
+        fp.pump(lambda p: p.of("worker_left"), timeout=DEAD + 10)
+        # the dead timeout, not something much later (slack for a loaded machine)
+        assert time.monotonic() - t0 < DEAD + 5.0
         (left,) = fp.of("worker_left")
         assert (left.body["worker"], left.body["ep_rank"], left.body["reason"]) == (
             "wk",

@@ -248,7 +248,9 @@ def test_sigkilled_agent_and_worker_are_reported_and_block_commits() -> None:
             assert all(r["e"] == 0 and r["p"] == -1 for r in recs), n
             times = [r["t"] for r in recs if r["t"] > t_kill]
             gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-            assert len(times) >= 60 and max(gaps) < 1.5, (n, max(gaps))
+            # no step waited on the dead agent (a blocked step would stall until the end);
+            # the bound leaves room for a loaded machine descheduling a worker
+            assert len(times) >= 60 and max(gaps) < 3.0, (n, max(gaps))
         assert st.attempts("g") == [] and st.attempts("solo") == []
         assert na.metrics().get('eplbd_agent_events_total{event="worker_left_timeout"}') == 1
 
