@@ -538,8 +538,12 @@ def test_bad_configuration_exits_78_naming_the_field(
         (["--embedded-planner"], {}, "planner"),
         (["--curve-secret-key", "/k/agent.key_secret"], {}, "curve_server_key"),
         (["--config", str(rundir / "a.toml")], {}, "wndow_steps"),
+        (["--config", str(rundir / "b.toml")], {}, "unknown table [planer]"),
+        (["--config", str(rundir / "c.toml")], {}, "unknown table [agnet]"),
     ]
     (rundir / "a.toml").write_text("[agent]\nwndow_steps = 8\n")
+    (rundir / "b.toml").write_text("[planer]\ncooldown_s = 5\n")
+    (rundir / "c.toml").write_text('[agnet]\nplanner = "tcp://h:1"\n')
     for flags, env, field in cases:
         with monkeypatch.context() as m:
             for k, v in env.items():

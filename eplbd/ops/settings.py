@@ -44,8 +44,9 @@ Where each value comes from:
 - default: the ``setting(default, ...)`` value (or ``default_factory``);
 - config file: ``--config FILE`` or ``$<PREFIX>CONFIG`` (TOML). Keys are the field names
   (``window_steps``; ``window-steps`` is accepted too). Top-level keys apply to every daemon;
-  a table named ``CONFIG_SECTION`` (``[agent]``) applies to this one and wins. Other tables
-  belong to other daemons and are ignored; an unknown key outside them is an error;
+  a table named ``CONFIG_SECTION`` (``[agent]``) applies to this one and wins. The other
+  tables of :data:`CONFIG_SECTIONS` belong to other programs and are skipped; any other
+  table, and an unknown key outside them, is an error (a typo);
 - environment: ``<PREFIX><FIELD>`` for each prefix of ``ENV_PREFIXES`` in order (the first
   found wins), e.g. ``EPLBD_AGENT_WINDOW_STEPS`` then ``EPLBD_WINDOW_STEPS``; a field may
   name its own variable with ``env=``. A variable under the daemon's own prefix (the first,
@@ -80,6 +81,7 @@ from typing import Any, TypeVar
 from eplbd.ops.exits import EXIT_CONFIG
 
 __all__ = [
+    "CONFIG_SECTIONS",
     "ConfigError",
     "EXIT_CONFIG",
     "SettingSpec",
@@ -98,6 +100,10 @@ __all__ = [
 
 T = TypeVar("T")
 Check = Callable[[Any], None]
+
+#: The tables a config file may hold: one per program (``[agent]``, ``[planner]``, ``[cli]``).
+#: A table named otherwise is a typo, and an error, whichever program reads the file.
+CONFIG_SECTIONS: tuple[str, ...] = ("agent", "cli", "planner")
 
 #: The daemons' own environment prefixes. A shared ``EPLBD_<FIELD>`` name that starts with
 #: one of them is never read (it would be ambiguous in the shared /etc/default/eplbd).
@@ -459,7 +465,10 @@ def _read_file(cls: type, path: str, source: str) -> tuple[dict[str, Any], str]:
             if isinstance(value, dict):
                 if prefix:
                     raise ConfigError(prefix + key, "unexpected table", where)
-                continue  # a daemon's table: ours is read below, others are not ours
+                if key not in CONFIG_SECTIONS:
+                    tables = ", ".join(f"[{t}]" for t in CONFIG_SECTIONS)
+                    raise ConfigError(key, f"unknown table [{key}] (tables: {tables})", where)
+                continue  # a program's table: ours is read below, the others are theirs
             if name not in known:
                 raise ConfigError(prefix + key, "unknown setting", where)
             values[name] = value
