@@ -206,6 +206,39 @@ def test_nan_and_bad_previous(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "schema_version" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("content", "msg"),
+    [
+        ("[[1e308, 1e308, 1e308, 1e308]]", "above"),  # sums overflow to inf, then nan
+        ("[[3.5e38, 1, 2, 3]]", "above"),  # beyond float32
+        ("[[1e16, 1, 2, 3]]", "above"),
+        ("[[Infinity, 1, 2, 3]]", "not finite"),
+        ("[[1, 2, 3, NaN]]", "not finite"),
+    ],
+)
+def test_loads_out_of_range_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, msg: str
+) -> None:
+    """Nothing is planned or written from loads that cannot be summed exactly."""
+    path = _bad(tmp_path, "load.json", content)
+    out = tmp_path / "layout.json"
+    assert main(["plan", str(path), "--gpus", "2", "--slots", "4", "-o", str(out)]) == 78
+    captured = capsys.readouterr()
+    assert captured.out == "" and not out.exists()
+    err = captured.err
+    assert err.count("\n") == 1 and err.startswith("eplbd plan: error:") and msg in err, err
+    assert "layer 0 expert 0" in err or "expert 3" in err
+
+
+def test_the_largest_accepted_load_plans(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _bad(tmp_path, "load.json", f"[[{2**53}, 1, 2, 3]]")
+    assert main(["plan", str(path), "--gpus", "2", "--slots", "4", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["figures"]["summary"]
+    assert np.isfinite(summary["balance_after"]) and summary["balance_after"] >= 1.0
+
+
 def test_unwritable_output_exits_1(
     loadfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
