@@ -452,6 +452,47 @@ def test_operator_commands(h: Harness) -> None:
     assert rep.type == COMMAND_REPLY and rep.body["ok"] is True
 
 
+def _commit(h: Harness, epoch: int) -> None:
+    for r in range(G):
+        h.answer(STAGED, epoch, r, ok=True, reason="", staged_bytes=1)
+    for r in range(G):
+        h.answer(COMMITTED, epoch, r, step=10)
+
+
+def test_a_refused_command_is_not_shown_as_the_planners_intention(h: Harness) -> None:
+    """status and top show what the planner means to do; a rollback it refused, or a dry run,
+    is in the decisions list but not in BALANCE/PLANNED."""
+    h.hello_all()
+    _commit(h, _prepare_epoch(h))  # epoch 1 in service, the skew balanced
+    h.feed_windows(1, epoch=1, layout=h.core.groups["g"].current_layout)
+
+    def views() -> tuple[Any, ...]:
+        st = h.core.status("status")["groups"][0]
+        top = h.core.status("top")["groups"][0]
+        layers = [(x["balance_planned"], x["moves"], x["why"]) for x in top["layers"]]
+        return st["balance_planned"], st["balance_after"], top["balance_planned"], layers
+
+    before = views()
+    # rank 1 leaves: the group is incomplete and the rollback to epoch 0 is refused
+    h.send(
+        b"a1",
+        WORKER_LEFT,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1",
+         "reason": "timeout"},
+    )  # fmt: skip
+    ok, msg, data, out = h.core.command({"op": "rollback", "group": "g", "epoch": 0})
+    assert not ok and out == [] and "group_incomplete" in msg
+    assert data["decision"]["trigger"] == "rollback"
+    assert views() == before
+    ok, msg, data, out = h.core.command(
+        {"op": "rollback", "group": "g", "epoch": 0, "dry_run": True}
+    )
+    assert ok and out == []
+    assert views() == before
+    hist = h.core.status("history")["groups"][0]["decisions"]
+    assert [d["trigger"] for d in hist[-2:]] == ["rollback", "rollback"]
+
+
 def test_status_views(h: Harness) -> None:
     h.hello_all()
     h.feed_windows(1)

@@ -371,7 +371,12 @@ class PlannerCore(Registration, CommitOrchestration):
         )
 
     def _record_decision(self, g: GroupState, d: Decision) -> None:
-        g.last_decision = d
+        """Keep ``d`` in the group's decisions. Only the planner's own evaluations and the
+        commands that started an attempt become ``last_decision``, what status and top show
+        as the planner's intention: a refused command or a dry run must not replace it."""
+        intention = d.trigger == "auto" or d.action == "prepare"
+        if intention:
+            g.last_decision = d
         entry = d.to_dict(with_layers=True)
         last = g.decisions[-1] if g.decisions else None
         if (
@@ -389,7 +394,7 @@ class PlannerCore(Registration, CommitOrchestration):
             entry["first_at"] = d.at
             g.decisions.append(entry)
         if self.metrics is not None:
-            self.metrics.decision(g.name, d)
+            self.metrics.decision(g.name, d, intention=intention)
 
     def evaluate(self, g: GroupState) -> list[Outbound]:
         """The automatic trigger, run when a window closes."""

@@ -101,8 +101,12 @@ class PlannerMetrics:
     def snapshot(self, group: str) -> None:
         self.snapshots.inc(group=group)
 
-    def decision(self, group: str, d: Decision) -> None:
+    def decision(self, group: str, d: Decision, *, intention: bool = True) -> None:
+        """Count ``d``; its balances become the group's gauges only when it is the planner's
+        intention (not a refused command or a dry run)."""
         self.decisions.inc(group=group, reason=d.reason)
+        if not intention:
+            return
         for kind, value in (
             ("now", d.balance_now),
             ("after", d.balance_after),
