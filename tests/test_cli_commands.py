@@ -276,6 +276,18 @@ def test_top_shows_layers_and_hot_experts(planner: str, capsys: pytest.CaptureFi
     assert "pending" in g
 
 
+def test_views_refuse_layers_the_model_lacks(
+    planner: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As freeze --layers does: a view never quietly drops a layer that was asked for."""
+    for cmd in ("top", "heatmap", "freeze"):
+        rc, out, err = cli(capsys, cmd, "--planner", planner, "--layers", f"0,{L + 96}")
+        assert rc == 1 and out == "", (cmd, rc, out)
+        assert f"layers [{L + 96}] do not exist" in err and f"has {L})" in err, (cmd, err)
+    rc, out, err = cli(capsys, "top", "--planner", planner, "--layers", f"0,{L - 1}", "--json")
+    assert rc == 0 and [x["layer"] for x in json.loads(out)["groups"][0]["layers"]] == [0, L - 1]
+
+
 def test_heatmap_gpu_and_expert(planner: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = cli(capsys, "heatmap", "--planner", planner, "--ascii")
     assert rc == 0, err

@@ -60,6 +60,7 @@ __all__ = [
     "CliSettings",
     "PlannerClient",
     "add_common_arguments",
+    "check_layers",
     "check_watch",
     "fail",
     "layer_list",
@@ -149,6 +150,20 @@ def layer_list(text: str) -> list[int]:
     if not out or min(out) < 0:
         raise argparse.ArgumentTypeError(f"bad layer list {text!r}: use e.g. 0,3,5-7")
     return sorted(out)
+
+
+def check_layers(layers: list[int] | None, num_layers: int | None, group: str) -> None:
+    """Refuse layers the model does not have (CliError 1), as the planner refuses them in
+    ``freeze --layers``: a view must not quietly show fewer layers than were asked for."""
+    if layers is None or num_layers is None:
+        return
+    bad = [x for x in layers if x >= num_layers]
+    if bad:
+        raise CliError(
+            f"layers {bad} do not exist in group {group} (the model has {num_layers})",
+            EXIT_ERROR,
+            "bad_layers",
+        )
 
 
 def add_common_arguments(
