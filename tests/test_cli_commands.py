@@ -394,6 +394,18 @@ def test_rollback(planner: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert status_json(capsys, planner)["groups"][0]["epoch"] == before + 1
 
 
+def test_rollback_to_a_negative_epoch_is_a_usage_error(
+    planner: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused by the CLI (exit 2): nothing reaches the planner, which counts no bad message."""
+    bad_before = status_json(capsys, planner)["planner"]["counters"]["bad"]
+    for epoch in ("-1", str(2**63), "x"):
+        rc, out, err = cli(capsys, "rollback", "--planner", planner, "--", epoch)
+        assert rc == 2 and out == "", (epoch, rc)
+        assert "EPOCH" in err and "wrong type" not in err, err
+    assert status_json(capsys, planner)["planner"]["counters"]["bad"] == bad_before
+
+
 def test_unknown_group_is_an_error(planner: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = cli(capsys, "status", "--planner", planner, "--group", "nope")
     assert rc == 1 and "nope" in err
