@@ -620,3 +620,59 @@ def test_curve_to_the_planner_with_allowed_keys_only(ctx: zmq.Context[Any], rund
     finally:
         agent.stop()
         fp.close()
+
+
+def _start_fails(argv: list[str]) -> tuple[int, str]:
+    p = subprocess.run(
+        [sys.executable, "-m", "eplbd", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
+    )
+    return p.returncode, p.stderr
+
+
+def test_embedded_planner_fails_to_start_as_the_planner_does(rundir: Path) -> None:
+    """Same message, same exit code, same --reset-state for both ways to run a planner."""
+    state = rundir / "state"
+    (state / "groups").mkdir(parents=True)
+    torn = state / "groups" / "g.json"
+    torn.write_text("{torn")
+    not_a_dir = rundir / "file"
+    not_a_dir.write_text("x")
+    quiet = ["--metrics", "", "--log-level", "error"]
+
+    def planner(state_dir: Path) -> list[str]:
+        return ["planner", "--listen", f"ipc://{rundir}/p.sock", "--state-dir", str(state_dir)]
+
+    def agent(state_dir: Path) -> list[str]:
+        return ["agent", "--embedded-planner", "--runtime-dir", str(rundir / "rt"), "--node",
+                "n0", "--state-dir", str(state_dir)]  # fmt: skip
+
+    for state_dir, code, words in (
+        (state, 78, ["g.json", "--reset-state"]),  # a corrupt state file
+        (not_a_dir / "state", 78, ["cannot use state directory", "state_dir"]),
+    ):
+        p_rc, p_err = _start_fails([*planner(state_dir), *quiet])
+        a_rc, a_err = _start_fails([*agent(state_dir), *quiet])
+        assert (p_rc, a_rc) == (code, code), (p_err, a_err)
+        assert p_err.startswith("eplbd planner: ") and a_err.startswith("eplbd agent: ")
+        message = p_err.removeprefix("eplbd planner: ")
+        assert a_err.removeprefix("eplbd agent: ") == message and message.count("\n") == 1
+        assert all(w in message for w in words) and "Errno" not in message, message
+    assert torn.read_text() == "{torn"  # never replaced without --reset-state
+    # the agent's --reset-state moves the file aside and serves
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eplbd", *agent(state), "--reset-state", *quiet],
+        env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
+    )
+    try:
+        wait_for(lambda: (rundir / "rt" / "planner.sock").exists(), 60, "the embedded planner")
+        assert not torn.exists() and list((state / "groups").glob("g.json.corrupt-*"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

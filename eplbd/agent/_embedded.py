@@ -40,7 +40,7 @@ def embedded_planner_settings(
     """The embedded planner's settings: its defaults < the config file's ``[planner]`` table
     (and top-level keys) < ``EPLBD_PLANNER_*`` < what the agent fixes (ipc endpoints in the
     runtime dir, the state dir, no metrics endpoint of its own, the agent's heartbeat and
-    recording schedule). Raises :class:`~eplbd.ops.ConfigError`."""
+    recording schedule; ``--reset-state`` of either). Raises :class:`~eplbd.ops.ConfigError`."""
     from eplbd.controller import PlannerSettings
 
     args: dict[str, Any] = {"config": str(config)} if config is not None else {}
@@ -51,6 +51,7 @@ def embedded_planner_settings(
     }
     base = cfg.load(PlannerSettings, args, env)
     overrides = {
+        "reset_state": agent.reset_state or base.reset_state,
         "heartbeat_s": agent.heartbeat_s,
         "window_steps": agent.window_steps,
         "record_steps": agent.record_steps,

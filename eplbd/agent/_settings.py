@@ -90,6 +90,11 @@ class AgentSettings:
         help="the embedded planner's state directory",
         check=cfg.check_path(absolute=True, directory=True),
     )
+    reset_state: bool = cfg.setting(
+        False,
+        help="the embedded planner: move unreadable state files aside (<file>.corrupt-<time>) "
+        "instead of refusing to start",
+    )
     node: str = cfg.setting(
         default_factory=socket.gethostname,
         help="this node's name (also the agent's id at the planner)",

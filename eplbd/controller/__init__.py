@@ -57,6 +57,7 @@ if TYPE_CHECKING:
         StateStore,
         StoreCorrupt,
         StoreLocked,
+        StoreUnusable,
         atomic_write,
     )
     from eplbd.controller._trigger import (
@@ -94,6 +95,7 @@ _EXPORTS: dict[str, str] = {
     "StateStore": "_store",
     "StoreCorrupt": "_store",
     "StoreLocked": "_store",
+    "StoreUnusable": "_store",
     "atomic_write": "_store",
     "Decision": "_trigger",
     "LayerFigures": "_trigger",
@@ -127,6 +129,7 @@ __all__ = [
     "StateStore",
     "StoreCorrupt",
     "StoreLocked",
+    "StoreUnusable",
     "TriggerPolicy",
     "atomic_write",
     "balance",

@@ -41,6 +41,7 @@ __all__ = [
     "StateStore",
     "StoreCorrupt",
     "StoreLocked",
+    "StoreUnusable",
     "atomic_write",
 ]
 
@@ -54,13 +55,25 @@ class StoreCorrupt(Exception):
         self.path = path
         self.detail = detail
         super().__init__(
-            f"state file {path} is unusable: {detail} (fix or remove it, or start the planner "
-            "with --reset-state to move it aside)"
+            f"state file {path} is unusable: {detail} (fix or remove it, or start with "
+            "--reset-state to move it aside)"
         )
 
 
 class StoreLocked(Exception):
     """Another planner holds the state directory."""
+
+
+class StoreUnusable(Exception):
+    """The state directory cannot be created, locked or written (read-only, permissions)."""
+
+    def __init__(self, state_dir: Path, err: OSError) -> None:
+        self.state_dir = state_dir
+        where = f" ({err.filename})" if err.filename else ""
+        super().__init__(
+            f"cannot use state directory {state_dir}: {err.strerror or err}{where}; "
+            "it must be a writable directory (the state_dir setting)"
+        )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -208,9 +221,13 @@ class StateStore:
         self.writes = 0
 
     def open(self) -> None:
-        """Create the directories and take the lock (raises :class:`StoreLocked`)."""
-        self.groups_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        fd = os.open(self.state_dir / "planner.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        """Create the directories and take the lock (raises :class:`StoreLocked`, or
+        :class:`StoreUnusable` when the directory cannot be created or written)."""
+        try:
+            self.groups_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            fd = os.open(self.state_dir / "planner.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as e:
+            raise StoreUnusable(self.state_dir, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
