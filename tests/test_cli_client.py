@@ -13,7 +13,9 @@ import os
 import socket
 import subprocess
 import sys
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +111,78 @@ def test_silent_planner_is_a_timeout(short_dir: Path, capsys: Any) -> None:
     finally:
         router.close()
         ctx.term()
+
+
+_STOPPABLE_PLANNER = """
+import sys
+from eplbd.controller import PlannerService, PlannerSettings
+settings = PlannerSettings(listen=sys.argv[1], state_dir=sys.argv[2], metrics=None,
+                           log_level="warning", log_format="json")
+PlannerService(settings).run()
+"""
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "ipc"])
+def test_a_stopped_planner_is_a_timeout(scheme: str, short_dir: Path, capsys: Any) -> None:
+    """SIGSTOP: the kernel still accepts connections, nothing answers. That is the wedged
+    planner of exit code 75, not an unreachable one (69)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}" if scheme == "tcp" else f"ipc://{short_dir}/p.sock"
+    (short_dir / "state").mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STOPPABLE_PLANNER, endpoint, str(short_dir / "state")],
+        env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while cli(capsys, "status", "--planner", endpoint, "--timeout", "2")[0] != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, "planner never served"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGSTOP)
+        for timeout in ("1", "6"):  # shorter and longer than the ZMTP heartbeat timeout
+            rc, out, err = cli(capsys, "status", "--planner", endpoint, "--timeout", timeout)
+            assert rc == 75, (timeout, err)
+            assert f"did not answer within {timeout} s" in err and "CURVE" not in err, err
+        proc.send_signal(signal.SIGCONT)
+        rc, out, err = cli(capsys, "status", "--planner", endpoint, "--timeout", "10")
+        assert rc == 0, err
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_peer_that_is_not_a_planner_is_unreachable_without_curve_advice(
+    capsys: Any,
+) -> None:
+    """A port whose listener hangs up at once (another service, or a proxy or firewall
+    standing in for an unroutable address): 69, and no word about CURVE keys."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    t = threading.Thread(target=hang_up, daemon=True)
+    t.start()
+    try:
+        rc, out, err = cli(
+            capsys, "status", "--planner", f"tcp://127.0.0.1:{port}", "--timeout", "5"
+        )
+        assert rc == 69, err
+        assert "before a ZeroMQ handshake" in err and "CURVE" not in err, err
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
 
 
 # --- usage and configuration -----------------------------------------------------------------

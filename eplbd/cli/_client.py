@@ -20,9 +20,10 @@ a late reply to an abandoned request can never be read as the answer to the next
 codes (:mod:`eplbd.ops.exits`):
 
 - 69 unreachable: no connection within the deadline, connection refused, no socket file,
-  handshake (CURVE) refused;
-- 75 timeout: connected and the request sent, but no reply within the deadline (a wedged
-  planner), or ``--wait`` ran out;
+  a peer that is not a planner this client can talk to (the handshake fails: CURVE refused
+  or missing, or not a ZeroMQ peer at all);
+- 75 timeout: something accepted the connection but no reply came within the deadline (a
+  wedged planner: stopped, overloaded), or ``--wait`` ran out;
 - 78 bad configuration: an invalid setting (endpoint, timeout, key files);
 - 1 error: the planner answered with an ``error`` or refused the command.
 
@@ -230,6 +231,54 @@ def planner_endpoint(s: CliSettings) -> str:
 # requests
 
 
+#: The start of a ZMTP 3 greeting: signature and major version. A server answers it with its
+#: whole greeting (mechanism included) before it has seen ours.
+_ZMTP_HELLO = b"\xff" + bytes(8) + b"\x7f" + b"\x03"
+
+#: :func:`zmtp_mechanism` when the peer closed the connection / never answered.
+HUNG_UP, SILENT = "(hung up)", "(silent)"
+
+
+def zmtp_mechanism(endpoint: str, timeout_s: float) -> str:
+    """What a ZeroMQ server at ``endpoint`` announces in its greeting: its security mechanism
+    (``NULL``, ``CURVE``), or :data:`HUNG_UP` when the peer closed the connection or answered
+    something else (not a ZeroMQ server), or :data:`SILENT` when it accepted the connection
+    but said nothing within ``timeout_s`` (a stopped process). A diagnostic for a failed
+    handshake; stdlib sockets only."""
+    import socket
+
+    family: int
+    address: Any
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address = (host, int(port))
+    elif endpoint.startswith("ipc://"):
+        family, address = socket.AF_UNIX, endpoint[len("ipc://") :]
+    else:
+        return HUNG_UP
+    data = b""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout_s)
+            s.connect(address)
+            s.sendall(_ZMTP_HELLO)
+            while len(data) < 32:
+                chunk = s.recv(64 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except TimeoutError:
+        if not data:
+            return SILENT
+    except (OSError, ValueError):
+        pass
+    if len(data) < 32 or data[0] != 0xFF or data[9] != 0x7F:
+        return HUNG_UP
+    return data[12:32].rstrip(b"\0").decode("ascii", "replace") or HUNG_UP
+
+
 class PlannerClient:
     """Requests to one planner endpoint, each on a fresh DEALER with a deadline.
 
@@ -284,8 +333,44 @@ class PlannerClient:
             "unreachable",
         )
 
+    def _timeout(self, sent: bool) -> CliError:
+        how = "" if sent else " (the connection was accepted; is it stopped or overloaded?)"
+        return CliError(
+            f"the planner at {self.endpoint} did not answer within {self.timeout_s:g} s{how}",
+            EXIT_TIMEOUT,
+            "timeout",
+        )
+
+    def _handshake_failed(self, left_s: float) -> CliError:
+        """Why the peer hung up during the ZeroMQ handshake, from the greeting it sends."""
+        mechanism = zmtp_mechanism(self.endpoint, min(1.0, max(0.05, left_s)))
+        if mechanism == SILENT:  # the handshake timed out: it accepts but does not answer
+            return self._timeout(False)
+        if mechanism == HUNG_UP:
+            why = (
+                "the peer closed the connection before a ZeroMQ handshake: no eplbd planner "
+                "there (another service on that port, or a proxy or firewall in the way)"
+            )
+        elif mechanism == "CURVE" and self._curve is None:
+            why = (
+                "handshake failed: this planner requires CURVE keys (--curve-secret-key and "
+                "--curve-server-key, or EPLBD_CLI_CURVE_SECRET_KEY / EPLBD_CLI_CURVE_SERVER_KEY)"
+            )
+        elif mechanism == "CURVE":
+            why = "handshake failed (is --curve-server-key the planner's public key?)"
+        elif self._curve is not None:
+            why = f"handshake failed: this planner does not use CURVE ({mechanism}); drop the keys"
+        else:
+            why = f"handshake failed ({mechanism})"
+        return self._unreachable(why, hint=False)
+
     def request(self, msg_type: str, body: Mapping[str, Any]) -> Any:
-        """Send one message and return the validated reply (a ``Message``)."""
+        """Send one message and return the validated reply (a ``Message``).
+
+        69: nothing accepts the connection (refused, no socket file, no route within the
+        deadline), or the peer is not a planner this client can talk to (the handshake fails);
+        75: something accepted the connection but no reply came in time (a wedged planner:
+        SIGSTOP, overload); 1: the planner answered with an error."""
         import zmq
         from zmq.utils.monitor import recv_monitor_message
 
@@ -301,7 +386,8 @@ class PlannerClient:
         except (BindError, zmq.ZMQError, ValueError) as e:
             raise CliError(f"bad planner endpoint {self.endpoint!r}: {e}", EXIT_CONFIG) from None
         mon = sock.socket.get_monitor_socket(
-            zmq.EVENT_CONNECT_RETRIED
+            zmq.EVENT_CONNECTED
+            | zmq.EVENT_CONNECT_RETRIED
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -312,28 +398,28 @@ class PlannerClient:
             poller.register(mon, zmq.POLLIN)
             poller.register(sock.socket, zmq.POLLOUT)
             sent = False
+            connected = False  # something accepted a connection (a wedged planner does)
             retried = 0
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    if not sent:
-                        raise self._unreachable(f"no connection within {self.timeout_s:g} s")
-                    raise CliError(
-                        f"the planner at {self.endpoint} did not answer within "
-                        f"{self.timeout_s:g} s (connected; is it overloaded or stuck?)",
-                        EXIT_TIMEOUT,
-                        "timeout",
-                    )
+                    if sent or connected:
+                        raise self._timeout(sent)
+                    raise self._unreachable(f"no connection within {self.timeout_s:g} s")
                 events = dict(poller.poll(max(1, int(left * 1000))))
                 if mon in events:
                     ev = recv_monitor_message(mon)
                     kind = ev["event"]
+                    if kind == zmq.EVENT_CONNECTED:
+                        connected, retried = True, 0
                     if kind == zmq.EVENT_CONNECT_RETRIED:
                         # the monitor starts after connect(): the first retry may follow a
-                        # handshake failure it did not see; the next attempt tells them apart
+                        # failure it did not see; a second one in a row is a refusal
                         retried += 1
                         if retried >= 2:
-                            raise self._unreachable("connection refused")
+                            why = "the connection closed before the reply and nothing "
+                            why += "listens there now" if sent else ""
+                            raise self._unreachable(why if sent else "connection refused")
                     if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                         raise self._unreachable(
                             "CURVE authentication refused (is this client's public key in the "
@@ -344,19 +430,9 @@ class PlannerClient:
                         zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
                         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                     ):
-                        raise self._unreachable(
-                            "handshake failed (a CURVE planner needs --curve-secret-key and "
-                            "--curve-server-key)"
-                            if self._curve is None
-                            else "handshake failed (is --curve-server-key the planner's key?)",
-                            hint=False,
-                        )
-                    if kind == zmq.EVENT_DISCONNECTED and sent:
-                        raise self._unreachable(
-                            "the connection closed before the reply", hint=False
-                        )
-                    if kind == zmq.EVENT_DISCONNECTED:
-                        retried = 0  # it connected: a refusal now would be news
+                        raise self._handshake_failed(deadline - time.monotonic())
+                    # EVENT_DISCONNECTED: a wedged planner's connection times out (ZMTP
+                    # heartbeats) and is made again; keep waiting, the deadline decides
                 if not sent and sock.socket in events:
                     if not sock.send(msg_type, body, timeout_ms=0):
                         continue
