@@ -116,12 +116,14 @@ def test_silent_planner_is_a_timeout(short_dir: Path, capsys: Any) -> None:
 _STOPPABLE_PLANNER = """
 import sys
 from eplbd.controller import PlannerService, PlannerSettings
-settings = PlannerSettings(listen=sys.argv[1], state_dir=sys.argv[2], metrics=None,
-                           log_level="warning", log_format="json")
+snap = "tcp://127.0.0.1:0" if sys.argv[1].startswith("tcp") else None  # any free port
+settings = PlannerSettings(listen=sys.argv[1], snapshot_listen=snap, state_dir=sys.argv[2],
+                           metrics=None, log_level="warning", log_format="json")
 PlannerService(settings).run()
 """
 
 
+@pytest.mark.timeout(240)  # a planner process starting on a loaded machine
 @pytest.mark.parametrize("scheme", ["tcp", "ipc"])
 def test_a_stopped_planner_is_a_timeout(scheme: str, short_dir: Path, capsys: Any) -> None:
     """SIGSTOP: the kernel still accepts connections, nothing answers. That is the wedged
@@ -133,7 +135,7 @@ def test_a_stopped_planner_is_a_timeout(scheme: str, short_dir: Path, capsys: An
         env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
     )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while cli(capsys, "status", "--planner", endpoint, "--timeout", "2")[0] != 0:
             assert time.monotonic() < deadline and proc.poll() is None, "planner never served"
             time.sleep(0.1)
@@ -271,14 +273,58 @@ def test_planner_endpoint_order(tmp_path: Path) -> None:
     assert _settings({"EPLBD_RUNTIME_DIR": rd}, planner="tcp://h:1") == "tcp://h:1"
     # both from the same source: --planner wins
     assert _settings({}, planner="tcp://h:1", runtime_dir=rd) == "tcp://h:1"
-    # EPLBD_CONFIG is the daemons' file, never read by the CLI
-    assert _settings({"EPLBD_CONFIG": "/nonexistent.toml"}) in (
-        DEFAULT_TCP,
-        "ipc:///run/eplbd/planner.sock",
+    for var in ("EPLBD_CLI_CONFIG", "EPLBD_CONFIG"):
+        with pytest.raises(CliError) as e:
+            _settings({var: "/nonexistent.toml"})
+        assert e.value.exit_code == 78
+
+
+DAEMON_FILE = """
+log_level = "debug"
+heartbeat_s = 0.5
+window_steps = 64
+
+[agent]
+embedded_planner = true
+runtime_dir = "{rd}"
+node = "n0"
+log_level = "info"
+
+[planner]
+cooldown_s = 5.0
+listen = "tcp://0.0.0.0:7055"
+"""
+
+
+def test_a_daemons_config_file_tells_where_the_planner_is(tmp_path: Path, capsys: Any) -> None:
+    """`eplbd status --config /etc/eplbd/eplbd.toml`: the daemons' keys are theirs, the
+    addresses are read from their tables, and [cli] still wins."""
+    f = tmp_path / "eplbd.toml"
+    rd = tmp_path / "rt"
+    f.write_text(DAEMON_FILE.format(rd=rd))
+    assert _settings({}, config=str(f)) == f"ipc://{rd}/planner.sock"  # the embedded planner
+    assert _settings({"EPLBD_CONFIG": str(f)}) == f"ipc://{rd}/planner.sock"
+    rc, out, err = cli(capsys, "status", "--config", str(f))
+    assert rc == 69 and str(rd / "planner.sock") in err, err  # not "unknown setting"
+    # an agent with a remote planner: its address; a planner host: its listen address
+    f.write_text(
+        DAEMON_FILE.format(rd=rd).replace("embedded_planner = true", 'planner = "tcp://ph:9"')
     )
-    with pytest.raises(CliError) as e:
-        _settings({"EPLBD_CLI_CONFIG": "/nonexistent.toml"})
-    assert e.value.exit_code == 78
+    assert _settings({}, config=str(f)) == "tcp://ph:9"
+    f.write_text('log_level = "info"\n[planner]\nlisten = "tcp://0.0.0.0:7055"\n')
+    assert _settings({}, config=str(f)) == "tcp://127.0.0.1:7055"
+    f.write_text('[planner]\nlisten = "ipc:///run/x/p.sock"\n[cli]\ntimeout = 2\n')
+    assert _settings({}, config=str(f)) == "ipc:///run/x/p.sock"
+    f.write_text('[planner]\nlisten = "tcp://0.0.0.0:7055"\n[cli]\nplanner = "tcp://c:1"\n')
+    assert _settings({}, config=str(f)) == "tcp://c:1"
+    # flags and the environment still beat the file
+    assert _settings({"EPLBD_PLANNER": "tcp://e:2"}, config=str(f)) == "tcp://e:2"
+    # [cli] stays strict, and so are table names
+    for text in ("[cli]\ntimout = 2\n", "[planer]\nlisten = 'tcp://h:1'\n"):
+        f.write_text(text)
+        with pytest.raises(CliError) as e:
+            _settings({}, config=str(f))
+        assert e.value.exit_code == 78
 
 
 def test_layer_list() -> None:

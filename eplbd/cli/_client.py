@@ -11,9 +11,11 @@ Where the planner is (:func:`planner_endpoint`), in this order:
   planner listens on ``ipc://DIR/planner.sock``;
 - otherwise ``/run/eplbd/planner.sock`` when it exists, else ``tcp://127.0.0.1:7050``.
 
-A flag beats an environment variable beats ``--config FILE`` (``EPLBD_CLI_CONFIG``, keys at
-the top level or in a ``[cli]`` table). ``EPLBD_CONFIG``, the daemons' shared file, is not
-read: its top-level keys are daemon settings.
+A flag beats an environment variable beats ``--config FILE`` (``EPLBD_CLI_CONFIG``, then
+``EPLBD_CONFIG``, the daemons' shared file): a ``[cli]`` table, or, in a daemon's own file,
+the planner's address from its ``[agent]`` or ``[planner]`` table
+(:meth:`CliSettings.values_from_config`), so ``eplbd status --config /etc/eplbd/eplbd.toml``
+finds the planner the daemons use.
 
 Every request has a deadline (``--timeout``, default 5 s) and each takes a fresh socket, so
 a late reply to an abandoned request can never be read as the answer to the next one. Exit
@@ -108,6 +110,48 @@ class CliSettings:
         None, help="the planner's CURVE public key file (NAME.key)"
     )
 
+    @staticmethod
+    def values_from_config(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The CLI's settings in a config file, which may be a daemon's own: top-level keys
+        of ours (the daemons' are theirs and skipped), then where the planner is from the
+        ``[agent]`` table (its ``planner``, or the runtime dir of an ``embedded_planner``)
+        or else the ``[planner]`` table (``listen``, a wildcard host read as loopback),
+        then the ``[cli]`` table, strictly (an unknown key there is an error)."""
+        names = {spec.name for spec in cfg.specs(CliSettings)}
+        values = {
+            k.replace("-", "_"): v
+            for k, v in data.items()
+            if not isinstance(v, dict) and k.replace("-", "_") in names
+        }
+        values.update(_planner_from_daemon_tables(data))
+        cli_table = data.get("cli")
+        if isinstance(cli_table, dict):
+            values.update(cfg.read_table(CliSettings, cli_table, "cli.", where))
+        return values
+
+
+def _planner_from_daemon_tables(data: Mapping[str, Any]) -> dict[str, Any]:
+    """{"planner": ENDPOINT} or {"runtime_dir": DIR} from a daemon's config tables."""
+
+    def get(table: Any, key: str) -> Any:
+        if not isinstance(table, dict):
+            return None
+        return table.get(key, table.get(key.replace("_", "-")))
+
+    agent, planner = data.get("agent"), data.get("planner")
+    if get(agent, "embedded_planner") is True:
+        return {"runtime_dir": get(agent, "runtime_dir") or str(DEFAULT_RUNTIME_DIR)}
+    if isinstance(get(agent, "planner"), str):
+        return {"planner": get(agent, "planner")}
+    listen = get(planner, "listen")
+    if isinstance(listen, str):
+        if listen.startswith("tcp://"):
+            host, _, port = listen[len("tcp://") :].rpartition(":")
+            host = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+            listen = f"tcp://{host}:{port}"
+        return {"planner": listen}
+    return {}
+
 
 class CliError(Exception):
     """A failure with the exit code it maps to; ``str()`` is the one line for stderr."""
@@ -195,7 +239,6 @@ def load_settings(
 ) -> CliSettings:
     """The CLI settings from flags, the environment and ``--config``; CliError(78) if bad."""
     env = dict(os.environ if environ is None else environ)
-    env.pop("EPLBD_CONFIG", None)  # the daemons' file: its top-level keys are not ours
     try:
         s = cfg.load(CliSettings, args, env)
     except cfg.ConfigError as e:
@@ -403,7 +446,9 @@ class PlannerClient:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    if sent or connected:
+                    # the monitor may miss an ipc connection made before it started: ask the
+                    # peer directly whether something accepts and stays silent
+                    if sent or connected or zmtp_mechanism(self.endpoint, 0.5) == SILENT:
                         raise self._timeout(sent)
                     raise self._unreachable(f"no connection within {self.timeout_s:g} s")
                 events = dict(poller.poll(max(1, int(left * 1000))))

@@ -46,7 +46,9 @@ Where each value comes from:
   (``window_steps``; ``window-steps`` is accepted too). Top-level keys apply to every daemon;
   a table named ``CONFIG_SECTION`` (``[agent]``) applies to this one and wins. The other
   tables of :data:`CONFIG_SECTIONS` belong to other programs and are skipped; any other
-  table, and an unknown key outside them, is an error (a typo);
+  table, and an unknown key outside them, is an error (a typo). A class may read files its
+  own way with a ``values_from_config(data, where) -> dict`` static method (the CLI does:
+  it reads the daemons' files for their addresses);
 - environment: ``<PREFIX><FIELD>`` for each prefix of ``ENV_PREFIXES`` in order (the first
   found wins), e.g. ``EPLBD_AGENT_WINDOW_STEPS`` then ``EPLBD_WINDOW_STEPS``; a field may
   name its own variable with ``env=``. A variable under the daemon's own prefix (the first,
@@ -91,6 +93,7 @@ __all__ = [
     "describe",
     "env_names",
     "load",
+    "read_table",
     "reference_markdown",
     "setting",
     "sources",
@@ -454,29 +457,40 @@ def _read_file(cls: type, path: str, source: str) -> tuple[dict[str, Any], str]:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}", source) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}", source) from None
+    where = f"file {path}"
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in CONFIG_SECTIONS:
+            tables = ", ".join(f"[{t}]" for t in CONFIG_SECTIONS)
+            raise ConfigError(key, f"unknown table [{key}] (tables: {tables})", where)
+    reader = getattr(cls, "values_from_config", None)
+    if reader is not None:  # a program that reads other programs' files its own way
+        values: dict[str, Any] = reader(data, where)
+        return values, where
     section = getattr(cls, "CONFIG_SECTION", None)
+    values = read_table(cls, data, "", where, top_level=True)
+    if section is not None and isinstance(data.get(section), dict):
+        values.update(read_table(cls, data[section], section + ".", where))
+    return values, where
+
+
+def read_table(
+    cls: type, table: Mapping[str, Any], prefix: str, where: str, *, top_level: bool = False
+) -> dict[str, Any]:
+    """The settings of ``cls`` in one table of a config file (``prefix``: ``"agent."`` for
+    error messages). An unknown key, or a table inside a program's table, is a ConfigError;
+    at the top level the programs' tables are skipped."""
     known = {s.name for s in specs(cls)}
     values: dict[str, Any] = {}
-    where = f"file {path}"
-
-    def take(table: Mapping[str, Any], prefix: str) -> None:
-        for key, value in table.items():
-            name = key.replace("-", "_")
-            if isinstance(value, dict):
-                if prefix:
-                    raise ConfigError(prefix + key, "unexpected table", where)
-                if key not in CONFIG_SECTIONS:
-                    tables = ", ".join(f"[{t}]" for t in CONFIG_SECTIONS)
-                    raise ConfigError(key, f"unknown table [{key}] (tables: {tables})", where)
-                continue  # a program's table: ours is read below, the others are theirs
-            if name not in known:
-                raise ConfigError(prefix + key, "unknown setting", where)
-            values[name] = value
-
-    take(data, "")
-    if section is not None and isinstance(data.get(section), dict):
-        take(data[section], section + ".")
-    return values, where
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if isinstance(value, dict):
+            if not top_level:
+                raise ConfigError(prefix + key, "unexpected table", where)
+            continue  # a program's table: the caller reads its own
+        if name not in known:
+            raise ConfigError(prefix + key, "unknown setting", where)
+        values[name] = value
+    return values
 
 
 def load(
