@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
-import signal
 import tempfile
 import threading
 import time
@@ -26,7 +26,6 @@ import zmq
 from _cli import clean_cli_env, cli
 
 from eplbd.cli._client import (
-    DEFAULT_TCP,
     CliError,
     layer_list,
     load_settings,

@@ -7,6 +7,7 @@ message the core sends must decode and validate). The state directory is real.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -560,3 +561,49 @@ def test_a_layout_no_rank_serves_is_not_believed(h: Harness) -> None:
 
 def test_an_error_is_never_answered_with_an_error(h: Harness) -> None:
     assert h.send(b"x", ERROR, {"code": "bad_field", "message": "no", "in_reply_to": ""}) == []
+
+
+def test_a_store_that_stops_being_writable_shows_in_status_text_and_metrics(
+    h: Harness,
+) -> None:
+    import io
+
+    from eplbd.cli._output import Output
+    from eplbd.cli.status import render
+    from eplbd.controller import PlannerMetrics
+
+    metrics = PlannerMetrics()
+    h.core.metrics = metrics
+    h.hello_all()
+    h.core.command({"op": "freeze", "group": "g", "layers": [0]})
+
+    def text() -> str:
+        buf = io.StringIO()
+        render(Output(buf, color=False), {"endpoint": "x", **h.core.status("status")})
+        return buf.getvalue()
+
+    assert h.core.status("status")["planner"]["store"]["writable"] is True
+    assert "not writable" not in text()
+    assert metrics.registry.collector_registry.get_sample_value("eplbd_planner_store_writable") == 1
+
+    def refuse(src: str, dst: str) -> None:
+        raise OSError(30, "Read-only file system")
+
+    assert h.core.store is not None
+    h.core.store._replace = refuse
+    ok, msg, _, _ = h.core.command({"op": "freeze", "group": "g", "layers": [1]})
+    assert not ok and "not persisted" in msg
+    store = h.core.status("status")["planner"]["store"]
+    assert store["writable"] is False and store["errors"] == 1
+    assert "Read-only file system" in store["last_error"]
+    shown = text()
+    assert "state directory not writable" in shown and "Read-only file system" in shown, shown
+    reg = metrics.registry.collector_registry
+    assert reg.get_sample_value("eplbd_planner_store_writable") == 0
+    assert reg.get_sample_value("eplbd_planner_store_errors_total") == 1
+    # writable again: the next write clears it (the count stays)
+    h.core.store._replace = os.replace
+    ok, _, _, _ = h.core.command({"op": "unfreeze", "group": "g"})
+    assert ok and h.core.status("status")["planner"]["store"]["writable"] is True
+    assert "not writable" not in text()
+    assert reg.get_sample_value("eplbd_planner_store_writable") == 1

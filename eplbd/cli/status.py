@@ -78,6 +78,17 @@ def render(out: Output, data: dict[str, Any]) -> None:
     )
     if p.get("state_dir"):
         out.line(f"         state {p['state_dir']}")
+    store = p.get("store") or {}
+    if store.get("writable") is False:
+        out.line(
+            out.style(
+                f"         state directory not writable: {store.get('errors')} write(s) failed, "
+                f"the last {fmt_ago(store.get('last_error_at'), now)}: {store.get('last_error')}"
+                " (no layout change is durable and no rebalance starts until it is fixed)",
+                "red",
+                "bold",
+            )
+        )
     bad = (p.get("counters") or {}).get("bad") or {}
     if bad:
         shown = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))

@@ -13,7 +13,9 @@ Series (labels in braces):
 - ``eplbd_planner_snapshots_total{group}``: snapshots accepted;
 - ``eplbd_planner_dropped_total{reason}``: messages dropped (wire reasons, unknown_epoch...);
 - ``eplbd_planner_peers{kind,state}``: agents and ranks by liveness;
-- ``eplbd_planner_pending{group}``: 1 while a commit is in flight.
+- ``eplbd_planner_pending{group}``: 1 while a commit is in flight;
+- ``eplbd_planner_store_writable``: 0 while the state directory refuses writes;
+- ``eplbd_planner_store_errors_total``: failed writes of the state directory.
 """
 
 from __future__ import annotations
@@ -73,6 +75,14 @@ class PlannerMetrics:
         self.peers_g = r.gauge(
             "eplbd_planner_peers", "Agents and ranks by liveness.", labels=("kind", "state")
         )
+        self.store_writable = r.gauge(
+            "eplbd_planner_store_writable",
+            "0 while the state directory refuses writes (no layout change is durable), else 1.",
+        )
+        self.store_writable.set(1)
+        self.store_errors = r.counter(
+            "eplbd_planner_store_errors_total", "Writes of the state directory that failed."
+        )
         self.pending = r.gauge(
             "eplbd_planner_pending", "1 while a two-phase commit is in flight.", labels=("group",)
         )
@@ -97,6 +107,11 @@ class PlannerMetrics:
     def outcome(self, group: str, state: str) -> None:
         self.attempts.inc(group=group, outcome=state)
         self.pending.set(0, group=group)
+
+    def store_write(self, ok: bool) -> None:
+        self.store_writable.set(1 if ok else 0)
+        if not ok:
+            self.store_errors.inc()
 
     def snapshot(self, group: str) -> None:
         self.snapshots.inc(group=group)

@@ -211,6 +211,9 @@ class CoreBase:
         self.started_wall = clock.time()
         self._next_heartbeat = self.started_mono
         self.store_errors = 0
+        self.store_writable = True  # False from a failed write to the next good one
+        self.store_last_error: str | None = None
+        self.store_last_error_wall: float | None = None
         self.notes: list[str] = []
 
     @property
@@ -246,15 +249,27 @@ class CoreBase:
         }
 
     def _persist(self, g: GroupState) -> bool:
+        """Write the group's record; on failure count it, keep it visible (status, metrics)
+        until a write succeeds again, and return False."""
         if self.store is None:
             return True
         try:
             self.store.save(g.record)
-            return True
         except OSError as e:
             self.store_errors += 1
+            self.store_writable = False
+            self.store_last_error = f"{g.name}: {e}"
+            self.store_last_error_wall = self.clock.time()
             log.error("state write failed", group=g.name, error=str(e))
+            if self.metrics is not None:
+                self.metrics.store_write(False)
             return False
+        if not self.store_writable:
+            self.store_writable = True
+            log.info("state writes work again", group=g.name)
+        if self.metrics is not None:
+            self.metrics.store_write(True)
+        return True
 
     def _sender_name(self, identity: bytes) -> str:
         agent = self._identity_agent.get(identity)

@@ -72,6 +72,12 @@ def planner_info(core: CoreBase) -> dict[str, Any]:
             "missing": dict(core.counters.missing),
             "store_errors": core.store_errors,
         },
+        "store": {
+            "writable": core.store_writable,
+            "errors": core.store_errors,
+            "last_error": core.store_last_error,
+            "last_error_at": core.store_last_error_wall,
+        },
         "notes": list(core.notes),
     }
 
