@@ -41,11 +41,13 @@ HB = 0.2
 DEAD = 1.5  # agent dead timeout in these tests: generous, CI machines stall
 
 
-def hello_body(worker: str, rank: int, *, ep_size: int = 4, inc: str | None = None) -> dict:
+def hello_body(
+    worker: str, rank: int, *, ep_size: int = 4, inc: str | None = None, group: str = "g0"
+) -> dict:
     return {
         "worker": worker,
         "incarnation": inc or f"{worker}-i1",
-        "group": "g0",
+        "group": group,
         "ep_rank": rank,
         "ep_size": ep_size,
         "node": "n0",
@@ -185,7 +187,7 @@ class FakeWorker:
         body = {
             "worker": self.name,
             "incarnation": self.hello["incarnation"],
-            "group": "g0",
+            "group": self.hello["group"],
             "ep_rank": self.rank,
             "seq": self.seq,
             "epoch": 0,
@@ -593,6 +595,63 @@ def test_embedded_planner_registers_workers_and_answers_the_cli_socket(
         agent.stop()
     again = start_agent(s)  # stop released the sockets and the state dir: a new one starts
     again.stop()
+
+
+def test_two_groups_on_one_agent_show_no_missing_snapshots(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    """The agent numbers its snapshots per group, as the planner checks them: serving two
+    groups must not look like lost snapshots."""
+    state = rundir / "state"
+    s = AgentSettings(
+        embedded_planner=True, runtime_dir=rundir, state_dir=state, node="n0",
+        heartbeat_s=HB, dead_timeout_s=DEAD, window_steps=8, record_steps=4, metrics=None,
+    )  # fmt: skip
+    agent = start_agent(s)
+    workers = [
+        FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, f"w{g}", 0, ep_size=1, group=g)
+        for g in ("ga", "gb")
+    ]
+    cli = control_client(ctx, f"ipc://{rundir}/planner.sock")
+    try:
+        for w in workers:
+            w.say_hello()
+
+        def planner_status() -> dict[str, Any] | None:
+            for w in workers:
+                w.heartbeat()
+            cli.send("status_request", {"what": "status"})
+            got = cli.recv(500)
+            ok = got is not None and got.message.type == "status_reply"
+            return got.message.body["data"] if ok else None  # type: ignore[union-attr]
+
+        def registered() -> bool:
+            st = planner_status()
+            return (
+                st is not None
+                and all(g["complete"] for g in st["groups"])
+                and len(st["groups"]) == 2
+            )
+
+        wait_for(registered, 10, "both groups registered at the planner")
+        counts = torch.ones(L, P, dtype=torch.int32)
+        for i in range(3):
+            for w in workers:
+                w.snapshot(counts, s0=8 * i)
+
+        def all_arrived() -> dict[str, Any] | None:
+            st = planner_status()
+            if st is None or [g["data"]["snapshots"] for g in st["groups"]] != [3, 3]:
+                return None
+            return st
+
+        st = wait_for(all_arrived, 10, "every snapshot at the planner")
+        assert st["planner"]["counters"]["missing"] == {}, st["planner"]["counters"]
+    finally:
+        cli.close()
+        for w in workers:
+            w.close()
+        agent.stop()
 
 
 def test_curve_to_the_planner_with_allowed_keys_only(ctx: zmq.Context[Any], rundir: Path) -> None:
