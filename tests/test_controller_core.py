@@ -22,6 +22,7 @@ from eplbd.controller import (
     TriggerPolicy,
     logical_load,
 )
+from eplbd.controller._registration import WELCOME_SCHEDULE
 from eplbd.layout import Layout
 from eplbd.ops import FakeClock
 from eplbd.wire import (
@@ -194,7 +195,7 @@ def h(tmp_path: Path) -> Harness:
 def test_registration_and_welcome(h: Harness) -> None:
     out = h.hello_all()
     assert types(out) == [(b"a0", WELCOME), (b"a1", WELCOME)]
-    assert out[0].body["schedule"]["window_steps"] == h.config.window_steps
+    assert out[0].body["schedule"] == WELCOME_SCHEDULE  # the agents' own settings decide
     st = h.core.status("status")
     (g,) = st["groups"]
     assert g["complete"] and g["epoch"] == 0 and g["num_nodes"] == 2

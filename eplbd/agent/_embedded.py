@@ -39,8 +39,8 @@ def embedded_planner_settings(
 ) -> Any:
     """The embedded planner's settings: its defaults < the config file's ``[planner]`` table
     (and top-level keys) < ``EPLBD_PLANNER_*`` < what the agent fixes (ipc endpoints in the
-    runtime dir, the state dir, no metrics endpoint of its own, the agent's heartbeat and
-    recording schedule; ``--reset-state`` of either). Raises :class:`~eplbd.ops.ConfigError`."""
+    runtime dir, the state dir, no metrics endpoint of its own, the agent's heartbeat and log
+    level; ``--reset-state`` of either). Raises :class:`~eplbd.ops.ConfigError`."""
     from eplbd.controller import PlannerSettings
 
     args: dict[str, Any] = {"config": str(config)} if config is not None else {}
@@ -53,8 +53,6 @@ def embedded_planner_settings(
     overrides = {
         "reset_state": agent.reset_state or base.reset_state,
         "heartbeat_s": agent.heartbeat_s,
-        "window_steps": agent.window_steps,
-        "record_steps": agent.record_steps,
         "log_level": agent.log_level,
     }
     return PlannerSettings.embedded(

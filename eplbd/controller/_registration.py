@@ -27,7 +27,12 @@ from eplbd.wire import (
     validate_body,
 )
 
-__all__ = ["Registration"]
+__all__ = ["WELCOME_SCHEDULE", "Registration"]
+
+#: The ``schedule`` of the planner's ``welcome``: required by protocol 1, ignored by agents.
+#: The recording schedule is the agents' to decide (their window_steps / record_steps
+#: settings); the planner sends the agents' defaults.
+WELCOME_SCHEDULE = {"window_steps": 256, "record_steps": 64, "enabled": True}
 
 
 class Registration(CoreBase):
@@ -95,7 +100,7 @@ class Registration(CoreBase):
             Outbound(
                 identity,
                 WELCOME,
-                {"incarnation": self.incarnation, "epoch": 0, "schedule": self._schedule()},
+                {"incarnation": self.incarnation, "epoch": 0, "schedule": dict(WELCOME_SCHEDULE)},
             )
         )
         for gname in sorted(touched):
@@ -103,14 +108,6 @@ class Registration(CoreBase):
             out += self._layout_to(g, [identity])
             out += self._reconcile(g)
         return out
-
-    def _schedule(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "window_steps": c.window_steps,
-            "record_steps": min(c.record_steps, c.window_steps),
-            "enabled": c.recording_enabled,
-        }
 
     def _register_rank(
         self, agent: str, hello: dict[str, Any], out: list[Outbound], identity: bytes

@@ -148,12 +148,6 @@ class PlannerSettings:
         min=0.01,
         max=1e6,
     )
-    window_steps: int = cfg.setting(
-        256, help="recording schedule sent to agents: steps per window", min=1
-    )
-    record_steps: int = cfg.setting(
-        64, help="recording schedule: steps recorded per window (<= window_steps)", min=0
-    )
     keep_layouts: int = cfg.setting(
         16, help="committed layouts kept per group (rollback targets)", min=1, max=4096
     )
@@ -188,8 +182,6 @@ class PlannerSettings:
             prepare_timeout_s=self.prepare_timeout_s,
             commit_timeout_s=self.commit_timeout_s,
             heartbeat_s=self.heartbeat_s,
-            window_steps=self.window_steps,
-            record_steps=min(self.record_steps, self.window_steps),
         )
 
     @property
@@ -253,8 +245,6 @@ def _is_loopback(host: str) -> bool:
 def check_planner_settings(s: PlannerSettings) -> None:
     """Rules across fields (raise :class:`eplbd.ops.ConfigError` naming the field)."""
     cfg.validate(s)
-    if s.record_steps > s.window_steps:
-        raise cfg.ConfigError("record_steps", f"{s.record_steps} > window_steps {s.window_steps}")
     try:
         snap = s.snapshot_endpoint
     except ValueError as e:

@@ -72,8 +72,7 @@ class CoreConfig:
     policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
     commit_timeout_s: time for the flip to be reported once all staged (and for the last
     reports after the first); heartbeat_s: the agents' heartbeat interval (stale after 3,
-    dead after 5 missed) and the planner's own heartbeat to agents; schedule: the recording
-    schedule sent in ``welcome``; hot_experts: experts per layer listed by ``top``;
+    dead after 5 missed) and the planner's own heartbeat to agents; hot_experts: experts per layer listed by ``top``;
     decisions_kept: decisions remembered per group (in memory); max_bytes: message limit.
     """
 
@@ -84,9 +83,6 @@ class CoreConfig:
     prepare_timeout_s: float = 60.0
     commit_timeout_s: float = 60.0
     heartbeat_s: float = 1.0
-    window_steps: int = 256
-    record_steps: int = 256
-    recording_enabled: bool = True
     hot_experts: int = 5
     decisions_kept: int = 64
     max_bytes: int = 16 * 1024 * 1024
