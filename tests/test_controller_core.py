@@ -608,3 +608,40 @@ def test_a_store_that_stops_being_writable_shows_in_status_text_and_metrics(
     assert ok and h.core.status("status")["planner"]["store"]["writable"] is True
     assert "not writable" not in text()
     assert reg.get_sample_value("eplbd_planner_store_writable") == 1
+
+
+def test_load_windows_survive_a_restart_at_a_bounded_write_cost(tmp_path: Path) -> None:
+    clock = FakeClock()
+    h = Harness(tmp_path, clock, window_save_s=25.0)
+    h.hello_all()
+    h.feed_windows(1)
+    store = h.core.store
+    assert store is not None and store.window_writes == 1  # the first closed window
+    h.feed_windows(2)  # 10 s apart: within window_save_s of the last write
+    assert store.window_writes == 1
+    h.feed_windows(1)  # 30 s after the first write
+    assert store.window_writes == 2
+    h.feed_windows(1)
+    forecast = h.core.groups["g"].window.forecast()
+    _, _, before, _ = h.core.command({"op": "rebalance", "group": "g", "dry_run": True})
+    clock.advance(5.0)
+    h.restart()  # close() writes what the last save missed
+    assert store.window_writes == 3
+    g = h.core.groups["g"]
+    assert torch.equal(g.window.forecast(), forecast) and g.window.windows == 4
+    h.hello_all()
+    _, _, after, _ = h.core.command({"op": "rebalance", "group": "g", "dry_run": True})
+    for key in ("balance_now", "balance_planned", "moves", "changed_layers", "layers"):
+        assert after["decision"][key] == before["decision"][key], key
+    restored = h.core.status()["groups"][0]["data"]["restored"]
+    assert restored["windows"] == 4 and restored["epoch"] == 0 and restored["age_s"] == 5.0
+    # too old: not restored, and the start-up notes say why
+    clock.advance(4000.0)
+    h.restart()
+    assert h.core.groups["g"].window.windows == 0
+    assert any("not restored" in n and "window_max_age_s" in n for n in h.core.notes)
+    # unreadable: skipped with a note, never fatal
+    (tmp_path / "windows" / "g.npz").write_bytes(b"garbage")
+    h.restart()
+    assert h.core.groups["g"].window.windows == 0
+    assert any("not restored" in n and "g.npz" in n for n in h.core.notes), h.core.notes

@@ -502,3 +502,72 @@ def test_settings_rules(tmp_path: Path) -> None:
         environ={"EPLBD_PLANNER_COOLDOWN_S": "7"},
     )
     assert (s.min_gain, s.cooldown_s, s.window_s) == (0.2, 7.0, 2.5)
+
+
+def _dry_run(ctx: Any, control: str) -> dict[str, Any]:
+    rep = cli_request(ctx, control, COMMAND, {"op": "rebalance", "group": "g", "dry_run": True})
+    assert rep.type == COMMAND_REPLY, rep.body
+    d = rep.body["data"]["decision"]
+    return {k: d[k] for k in ("balance_now", "balance_planned", "moves", "changed_layers")} | {
+        "layers": [(x["balance_now"], x["moves"], x["why"]) for x in d["layers"]],
+        "ok": rep.body["ok"],
+    }
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_planner_restores_its_load_windows_and_decides_the_same(
+    tmp_path: Path, ctx: Any
+) -> None:
+    """Real planner processes: windows and forecast are saved as windows close; after SIGKILL
+    and a restart the restored forecast drives the same plan, and status says how old it is."""
+    sock_dir = tmp_path / "s"
+    sock_dir.mkdir()
+    control, snaps = f"ipc://{sock_dir}/p.sock", f"ipc://{sock_dir}/planner-snapshots.sock"
+    # no automatic rebalance (unreachable gain): only the dry runs look at the forecast
+    extra = ["--window-save-s", "0", "--min-gain", "1000", "--windows", "4"]
+    procs = [_start_planner(tmp_path, sock_dir, "planner1.log", *extra)]
+    agent = FakeAgent(ctx, control, snaps)
+    default = Layout.default(L, E, P)
+    saved = tmp_path / "state" / "windows" / "g.npz"
+    try:
+        agent.register(timeout_s=120)  # a planner process starting on a loaded machine
+        sent = 0
+
+        def windows() -> int:
+            return int(status(ctx, control)["groups"][0]["data"]["windows"])
+
+        while windows() < 3:  # a few closed windows of skewed load
+            agent.snapshot(skewed_counts(default), 0)
+            agent.heartbeat()
+            agent.poll(0.05)
+            sent += 1
+            assert sent < 2000, "the planner never closed 3 windows"
+        # the last bucket closes (and is saved) without new data: wait for its file
+        wait_for(lambda: status(ctx, control)["groups"][0]["data"]["open_tokens"] == 0)
+        n = windows()
+        wait_for(lambda: saved.exists(), 10)
+        before = _dry_run(ctx, control)
+        assert before["ok"] and before["moves"] > 0, before
+
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        procs.append(_start_planner(tmp_path, sock_dir, "planner2.log", *extra))
+        # the agent notices the new planner and registers again; it sends no more load
+        wait_for(
+            lambda: bool(status(ctx, control)["agents"]),
+            60,
+            every=lambda: (agent.heartbeat(), agent.poll(0.05)),
+        )
+        g = status(ctx, control)["groups"][0]
+        assert g["data"]["windows"] == n and g["data"]["source"] == "forecast", g["data"]
+        restored = g["data"]["restored"]
+        assert restored["windows"] == n and restored["epoch"] == 0, restored
+        assert restored["age_s"] >= 0 and restored["windows_left"] == n
+        wait_for(lambda: status(ctx, control)["groups"][0]["complete"], 30, every=agent.heartbeat)
+        assert _dry_run(ctx, control) == before
+    finally:
+        agent.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)

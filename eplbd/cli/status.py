@@ -174,9 +174,16 @@ def render(out: Output, data: dict[str, Any]) -> None:
 def _render_group(out: Output, g: dict[str, Any]) -> None:
     name = g.get("group")
     d = g.get("data") or {}
+    restored = d.get("restored") or {}
+    from_disk = (
+        f" ({restored['windows_left']} restored from epoch {restored.get('epoch')}, the newest "
+        f"{fmt_duration(restored.get('age_s'))} old)"
+        if restored.get("windows_left")
+        else ""
+    )
     out.line(
         out.style(f"group {name}", "bold")
-        + f"  load: {d.get('source', 'none')}, {d.get('windows', 0)} windows, "
+        + f"  load: {d.get('source', 'none')}, {d.get('windows', 0)} windows{from_disk}, "
         + f"{d.get('tokens', 0)} tokens, {d.get('snapshots', 0)} snapshots"
         + (
             f", last {fmt_duration(d['last_snapshot_s'])} ago"

@@ -43,6 +43,7 @@ from eplbd.controller._state import (
     Outbound,
     log,
 )
+from eplbd.controller._store import WindowsUnreadable
 from eplbd.controller._trigger import Decision, decide, rollback_decision
 from eplbd.controller._views import status_data
 from eplbd.wire import (
@@ -114,6 +115,7 @@ class PlannerCore(Registration, CommitOrchestration):
                 age = self.clock.time() - rec.last_rebalance_wall
                 if age >= 0:
                     g.last_rebalance_mono = self.clock.monotonic() - age
+            self._restore_windows(g, notes)
             log.info(
                 "group restored",
                 group=name,
@@ -124,6 +126,45 @@ class PlannerCore(Registration, CommitOrchestration):
             )
         self.notes = notes
         return notes
+
+    def _restore_windows(self, g: GroupState, notes: list[str]) -> None:
+        """Take the group's saved load windows back, so the forecast and the window count the
+        trigger needs survive a restart. Too old, another shape, unreadable: skipped (a note
+        says why); the windows then refill from new snapshots."""
+        if self.store is None or g.window is None:
+            return
+        try:
+            saved = self.store.load_windows(g.name)
+        except WindowsUnreadable as e:
+            notes.append(f"load windows of {g.name} not restored: {e}")
+            return
+        if saved is None:
+            return
+        meta, state = saved
+        closed_at = meta.get("closed_at")
+        age = None if closed_at is None else self.clock.time() - float(closed_at)
+        if age is None or age > self.config.window_max_age_s:
+            notes.append(
+                f"load windows of {g.name} not restored: the newest closed "
+                + ("at an unknown time" if age is None else f"{age:.0f} s ago")
+                + f" (more than window_max_age_s = {self.config.window_max_age_s:g} s)"
+            )
+            return
+        try:
+            n = g.window.restore(state)
+        except ValueError as e:
+            notes.append(f"load windows of {g.name} not restored: {e}")
+            return
+        g.windows_closed = g.window.closed
+        g.window_closed_wall = float(closed_at)  # type: ignore[arg-type]
+        g.restored = {
+            "windows": n,
+            "epoch": meta.get("epoch"),
+            "closed_at": g.window_closed_wall,
+            "saved_at": meta.get("saved_at"),
+            "at_closed": g.window.closed,
+        }
+        log.info("load windows restored", group=g.name, windows=n, age_s=round(age, 3))
 
     # --- inbound: frames -------------------------------------------------------------------
 
@@ -301,8 +342,13 @@ class PlannerCore(Registration, CommitOrchestration):
         for g in list(self.groups.values()):
             if g.attempt is not None and not g.attempt.finished:
                 out += self._effects(g, g.attempt, g.attempt.tick(now, wall))
-            if g.window is not None and g.window.roll(now):
-                out += self.evaluate(g)
+            if g.window is not None:
+                g.window.roll(now)
+                # a window may also close when a snapshot arrives after its end: act on
+                # every closed window once, wherever it closed
+                if g.window.closed != g.windows_closed:
+                    g.windows_closed = g.window.closed
+                    out += self._window_closed(g, now, wall)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_s
             body = {"sender": "planner", "incarnation": self.incarnation}
@@ -314,6 +360,23 @@ class PlannerCore(Registration, CommitOrchestration):
         if self.metrics is not None:
             self.metrics.peers(self)
         return out
+
+    def _window_closed(self, g: GroupState, now: float, wall: float) -> list[Outbound]:
+        """A window closed: save the windows when due (at most once per window_save_s),
+        then run the trigger."""
+        g.window_closed_wall = wall
+        g.windows_dirty = True
+        last = g.windows_saved_mono
+        if last is None or now - last >= self.config.window_save_s:
+            self._save_windows(g)
+        return self.evaluate(g)
+
+    def save_windows(self) -> None:
+        """Write the load windows of every group that closed one since the last write (at a
+        clean stop: nothing a restart could use is lost)."""
+        for g in self.groups.values():
+            if g.windows_dirty:
+                self._save_windows(g)
 
     def next_deadline(self) -> float | None:
         """The earliest monotonic time at which tick() has something to do (for poll timeouts)."""
@@ -555,5 +618,7 @@ class PlannerCore(Registration, CommitOrchestration):
         return sorted(self.groups)
 
     def close(self) -> None:
+        """Save what a restart could use (:meth:`save_windows`), release the store."""
         if self.store is not None:
+            self.save_windows()
             self.store.close()

@@ -185,6 +185,8 @@ class PlannerService:
                     s.close()
             if self.metrics_server is not None:
                 self.metrics_server.close()
+            if self._opened:
+                self.core.save_windows()
             self.store.close()
             ctx.term()
             self._done.set()

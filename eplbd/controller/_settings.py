@@ -113,6 +113,12 @@ class PlannerSettings:
     ewma_alpha: float = cfg.setting(
         0.3, help="weight of the newest window in the forecast", min=0.001, max=1.0
     )
+    window_save_s: float = cfg.setting(
+        60.0,
+        help="seconds between writes of the load windows and forecast to the state directory "
+        "(restored at start; also written at a clean stop; 0: at every closed window)",
+        min=0.0,
+    )
     min_gain: float = cfg.setting(
         0.05,
         help="per-layer balance gain (max/mean GPU load, e.g. 1.30 -> 1.25) worth a move",
@@ -171,6 +177,7 @@ class PlannerSettings:
             window_s=self.window_s,
             num_windows=self.windows,
             ewma_alpha=self.ewma_alpha,
+            window_save_s=self.window_save_s,
             policy=TriggerPolicy(
                 min_gain=self.min_gain,
                 cooldown_s=self.cooldown_s,

@@ -69,16 +69,20 @@ class CoreConfig:
     """The core's rules (the planner settings fill it; tests build one directly).
 
     window_s / num_windows / ewma_alpha: load windows and forecast (see LoadWindow);
-    policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
+    window_save_s: at most one write of a group's windows per this many seconds (0: at every
+    closed window); window_max_age_s: saved windows older than this are not restored; policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
     commit_timeout_s: time for the flip to be reported once all staged (and for the last
     reports after the first); heartbeat_s: the agents' heartbeat interval (stale after 3,
-    dead after 5 missed) and the planner's own heartbeat to agents; hot_experts: experts per layer listed by ``top``;
+    dead after 5 missed) and the planner's own heartbeat to agents; hot_experts: experts per
+    layer listed by ``top``;
     decisions_kept: decisions remembered per group (in memory); max_bytes: message limit.
     """
 
     window_s: float = 10.0
     num_windows: int = 6
     ewma_alpha: float = 0.3
+    window_save_s: float = 60.0
+    window_max_age_s: float = 3600.0
     policy: TriggerPolicy = field(default_factory=TriggerPolicy)
     prepare_timeout_s: float = 60.0
     commit_timeout_s: float = 60.0
@@ -131,6 +135,11 @@ class GroupState:
     drops: dict[str, int] = field(default_factory=dict)
     snapshots: int = 0
     last_snapshot_mono: float | None = None
+    windows_closed: int = 0  # window.closed when the core last acted on a closed window
+    window_closed_wall: float | None = None  # when the newest window closed (Unix time)
+    windows_saved_mono: float | None = None
+    windows_dirty: bool = False  # windows closed since the last save
+    restored: dict[str, Any] | None = None  # windows restored at start (see views)
     _default: Layout | None = None
 
     @property
@@ -252,20 +261,47 @@ class CoreBase:
         try:
             self.store.save(g.record)
         except OSError as e:
-            self.store_errors += 1
-            self.store_writable = False
-            self.store_last_error = f"{g.name}: {e}"
-            self.store_last_error_wall = self.clock.time()
-            log.error("state write failed", group=g.name, error=str(e))
-            if self.metrics is not None:
-                self.metrics.store_write(False)
+            self._store_failed(g, "state", e)
             return False
+        self._store_worked(g)
+        return True
+
+    def _save_windows(self, g: GroupState) -> None:
+        """Write the group's load windows (the caller decides when: bounded write cost)."""
+        if self.store is None or g.window is None:
+            return
+        meta = {
+            "group": g.name,
+            "epoch": g.record.epoch,
+            "closed_at": g.window_closed_wall,
+            "saved_at": self.clock.time(),
+            "window_s": self.config.window_s,
+            "ewma_alpha": self.config.ewma_alpha,
+        }
+        g.windows_saved_mono = self.clock.monotonic()
+        g.windows_dirty = False
+        try:
+            self.store.save_windows(g.name, meta, g.window.state())
+        except OSError as e:
+            self._store_failed(g, "windows", e)
+            return
+        self._store_worked(g)
+
+    def _store_failed(self, g: GroupState, what: str, e: OSError) -> None:
+        self.store_errors += 1
+        self.store_writable = False
+        self.store_last_error = f"{g.name}: {e}"
+        self.store_last_error_wall = self.clock.time()
+        log.error(f"{what} write failed", group=g.name, error=str(e))
+        if self.metrics is not None:
+            self.metrics.store_write(False)
+
+    def _store_worked(self, g: GroupState) -> None:
         if not self.store_writable:
             self.store_writable = True
             log.info("state writes work again", group=g.name)
         if self.metrics is not None:
             self.metrics.store_write(True)
-        return True
 
     def _sender_name(self, identity: bytes) -> str:
         agent = self._identity_agent.get(identity)

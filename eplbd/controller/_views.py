@@ -193,6 +193,7 @@ def group_status(core: CoreBase, g: GroupState) -> dict[str, Any]:
             "last_snapshot_s": None
             if g.last_snapshot_mono is None
             else round(now - g.last_snapshot_mono, 3),
+            "restored": restored_view(g, core.clock.time()),
         },
         "balance_now": round_or_none(bal_now),
         "balance_window": round_or_none(bal_window),
@@ -293,3 +294,18 @@ def group_heatmap(core: CoreBase, g: GroupState) -> dict[str, Any]:
     out["by_expert"] = [[round(float(x), 3) for x in row] for row in load.tolist()]
     out["replicas"] = cur.logcnt.tolist()
     return out
+
+
+def restored_view(g: GroupState, wall: float) -> dict[str, Any] | None:
+    """The windows restored at start: how many, from which epoch, how old the newest one is
+    (its age at the restart plus the time since), and how many are still in the window."""
+    r = g.restored
+    if r is None or g.window is None:
+        return None
+    return {
+        "windows": r["windows"],
+        "windows_left": max(0, r["windows"] - (g.window.closed - r["at_closed"])),
+        "epoch": r["epoch"],
+        "age_s": round(wall - r["closed_at"], 3),
+        "saved_at": r["saved_at"],
+    }
