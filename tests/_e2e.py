@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 import zmq
+from _net import free_port_pair
 from _scrape import scrape
 from eplbd_client import FetchRequest, PeerWeightSource
 
@@ -85,24 +85,6 @@ AGENT_FAST: dict[str, Any] = {
 }
 
 _START_S = 60.0
-
-
-def free_port_pair() -> int:
-    """A loopback TCP port p with p + 1 also free (the planner's control and snapshot
-    ports)."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free pair of loopback ports")
 
 
 def _load_libc() -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 import zmq
+from _net import free_port_pair
 from _scrape import scrape
 
 from eplbd.controller import PlannerService, PlannerSettings, StoreLocked
@@ -571,3 +573,77 @@ def test_a_killed_planner_restores_its_load_windows_and_decides_the_same(
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+@pytest.mark.timeout(240)
+def test_sighup_reloads_the_curve_allow_list(tmp_path: Path, capsys: Any) -> None:
+    """A real planner process and real signals: an operator key added to allowed/ works after
+    SIGHUP, a broken list is refused (logged, counted) and the old one stays, a removed key is
+    refused at its next connection."""
+    from _cli import cli
+
+    from eplbd.wire import generate_keypair
+
+    keys = tmp_path / "keys"
+    allowed = keys / "allowed"
+    allowed.mkdir(parents=True)
+    generate_keypair(keys, "planner")
+    agent_pub, _ = generate_keypair(tmp_path / "a", "agent")
+    shutil.copy(agent_pub, allowed / "agent.key")
+    ops_pub, ops_sec = generate_keypair(tmp_path / "o", "ops")
+    port = free_port_pair()
+    log = tmp_path / "planner.log"
+    argv = [
+        sys.executable, "-m", "eplbd", "planner", "--listen", f"tcp://127.0.0.1:{port}",
+        "--state-dir", str(tmp_path / "state"), "--curve-keys", str(keys),
+        "--metrics", "127.0.0.1:0", "--log-format", "json",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")}
+    out = open(log, "wb")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    ask = ["status", "--json", "--planner", f"tcp://127.0.0.1:{port}", "--timeout", "3"]
+    ask += ["--curve-secret-key", str(ops_sec), "--curve-server-key", str(keys / "planner.key")]
+
+    def events() -> list[dict[str, Any]]:
+        lines = log.read_text().splitlines()
+        return [json.loads(x) for x in lines if x.startswith("{")]
+
+    def hup_and_wait(event: str, n: int) -> dict[str, Any]:
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: sum(e.get("event") == event for e in events()) >= n, 30)
+        return [e for e in events() if e.get("event") == event][-1]
+
+    try:
+        wait_for(lambda: any(e.get("event") == "planner serving" for e in events()), 120)
+        assert cli(capsys, *ask)[0] == 69  # the operator's key is not allowed yet
+        shutil.copy(ops_pub, allowed / "ops.key")
+        done = hup_and_wait("allow-list reloaded", 1)
+        assert (done["keys"], done["added"], done["removed"]) == (2, 1, 0)
+        rc, text, err = cli(capsys, *ask)
+        assert rc == 0, err
+        metrics_url = json.loads(text)["planner"]["endpoints"]["metrics"]
+        # a broken list is refused whole; the list in force stays
+        (allowed / "torn.key").write_text('curve\n    public-key = "short"\n')
+        refused = hup_and_wait("allow-list reload refused; the previous list stays", 1)
+        assert "torn.key" in refused["error"]
+        assert cli(capsys, *ask)[0] == 0
+        m = scrape(metrics_url)
+        assert m['eplbd_planner_curve_reloads_total{outcome="ok"}'] == 1
+        assert m['eplbd_planner_curve_reloads_total{outcome="refused"}'] == 1
+        assert m["eplbd_planner_curve_allowed_keys"] == 2
+        # the operator's key removed: refused at the next connection
+        (allowed / "torn.key").unlink()
+        (allowed / "ops.key").unlink()
+        done = hup_and_wait("allow-list reloaded", 2)
+        assert (done["keys"], done["removed"]) == (1, 1)
+        rc, _, err = cli(capsys, *ask)
+        assert rc == 69 and "authentication refused" in err
+        assert proc.poll() is None  # SIGHUP never stops it
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        out.close()

@@ -74,17 +74,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"eplbd planner: {message}", file=sys.stderr)
         return code
 
-    try:
-        service.open()
-    except Exception as e:
-        return failed(e)
-
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal", signal=signal.Signals(signum).name)
         service.request_stop()
 
+    def on_hup(signum: int, frame: Any) -> None:
+        log.info("signal", signal="SIGHUP")
+        service.request_reload()
+
+    signal.signal(signal.SIGHUP, on_hup)  # its default action would kill the planner
+    try:
+        service.open()
+    except Exception as e:
+        return failed(e)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
     try:
         service.run()
     except Exception as e:

@@ -15,7 +15,9 @@ Series (labels in braces):
 - ``eplbd_planner_peers{kind,state}``: agents and ranks by liveness;
 - ``eplbd_planner_pending{group}``: 1 while a commit is in flight;
 - ``eplbd_planner_store_writable``: 0 while the state directory refuses writes;
-- ``eplbd_planner_store_errors_total``: failed writes of the state directory.
+- ``eplbd_planner_store_errors_total``: failed writes of the state directory;
+- ``eplbd_planner_curve_reloads_total{outcome}``: allow-list reloads (ok / refused);
+- ``eplbd_planner_curve_allowed_keys``: client keys the allow-list holds.
 """
 
 from __future__ import annotations
@@ -83,6 +85,14 @@ class PlannerMetrics:
         self.store_errors = r.counter(
             "eplbd_planner_store_errors_total", "Writes of the state directory that failed."
         )
+        self.curve_reloads = r.counter(
+            "eplbd_planner_curve_reloads_total",
+            "CURVE allow-list reloads (SIGHUP) by outcome: ok, or refused (the old list stays).",
+            labels=("outcome",),
+        )
+        self.curve_allowed = r.gauge(
+            "eplbd_planner_curve_allowed_keys", "Client public keys the CURVE allow-list holds."
+        )
         self.pending = r.gauge(
             "eplbd_planner_pending", "1 while a two-phase commit is in flight.", labels=("group",)
         )
@@ -107,6 +117,12 @@ class PlannerMetrics:
     def outcome(self, group: str, state: str) -> None:
         self.attempts.inc(group=group, outcome=state)
         self.pending.set(0, group=group)
+
+    def curve_reload(self, outcome: str) -> None:
+        self.curve_reloads.inc(outcome=outcome)
+
+    def curve_keys(self, n: int) -> None:
+        self.curve_allowed.set(n)
 
     def store_write(self, ok: bool) -> None:
         self.store_writable.set(1 if ok else 0)
