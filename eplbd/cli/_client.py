@@ -504,13 +504,17 @@ class PlannerClient:
             mon.close(linger=0)
             sock.close()
 
-    def status(self, what: str = "status", group: str | None = None) -> dict[str, Any]:
+    def status(
+        self, what: str = "status", group: str | None = None, *, epoch: int | None = None
+    ) -> dict[str, Any]:
         """``status_request`` -> the reply's ``data`` map (schemas in docs/daemons.md)."""
         from eplbd.wire import STATUS_REPLY, STATUS_REQUEST
 
         body: dict[str, Any] = {"what": what}
         if group is not None:
             body["group"] = group
+        if epoch is not None:
+            body["epoch"] = epoch
         msg = self.request(STATUS_REQUEST, body)
         if msg.type != STATUS_REPLY:
             raise CliError(f"unexpected reply {msg.type!r} to a status request", EXIT_ERROR)

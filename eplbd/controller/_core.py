@@ -606,11 +606,15 @@ class PlannerCore(Registration, CommitOrchestration):
                     },
                 )
             ]
-        return [Outbound(identity, STATUS_REPLY, {"data": self.status(what, gname)})]
+        data = self.status(what, gname, epoch=b.get("epoch"))
+        return [Outbound(identity, STATUS_REPLY, {"data": data})]
 
-    def status(self, what: str = "status", group: str | None = None) -> dict[str, Any]:
-        """The ``data`` map of a status_reply (schemas in docs/daemons.md)."""
-        return status_data(self, what, group)
+    def status(
+        self, what: str = "status", group: str | None = None, *, epoch: int | None = None
+    ) -> dict[str, Any]:
+        """The ``data`` map of a status_reply (schemas in docs/daemons.md); ``epoch``: the
+        layout asked for by ``what="layout"`` (default: the one in service)."""
+        return status_data(self, what, group, epoch=epoch)
 
     # --- embedding helpers -----------------------------------------------------------------
 

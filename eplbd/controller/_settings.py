@@ -143,7 +143,10 @@ class PlannerSettings:
         min=0,
     )
     expert_bytes: int = cfg.setting(
-        0, help="bytes of one expert's weights in one layer (for staging_bytes)", min=0
+        0,
+        help="bytes of one expert's weights in one layer (for staging_bytes, and the bytes "
+        "eplbd layout diff reports)",
+        min=0,
     )
     prepare_timeout_s: float = cfg.setting(
         60.0, help="seconds for every rank to stage a prepared layout", min=0.01, max=1e6
@@ -189,6 +192,7 @@ class PlannerSettings:
             prepare_timeout_s=self.prepare_timeout_s,
             commit_timeout_s=self.commit_timeout_s,
             heartbeat_s=self.heartbeat_s,
+            expert_bytes=self.expert_bytes,
         )
 
     @property

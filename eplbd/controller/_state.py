@@ -73,7 +73,8 @@ class CoreConfig:
     closed window); window_max_age_s: saved windows older than this are not restored; policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
     commit_timeout_s: time for the flip to be reported once all staged (and for the last
     reports after the first); heartbeat_s: the agents' heartbeat interval (stale after 3,
-    dead after 5 missed) and the planner's own heartbeat to agents; hot_experts: experts per
+    dead after 5 missed) and the planner's own heartbeat to agents; expert_bytes: one expert's
+    weights in one layer (0: unknown; ``eplbd layout diff`` shows bytes moved); hot_experts: experts per
     layer listed by ``top``;
     decisions_kept: decisions remembered per group (in memory); max_bytes: message limit.
     """
@@ -87,6 +88,7 @@ class CoreConfig:
     prepare_timeout_s: float = 60.0
     commit_timeout_s: float = 60.0
     heartbeat_s: float = 1.0
+    expert_bytes: int = 0
     hot_experts: int = 5
     decisions_kept: int = 64
     max_bytes: int = 16 * 1024 * 1024

@@ -20,7 +20,9 @@ from eplbd.wire import DEAD
 __all__ = ["estimate", "status_data"]
 
 
-def status_data(core: CoreBase, what: str = "status", group: str | None = None) -> dict[str, Any]:
+def status_data(
+    core: CoreBase, what: str = "status", group: str | None = None, *, epoch: int | None = None
+) -> dict[str, Any]:
     """The ``data`` map of a status_reply (schemas in docs/daemons.md)."""
     groups = (
         [core.groups[group]] if group is not None else [core.groups[k] for k in sorted(core.groups)]
@@ -53,6 +55,8 @@ def status_data(core: CoreBase, what: str = "status", group: str | None = None) 
         data["groups"] = [group_top(core, g) for g in groups]
     elif what == "heatmap":
         data["groups"] = [group_heatmap(core, g) for g in groups]
+    elif what == "layout":
+        data["groups"] = [group_layout(core, g, epoch) for g in groups]
     return data
 
 
@@ -308,4 +312,33 @@ def restored_view(g: GroupState, wall: float) -> dict[str, Any] | None:
         "epoch": r["epoch"],
         "age_s": round(wall - r["closed_at"], 3),
         "saved_at": r["saved_at"],
+    }
+
+
+def group_layout(core: CoreBase, g: GroupState, epoch: int | None) -> dict[str, Any]:
+    """The layout of ``epoch`` (default: the one in service) in Layout JSON form, what
+    ``eplbd plan --previous`` reads; ``layout`` is None when that epoch is not kept."""
+    rec = g.record
+    want = rec.epoch if epoch is None else epoch
+    lay = g.layout_of(want)
+    if want in rec.layouts:
+        state = "committed"
+    elif want == 0 and lay is not None:
+        state = "default"
+    elif lay is not None:
+        a = g.recent.get(want)
+        state = a.state if a is not None else "unknown"
+    else:
+        state = None
+    kept = sorted(set(rec.layouts) | ({0} if g.shape is not None else set()))
+    return {
+        "group": g.name,
+        "epoch": want,
+        "current_epoch": rec.epoch,
+        "state": state,
+        "committed_at": rec.layout_times.get(want),
+        "kept": kept,
+        "num_gpus": g.ep_size,
+        "expert_bytes": core.config.expert_bytes or None,
+        "layout": None if lay is None else lay.to_dict(),
     }
