@@ -705,8 +705,8 @@ def test_embedded_planner_fails_to_start_as_the_planner_does(rundir: Path) -> No
     def planner(state_dir: Path) -> list[str]:
         return ["planner", "--listen", f"ipc://{rundir}/p.sock", "--state-dir", str(state_dir)]
 
-    def agent(state_dir: Path) -> list[str]:
-        return ["agent", "--embedded-planner", "--runtime-dir", str(rundir / "rt"), "--node",
+    def agent(state_dir: Path, rt: str = "rt") -> list[str]:
+        return ["agent", "--embedded-planner", "--runtime-dir", str(rundir / rt), "--node",
                 "n0", "--state-dir", str(state_dir)]  # fmt: skip
 
     for state_dir, code, words in (
@@ -721,6 +721,15 @@ def test_embedded_planner_fails_to_start_as_the_planner_does(rundir: Path) -> No
         assert a_err.removeprefix("eplbd agent: ") == message and message.count("\n") == 1
         assert all(w in message for w in words) and "Errno" not in message, message
     assert torn.read_text() == "{torn"  # never replaced without --reset-state
+    # a taken metrics port: the message says which listener
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ep = ["--metrics", f"127.0.0.1:{port}", "--log-level", "error"]
+        rc, err = _start_fails([*agent(rundir / "other", rt="rt2"), *ep])
+        assert rc == 1 and f"cannot serve metrics at 127.0.0.1:{port}" in err, err
+        assert "Errno" not in err
     # the agent's --reset-state moves the file aside and serves
     proc = subprocess.Popen(
         [sys.executable, "-m", "eplbd", *agent(state), "--reset-state", *quiet],

@@ -169,7 +169,9 @@ def test_a_taken_port_is_named() -> None:
     reg = Registry()
     with (
         serve_metrics(reg, "127.0.0.1", 0) as first,
-        pytest.raises(OSError, match=f"metrics endpoint 127.0.0.1:{first.port}"),
+        pytest.raises(
+            OSError, match=f"cannot serve metrics at 127.0.0.1:{first.port}: .*metrics setting"
+        ),
     ):
         serve_metrics(reg, "127.0.0.1", first.port)
 

@@ -44,6 +44,7 @@ __all__ = [
     "CardinalityError",
     "Counter",
     "Gauge",
+    "MetricsBindError",
     "MetricsServer",
     "Registry",
     "Summary",
@@ -279,12 +280,24 @@ def serve_metrics(registry: Registry, host: str = "127.0.0.1", port: int = 0) ->
     """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
 
     ``port=0`` binds an ephemeral port (read it from ``.port``); an IPv6 ``host`` binds an
-    IPv6 socket. Raises ``OSError`` when the address is taken, naming it.
+    IPv6 socket. Raises :class:`MetricsBindError` (an OSError) naming the address when it is
+    taken.
     """
     try:
         server, thread = start_http_server(
             port, addr=host.strip("[]"), registry=registry.collector_registry
         )
     except OSError as e:
-        raise OSError(e.errno, f"metrics endpoint {host}:{port}: {e.strerror or e}") from None
+        raise MetricsBindError(
+            e.errno,
+            f"cannot serve metrics at {host}:{port}: {e.strerror or e} (the metrics setting; "
+            "empty turns the endpoint off)",
+        ) from None
     return MetricsServer(server, thread)
+
+
+class MetricsBindError(OSError):
+    """The ``/metrics`` endpoint cannot be bound; the message names the address."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
