@@ -52,15 +52,27 @@ def _last(g: dict[str, Any], now: float | None) -> str:
 
 
 def _next(g: dict[str, Any]) -> str:
+    """The NEXT column: what the next automatic rebalance waits for (docs/cli.md)."""
     nxt = g.get("next_rebalance") or {}
     blocked = nxt.get("blocked_by")
+    windows, tokens = nxt.get("windows_needed"), nxt.get("tokens_needed")
+    evaluation = nxt.get("next_evaluation_in_s")
     if blocked:
-        return blocked.replace("_", " ")
-    earliest = nxt.get("earliest_in_s")
-    if earliest:
-        return f"cooldown {fmt_duration(earliest)}"
-    ev = nxt.get("next_evaluation_in_s")
-    return "auto, next check in " + fmt_duration(ev) if ev is not None else "auto"
+        text = blocked.replace("_", " ")
+    elif nxt.get("earliest_in_s"):
+        text = f"cooldown {fmt_duration(nxt['earliest_in_s'])}"
+    elif windows:
+        text = f"{windows} more window{'s' if windows > 1 else ''} of load"
+    elif tokens:
+        text = f"{tokens} more tokens"
+    elif evaluation is not None:
+        text = f"evaluates in {fmt_duration(evaluation)}"
+    else:
+        text = "waits for load"
+    frozen = g.get("frozen_layers") or []
+    if frozen and not g.get("frozen"):
+        text += f"; layers {fmt_ranks(frozen)} frozen"
+    return text
 
 
 def _model(g: dict[str, Any]) -> str:
@@ -134,7 +146,6 @@ def render(out: Output, data: dict[str, Any]) -> None:
     for g in groups:
         group_ranks = g.get("ranks") or []
         alive = sum(1 for r in group_ranks if r.get("state") in ("alive", "stale"))
-        frozen = g.get("frozen") or bool(g.get("frozen_layers"))
         planned = g.get("balance_planned", g.get("balance_forecast"))
         rows.append(
             [
@@ -147,7 +158,7 @@ def render(out: Output, data: dict[str, Any]) -> None:
                 fmt_balance(out, planned),
                 fmt_balance(out, g.get("lower_bound")),
                 _last(g, now),
-                "frozen" if g.get("frozen") else ("layers frozen" if frozen else _next(g)),
+                _next(g),
             ]
         )
     out.table(

@@ -144,6 +144,11 @@ def group_status(core: CoreBase, g: GroupState) -> dict[str, Any]:
         nxt["earliest_in_s"] = round(max(0.0, left), 3)
     if g.window is not None and (t := g.window.next_close()) is not None:
         nxt["next_evaluation_in_s"] = round(max(0.0, t - now), 3)
+    policy = core.config.policy
+    windows = 0 if g.window is None else g.window.windows
+    tokens = 0 if g.window is None else g.window.tokens
+    nxt["windows_needed"] = max(0, policy.min_windows - windows)
+    nxt["tokens_needed"] = max(0, policy.min_tokens - tokens)
     pending = None
     a = g.attempt
     if a is not None and not a.finished:
