@@ -87,3 +87,16 @@ def test_no_import_cycles_between_sibling_modules(name: str) -> None:
 
     for mod in sorted(graph):
         visit(mod, [])
+
+
+@pytest.mark.parametrize("doc", ["docs/operations.md", "docs/daemons.md"])
+def test_settings_tables_in_the_docs_match_the_declarations(doc: str) -> None:
+    """The reference tables are generated (eplbd.ops.settings.reference_markdown): a setting
+    added, removed or changed without its table fails here."""
+    from eplbd.agent import AgentSettings
+    from eplbd.controller import PlannerSettings
+    from eplbd.ops.settings import reference_markdown
+
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    for cls in (AgentSettings, PlannerSettings):
+        assert reference_markdown(cls) in text, f"{doc}: the {cls.__name__} table is stale"

@@ -97,6 +97,7 @@ class AgentSettings:
     )
     node: str = cfg.setting(
         default_factory=socket.gethostname,
+        shown_default="the host name",
         help="this node's name (also the agent's id at the planner)",
         check=_check_node,
     )

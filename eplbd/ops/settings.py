@@ -144,6 +144,7 @@ class SettingSpec:
     choices: tuple[Any, ...] | None
     checks: tuple[Check, ...]
     secret: bool
+    shown_default: str | None = None
 
     @property
     def flag_name(self) -> str:
@@ -162,6 +163,7 @@ def setting(
     choices: Iterable[Any] | None = None,
     check: Check | Sequence[Check] | None = None,
     secret: bool = False,
+    shown_default: str | None = None,
 ) -> Any:
     """Declare a settings field (use as the dataclass field's default).
 
@@ -169,7 +171,8 @@ def setting(
     ``check`` one or more callables that raise ``ValueError`` with a message for a bad value
     (see :func:`check_endpoint`, :func:`check_path`); ``secret`` hides the value in
     :func:`describe`; ``env`` replaces the derived variable name; ``flag`` the derived
-    ``--field-name``.
+    ``--field-name``; ``shown_default`` describes a ``default_factory`` value in help and
+    docs ("the host name") instead of this machine's.
     """
     if default is _MISSING and default_factory is None:
         raise TypeError("a setting needs a default (settings are optional by design)")
@@ -190,6 +193,7 @@ def setting(
             "choices": None if choices is None else tuple(choices),
             "checks": checks,
             "secret": secret,
+            "shown_default": shown_default,
         }
     }
     if default_factory is not None:
@@ -430,6 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     )
     for spec in specs(cls):
         default = "none" if spec.default is None else _show(spec.default)
+        if spec.shown_default is not None:
+            default = spec.shown_default
         extra = f" (default: {'***' if spec.secret and spec.default else default}; "
         extra += f"env {env_names(cls, spec)[0]})"
         tp, _ = _unwrap_optional(spec.type)
@@ -617,6 +623,8 @@ def reference_markdown(cls: type) -> str:
     for spec in specs(cls):
         tp, _ = _unwrap_optional(spec.type)
         default = "—" if spec.default is None else f"`{_show(spec.default)}`"
+        if spec.shown_default is not None:
+            default = spec.shown_default
         if spec.secret and spec.default:
             default = "(secret)"
         meaning = spec.help
