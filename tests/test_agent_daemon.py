@@ -4,6 +4,7 @@ loopback TCP and fake workers on the agent's ipc sockets, all speaking eplbd.wir
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -731,15 +732,22 @@ def test_embedded_planner_fails_to_start_as_the_planner_does(rundir: Path) -> No
         assert rc == 1 and f"cannot serve metrics at 127.0.0.1:{port}" in err, err
         assert "Errno" not in err
     # the agent's --reset-state moves the file aside and serves
+    log = rundir / "agent.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eplbd", *agent(state), "--reset-state", *quiet],
+        [sys.executable, "-m", "eplbd", *agent(state), "--reset-state", "--metrics", ""],
         env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for(lambda: (rundir / "rt" / "planner.sock").exists(), 60, "the embedded planner")
         assert not torn.exists() and list((state / "groups").glob("g.json.corrupt-*"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+        # like the agent's, the embedded planner's effective settings are logged at start
+        events = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        (planner_settings,) = [e for e in events if e["event"] == "embedded planner settings"]
+        assert planner_settings["reset_state"] is True and "cooldown_s" in planner_settings
     finally:
         if proc.poll() is None:
             proc.kill()
