@@ -639,7 +639,7 @@ def test_load_windows_survive_a_restart_at_a_bounded_write_cost(tmp_path: Path) 
     clock.advance(4000.0)
     h.restart()
     assert h.core.groups["g"].window.windows == 0
-    assert any("not restored" in n and "window_max_age_s" in n for n in h.core.notes)
+    assert any("not restored" in n and "more than 3600 s" in n for n in h.core.notes)
     # unreadable: skipped with a note, never fatal
     (tmp_path / "windows" / "g.npz").write_bytes(b"garbage")
     h.restart()

@@ -461,10 +461,14 @@ class PlannerClient:
                         # the monitor starts after connect(): the first retry may follow a
                         # failure it did not see; a second one in a row is a refusal
                         retried += 1
+                        if retried >= 2 and sent:
+                            raise self._unreachable(
+                                "the connection closed before the reply, and nothing listens "
+                                "there now",
+                                hint=False,
+                            )
                         if retried >= 2:
-                            why = "the connection closed before the reply and nothing "
-                            why += "listens there now" if sent else ""
-                            raise self._unreachable(why if sent else "connection refused")
+                            raise self._unreachable("connection refused")
                     if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                         raise self._unreachable(
                             "CURVE authentication refused (is this client's public key in the "

@@ -142,12 +142,14 @@ class PlannerCore(Registration, CommitOrchestration):
             return
         meta, state = saved
         closed_at = meta.get("closed_at")
-        age = None if closed_at is None else self.clock.time() - float(closed_at)
-        if age is None or age > self.config.window_max_age_s:
+        if not isinstance(closed_at, int | float):
+            notes.append(f"load windows of {g.name} not restored: no time of the newest window")
+            return
+        age = self.clock.time() - float(closed_at)
+        if age > self.config.window_max_age_s:
             notes.append(
-                f"load windows of {g.name} not restored: the newest closed "
-                + ("at an unknown time" if age is None else f"{age:.0f} s ago")
-                + f" (more than window_max_age_s = {self.config.window_max_age_s:g} s)"
+                f"load windows of {g.name} not restored: the newest closed {age:.0f} s ago, "
+                f"more than {self.config.window_max_age_s:g} s (an old load is not today's)"
             )
             return
         try:
@@ -156,7 +158,7 @@ class PlannerCore(Registration, CommitOrchestration):
             notes.append(f"load windows of {g.name} not restored: {e}")
             return
         g.windows_closed = g.window.closed
-        g.window_closed_wall = float(closed_at)  # type: ignore[arg-type]
+        g.window_closed_wall = float(closed_at)
         g.restored = {
             "windows": n,
             "epoch": meta.get("epoch"),

@@ -70,13 +70,14 @@ class CoreConfig:
 
     window_s / num_windows / ewma_alpha: load windows and forecast (see LoadWindow);
     window_save_s: at most one write of a group's windows per this many seconds (0: at every
-    closed window); window_max_age_s: saved windows older than this are not restored; policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
+    closed window); window_max_age_s: saved windows older than this are not restored;
+    policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
     commit_timeout_s: time for the flip to be reported once all staged (and for the last
     reports after the first); heartbeat_s: the agents' heartbeat interval (stale after 3,
-    dead after 5 missed) and the planner's own heartbeat to agents; expert_bytes: one expert's
-    weights in one layer (0: unknown; ``eplbd layout diff`` shows bytes moved); hot_experts: experts per
-    layer listed by ``top``;
-    decisions_kept: decisions remembered per group (in memory); max_bytes: message limit.
+    dead after 5 missed) and the planner's own heartbeat to agents; expert_bytes: one
+    expert's weights in one layer (0: unknown; shown by ``eplbd layout diff``); hot_experts:
+    experts per layer listed by ``top``; decisions_kept: decisions remembered per group (in
+    memory); max_bytes: message limit.
     """
 
     window_s: float = 10.0
