@@ -555,11 +555,15 @@ def test_a_killed_planner_restores_its_load_windows_and_decides_the_same(
         procs[0].wait(10)
         procs.append(_start_planner(tmp_path, sock_dir, "planner2.log", *extra))
         # the agent notices the new planner and registers again; it sends no more load
-        wait_for(
-            lambda: bool(status(ctx, control)["agents"]),
-            60,
-            every=lambda: (agent.heartbeat(), agent.poll(0.05)),
-        )
+
+        def agent_registered() -> bool:
+            with control_client(ctx, control) as c:  # the new planner may not serve yet
+                if not c.send(STATUS_REQUEST, {"what": "status"}, timeout_ms=500):
+                    return False
+                got = c.recv(2000)
+            return got is not None and bool(got.message.body["data"]["agents"])
+
+        wait_for(agent_registered, 120, every=lambda: (agent.heartbeat(), agent.poll(0.05)))
         g = status(ctx, control)["groups"][0]
         assert g["data"]["windows"] == n and g["data"]["source"] == "forecast", g["data"]
         restored = g["data"]["restored"]
