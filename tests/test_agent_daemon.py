@@ -464,6 +464,7 @@ def _agent_cmd(rundir: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.timeout(300)  # two agent processes start here
 def test_agent_process_serves_refuses_a_second_and_stops_on_sigterm(
     ctx: zmq.Context[Any], rundir: Path
 ) -> None:
@@ -495,7 +496,7 @@ def test_agent_process_serves_refuses_a_second_and_stops_on_sigterm(
     second = None
     w0 = None
     try:
-        fp.pump(lambda p: p.agent, timeout=30)
+        fp.pump(lambda p: p.agent, timeout=120)  # an agent process starting on a loaded machine
         w0 = FakeWorker(
             ctx, f"ipc://{rundir}/agent.sock", f"ipc://{rundir}/snapshots.sock", "w0", 0
         )
@@ -506,7 +507,7 @@ def test_agent_process_serves_refuses_a_second_and_stops_on_sigterm(
             env=env,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=120,
         )
         assert second.returncode == 1
         assert "in use" in second.stderr
@@ -687,12 +688,13 @@ def _start_fails(argv: list[str]) -> tuple[int, str]:
         [sys.executable, "-m", "eplbd", *argv],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
     )
     return p.returncode, p.stderr
 
 
+@pytest.mark.timeout(600)  # five daemon processes start here, slowly on a loaded machine
 def test_embedded_planner_fails_to_start_as_the_planner_does(rundir: Path) -> None:
     """Same message, same exit code, same --reset-state for both ways to run a planner."""
     state = rundir / "state"
@@ -740,10 +742,10 @@ def test_embedded_planner_fails_to_start_as_the_planner_does(rundir: Path) -> No
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: (rundir / "rt" / "planner.sock").exists(), 60, "the embedded planner")
+        wait_for(lambda: (rundir / "rt" / "planner.sock").exists(), 300, "the embedded planner")
         assert not torn.exists() and list((state / "groups").glob("g.json.corrupt-*"))
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert proc.wait(120) == 0
         # like the agent's, the embedded planner's effective settings are logged at start
         events = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
         (planner_settings,) = [e for e in events if e["event"] == "embedded planner settings"]

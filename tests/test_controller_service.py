@@ -651,3 +651,27 @@ def test_sighup_reloads_the_curve_allow_list(tmp_path: Path, capsys: Any) -> Non
             proc.kill()
             proc.wait(10)
         out.close()
+
+
+def test_a_broken_allow_list_stops_the_start_an_empty_one_does_not(tmp_path: Path) -> None:
+    from eplbd.wire import generate_keypair
+
+    keys = tmp_path / "keys"
+    (keys / "allowed").mkdir(parents=True)
+    generate_keypair(keys, "planner")
+
+    def service() -> PlannerService:
+        settings = PlannerSettings(
+            listen="tcp://127.0.0.1:0", state_dir=tmp_path / "state", curve_keys=keys,
+            metrics=None, log_level="error",
+        )  # fmt: skip
+        return PlannerService(settings)
+
+    svc = service().run_in_thread()  # no key yet: it starts, refusing everyone until a reload
+    try:
+        assert svc.metrics.curve_allowed.value() == 0
+    finally:
+        svc.stop()
+    (keys / "allowed" / "torn.key").write_text("not a certificate")
+    with pytest.raises(ValueError, match="torn.key"):  # eplbd planner: exit 78, file named
+        service().run_in_thread()

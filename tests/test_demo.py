@@ -153,20 +153,26 @@ def _bad_traces(d: Path) -> list[tuple[Path, str]]:
     return cases
 
 
-def test_a_bad_trace_file_is_one_line_and_exit_78(tmp_path: Path) -> None:
+def test_a_bad_trace_file_is_one_line_and_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eplbd.cli.main import main
+
     for path, msg in _bad_traces(tmp_path):
-        p = subprocess.run(
-            [sys.executable, "-m", "eplbd", "demo", "--trace", str(path), *SMALL],
-            capture_output=True,
-            text=True,
-            env=_env(),
-            cwd=ROOT,
-            timeout=60,
-        )
-        assert p.returncode == 78, (path.name, p.returncode, p.stderr)
-        assert p.stdout == "" and "Traceback" not in p.stderr, (path.name, p.stderr)
-        assert p.stderr.count("\n") == 1 and p.stderr.startswith("eplbd demo: "), p.stderr
-        assert msg in p.stderr and str(path) in p.stderr, (path.name, p.stderr)
+        assert main(["demo", "--trace", str(path), *SMALL]) == 78, path.name
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith("eplbd demo: "), err
+        assert msg in err and str(path) in err, (path.name, err)
+    # and as a process: one line on stderr, no traceback
+    p = subprocess.run(
+        [sys.executable, "-m", "eplbd", "demo", "--trace", str(tmp_path / "law.npy"), *SMALL],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=150,
+    )
+    assert p.returncode == 78 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
 
 
 # --- end to end --------------------------------------------------------------------------------

@@ -150,6 +150,15 @@ class PlannerService:
             curve = None
             if (paths := self.settings.curve_paths) is not None:
                 curve = load_server_keys(*paths)
+                # a broken key file stops the start (ValueError: exit 78) before any bind
+                allowed = len(read_allow_list(curve.allow_dir, allow_empty=True))
+                self.metrics.curve_keys(allowed)
+                if not allowed:
+                    log.warning(
+                        "the CURVE allow-list is empty: every client is refused until keys "
+                        "are added (then systemctl reload)",
+                        allow_dir=str(curve.allow_dir),
+                    )
             ctrl = control_server(
                 ctx,
                 self.settings.listen,
@@ -183,8 +192,6 @@ class PlannerService:
             self._ready.set()
             if self.notify:
                 sdnotify.ready(self._status_line())
-            if curve is not None:
-                self.metrics.curve_keys(len(read_allow_list(curve.allow_dir)))
             self._loop(ctrl, snap)
         except BaseException as e:
             self._error = e

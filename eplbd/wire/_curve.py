@@ -169,12 +169,13 @@ def release_authenticator(ctx: zmq.Context) -> None:  # type: ignore[type-arg]
     auth.stop()
 
 
-def read_allow_list(allow_dir: str | os.PathLike[str]) -> set[bytes]:
+def read_allow_list(allow_dir: str | os.PathLike[str], *, allow_empty: bool = False) -> set[bytes]:
     """The client public keys (Z85) of every ``*.key`` file in ``allow_dir``.
 
     Raises ValueError naming the file for anything that would make the list a surprise: a
     missing directory, a file that is not a ZeroMQ certificate, a file with no public key,
-    or no key at all (an empty list locks every agent and operator out).
+    or, unless ``allow_empty``, no key at all (an empty list locks every agent and operator
+    out: a reload refuses it; a planner starting before any key was copied accepts it).
     """
     d = Path(allow_dir)
     if not d.is_dir():
@@ -188,7 +189,7 @@ def read_allow_list(allow_dir: str | os.PathLike[str]) -> set[bytes]:
         if public is None or len(public) != 40:
             raise ValueError(f"{path} holds no public key")
         keys.add(public)
-    if not keys:
+    if not keys and not allow_empty:
         raise ValueError(f"no *.key file in {d}: an empty allow-list would refuse everyone")
     return keys
 
