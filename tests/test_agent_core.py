@@ -140,6 +140,11 @@ def test_agent_hello_lists_workers_with_their_current_epoch(clock: FakeClock) ->
     hello_msg = roundtrip(core.agent_hello())
     (w,) = hello_msg.body["workers"]
     assert (w["worker"], w["epoch"]) == ("w0", 3)
+    # only what the planner reads (docs/protocol.md): the layouts go as `layout` messages
+    assert set(hello_msg.body) == {
+        "schema", "agent", "incarnation", "node", "software_version", "protocol_version",
+        "workers",
+    }  # fmt: skip
 
 
 def test_bad_hellos_are_refused_with_an_error(clock: FakeClock) -> None:

@@ -235,7 +235,7 @@ class AgentCore:
         self.dropped: dict[str, int] = {}  # reason -> count (held snapshots evicted, ...)
         self.events: dict[str, int] = {}  # workers joined/left/replaced, planner restarts...
         self.forwarded = {"complete": 0, "partial": 0}
-        self._seq = 0
+        self._seq: dict[str, int] = {}  # group -> last snapshot seq sent (numbered per group)
         now = clock.monotonic()
         # planner session
         self.planner_incarnation: str | None = None
@@ -603,7 +603,7 @@ class AgentCore:
         return out
 
     def _snapshot_send(self, m: Merged) -> Send:
-        self._seq += 1
+        seq = self._seq[m.group] = self._seq.get(m.group, 0) + 1
         self.forwarded["complete" if m.complete else "partial"] += 1
         body = {
             "agent": self.cfg.agent_id,
@@ -611,7 +611,7 @@ class AgentCore:
             "node": self.cfg.node,
             "group": m.group,
             "ep_ranks": m.ep_ranks,
-            "seq": self._seq,
+            "seq": seq,
             "epoch": m.epoch,
             "step_start": m.step_start,
             "step_end": m.step_end,
@@ -632,7 +632,6 @@ class AgentCore:
             "software_version": __version__,
             "protocol_version": PROTOCOL_VERSION,
             "workers": workers,
-            "layouts": {n: g.epoch for n, g in self.groups.items() if g.epoch > 0},
         }
         return Send(PLANNER, AGENT_HELLO, body)
 

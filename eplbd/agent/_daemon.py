@@ -185,7 +185,9 @@ class AgentDaemon:
                 counters=self.core.worker_counters,
             )
             if s.embedded_planner:
-                self._planner_service = start_embedded_planner(self, self.planner_settings)
+                self._planner_service = start_embedded_planner(
+                    self.planner_settings, clock=self.clock, registry=self.registry
+                )
             if self.endpoints.planner is not None:
                 curve = None
                 if s.curve_secret_key is not None and s.curve_server_key is not None:

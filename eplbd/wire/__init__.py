@@ -65,11 +65,13 @@ from eplbd.wire._counters import (
     WireCounters,
 )
 from eplbd.wire._curve import (
+    AllowListReload,
     CurveClientKeys,
     CurveServerKeys,
     generate_keypair,
     load_client_keys,
     load_server_keys,
+    read_allow_list,
     reload_allow_list,
 )
 from eplbd.wire._errors import (
@@ -122,6 +124,7 @@ __all__ = [
     "AGENT_HELLO",
     "AGENT_SOCKET",
     "ALIVE",
+    "AllowListReload",
     "BindError",
     "COMMAND",
     "COMMAND_OPS",
@@ -181,6 +184,7 @@ __all__ = [
     "load_server_keys",
     "new_incarnation",
     "process_incarnation",
+    "read_allow_list",
     "reload_allow_list",
     "snapshot_receiver",
     "snapshot_sender",

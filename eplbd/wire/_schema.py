@@ -58,7 +58,7 @@ _MAX_TEXT = 4096
 _MAX_LIST = 65536
 COMMAND_OPS: frozenset[str] = frozenset({"rebalance", "freeze", "unfreeze", "rollback"})
 #: The ``what`` values the planner answers; others get an ``error`` reply from the planner.
-STATUS_WHATS: frozenset[str] = frozenset({"status", "history", "top", "heatmap"})
+STATUS_WHATS: frozenset[str] = frozenset({"status", "history", "top", "heatmap", "layout"})
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,9 @@ SCHEMAS: dict[str, _Schema] = {
     ABORTED: _Schema({**_GROUP_RANK, "reason": _text}, {}),
     LAYOUT: _Schema({"group": _ident, "epoch": _uint}, {}, _phy2log_extra),
     HEARTBEAT: _Schema({"sender": _ident, "incarnation": _ident}, {}),
-    STATUS_REQUEST: _Schema({"what": _ident}, {"group": (_opt(_ident), None)}),
+    STATUS_REQUEST: _Schema(
+        {"what": _ident}, {"group": (_opt(_ident), None), "epoch": (_opt(_uint), None)}
+    ),
     STATUS_REPLY: _Schema({"data": _map}, {}),
     COMMAND: _Schema(
         {"op": _ident, "group": _ident},
