@@ -426,8 +426,6 @@ class Bench:
             "heartbeat_s": t.heartbeat_s,
             "prepare_timeout_s": t.prepare_timeout_s,
             "commit_timeout_s": t.commit_timeout_s,
-            "window_steps": t.window_steps,
-            "record_steps": t.record_steps,
         }
         argv = [sys.executable, "-m", "eplbd", "planner", *_flags(s)]
         self.planner = Proc("planner", argv, self.dir / "planner.log", "planner serving")

@@ -332,4 +332,4 @@ def test_huge_load_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     huge = tmp_path / "huge.json"
     huge.write_text(json.dumps([[1e308, 1e308, 1.0, 2.0]]))
     assert main(["plan", str(huge), "--gpus", "2", "--slots", "6"]) == 78
-    assert "too large" in capsys.readouterr().err
+    assert "above 2^53" in capsys.readouterr().err
