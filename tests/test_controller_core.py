@@ -71,7 +71,7 @@ def hello(rank: int, epoch: int = 0, inc: str | None = None) -> dict[str, Any]:
 class Harness:
     """One planner core plus fake agents a0 (rank 0) and a1 (rank 1)."""
 
-    def __init__(self, tmp: Path, clock: FakeClock, **cfg: Any) -> None:
+    def __init__(self, tmp: Path, clock: FakeClock, plan_fn: Any = None, **cfg: Any) -> None:
         self.tmp = tmp
         self.clock = clock
         policy = cfg.pop(
@@ -88,12 +88,13 @@ class Harness:
             **cfg,
         )
         self.seq = 0
+        self.plan_fn = plan_fn
         self.core = self.new_core()
 
     def new_core(self) -> PlannerCore:
         store = StateStore(self.tmp)
         store.open()
-        core = PlannerCore(self.config, store=store, clock=self.clock)
+        core = PlannerCore(self.config, store=store, clock=self.clock, plan_fn=self.plan_fn)
         core.restore()
         return core
 
@@ -424,6 +425,45 @@ def test_unknown_epoch_is_adopted_from_an_agent_layout(h: Harness) -> None:
         {"phy2log": torch.full((L, P), E, dtype=torch.int64)},
     )
     assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
+
+
+SPLIT = Layout.from_phy2log(
+    [[0, 1, 2, 3, 2, 2]] * L, E, share=[[1, 1, 2, 1, 1, 0]] * L
+)  # expert 2's rows 2 : 1 : 0 over its slots 2, 4, 5
+
+
+def test_a_weighted_split_is_prepared_committed_kept_and_sent_down(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeClock(), plan_fn=lambda load, **kw: SPLIT)
+    h.hello_all()
+    prepares = [o for o in h.feed_windows(2) if o.type == PREPARE]
+    assert prepares and all(torch.equal(o.tensors["share"], SPLIT.share) for o in prepares)
+    epoch = int(prepares[0].body["epoch"])
+    # an agent's report of this epoch with another split is refused
+    equal = {"phy2log": SPLIT.phy2log}
+    out = h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": epoch}, equal)
+    assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
+    for r in range(G):
+        h.answer(STAGED, epoch, r, ok=True, reason="", staged_bytes=1)
+    out = h.answer(COMMITTED, epoch, 0, step=16)
+    layouts = [o for o in out if o.type == LAYOUT]
+    assert len(layouts) == G and all(torch.equal(o.tensors["share"], SPLIT.share) for o in layouts)
+    assert h.state_file()["layouts"][-1]["layout"]["share"] == SPLIT.share.tolist()
+    h.restart()
+    assert h.core.groups["g"].current_layout == SPLIT
+
+
+def test_an_agent_layout_keeps_its_split(h: Harness) -> None:
+    h.hello_all(epochs=(9, 9))
+    tensors = {"phy2log": SPLIT.phy2log, "share": SPLIT.share}
+    assert h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": 9}, tensors) == []
+    assert h.core.groups["g"].current_layout == SPLIT
+    bad = SPLIT.share.clone()
+    bad[0, 0] = 0  # expert 0 has no replica with a share
+    tensors = {"phy2log": SPLIT.phy2log, "share": bad}
+    h.core.groups["g"].ranks[0].epoch = 10
+    out = h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": 10}, tensors)
+    assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
+    assert h.core.groups["g"].record.epoch == 9
 
 
 def test_operator_commands(h: Harness) -> None:

@@ -47,14 +47,19 @@ class WelcomeMsg:
     epoch: int
     schedule: Schedule | None
     phy2log: torch.Tensor | None
+    share: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class PrepareMsg:
+    """share: the layout's weighted split [L, P], None for the equal split (an older
+    planner or agent never sends one)."""
+
     group: str
     epoch: int
     timeout_s: float
     phy2log: torch.Tensor
+    share: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,20 @@ def _phy2log(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:
     if t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape:
         raise BadMessage(
             "bad_tensor", f"phy2log must be int64 {list(shape)}, got {t.dtype} {list(t.shape)}"
+        )
+    return t
+
+
+def _share(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor | None:
+    """The optional ``share`` tensor; its values are checked with the layout (Layout)."""
+    t = tensors.get("share")
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise BadMessage("bad_tensor", "share is not a tensor")
+    if t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape:
+        raise BadMessage(
+            "bad_tensor", f"share must be int64 {list(shape)}, got {t.dtype} {list(t.shape)}"
         )
     return t
 
@@ -123,13 +142,18 @@ def parse_incoming(
             epoch,
             parse_schedule(sched) if sched is not None else None,
             _phy2log(tensors, shape) if epoch > 0 else None,
+            _share(tensors, shape) if epoch > 0 else None,
         )
     if msg_type == "prepare":
         t = body.get("timeout_s")
         if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
             raise BadMessage("bad_field", f"timeout_s={t!r} must be a finite number > 0")
         return PrepareMsg(
-            _str(body, "group"), _int(body, "epoch", 1), float(t), _phy2log(tensors, shape)
+            _str(body, "group"),
+            _int(body, "epoch", 1),
+            float(t),
+            _phy2log(tensors, shape),
+            _share(tensors, shape),
         )
     if msg_type == "abort":
         return AbortMsg(_str(body, "group"), _int(body, "epoch"), str(body.get("reason", "")))

@@ -45,6 +45,7 @@ __all__ = [
     "GroupState",
     "Outbound",
     "RankInfo",
+    "layout_tensors",
     "round_or_none",
 ]
 
@@ -175,6 +176,15 @@ class GroupState:
 
     def count(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+def layout_tensors(layout: Layout) -> dict[str, torch.Tensor]:
+    """The tensors of a ``prepare`` or ``layout`` message: phy2log, and ``share`` when the
+    layout splits rows unequally (docs/protocol.md)."""
+    t = {"phy2log": layout.phy2log}
+    if layout.share is not None:
+        t["share"] = layout.share
+    return t
 
 
 def round_or_none(x: float | None, nd: int = 6) -> float | None:
@@ -330,9 +340,9 @@ class CoreBase:
         rec = g.record
         if rec.epoch <= 0 or rec.epoch not in rec.layouts:
             return []
-        p2l = rec.layouts[rec.epoch].phy2log
+        tensors = layout_tensors(rec.layouts[rec.epoch])
         return [
-            Outbound(i, LAYOUT, {"group": g.name, "epoch": rec.epoch}, {"phy2log": p2l})
+            Outbound(i, LAYOUT, {"group": g.name, "epoch": rec.epoch}, dict(tensors))
             for i in identities
         ]
 

@@ -333,7 +333,9 @@ def decide(
     new = old.clone()
     idx = torch.tensor(sorted(chosen), dtype=torch.long)
     new[idx] = new_all[idx]
-    d.layout = Layout.from_phy2log(new, E, num_gpus=num_gpus)
+    share = current.shares.clone()  # unchanged layers keep their split too
+    share[idx] = planned.shares[idx]
+    d.layout = Layout.from_phy2log(new, E, num_gpus=num_gpus, share=share)
     d.balance_after = total_balance(gpu_loads(load, new, num_gpus))
     d.moves = total
     d.max_rank_moves = int(per_rank.max()) if per_rank.numel() else 0
