@@ -685,3 +685,31 @@ def test_load_windows_survive_a_restart_at_a_bounded_write_cost(tmp_path: Path) 
     h.restart()
     assert h.core.groups["g"].window.windows == 0
     assert any("not restored" in n and "g.npz" in n for n in h.core.notes), h.core.notes
+
+
+def test_time_objective_plans_rows_per_step_from_the_snapshots(tmp_path: Path) -> None:
+    """With objective "time" the trigger's figures are modelled times of the forecast
+    divided by the forward steps the snapshots recorded (10 per window here)."""
+    from eplbd.controller import TimeModel
+    from eplbd.planner import default_cost_model
+
+    cm = default_cost_model(2048, 1408)
+    with pytest.raises(ValueError, match="cost_model"):
+        CoreConfig(objective="time")
+    h = Harness(tmp_path, FakeClock(), objective="time", cost_model=cm)
+    h.hello_all()
+    out = h.feed_windows(2)
+    g = h.core.groups["g"]
+    assert g.window.steps_per_window() == 10.0
+    d = g.last_decision
+    assert d is not None and d.objective == "time"
+    tm = TimeModel(cm, 10.0)
+    forecast = g.window.forecast()
+    cur = Layout.default(L, E, P)
+    t_now = tm.gpu_times(forecast, cur, G)
+    assert d.balance_now == pytest.approx(
+        float(t_now.max(dim=1).values.sum() / tm.ideal(forecast, G).sum())
+    )
+    prepares = [o for o in out if o.type == PREPARE]
+    assert d.reason == "changed" and prepares
+    assert d.balance_after < d.balance_now

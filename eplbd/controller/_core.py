@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from eplbd.controller._figures import TimeModel
 from eplbd.controller._orchestration import CommitOrchestration
 from eplbd.controller._registration import Registration
 from eplbd.controller._state import (
@@ -299,7 +300,14 @@ class PlannerCore(Registration, CommitOrchestration):
         if b["agent"] is not None and b["agent"] in self.agents:
             self.liveness.seen(b["agent"])
         now = self.clock.monotonic()
-        g.window.add_counts(b["epoch"], lay.phy2log, msg.tensors["counts"], b["tokens"], now)
+        g.window.add_counts(
+            b["epoch"],
+            lay.phy2log,
+            msg.tensors["counts"],
+            b["tokens"],
+            now,
+            (b["step_start"], b["step_end"]),
+        )
         g.snapshots += 1
         g.last_snapshot_mono = now
         self.counters.received[SNAPSHOT] += 1
@@ -414,7 +422,22 @@ class PlannerCore(Registration, CommitOrchestration):
             )
             return d
         forecast = g.window.forecast() if not force else g.window.best_estimate()
+        time = None
+        if self.config.objective == "time":
+            time = self.time_model(g)
+            if time is None and forecast is not None:
+                return Decision(
+                    group=g.name,
+                    at=wall,
+                    trigger="force" if force else "auto",
+                    action="none",
+                    reason="insufficient_data",
+                    message="no closed window says how many forward steps it recorded yet "
+                    "(the time objective plans rows per step)",
+                    objective="time",
+                )
         return decide(
+            time=time,
             group=g.name,
             now=now,
             wall=wall,
@@ -434,6 +457,15 @@ class PlannerCore(Registration, CommitOrchestration):
             layers=layers,
             dry_run=dry_run,
         )
+
+    def time_model(self, g: GroupState) -> TimeModel | None:
+        """The cost model and the steps per window of ``g``'s forecast (None: no cost model,
+        or no window that counted its steps yet)."""
+        cm = self.config.cost_model
+        steps = g.window.steps_per_window() if g.window is not None else None
+        if cm is None or steps is None:
+            return None
+        return TimeModel(cm, steps)
 
     def _record_decision(self, g: GroupState, d: Decision) -> None:
         """Keep ``d`` in the group's decisions. Only the planner's own evaluations and the

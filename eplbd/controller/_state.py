@@ -25,6 +25,7 @@ from eplbd.controller._window import LoadWindow
 from eplbd.layout import Layout
 from eplbd.ops.clock import SYSTEM_CLOCK, Clock
 from eplbd.ops.logging import get_logger
+from eplbd.planner import CostModel
 from eplbd.wire import (
     DEAD,
     LAYOUT,
@@ -78,7 +79,9 @@ class CoreConfig:
     dead after 5 missed) and the planner's own heartbeat to agents; expert_bytes: one
     expert's weights in one layer (0: unknown; shown by ``eplbd layout diff``); hot_experts:
     experts per layer listed by ``top``; decisions_kept: decisions remembered per group (in
-    memory); max_bytes: message limit.
+    memory); max_bytes: message limit; objective: "tokens" or "time" (what the trigger
+    and the planner balance); cost_model: the modelled GPU time (needed for "time"; with
+    "tokens" it only adds the time figures to status and metrics).
     """
 
     window_s: float = 10.0
@@ -94,6 +97,14 @@ class CoreConfig:
     hot_experts: int = 5
     decisions_kept: int = 64
     max_bytes: int = 16 * 1024 * 1024
+    objective: str = "tokens"
+    cost_model: CostModel | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("tokens", "time"):
+            raise ValueError(f"objective must be tokens or time, got {self.objective!r}")
+        if self.objective == "time" and self.cost_model is None:
+            raise ValueError("the time objective needs a cost_model")
 
 
 @dataclass
