@@ -71,7 +71,9 @@ def hello(rank: int, epoch: int = 0, inc: str | None = None) -> dict[str, Any]:
 class Harness:
     """One planner core plus fake agents a0 (rank 0) and a1 (rank 1)."""
 
-    def __init__(self, tmp: Path, clock: FakeClock, plan_fn: Any = None, **cfg: Any) -> None:
+    def __init__(
+        self, tmp: Path, clock: FakeClock, plan_fn: Any = None, metrics: Any = None, **cfg: Any
+    ) -> None:
         self.tmp = tmp
         self.clock = clock
         policy = cfg.pop(
@@ -89,12 +91,15 @@ class Harness:
         )
         self.seq = 0
         self.plan_fn = plan_fn
+        self.metrics = metrics
         self.core = self.new_core()
 
     def new_core(self) -> PlannerCore:
         store = StateStore(self.tmp)
         store.open()
-        core = PlannerCore(self.config, store=store, clock=self.clock, plan_fn=self.plan_fn)
+        core = PlannerCore(
+            self.config, store=store, clock=self.clock, plan_fn=self.plan_fn, metrics=self.metrics
+        )
         core.restore()
         return core
 
@@ -713,3 +718,57 @@ def test_time_objective_plans_rows_per_step_from_the_snapshots(tmp_path: Path) -
     prepares = [o for o in out if o.type == PREPARE]
     assert d.reason == "changed" and prepares
     assert d.balance_after < d.balance_now
+
+
+def test_modelled_time_metrics_beside_token_balance(tmp_path: Path) -> None:
+    """With a cost model (token objective) status, top and the Prometheus aggregates show
+    the modelled time balance and the activated slots per GPU of the layout in service."""
+    from eplbd.controller import PlannerMetrics, TimeFigures, TimeModel
+    from eplbd.planner import activated_slots, default_cost_model, time_balance
+
+    cm = default_cost_model(2048, 1408)
+    metrics = PlannerMetrics()
+    h = Harness(tmp_path, FakeClock(), metrics=metrics, cost_model=cm)
+    h.hello_all()
+    g = h.core.groups["g"]
+    assert h.core.status()["groups"][0]["time"] is None  # no window counted its steps yet
+    h.feed_windows(2)
+    cur = g.current_layout
+    forecast = g.window.forecast()
+    st = h.core.status()["groups"][0]
+    assert st["objective"] == "tokens" and g.last_decision.objective == "tokens"
+    t = st["time"]
+    assert t["time_balance"] == pytest.approx(time_balance(forecast, cur, G, cm, steps=10.0))
+    act = activated_slots(forecast, cur, G, steps=10.0)
+    assert t["activated_slots_max"] == pytest.approx(float(act.max()), abs=1e-4)
+    assert t["activated_slots_mean"] == pytest.approx(float(act.mean()), abs=1e-4)
+    tf = TimeFigures.of(TimeModel(cm, 10.0), forecast, cur, G)
+    top = h.core.status("top")["groups"][0]
+    assert top["time"] == t
+    assert [row["time_balance"] for row in top["layers"]] == pytest.approx(tf.layer_balance)
+    assert [row["activated_slots"] for row in top["layers"]] == pytest.approx(
+        tf.layer_activated, abs=1e-4
+    )
+    series = dict(
+        line.rsplit(" ", 1) for line in metrics.render().splitlines() if not line.startswith("#")
+    )
+    assert float(series['eplbd_planner_time_balance{group="g"}']) == pytest.approx(tf.balance)
+    assert float(series['eplbd_planner_step_seconds{group="g"}']) == pytest.approx(tf.step_us / 1e6)
+    max_series = series['eplbd_planner_activated_slots{group="g",kind="max"}']
+    assert float(max_series) == pytest.approx(tf.activated_max)
+    # the tables show them (eplbd status, eplbd top)
+    import io
+
+    from eplbd.cli import status as status_cmd
+    from eplbd.cli import top as top_cmd
+    from eplbd.cli._output import Output
+
+    buf = io.StringIO()
+    status_cmd.render(Output(buf, color=False), h.core.status())
+    text = buf.getvalue()
+    assert "TIME BAL" in text and "ACTIVE/GPU" in text
+    assert f"{t['activated_slots_mean']:.1f}/{t['activated_slots_max']:.1f}" in text
+    buf = io.StringIO()
+    top_cmd.render(Output(buf, color=False), h.core.status("top"))
+    text = buf.getvalue()
+    assert "TIME BAL" in text and f"{t['step_us']:.0f} us/step" in text

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         PlannerCore,
     )
     from eplbd.controller._figures import (
+        TimeFigures,
         TimeModel,
         balance,
         gpu_loads,
@@ -79,6 +80,7 @@ _EXPORTS: dict[str, str] = {
     "Outbound": "_core",
     "PlannerCore": "_core",
     "STATUS_SCHEMA_VERSION": "_core",
+    "TimeFigures": "_figures",
     "TimeModel": "_figures",
     "balance": "_figures",
     "gpu_loads": "_figures",
@@ -132,6 +134,7 @@ __all__ = [
     "StoreCorrupt",
     "StoreLocked",
     "StoreUnusable",
+    "TimeFigures",
     "TimeModel",
     "TriggerPolicy",
     "atomic_write",

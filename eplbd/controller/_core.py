@@ -34,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from eplbd.controller._figures import TimeModel
 from eplbd.controller._orchestration import CommitOrchestration
 from eplbd.controller._registration import Registration
 from eplbd.controller._state import (
@@ -46,7 +45,7 @@ from eplbd.controller._state import (
 )
 from eplbd.controller._store import WindowsUnreadable
 from eplbd.controller._trigger import Decision, decide, rollback_decision
-from eplbd.controller._views import status_data
+from eplbd.controller._views import status_data, time_figures
 from eplbd.wire import (
     ABORTED,
     AGENT_HELLO,
@@ -458,15 +457,6 @@ class PlannerCore(Registration, CommitOrchestration):
             dry_run=dry_run,
         )
 
-    def time_model(self, g: GroupState) -> TimeModel | None:
-        """The cost model and the steps per window of ``g``'s forecast (None: no cost model,
-        or no window that counted its steps yet)."""
-        cm = self.config.cost_model
-        steps = g.window.steps_per_window() if g.window is not None else None
-        if cm is None or steps is None:
-            return None
-        return TimeModel(cm, steps)
-
     def _record_decision(self, g: GroupState, d: Decision) -> None:
         """Keep ``d`` in the group's decisions. Only the planner's own evaluations and the
         commands that started an attempt become ``last_decision``, what status and top show
@@ -492,6 +482,9 @@ class PlannerCore(Registration, CommitOrchestration):
             g.decisions.append(entry)
         if self.metrics is not None:
             self.metrics.decision(g.name, d, intention=intention)
+            tf = time_figures(self, g) if intention else None
+            if tf is not None:
+                self.metrics.time(g.name, tf)
 
     def evaluate(self, g: GroupState) -> list[Outbound]:
         """The automatic trigger, run when a window closes."""

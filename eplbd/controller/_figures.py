@@ -26,6 +26,7 @@ from eplbd.layout import Layout
 from eplbd.planner import CostModel
 
 __all__ = [
+    "TimeFigures",
     "TimeModel",
     "balance",
     "gpu_loads",
@@ -66,6 +67,48 @@ class TimeModel:
     def activated(self, load: torch.Tensor, layout: Layout, num_gpus: int) -> torch.Tensor:
         """Expected slots per GPU that receive rows in a step (weight reads). [L, G]"""
         return planner.activated_slots(load, layout, num_gpus, steps=self.steps)
+
+
+@dataclass(frozen=True)
+class TimeFigures:
+    """A layout's modelled time on a load, beside its token balance (status, top, metrics).
+
+    balance: Σ max / Σ mean over layers of the GPUs' modelled times per step (the mean of
+    the layout's own times; 1.0 is perfect); layer_balance [L]: max / mean per layer;
+    step_us: Σ over layers of the slowest GPU's time (us per step, the expert part);
+    activated_mean / activated_max: slots per GPU that receive rows in a step (each a
+    weight read), the mean over layers and GPUs and the largest; layer_activated [L]: the
+    largest per layer.
+    """
+
+    balance: float
+    layer_balance: list[float]
+    step_us: float
+    activated_mean: float
+    activated_max: float
+    layer_activated: list[float]
+
+    @classmethod
+    def of(cls, tm: TimeModel, load: torch.Tensor, layout: Layout, num_gpus: int) -> TimeFigures:
+        t = tm.gpu_times(load, layout, num_gpus)
+        act = tm.activated(load, layout, num_gpus)
+        return cls(
+            balance=total_balance(t),
+            layer_balance=[float(x) for x in balance(t)],
+            step_us=float(t.max(dim=1).values.sum()),
+            activated_mean=float(act.mean()),
+            activated_max=float(act.max()),
+            layer_activated=[float(x) for x in act.max(dim=1).values],
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        """The totals (per-layer lists are for ``top``)."""
+        return {
+            "time_balance": round(self.balance, 6),
+            "step_us": round(self.step_us, 3),
+            "activated_slots_mean": round(self.activated_mean, 4),
+            "activated_slots_max": round(self.activated_max, 4),
+        }
 
 
 def slot_loads(load: torch.Tensor, phy2log: torch.Tensor) -> torch.Tensor:

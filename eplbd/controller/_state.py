@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from eplbd.controller._commit import Attempt, Effect
+from eplbd.controller._figures import TimeModel
 from eplbd.controller._store import GroupRecord, StateStore
 from eplbd.controller._trigger import Decision, PlanFn, TriggerPolicy
 from eplbd.controller._window import LoadWindow
@@ -379,6 +380,15 @@ class CoreBase:
                 rec.layout_times.pop(e, None)
 
     # --- what the state says ------------------------------------------------------------
+
+    def time_model(self, g: GroupState) -> TimeModel | None:
+        """The cost model and the steps per window of ``g``'s forecast (None: no cost model,
+        or no window that counted its steps yet)."""
+        cm = self.config.cost_model
+        steps = g.window.steps_per_window() if g.window is not None else None
+        if cm is None or steps is None:
+            return None
+        return TimeModel(cm, steps)
 
     def rank_state(self, g: GroupState, r: int) -> str:
         """alive | stale | dead | left | missing."""
