@@ -337,6 +337,13 @@ def test_bad_shares_are_refused_and_never_applied() -> None:
     assert torch.equal(client._log2phy, maps[0]) and torch.equal(client._logcnt, maps[1])
     assert all(torch.equal(a, b) for a, b in zip(engine.w13, w_before, strict=True))
     assert client.stats["dropped_bad_tensor"] == 1
+    # a late joiner's welcome carries the committed layout's split
+    late = EplbClient(L, E, P, require_weights=False)
+    sched = {"window_steps": 4, "record_steps": 2, "enabled": True}
+    body = {"incarnation": "x", "epoch": 3, "schedule": sched}
+    late.deliver("welcome", body, {"phy2log": p2l, "share": share})
+    _wait(lambda: late.epoch == 3, late)
+    assert torch.equal(late.layout.share, share) and torch.equal(late._log2phy, table)
     # a client whose maps are narrower than a split needs refuses it
     narrow = EplbClient(L, E, P, max_replicas=2, require_weights=False)
     lay = random_layout(L, E, P, generator=torch.Generator().manual_seed(2), max_replicas=2)
