@@ -793,7 +793,7 @@ def test_time_objective_commits_a_weighted_split_on_every_rank() -> None:
         names = [s.name for s in specs]
         st.wait_until(
             lambda: [a["state"] for a in st.attempts("g")] == ["committed"],
-            40,
+            60,
             "an automatic rebalance committed",
         )
         st.wait_until(
