@@ -83,29 +83,26 @@ def _str(body: dict[str, Any], key: str) -> str:
     return v
 
 
-def _phy2log(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:
-    t = tensors.get("phy2log")
+def _layout_tensor(tensors: dict[str, Any], name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """An [L, P] integer tensor of a layout (``phy2log``, ``share``); its values are checked
+    with the layout (:meth:`Layout.from_phy2log`)."""
+    t = tensors.get(name)
     if not isinstance(t, torch.Tensor):
-        raise BadMessage("missing_tensor", "phy2log tensor missing")
+        raise BadMessage("missing_tensor", f"{name} tensor missing")
     if t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape:
         raise BadMessage(
-            "bad_tensor", f"phy2log must be int64 {list(shape)}, got {t.dtype} {list(t.shape)}"
+            "bad_tensor", f"{name} must be int64 {list(shape)}, got {t.dtype} {list(t.shape)}"
         )
     return t
+
+
+def _phy2log(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:
+    return _layout_tensor(tensors, "phy2log", shape)
 
 
 def _share(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor | None:
-    """The optional ``share`` tensor; its values are checked with the layout (Layout)."""
-    t = tensors.get("share")
-    if t is None:
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise BadMessage("bad_tensor", "share is not a tensor")
-    if t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape:
-        raise BadMessage(
-            "bad_tensor", f"share must be int64 {list(shape)}, got {t.dtype} {list(t.shape)}"
-        )
-    return t
+    """The optional weighted split (None: the equal split)."""
+    return None if tensors.get("share") is None else _layout_tensor(tensors, "share", shape)
 
 
 def parse_schedule(body: Any) -> Schedule:
