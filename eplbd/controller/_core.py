@@ -418,6 +418,7 @@ class PlannerCore(Registration, CommitOrchestration):
                 action="none",
                 reason=self._blocked(g) or "layout_unknown",
                 message="the group has no known layout or shape yet",
+                objective=self.config.objective,
             )
             return d
         forecast = g.window.forecast() if not force else g.window.best_estimate()
@@ -435,7 +436,7 @@ class PlannerCore(Registration, CommitOrchestration):
                     "(the time objective plans rows per step)",
                     objective="time",
                 )
-        return decide(
+        d = decide(
             time=time,
             group=g.name,
             now=now,
@@ -456,6 +457,8 @@ class PlannerCore(Registration, CommitOrchestration):
             layers=layers,
             dry_run=dry_run,
         )
+        d.objective = self.config.objective  # also where no figures were computed
+        return d
 
     def _record_decision(self, g: GroupState, d: Decision) -> None:
         """Keep ``d`` in the group's decisions. Only the planner's own evaluations and the
