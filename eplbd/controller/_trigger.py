@@ -49,7 +49,8 @@ __all__ = [
     "rollback_decision",
 ]
 
-#: ``plan(load [L, E], *, num_gpus, num_physical_experts, num_nodes, previous) -> Layout``
+#: ``plan(load [L, E], *, num_gpus, num_physical_experts, num_nodes, previous) -> Layout``;
+#: with the time objective also ``objective="time", cost_model=..., steps=...``
 PlanFn = Callable[..., Layout]
 
 # Reason codes (Decision.reason); the message says the figures in words.
