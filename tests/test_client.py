@@ -337,6 +337,16 @@ def test_bad_shares_are_refused_and_never_applied() -> None:
     assert torch.equal(client._log2phy, maps[0]) and torch.equal(client._logcnt, maps[1])
     assert all(torch.equal(a, b) for a, b in zip(engine.w13, w_before, strict=True))
     assert client.stats["dropped_bad_tensor"] == 1
+    # the consensus digest covers the split, and an equal split keeps the digest of a
+    # client that knows no shares (mixed versions agree on layouts without shares)
+    import zlib
+
+    from eplbd_client._client import _digest
+
+    plain = Layout.from_phy2log(p2l, E)
+    assert _digest(plain) == zlib.crc32(p2l.numpy().tobytes()) & 0x7FFFFFFF
+    assert _digest(plain.with_share(share)) != _digest(plain)
+    assert _digest(plain.with_share(share)) != _digest(plain.with_share(random_share(p2l, E, 4)))
     # a late joiner's welcome carries the committed layout's split
     late = EplbClient(L, E, P, require_weights=False)
     sched = {"window_steps": 4, "record_steps": 2, "enabled": True}
