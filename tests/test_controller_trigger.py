@@ -240,3 +240,11 @@ def test_time_objective_measures_modelled_time_and_may_change_only_the_split() -
     # a higher threshold than the modelled gain holds the layout
     args["policy"] = TriggerPolicy(min_gain=0.9, min_windows=1)
     assert decide(**args, time=tm).reason == "no_gain"  # type: ignore[arg-type]
+    # rolling the split back is a change (no slot moves) measured in time too
+    back = rollback_decision(
+        group="g", wall=0.0, current=d.layout, target=cur, target_epoch=0,
+        forecast=load, num_gpus=Gx, time=tm,
+    )  # fmt: skip
+    assert back.reason == "rollback" and back.moves == 0 and back.objective == "time"
+    assert back.balance_after == pytest.approx(d.balance_now)
+    assert back.balance_now == pytest.approx(d.balance_after)

@@ -588,6 +588,7 @@ class PlannerCore(Registration, CommitOrchestration):
                 forecast=g.window.best_estimate() if g.window is not None else None,
                 num_gpus=g.ep_size,
                 dry_run=dry,
+                time=self.time_model(g) if self.config.objective == "time" else None,
             )
             blocked = self._blocked(g)
             if blocked is not None and d.action == "prepare":

@@ -199,6 +199,20 @@ def _gain(f: LayerFigures) -> float:
     return f.balance_now - f.balance_planned
 
 
+def _measure(
+    load: torch.Tensor, a: Layout, b: Layout, num_gpus: int, time: TimeModel | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-GPU loads of layouts ``a`` and ``b`` [L, G], the mean they are measured against
+    and the lower bound as a balance [L], in rows or (``time``) modelled time."""
+    P = a.num_physical
+    if time is None:
+        g_a, g_b = gpu_loads(load, a, num_gpus), gpu_loads(load, b, num_gpus)
+        return g_a, g_b, g_a.mean(dim=1), lower_bound_balance(load, num_gpus, P)
+    mean = time.ideal(load, num_gpus)  # the same for every layout (module docstring)
+    lb = balance(time.bound(load, num_gpus, P).unsqueeze(1), mean)
+    return time.gpu_times(load, a, num_gpus), time.gpu_times(load, b, num_gpus), mean, lb
+
+
 def _rank_moves(old: torch.Tensor, new: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Slots each rank receives per layer. [L, P] x [L, P] -> [L, G] int64."""
     L, P = old.shape
@@ -268,16 +282,7 @@ def decide(
         raise ValueError("the planner returned a layout of another shape")
     old = current.phy2log
     new_all = planned.phy2log
-    if time is None:
-        g_now = gpu_loads(load, current, num_gpus)
-        g_plan = gpu_loads(load, planned, num_gpus)
-        mean = g_now.mean(dim=1)  # W / G: the same for every layout
-        lb = lower_bound_balance(load, num_gpus, P)
-    else:
-        g_now = time.gpu_times(load, current, num_gpus)
-        g_plan = time.gpu_times(load, planned, num_gpus)
-        mean = time.ideal(load, num_gpus)
-        lb = balance(time.bound(load, num_gpus, P).unsqueeze(1), mean)
+    g_now, g_plan, mean, lb = _measure(load, current, planned, num_gpus, time)
     b_now = balance(g_now, mean)
     b_plan = balance(g_plan, mean)
     rank_moves = _rank_moves(old, new_all, num_gpus)  # [L, G]
@@ -391,11 +396,13 @@ def rollback_decision(
     forecast: torch.Tensor | None,
     num_gpus: int,
     dry_run: bool = False,
+    time: TimeModel | None = None,
 ) -> Decision:
     """A decision to serve ``target`` (an earlier epoch's layout) again, as a new epoch.
 
     The operator asked for it, so no gate applies except that the layouts must differ; the
-    figures (if a forecast exists) show what the rollback does to balance.
+    figures (if a forecast exists) show what the rollback does to balance (in modelled time
+    with ``time``).
     """
     d = Decision(
         group=group,
@@ -405,6 +412,7 @@ def rollback_decision(
         reason="",
         message="",
         target_epoch=target_epoch,
+        objective="tokens" if time is None else "time",
     )
     old, new = current.phy2log, target.phy2log
     L = current.num_layers
@@ -417,13 +425,12 @@ def rollback_decision(
     lbl: list[float | None]
     if forecast is not None:
         load = forecast.to(torch.float64)
-        g_now, g_new = gpu_loads(load, current, num_gpus), gpu_loads(load, target, num_gpus)
-        b_now, b_new = list(balance(g_now).tolist()), list(balance(g_new).tolist())
-        lb = lower_bound_balance(load, num_gpus, current.num_physical)
+        g_now, g_new, mean, lb = _measure(load, current, target, num_gpus, time)
+        b_now, b_new = list(balance(g_now, mean).tolist()), list(balance(g_new, mean).tolist())
         lbl = list(lb.tolist())
-        d.balance_now, d.balance_after = total_balance(g_now), total_balance(g_new)
+        d.balance_now, d.balance_after = total_balance(g_now, mean), total_balance(g_new, mean)
         d.balance_planned = d.balance_after
-        d.lower_bound = _totals_lb(g_now.mean(dim=1), lb)
+        d.lower_bound = _totals_lb(mean, lb)
     else:
         b_now, b_new, lbl = [None] * L, [None] * L, [None] * L
     resplit = (current.shares != target.shares).any(dim=1)
