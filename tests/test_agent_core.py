@@ -225,6 +225,46 @@ def test_prepare_abort_down_staged_committed_up_and_commit_kept(clock: FakeClock
     assert out == [] and core.planner_counters.bad["bad_shape"] == 1
 
 
+def test_shares_travel_with_their_layout(clock: FakeClock) -> None:
+    """A layout's weighted split goes down with its prepare, is kept with the committed
+    layout (welcome of a late worker, layouts up to a planner) and replaced by the next one;
+    a bad split is refused like a bad phy2log."""
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    share = torch.ones(L, P, dtype=torch.int64)
+    share[:, 0], share[:, 4] = 0, 2  # expert 1 (slots 0 and 4): all rows to slot 4
+    out = core.on_planner(
+        encode(
+            "prepare",
+            {"group": "g0", "epoch": 1, "timeout_s": 5.0},
+            {"phy2log": p2l(1), "share": share},
+        )
+    )
+    (prep,) = of(out, WORKER, "prepare")
+    assert np.array_equal(roundtrip(prep).tensors["share"], share)
+    committed = {"group": "g0", "epoch": 1, "ep_rank": 0, "worker": "w0", "step": 5}
+    core.on_worker(b"w0", encode("committed", committed))
+    welcome = roundtrip(of(register(core, b"w1", hello("w1", 1)), WORKER, "welcome")[0])
+    assert welcome.body["epoch"] == 1 and np.array_equal(welcome.tensors["share"], share)
+    (up,) = core._layouts_up()
+    assert np.array_equal(roundtrip(up).tensors["share"], share)
+    # the planner's next layout has the equal split: no share travels any more
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 2}, {"phy2log": p2l(1)}))
+    welcome = roundtrip(of(register(core, b"w2", hello("w2", 1)), WORKER, "welcome")[0])
+    assert welcome.body["epoch"] == 2 and "share" not in welcome.tensors
+    bad = share.clone()
+    bad[1, 4] = 0  # expert 1 of layer 1: no replica receives its rows
+    out = core.on_planner(
+        encode(
+            "prepare",
+            {"group": "g0", "epoch": 3, "timeout_s": 5.0},
+            {"phy2log": p2l(1), "share": bad},
+        )
+    )
+    assert out == [] and core.planner_counters.bad["bad_layout"] == 1
+    assert 3 not in core.groups["g0"].pending
+
+
 def test_merge_complete_window_sums_counts(clock: FakeClock) -> None:
     core = synced_core(clock)
     register(core, b"w0", hello("w0", 0))

@@ -71,7 +71,9 @@ def hello(rank: int, epoch: int = 0, inc: str | None = None) -> dict[str, Any]:
 class Harness:
     """One planner core plus fake agents a0 (rank 0) and a1 (rank 1)."""
 
-    def __init__(self, tmp: Path, clock: FakeClock, **cfg: Any) -> None:
+    def __init__(
+        self, tmp: Path, clock: FakeClock, plan_fn: Any = None, metrics: Any = None, **cfg: Any
+    ) -> None:
         self.tmp = tmp
         self.clock = clock
         policy = cfg.pop(
@@ -88,12 +90,16 @@ class Harness:
             **cfg,
         )
         self.seq = 0
+        self.plan_fn = plan_fn
+        self.metrics = metrics
         self.core = self.new_core()
 
     def new_core(self) -> PlannerCore:
         store = StateStore(self.tmp)
         store.open()
-        core = PlannerCore(self.config, store=store, clock=self.clock)
+        core = PlannerCore(
+            self.config, store=store, clock=self.clock, plan_fn=self.plan_fn, metrics=self.metrics
+        )
         core.restore()
         return core
 
@@ -426,6 +432,45 @@ def test_unknown_epoch_is_adopted_from_an_agent_layout(h: Harness) -> None:
     assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
 
 
+SPLIT = Layout.from_phy2log(
+    [[0, 1, 2, 3, 2, 2]] * L, E, share=[[1, 1, 2, 1, 1, 0]] * L
+)  # expert 2's rows 2 : 1 : 0 over its slots 2, 4, 5
+
+
+def test_a_weighted_split_is_prepared_committed_kept_and_sent_down(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeClock(), plan_fn=lambda load, **kw: SPLIT)
+    h.hello_all()
+    prepares = [o for o in h.feed_windows(2) if o.type == PREPARE]
+    assert prepares and all(torch.equal(o.tensors["share"], SPLIT.share) for o in prepares)
+    epoch = int(prepares[0].body["epoch"])
+    # an agent's report of this epoch with another split is refused
+    equal = {"phy2log": SPLIT.phy2log}
+    out = h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": epoch}, equal)
+    assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
+    for r in range(G):
+        h.answer(STAGED, epoch, r, ok=True, reason="", staged_bytes=1)
+    out = h.answer(COMMITTED, epoch, 0, step=16)
+    layouts = [o for o in out if o.type == LAYOUT]
+    assert len(layouts) == G and all(torch.equal(o.tensors["share"], SPLIT.share) for o in layouts)
+    assert h.state_file()["layouts"][-1]["layout"]["share"] == SPLIT.share.tolist()
+    h.restart()
+    assert h.core.groups["g"].current_layout == SPLIT
+
+
+def test_an_agent_layout_keeps_its_split(h: Harness) -> None:
+    h.hello_all(epochs=(9, 9))
+    tensors = {"phy2log": SPLIT.phy2log, "share": SPLIT.share}
+    assert h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": 9}, tensors) == []
+    assert h.core.groups["g"].current_layout == SPLIT
+    bad = SPLIT.share.clone()
+    bad[0, 0] = 0  # expert 0 has no replica with a share
+    tensors = {"phy2log": SPLIT.phy2log, "share": bad}
+    h.core.groups["g"].ranks[0].epoch = 10
+    out = h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": 10}, tensors)
+    assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
+    assert h.core.groups["g"].record.epoch == 9
+
+
 def test_operator_commands(h: Harness) -> None:
     h.hello_all()
     h.feed_windows(1)
@@ -645,3 +690,85 @@ def test_load_windows_survive_a_restart_at_a_bounded_write_cost(tmp_path: Path) 
     h.restart()
     assert h.core.groups["g"].window.windows == 0
     assert any("not restored" in n and "g.npz" in n for n in h.core.notes), h.core.notes
+
+
+def test_time_objective_plans_rows_per_step_from_the_snapshots(tmp_path: Path) -> None:
+    """With objective "time" the trigger's figures are modelled times of the forecast
+    divided by the forward steps the snapshots recorded (10 per window here)."""
+    from eplbd.controller import TimeModel
+    from eplbd.planner import default_cost_model
+
+    cm = default_cost_model(2048, 1408)
+    with pytest.raises(ValueError, match="cost_model"):
+        CoreConfig(objective="time")
+    h = Harness(tmp_path, FakeClock(), objective="time", cost_model=cm)
+    h.hello_all()
+    out = h.feed_windows(2)
+    g = h.core.groups["g"]
+    assert g.window.steps_per_window() == 10.0
+    d = g.last_decision
+    assert d is not None and d.objective == "time"
+    tm = TimeModel(cm, 10.0)
+    forecast = g.window.forecast()
+    cur = Layout.default(L, E, P)
+    t_now = tm.gpu_times(forecast, cur, G)
+    assert d.balance_now == pytest.approx(
+        float(t_now.max(dim=1).values.sum() / tm.ideal(forecast, G).sum())
+    )
+    prepares = [o for o in out if o.type == PREPARE]
+    assert d.reason == "changed" and prepares
+    assert d.balance_after < d.balance_now
+
+
+def test_modelled_time_metrics_beside_token_balance(tmp_path: Path) -> None:
+    """With a cost model (token objective) status, top and the Prometheus aggregates show
+    the modelled time balance and the activated slots per GPU of the layout in service."""
+    from eplbd.controller import PlannerMetrics, TimeFigures, TimeModel
+    from eplbd.planner import activated_slots, default_cost_model, time_balance
+
+    cm = default_cost_model(2048, 1408)
+    metrics = PlannerMetrics()
+    h = Harness(tmp_path, FakeClock(), metrics=metrics, cost_model=cm)
+    h.hello_all()
+    g = h.core.groups["g"]
+    assert h.core.status()["groups"][0]["time"] is None  # no window counted its steps yet
+    h.feed_windows(2)
+    cur = g.current_layout
+    forecast = g.window.forecast()
+    st = h.core.status()["groups"][0]
+    assert st["objective"] == "tokens" and g.last_decision.objective == "tokens"
+    t = st["time"]
+    assert t["time_balance"] == pytest.approx(time_balance(forecast, cur, G, cm, steps=10.0))
+    act = activated_slots(forecast, cur, G, steps=10.0)
+    assert t["activated_slots_max"] == pytest.approx(float(act.max()), abs=1e-4)
+    assert t["activated_slots_mean"] == pytest.approx(float(act.mean()), abs=1e-4)
+    tf = TimeFigures.of(TimeModel(cm, 10.0), forecast, cur, G)
+    top = h.core.status("top")["groups"][0]
+    assert top["time"] == t
+    assert [row["time_balance"] for row in top["layers"]] == pytest.approx(tf.layer_balance)
+    assert [row["activated_slots"] for row in top["layers"]] == pytest.approx(
+        tf.layer_activated, abs=1e-4
+    )
+    series = dict(
+        line.rsplit(" ", 1) for line in metrics.render().splitlines() if not line.startswith("#")
+    )
+    assert float(series['eplbd_planner_time_balance{group="g"}']) == pytest.approx(tf.balance)
+    assert float(series['eplbd_planner_step_seconds{group="g"}']) == pytest.approx(tf.step_us / 1e6)
+    max_series = series['eplbd_planner_activated_slots{group="g",kind="max"}']
+    assert float(max_series) == pytest.approx(tf.activated_max)
+    # the tables show them (eplbd status, eplbd top)
+    import io
+
+    from eplbd.cli import status as status_cmd
+    from eplbd.cli import top as top_cmd
+    from eplbd.cli._output import Output
+
+    buf = io.StringIO()
+    status_cmd.render(Output(buf, color=False), h.core.status())
+    text = buf.getvalue()
+    assert "TIME BAL" in text and "ACTIVE/GPU" in text
+    assert f"{t['activated_slots_mean']:.1f}/{t['activated_slots_max']:.1f}" in text
+    buf = io.StringIO()
+    top_cmd.render(Output(buf, color=False), h.core.status("top"))
+    text = buf.getvalue()
+    assert "TIME BAL" in text and f"{t['step_us']:.0f} us/step" in text

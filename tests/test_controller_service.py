@@ -675,3 +675,46 @@ def test_a_broken_allow_list_stops_the_start_an_empty_one_does_not(tmp_path: Pat
     (keys / "allowed" / "torn.key").write_text("not a certificate")
     with pytest.raises(ValueError, match="torn.key"):  # eplbd planner: exit 78, file named
         service().run_in_thread()
+
+
+def test_time_objective_settings(tmp_path: Path) -> None:
+    """objective = "time" needs a cost model (expert_shape or a cost_model file); a bad
+    value fails at start naming its setting (exit 78), and a good one reaches the core."""
+    from eplbd.controller import check_planner_settings
+    from eplbd.ops import ConfigError, load
+    from eplbd.planner import default_cost_model
+
+    def field(**kw: Any) -> str:
+        with pytest.raises(ConfigError) as e:
+            check_planner_settings(load(PlannerSettings, kw, environ={}))
+        return e.value.field
+
+    assert field(objective="time") == "objective"
+    assert field(objective="speed") == "objective"
+    assert field(objective="time", expert_shape="7168") == "expert_shape"
+    assert field(expert_shape="7168,-2") == "expert_shape"
+    assert field(expert_shape="7168,2048", expert_dtype="int4") == "expert_dtype"
+    assert field(cost_model=str(tmp_path / "missing.json")) == "cost_model"
+    torn = tmp_path / "torn.json"
+    torn.write_text("{torn")
+    assert field(objective="time", cost_model=str(torn)) == "cost_model"
+    calib = tmp_path / "h100.json"
+    calib.write_text(default_cost_model(2048, 1408).to_json())
+    assert field(objective="time", cost_model=str(calib), expert_shape="7168,2048") == (
+        "expert_shape"
+    )
+    s = load(PlannerSettings, {"objective": "time", "cost_model": str(calib)}, environ={})
+    check_planner_settings(s)
+    core = s.core_config()
+    assert core.objective == "time" and core.cost_model == default_cost_model(2048, 1408)
+    s = load(PlannerSettings, {"expert_shape": "7168,2048"}, environ={})
+    assert s.core_config().objective == "tokens"  # the model only adds the time metrics
+    assert s.core_config().cost_model == default_cost_model(7168, 2048)
+    env = dict(os.environ, EPLBD_PLANNER_OBJECTIVE="time")
+    p = subprocess.run(
+        [sys.executable, "-m", "eplbd", "planner", "--state-dir", str(tmp_path)],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert p.returncode == 78 and b"objective" in p.stderr and b"expert_shape" in p.stderr

@@ -175,6 +175,36 @@ def test_phy2log_checks(msg_type: str) -> None:
     assert check(msg_type, b, {"phy2log": big}, model=None)
 
 
+@pytest.mark.parametrize("msg_type", ["prepare", "layout", "welcome"])
+def test_share_checks(msg_type: str) -> None:
+    """The optional weighted split: absent is the equal split; a bad one is refused."""
+    b, _ = samples()[msg_type]
+    p = phy2log()  # experts 0-3 in slots e and e + 8, experts 4-7 once
+    share = torch.ones(L, P, dtype=torch.int64)
+    share[:, 8] = 0  # expert 0's rows all to slot 0
+    share[:, 1] = 3  # expert 1's rows 3 : 1 to slots 1 and 9
+    msg = check(msg_type, b, {"phy2log": p, "share": share})
+    assert torch.equal(torch.from_numpy(msg.tensors["share"]), share)
+    assert reason(msg_type, b, {"phy2log": p, "share": share.double()}) == "bad_dtype"
+    nan = share.double()
+    nan[0, 0] = float("nan")
+    assert reason(msg_type, b, {"phy2log": p, "share": nan}) == "bad_dtype"
+    assert reason(msg_type, b, {"phy2log": p, "share": share[:, :-1]}) == "bad_shape"
+    neg = share.clone()
+    neg[2, 3] = -1
+    assert reason(msg_type, b, {"phy2log": p, "share": neg}) == "bad_layout"
+    idle = share.clone()
+    idle[3, 0] = 0  # expert 0 of layer 3: both replicas idle
+    assert reason(msg_type, b, {"phy2log": p, "share": idle}) == "bad_layout"
+    wide = share.clone()
+    wide[1, 4] = P - E + 2  # more than the engines' maps hold
+    assert reason(msg_type, b, {"phy2log": p, "share": wide}) == "bad_layout"
+    # without a model, the shape against phy2log and the sign are still checked
+    assert reason(msg_type, b, {"phy2log": p, "share": neg}, model=None) == "bad_layout"
+    assert reason(msg_type, b, {"phy2log": p, "share": share[1:]}, model=None) == "bad_shape"
+    assert check(msg_type, b, {"phy2log": p, "share": idle}, model=None)
+
+
 def test_prepare_epoch_and_timeout() -> None:
     b, t = samples()["prepare"]
     assert reason("prepare", {**b, "epoch": 0}, t) == "bad_field"

@@ -45,7 +45,7 @@ from eplbd.controller._state import (
 )
 from eplbd.controller._store import WindowsUnreadable
 from eplbd.controller._trigger import Decision, decide, rollback_decision
-from eplbd.controller._views import status_data
+from eplbd.controller._views import status_data, time_figures
 from eplbd.wire import (
     ABORTED,
     AGENT_HELLO,
@@ -299,7 +299,14 @@ class PlannerCore(Registration, CommitOrchestration):
         if b["agent"] is not None and b["agent"] in self.agents:
             self.liveness.seen(b["agent"])
         now = self.clock.monotonic()
-        g.window.add_counts(b["epoch"], lay.phy2log, msg.tensors["counts"], b["tokens"], now)
+        g.window.add_counts(
+            b["epoch"],
+            lay.phy2log,
+            msg.tensors["counts"],
+            b["tokens"],
+            now,
+            (b["step_start"], b["step_end"]),
+        )
         g.snapshots += 1
         g.last_snapshot_mono = now
         self.counters.received[SNAPSHOT] += 1
@@ -411,10 +418,26 @@ class PlannerCore(Registration, CommitOrchestration):
                 action="none",
                 reason=self._blocked(g) or "layout_unknown",
                 message="the group has no known layout or shape yet",
+                objective=self.config.objective,
             )
             return d
         forecast = g.window.forecast() if not force else g.window.best_estimate()
-        return decide(
+        time = None
+        if self.config.objective == "time":
+            time = self.time_model(g)
+            if time is None and forecast is not None:
+                return Decision(
+                    group=g.name,
+                    at=wall,
+                    trigger="force" if force else "auto",
+                    action="none",
+                    reason="insufficient_data",
+                    message="no closed window says how many forward steps it recorded yet "
+                    "(the time objective plans rows per step)",
+                    objective="time",
+                )
+        d = decide(
+            time=time,
             group=g.name,
             now=now,
             wall=wall,
@@ -434,6 +457,8 @@ class PlannerCore(Registration, CommitOrchestration):
             layers=layers,
             dry_run=dry_run,
         )
+        d.objective = self.config.objective  # also where no figures were computed
+        return d
 
     def _record_decision(self, g: GroupState, d: Decision) -> None:
         """Keep ``d`` in the group's decisions. Only the planner's own evaluations and the
@@ -460,6 +485,9 @@ class PlannerCore(Registration, CommitOrchestration):
             g.decisions.append(entry)
         if self.metrics is not None:
             self.metrics.decision(g.name, d, intention=intention)
+            tf = time_figures(self, g) if intention else None
+            if tf is not None:
+                self.metrics.time(g.name, tf)
 
     def evaluate(self, g: GroupState) -> list[Outbound]:
         """The automatic trigger, run when a window closes."""
@@ -560,6 +588,7 @@ class PlannerCore(Registration, CommitOrchestration):
                 forecast=g.window.best_estimate() if g.window is not None else None,
                 num_gpus=g.ep_size,
                 dry_run=dry,
+                time=self.time_model(g) if self.config.objective == "time" else None,
             )
             blocked = self._blocked(g)
             if blocked is not None and d.action == "prepare":

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from eplbd.controller._state import AgentInfo, CoreBase, GroupState, Outbound, RankInfo, log
 from eplbd.layout import Layout, LayoutError
 from eplbd.wire import (
@@ -279,11 +277,12 @@ class Registration(CoreBase):
                 num_gpus=g.ep_size or None,
                 num_layers=g.shape.num_layers,
                 num_physical_experts=g.shape.num_physical_experts,
+                share=tensors.get("share"),
             )
         except LayoutError as e:
             raise WireError("bad_layout", str(e)) from None
         a = g.recent.get(epoch)
-        if a is not None and not torch.equal(a.layout.phy2log, lay.phy2log):
+        if a is not None and a.layout != lay:
             raise WireError("bad_layout", f"layout of epoch {epoch} differs from the one prepared")
         wall = self.clock.time()
         top = max((rk.epoch for rk in g.ranks.values() if rk.present), default=0)

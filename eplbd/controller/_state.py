@@ -19,12 +19,14 @@ from typing import Any
 import torch
 
 from eplbd.controller._commit import Attempt, Effect
+from eplbd.controller._figures import TimeModel
 from eplbd.controller._store import GroupRecord, StateStore
 from eplbd.controller._trigger import Decision, PlanFn, TriggerPolicy
 from eplbd.controller._window import LoadWindow
 from eplbd.layout import Layout
 from eplbd.ops.clock import SYSTEM_CLOCK, Clock
 from eplbd.ops.logging import get_logger
+from eplbd.planner import CostModel
 from eplbd.wire import (
     DEAD,
     LAYOUT,
@@ -45,6 +47,7 @@ __all__ = [
     "GroupState",
     "Outbound",
     "RankInfo",
+    "layout_tensors",
     "round_or_none",
 ]
 
@@ -77,7 +80,9 @@ class CoreConfig:
     dead after 5 missed) and the planner's own heartbeat to agents; expert_bytes: one
     expert's weights in one layer (0: unknown; shown by ``eplbd layout diff``); hot_experts:
     experts per layer listed by ``top``; decisions_kept: decisions remembered per group (in
-    memory); max_bytes: message limit.
+    memory); max_bytes: message limit; objective: "tokens" or "time" (what the trigger
+    and the planner balance); cost_model: the modelled GPU time (needed for "time"; with
+    "tokens" it only adds the time figures to status and metrics).
     """
 
     window_s: float = 10.0
@@ -93,6 +98,14 @@ class CoreConfig:
     hot_experts: int = 5
     decisions_kept: int = 64
     max_bytes: int = 16 * 1024 * 1024
+    objective: str = "tokens"
+    cost_model: CostModel | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("tokens", "time"):
+            raise ValueError(f"objective must be tokens or time, got {self.objective!r}")
+        if self.objective == "time" and self.cost_model is None:
+            raise ValueError("the time objective needs a cost_model")
 
 
 @dataclass
@@ -175,6 +188,15 @@ class GroupState:
 
     def count(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+def layout_tensors(layout: Layout) -> dict[str, torch.Tensor]:
+    """The tensors of a ``prepare`` or ``layout`` message: phy2log, and ``share`` when the
+    layout splits rows unequally (docs/protocol.md)."""
+    t = {"phy2log": layout.phy2log}
+    if layout.share is not None:
+        t["share"] = layout.share
+    return t
 
 
 def round_or_none(x: float | None, nd: int = 6) -> float | None:
@@ -330,9 +352,9 @@ class CoreBase:
         rec = g.record
         if rec.epoch <= 0 or rec.epoch not in rec.layouts:
             return []
-        p2l = rec.layouts[rec.epoch].phy2log
+        tensors = layout_tensors(rec.layouts[rec.epoch])
         return [
-            Outbound(i, LAYOUT, {"group": g.name, "epoch": rec.epoch}, {"phy2log": p2l})
+            Outbound(i, LAYOUT, {"group": g.name, "epoch": rec.epoch}, dict(tensors))
             for i in identities
         ]
 
@@ -358,6 +380,15 @@ class CoreBase:
                 rec.layout_times.pop(e, None)
 
     # --- what the state says ------------------------------------------------------------
+
+    def time_model(self, g: GroupState) -> TimeModel | None:
+        """The cost model and the steps per window of ``g``'s forecast (None: no cost model,
+        or no window that counted its steps yet)."""
+        cm = self.config.cost_model
+        steps = g.window.steps_per_window() if g.window is not None else None
+        if cm is None or steps is None:
+            return None
+        return TimeModel(cm, steps)
 
     def rank_state(self, g: GroupState, r: int) -> str:
         """alive | stale | dead | left | missing."""
