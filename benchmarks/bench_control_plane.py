@@ -3,7 +3,7 @@
     python3 -m benchmarks.bench_control_plane [--scenario ep32,ep144,ep320,multi]
         [--faults agent_kill,agent_stop,planner_restart,slow_rank,partition | none]
         [--steps-per-s 20] [--staging-s 0.5] [--stop-s 25] [--steady-s 40]
-        [--label NAME] [--record FILE.jsonl] [--legacy-windows]
+        [--label NAME] [--record FILE.jsonl] [--legacy-windows] [--int64-layouts]
     python3 -m benchmarks.bench_control_plane --render benchmarks/results/control_plane.jsonl
 
 What runs (all on this machine, loopback TCP and ipc):
@@ -377,7 +377,14 @@ class FaultResult:
 class Bench:
     """One scenario's processes, simulator and measurements."""
 
-    def __init__(self, sc: Scenario, t: Timing, legacy_windows: bool, log: Callable[[str], None]):
+    def __init__(
+        self,
+        sc: Scenario,
+        t: Timing,
+        legacy_windows: bool,
+        log: Callable[[str], None],
+        int64_layouts: bool = False,
+    ):
         self.sc, self.t, self.log = sc, t, log
         self.dir = Path(tempfile.mkdtemp(prefix="cp", dir="/tmp"))
         ports = _free_ports(4)
@@ -400,6 +407,7 @@ class Bench:
                 drift_every_s=t.drift_every_s,
                 legacy_windows=legacy_windows,
                 link_stagger_s=t.link_stagger_s,
+                int64_layouts=int64_layouts,
             ),
             run_id=self.dir.name,
         )
@@ -898,9 +906,10 @@ def run_scenario(
     t: Timing,
     faults: tuple[str, ...],
     legacy_windows: bool = False,
+    int64_layouts: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    b = Bench(sc, t, legacy_windows, log)
+    b = Bench(sc, t, legacy_windows, log, int64_layouts)
     try:
         return {"scenario": sc.name, "ranks": sc.ranks, "nodes": sc.nodes, **b.run(faults)}
     finally:
@@ -1059,6 +1068,11 @@ def main(argv: list[str] | None = None) -> int:
         "--legacy-windows", action="store_true", help="the client's window rule before issue 14"
     )
     ap.add_argument(
+        "--int64-layouts",
+        action="store_true",
+        help="the ranks get layouts as int64, as before the compact form (issue 14 phase 2)",
+    )
+    ap.add_argument(
         "--render",
         type=Path,
         default=None,
@@ -1080,7 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.scenario.split(","):
         sc = SCENARIOS[name]
         print(f"scenario {name}: {sc.ranks} ranks on {sc.nodes} agents, groups {sc.groups}")
-        r = run_scenario(sc, t, faults, args.legacy_windows)
+        r = run_scenario(sc, t, faults, args.legacy_windows, args.int64_layouts)
         r.update(
             label=args.label, machine=machine, timing=asdict(t), at=time.strftime("%Y-%m-%d %H:%M")
         )

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,7 +109,9 @@ class Harness:
         check_valid(out)
         return out
 
-    def hello_all(self, epochs: tuple[int, int] = (0, 0)) -> list[Outbound]:
+    def hello_all(
+        self, epochs: tuple[int, int] = (0, 0), extra: tuple[dict[str, Any], ...] = ({}, {})
+    ) -> list[Outbound]:
         out = []
         for r in range(G):
             out += self.send(
@@ -121,6 +124,7 @@ class Harness:
                     "software_version": "test",
                     "protocol_version": 1,
                     "workers": [hello(r, epochs[r])],
+                    **extra[r],
                 },
             )
         return out
@@ -281,6 +285,21 @@ def test_auto_rebalance_prepare_stage_commit(h: Harness) -> None:
     st = h.core.status("status")["groups"][0]
     assert st["balance_now"] < 1.3
     assert st["last_rebalance"]["epoch"] == 1 and st["last_rebalance"]["outcome"] == "committed"
+
+
+def test_layouts_go_to_each_agent_in_the_form_it_reads(h: Harness) -> None:
+    """An agent that declares phy2log_dtypes gets int16 PREPAREs and layouts; one of an
+    older version (no declaration) int64; both carry the same layout."""
+    h.hello_all(extra=({"phy2log_dtypes": ["int16", "int32", "int64"]}, {}))
+    out = h.feed_windows(2)
+    prep = {o.identity: o.tensors["phy2log"] for o in out if o.type == PREPARE}
+    assert prep[b"a0"].dtype == np.int16 and prep[b"a1"].dtype == np.int64
+    assert np.array_equal(prep[b"a0"], prep[b"a1"])
+    h.answer(STAGED, 1, 0, ok=True, reason="", staged_bytes=1)
+    h.answer(STAGED, 1, 1, ok=True, reason="", staged_bytes=1)
+    out = h.answer(COMMITTED, 1, 0, step=5)
+    lay = {o.identity: o.tensors["phy2log"] for o in out if o.type == LAYOUT}
+    assert lay[b"a0"].dtype == np.int16 and lay[b"a1"].dtype == np.int64
 
 
 def _prepare_epoch(h: Harness) -> int:

@@ -22,6 +22,9 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+#: The phy2log dtypes this client reads (eplbd.wire.PHY2LOG_DTYPES; the hello declares them
+#: under ``phy2log_dtypes``); not imported from eplbd.wire, which would load pyzmq.
+PHY2LOG_DTYPES = ("int16", "int32", "int64")
 
 
 class BadMessage(ValueError):
@@ -82,11 +85,13 @@ def _phy2log(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:
     t = tensors.get("phy2log")
     if not isinstance(t, torch.Tensor):
         raise BadMessage("missing_tensor", "phy2log tensor missing")
-    if t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape:
+    if str(t.dtype).removeprefix("torch.") not in PHY2LOG_DTYPES or tuple(t.shape) != shape:
         raise BadMessage(
-            "bad_tensor", f"phy2log must be int64 {list(shape)}, got {t.dtype} {list(t.shape)}"
+            "bad_tensor",
+            f"phy2log must be {'/'.join(PHY2LOG_DTYPES)} {list(shape)}, "
+            f"got {t.dtype} {list(t.shape)}",
         )
-    return t
+    return t.to(torch.int64)  # the compact wire form widened: the digest is over int64
 
 
 def parse_schedule(body: Any) -> Schedule:

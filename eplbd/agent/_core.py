@@ -66,6 +66,8 @@ from eplbd.wire import (
     HEARTBEAT,
     HELLO,
     LAYOUT,
+    PHY2LOG_DTYPES,
+    PHY2LOG_FIELD,
     PREPARE,
     PROTOCOL_VERSION,
     SCHEDULE,
@@ -77,8 +79,10 @@ from eplbd.wire import (
     Message,
     ModelShape,
     WireError,
+    accepted_phy2log_dtypes,
     decode,
     error_body,
+    narrow_phy2log,
     validate,
 )
 from eplbd.wire._counters import WireCounters
@@ -197,6 +201,10 @@ class _Worker:
     @property
     def ep_rank(self) -> int:
         return int(self.hello["ep_rank"])
+
+    @property
+    def phy2log_dtypes(self) -> tuple[str, ...]:
+        return accepted_phy2log_dtypes(self.hello)
 
 
 @dataclass
@@ -452,7 +460,7 @@ class AgentCore:
         p2l, model = g.phy2log, g.model
         if g.epoch > 0 and p2l is not None and model is not None and tuple(p2l.shape) == model.lp:
             body["epoch"] = g.epoch
-            tensors["phy2log"] = p2l
+            tensors["phy2log"] = narrow_phy2log(p2l, rec.phy2log_dtypes)
         return Send(WORKER, WELCOME, body, tensors, identity=rec.identity)
 
     def _member_body(self, rec: _Worker, reason: str | None = None) -> dict[str, Any]:
@@ -632,6 +640,7 @@ class AgentCore:
             "software_version": __version__,
             "protocol_version": PROTOCOL_VERSION,
             "workers": workers,
+            PHY2LOG_FIELD: list(PHY2LOG_DTYPES),
         }
         return Send(PLANNER, AGENT_HELLO, body)
 
@@ -799,15 +808,22 @@ class AgentCore:
             err = WireError("stale_epoch", f"prepare epoch {epoch} <= committed {g.epoch}")
             self._bad(self.planner_counters, err, "planner", PREPARE)
             return []
-        p2l = msg.tensors["phy2log"]
+        p2l = np.ascontiguousarray(msg.tensors["phy2log"], dtype=np.int64)
         g.pending[epoch] = p2l
         while len(g.pending) > _MAX_PENDING:
             g.pending.popitem(last=False)
         out_body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
         self._bump(self.relayed, f"{PREPARE}:down", len(targets))
-        return [
-            Send(WORKER, PREPARE, out_body, {"phy2log": p2l}, identity=w.identity) for w in targets
-        ]
+        forms: dict[tuple[str, ...], np.ndarray] = {}  # one narrowed copy per dtype list
+        out = []
+        for w in targets:
+            accepts = w.phy2log_dtypes
+            if accepts not in forms:
+                forms[accepts] = narrow_phy2log(p2l, accepts)
+            out.append(
+                Send(WORKER, PREPARE, out_body, {"phy2log": forms[accepts]}, identity=w.identity)
+            )
+        return out
 
     def _on_abort(self, msg: Message) -> list[Send]:
         body = msg.body

@@ -149,8 +149,8 @@ class CommitOrchestration(CoreBase):
             g.recent.pop(e, None)
         body = {"group": g.name, "epoch": epoch, "timeout_s": float(self.config.prepare_timeout_s)}
         out = [
-            Outbound(i, PREPARE, dict(body), {"phy2log": d.layout.phy2log})
-            for i in self._agents_of(g)
+            Outbound(i, PREPARE, dict(body), {"phy2log": form})
+            for i, form in self._phy2log_forms(d.layout.phy2log, self._agents_of(g))
         ]
         log.info(
             "prepare",

@@ -23,6 +23,7 @@ from eplbd.wire import (
     WELCOME,
     ModelShape,
     WireError,
+    accepted_phy2log_dtypes,
     error_body,
     validate_body,
 )
@@ -71,6 +72,7 @@ class Registration(CoreBase):
             incarnation=b["incarnation"],
             node=b["node"],
             software_version=b["software_version"],
+            phy2log_dtypes=accepted_phy2log_dtypes(b),
         )
         self.agents[name] = info
         self._identity_agent[identity] = name

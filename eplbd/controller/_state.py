@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from eplbd.controller._commit import Attempt, Effect
@@ -34,6 +35,7 @@ from eplbd.wire import (
     SequenceTracker,
     WireCounters,
     WireError,
+    narrow_phy2log,
     new_incarnation,
 )
 
@@ -61,7 +63,7 @@ class Outbound:
     identity: bytes
     type: str
     body: dict[str, Any]
-    tensors: dict[str, torch.Tensor] | None = None
+    tensors: dict[str, torch.Tensor | np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class AgentInfo:
     node: str
     software_version: str
     ranks: set[tuple[str, int]] = field(default_factory=set)
+    #: the phy2log dtypes it accepts (int64 only: an agent before the compact form)
+    phy2log_dtypes: tuple[str, ...] = ("int64",)
 
 
 @dataclass
@@ -332,9 +336,24 @@ class CoreBase:
             return []
         p2l = rec.layouts[rec.epoch].phy2log
         return [
-            Outbound(i, LAYOUT, {"group": g.name, "epoch": rec.epoch}, {"phy2log": p2l})
-            for i in identities
+            Outbound(i, LAYOUT, {"group": g.name, "epoch": rec.epoch}, {"phy2log": form})
+            for i, form in self._phy2log_forms(p2l, identities)
         ]
+
+    def _phy2log_forms(
+        self, phy2log: torch.Tensor, identities: Iterable[bytes]
+    ) -> list[tuple[bytes, np.ndarray]]:
+        """``phy2log`` in the wire form each agent accepts (one narrowed copy per form)."""
+        forms: dict[tuple[str, ...], np.ndarray] = {}
+        out = []
+        for i in identities:
+            name = self._identity_agent.get(i)
+            info = self.agents.get(name) if name is not None else None
+            accepts = info.phy2log_dtypes if info is not None else ("int64",)
+            if accepts not in forms:
+                forms[accepts] = narrow_phy2log(phy2log.numpy(), accepts)
+            out.append((i, forms[accepts]))
+        return out
 
     def _adopt(self, g: GroupState, epoch: int, layout: Layout, wall: float, why: str) -> None:
         rec = g.record

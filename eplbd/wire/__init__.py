@@ -92,6 +92,12 @@ from eplbd.wire._order import (
     SequenceTracker,
     SeqVerdict,
 )
+from eplbd.wire._phy2log import (
+    PHY2LOG_DTYPES,
+    PHY2LOG_FIELD,
+    accepted_phy2log_dtypes,
+    narrow_phy2log,
+)
 from eplbd.wire._schema import (
     COMMAND_OPS,
     MAX_TOKENS,
@@ -147,6 +153,8 @@ __all__ = [
     "MESSAGE_TYPES",
     "Message",
     "ModelShape",
+    "PHY2LOG_DTYPES",
+    "PHY2LOG_FIELD",
     "PREPARE",
     "PROTOCOL_ID",
     "PROTOCOL_VERSION",
@@ -172,6 +180,7 @@ __all__ = [
     "WireCounters",
     "WireError",
     "WireSocket",
+    "accepted_phy2log_dtypes",
     "control_client",
     "control_server",
     "decode",
@@ -182,6 +191,7 @@ __all__ = [
     "ipc_endpoint",
     "load_client_keys",
     "load_server_keys",
+    "narrow_phy2log",
     "new_incarnation",
     "process_incarnation",
     "read_allow_list",
