@@ -302,6 +302,99 @@ def test_layouts_go_to_each_agent_in_the_form_it_reads(h: Harness) -> None:
     assert lay[b"a0"].dtype == np.int16 and lay[b"a1"].dtype == np.int64
 
 
+def _agent_restarts(h: Harness, workers: list[dict[str, Any]]) -> list[Outbound]:
+    """Agent a1 comes back with a new incarnation, listing ``workers`` so far."""
+    body = {
+        "agent": "a1",
+        "incarnation": "ai1-b",
+        "node": "n1",
+        "software_version": "test",
+        "protocol_version": 1,
+        "workers": workers,
+    }
+    return h.send(b"a1", AGENT_HELLO, body)
+
+
+def _beat(h: Harness, seconds: float) -> list[Outbound]:
+    out = []
+    for _ in range(int(seconds)):
+        h.clock.advance(1.0)
+        h.send(b"a0", HEARTBEAT, {"sender": "a0", "incarnation": "ai0"})
+        h.send(b"a1", HEARTBEAT, {"sender": "a1", "incarnation": "ai1-b"})
+        out += h.core.tick()
+    return out
+
+
+def test_ranks_of_a_restarted_agent_get_a_grace_period_to_rejoin(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    # a1 restarted before its worker said hello to it again: the commit waits for the rank
+    out = _agent_restarts(h, [])
+    assert ABORT not in [o.type for o in out]
+    g = h.core.groups["g"]
+    assert g.attempt.in_flight and h.core.rank_state(g, 1) == "rejoining"
+    assert not h.core.complete(g)  # nothing new is prepared meanwhile
+    assert ABORT not in [o.type for o in _beat(h, 5)]
+    # the worker (same process, still staging) re-registers through the new agent
+    out = h.send(
+        b"a1",
+        WORKER_JOINED,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1",
+         "hello": hello(1, 0)},
+    )  # fmt: skip
+    assert h.core.rank_state(g, 1) == "alive" and g.attempt.in_flight
+    h.answer(STAGED, e, 0, ok=True, reason="", staged_bytes=1)
+    h.answer(STAGED, e, 1, ok=True, reason="", staged_bytes=1)
+    h.answer(COMMITTED, e, 0, step=9)
+    h.answer(COMMITTED, e, 1, step=9)
+    assert h.state_file()["history"][-1]["state"] == "committed"
+    assert _beat(h, 15) == [] or g.ranks[1].present  # the grace lapsed harmlessly
+
+
+def test_a_rank_that_does_not_rejoin_in_time_is_lost(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeClock(), rejoin_grace_s=6.0)
+    h.hello_all()
+    e = _prepare_epoch(h)
+    _agent_restarts(h, [])
+    assert ABORT not in [o.type for o in _beat(h, 5)]
+    out = _beat(h, 1)
+    assert [(o.identity, o.body["epoch"]) for o in out if o.type == ABORT] == [(b"a0", e)]
+    g = h.core.groups["g"]
+    assert "not re-registered within 6 s" in g.attempt.reason
+    assert h.core.rank_state(g, 1) == "left"
+    # with no grace, the rank is lost at once (the behaviour before the setting)
+    h2 = Harness(tmp_path / "b", FakeClock(), rejoin_grace_s=0.0)
+    h2.hello_all()
+    _prepare_epoch(h2)
+    assert ABORT in [o.type for o in _agent_restarts(h2, [])]
+
+
+def test_a_ranks_epoch_never_goes_back_for_the_same_incarnation(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    for r in (0, 1):
+        h.answer(STAGED, e, r, ok=True, reason="", staged_bytes=1)
+    h.answer(COMMITTED, e, 1, step=3)
+    g = h.core.groups["g"]
+    assert g.ranks[1].epoch == e
+    # an older hello of the same process (re-sent by its agent, overtaken by the report)
+    h.send(
+        b"a1",
+        WORKER_JOINED,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1",
+         "hello": hello(1, 0)},
+    )  # fmt: skip
+    assert g.ranks[1].epoch == e
+    # a new process of that rank starts over from what it says
+    h.send(
+        b"a1",
+        WORKER_JOINED,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1-c",
+         "hello": hello(1, 0, inc="wi1-c")},
+    )  # fmt: skip
+    assert g.ranks[1].epoch == 0
+
+
 def _prepare_epoch(h: Harness) -> int:
     out = h.feed_windows(2)
     (p, *_) = [o for o in out if o.type == PREPARE]

@@ -341,6 +341,7 @@ class PlannerCore(Registration, CommitOrchestration):
                         out += self._effects(
                             g, a, a.on_rank_lost(r, f"agent {agent} is dead", now, wall)
                         )
+        out += self._rejoin_lapsed(now)
         for g in list(self.groups.values()):
             if g.attempt is not None and not g.attempt.finished:
                 out += self._effects(g, g.attempt, g.attempt.tick(now, wall))
@@ -388,6 +389,7 @@ class PlannerCore(Registration, CommitOrchestration):
                 times.append(g.attempt.deadline)
             if g.window is not None and (t := g.window.next_close()) is not None:
                 times.append(t)
+            times += [rk.rejoin_by for rk in g.ranks.values() if rk.rejoin_by is not None]
         return min(times)
 
     # --- the trigger -----------------------------------------------------------------------

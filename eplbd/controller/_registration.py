@@ -85,11 +85,23 @@ class Registration(CoreBase):
             if key is not None:
                 info.ranks.add(key)
                 touched.add(key[0])
+        # a restarted agent lists only the workers that said hello to it so far; the others
+        # are reconnecting: they get rejoin_grace_s before a commit in flight loses them
+        restarted = old is not None and old.incarnation != info.incarnation
+        now = self.clock.monotonic()
         for gname, r in previous - info.ranks:
             g = self.groups.get(gname)
-            if g is not None and r in g.ranks and g.ranks[r].agent == name:
-                out += self._rank_gone(g, r, "no longer listed by its agent")
-                touched.add(gname)
+            if g is None or r not in g.ranks or g.ranks[r].agent != name:
+                continue
+            rank = g.ranks[r]
+            grace = self.config.rejoin_grace_s
+            if rank.present and rank.rejoin_by is None and restarted and grace > 0:
+                rank.rejoin_by = now + grace
+            if rank.present and rank.rejoin_by is not None and now < rank.rejoin_by:
+                info.ranks.add((gname, r))  # still this agent's (its death still counts)
+                continue
+            out += self._rank_gone(g, r, "no longer listed by its agent")
+            touched.add(gname)
         log.info(
             "agent registered",
             agent=name,
@@ -141,7 +153,12 @@ class Registration(CoreBase):
             g.record.shape["ep_size"] = int(hello["ep_size"])
         r = hello["ep_rank"]
         prev = g.ranks.get(r)
-        if prev is not None and prev.present and prev.incarnation != hello["incarnation"]:
+        epoch = hello["epoch"]
+        if prev is not None and prev.incarnation == hello["incarnation"]:
+            # the same process: what it serves only grows (a hello that was overtaken by a
+            # committed report, or re-sent by an agent that did not hear of it, is older)
+            epoch = max(epoch, prev.epoch)
+        elif prev is not None and prev.present:
             out += self._rank_gone(g, r, f"restarted (incarnation {hello['incarnation']})")
         g.ranks[r] = RankInfo(
             ep_rank=r,
@@ -149,7 +166,7 @@ class Registration(CoreBase):
             incarnation=hello["incarnation"],
             agent=agent,
             node=hello["node"],
-            epoch=hello["epoch"],
+            epoch=epoch,
         )
         return (gname, r)
 
@@ -206,10 +223,24 @@ class Registration(CoreBase):
         log.warning("worker left", group=g.name, ep_rank=r, reason=b["reason"])
         return self._rank_gone(g, r, f"left: {b['reason'] or 'no reason given'}")
 
+    def _rejoin_lapsed(self, now: float) -> list[Outbound]:
+        """Ranks of a restarted agent that did not re-register within rejoin_grace_s."""
+        out: list[Outbound] = []
+        for g in self.groups.values():
+            for r, rank in sorted(g.ranks.items()):
+                if rank.present and rank.rejoin_by is not None and now >= rank.rejoin_by:
+                    grace = self.config.rejoin_grace_s
+                    log.warning("rank did not re-register", group=g.name, ep_rank=r, grace_s=grace)
+                    out += self._rank_gone(
+                        g, r, f"not re-registered within {grace:g} s of its agent's restart"
+                    )
+        return out
+
     def _rank_gone(self, g: GroupState, r: int, why: str) -> list[Outbound]:
         rank = g.ranks.get(r)
         if rank is not None:
             rank.present = False
+            rank.rejoin_by = None
             rank.left_reason = why
         a = g.attempt
         if a is None:

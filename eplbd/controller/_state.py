@@ -76,7 +76,9 @@ class CoreConfig:
     policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
     commit_timeout_s: time for the flip to be reported once all staged (and for the last
     reports after the first); heartbeat_s: the agents' heartbeat interval (stale after 3,
-    dead after 5 missed) and the planner's own heartbeat to agents; expert_bytes: one
+    dead after 5 missed) and the planner's own heartbeat to agents; rejoin_grace_s: how long
+    the ranks of a restarted agent that its first ``agent_hello`` does not list yet may take
+    to re-register before a commit in flight counts them lost (0: at once); expert_bytes: one
     expert's weights in one layer (0: unknown; shown by ``eplbd layout diff``); hot_experts:
     experts per layer listed by ``top``; decisions_kept: decisions remembered per group (in
     memory); max_bytes: message limit.
@@ -92,6 +94,7 @@ class CoreConfig:
     commit_timeout_s: float = 60.0
     heartbeat_s: float = 1.0
     expert_bytes: int = 0
+    rejoin_grace_s: float = 10.0
     hot_experts: int = 5
     decisions_kept: int = 64
     max_bytes: int = 16 * 1024 * 1024
@@ -109,6 +112,9 @@ class RankInfo:
     epoch: int
     present: bool = True
     left_reason: str = ""
+    #: its agent restarted and has not listed it yet: it counts as lost only after this
+    #: (monotonic) time, if it has not re-registered by then (``rejoin_grace_s``)
+    rejoin_by: float | None = None
 
 
 @dataclass
@@ -379,12 +385,14 @@ class CoreBase:
     # --- what the state says ------------------------------------------------------------
 
     def rank_state(self, g: GroupState, r: int) -> str:
-        """alive | stale | dead | left | missing."""
+        """alive | stale | dead | left | rejoining | missing."""
         rank = g.ranks.get(r)
         if rank is None:
             return "missing"
         if not rank.present:
             return "left"
+        if rank.rejoin_by is not None:
+            return "rejoining"
         st = self.liveness.state(rank.agent)
         return st if st is not None else DEAD
 
