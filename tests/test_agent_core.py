@@ -19,7 +19,7 @@ from eplbd.agent import (
     SnapshotMerger,
 )
 from eplbd.ops import FakeClock
-from eplbd.wire import decode, encode, validate
+from eplbd.wire import decode, encode, layout_digest, validate
 
 L, E, P = 2, 4, 8
 
@@ -143,8 +143,12 @@ def test_agent_hello_lists_workers_with_their_current_epoch(clock: FakeClock) ->
     # only what the planner reads (docs/protocol.md): the layouts go as `layout` messages
     assert set(hello_msg.body) == {
         "schema", "agent", "incarnation", "node", "software_version", "protocol_version",
-        "workers", "phy2log_dtypes",
+        "workers", "phy2log_dtypes", "layouts",
     }  # fmt: skip
+    assert hello_msg.body["layouts"] == []  # no committed layout held yet
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 4}, {"phy2log": p2l(1)}))
+    (held,) = roundtrip(core.agent_hello()).body["layouts"]
+    assert held == {"group": "g0", "epoch": 4, "digest": layout_digest(p2l(1).numpy())}
     assert hello_msg.body["phy2log_dtypes"] == ["int16", "int32", "int64"]
 
 

@@ -45,6 +45,7 @@ from eplbd.wire import (
     WORKER_LEFT,
     decode,
     encode,
+    layout_digest,
     validate,
 )
 
@@ -393,6 +394,44 @@ def test_a_ranks_epoch_never_goes_back_for_the_same_incarnation(h: Harness) -> N
          "hello": hello(1, 0, inc="wi1-c")},
     )  # fmt: skip
     assert g.ranks[1].epoch == 0
+
+
+def test_a_hello_storm_is_answered_with_welcomes_and_the_layout_once(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    for r in (0, 1):
+        h.answer(STAGED, e, r, ok=True, reason="", staged_bytes=1)
+        h.answer(COMMITTED, e, r, step=3)
+    digest = layout_digest(h.core.groups["g"].record.layouts[e].phy2log.numpy())
+
+    def hello_a1(inc: str, layouts: Any = None) -> list[str]:
+        body = {
+            "agent": "a1", "incarnation": inc, "node": "n1", "software_version": "test",
+            "protocol_version": 1, "workers": [hello(1, e)],
+        }  # fmt: skip
+        if layouts is not None:
+            body["layouts"] = layouts
+        return [o.type for o in h.send(b"a1", AGENT_HELLO, body)]
+
+    # an agent that holds the layout gets the welcome alone, however often it asks
+    held = [{"group": "g", "epoch": e, "digest": digest}]
+    assert hello_a1("ai1", held) == [WELCOME]
+    assert hello_a1("ai1", held) == [WELCOME]
+    # another digest, an older epoch or a malformed list: the layout follows
+    assert hello_a1("ai1", [{"group": "g", "epoch": e, "digest": digest ^ 1}]) == [WELCOME, LAYOUT]
+    h.clock.advance(1.0)
+    assert hello_a1("ai1", [{"group": "g", "epoch": e - 1, "digest": 5}]) == [WELCOME, LAYOUT]
+    h.clock.advance(1.0)
+    assert hello_a1("ai1", "garbage") == [WELCOME, LAYOUT]
+    # a restarted agent holding nothing (or of an older version) gets it once per heartbeat
+    # interval while it repeats its agent_hello
+    assert hello_a1("ai1-b") == [WELCOME, LAYOUT]
+    assert hello_a1("ai1-b") == [WELCOME]
+    h.clock.advance(0.5)
+    assert hello_a1("ai1-b") == [WELCOME]
+    h.clock.advance(0.6)
+    assert hello_a1("ai1-b") == [WELCOME, LAYOUT]
+    assert hello_a1("ai1-c") == [WELCOME, LAYOUT]  # a new process: at once
 
 
 def _prepare_epoch(h: Harness) -> int:

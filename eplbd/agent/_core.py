@@ -82,6 +82,7 @@ from eplbd.wire import (
     accepted_phy2log_dtypes,
     decode,
     error_body,
+    layout_digest,
     narrow_phy2log,
     validate,
 )
@@ -641,6 +642,13 @@ class AgentCore:
             "protocol_version": PROTOCOL_VERSION,
             "workers": workers,
             PHY2LOG_FIELD: list(PHY2LOG_DTYPES),
+            # the layouts it holds: the planner sends only those that differ (a hello storm
+            # then costs welcomes, not a layout per group each time)
+            "layouts": [
+                {"group": n, "epoch": g.epoch, "digest": layout_digest(g.phy2log)}
+                for n, g in self.groups.items()
+                if g.epoch > 0 and g.phy2log is not None
+            ],
         }
         return Send(PLANNER, AGENT_HELLO, body)
 

@@ -25,6 +25,7 @@ from eplbd.wire import (
     WireError,
     accepted_phy2log_dtypes,
     error_body,
+    held_layouts,
     validate_body,
 )
 
@@ -74,6 +75,8 @@ class Registration(CoreBase):
             software_version=b["software_version"],
             phy2log_dtypes=accepted_phy2log_dtypes(b),
         )
+        if old is not None and old.incarnation == info.incarnation:
+            info.layouts_sent = old.layouts_sent
         self.agents[name] = info
         self._identity_agent[identity] = name
         verdict = self.liveness.seen(name, b["incarnation"])
@@ -117,11 +120,32 @@ class Registration(CoreBase):
                 {"incarnation": self.incarnation, "epoch": 0, "schedule": dict(WELCOME_SCHEDULE)},
             )
         )
+        held = held_layouts(b)
         for gname in sorted(touched):
             g = self.groups[gname]
-            out += self._layout_to(g, [identity])
+            if self._layout_wanted(g, info, held.get(gname), now):
+                out += self._layout_to(g, [identity])
             out += self._reconcile(g)
         return out
+
+    def _layout_wanted(
+        self, g: GroupState, info: AgentInfo, held: tuple[int, int] | None, now: float
+    ) -> bool:
+        """Whether an agent_hello is answered with the group's layout: not when the agent
+        says it holds that layout already, nor when the same agent process was sent it
+        less than a heartbeat interval ago (a hello storm: agents re-send agent_hello until
+        the welcome arrives; a layout lost with a dropped connection is sent again with the
+        next worker_joined or commit)."""
+        rec = g.record
+        if rec.epoch <= 0 or rec.epoch not in rec.layouts:
+            return False
+        if held is not None and held == (rec.epoch, g.digest_of(rec.epoch)):
+            return False
+        sent = info.layouts_sent.get(g.name)
+        if sent is not None and sent[0] == rec.epoch and now - sent[1] < self.config.heartbeat_s:
+            return False
+        info.layouts_sent[g.name] = (rec.epoch, now)
+        return True
 
     def _register_rank(
         self, agent: str, hello: dict[str, Any], out: list[Outbound], identity: bytes

@@ -35,6 +35,7 @@ from eplbd.wire import (
     SequenceTracker,
     WireCounters,
     WireError,
+    layout_digest,
     narrow_phy2log,
     new_incarnation,
 )
@@ -127,6 +128,8 @@ class AgentInfo:
     ranks: set[tuple[str, int]] = field(default_factory=set)
     #: the phy2log dtypes it accepts (int64 only: an agent before the compact form)
     phy2log_dtypes: tuple[str, ...] = ("int64",)
+    #: group -> (epoch, monotonic time) of the last layout sent in answer to its agent_hello
+    layouts_sent: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,6 +157,18 @@ class GroupState:
     windows_dirty: bool = False  # windows closed since the last save
     restored: dict[str, Any] | None = None  # windows restored at start (see views)
     _default: Layout | None = None
+    _digests: dict[int, int] = field(default_factory=dict)  # epoch -> layout_digest
+
+    def digest_of(self, epoch: int) -> int | None:
+        """layout_digest of a committed epoch's layout (computed once), None if unknown."""
+        lay = self.record.layouts.get(epoch)
+        if lay is None:
+            return None
+        if epoch not in self._digests:
+            if len(self._digests) > 64:
+                self._digests.clear()
+            self._digests[epoch] = layout_digest(lay.phy2log.numpy())
+        return self._digests[epoch]
 
     @property
     def current_layout(self) -> Layout | None:

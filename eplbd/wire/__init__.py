@@ -96,6 +96,8 @@ from eplbd.wire._phy2log import (
     PHY2LOG_DTYPES,
     PHY2LOG_FIELD,
     accepted_phy2log_dtypes,
+    held_layouts,
+    layout_digest,
     narrow_phy2log,
 )
 from eplbd.wire._schema import (
@@ -188,7 +190,9 @@ __all__ = [
     "error_body",
     "frame_bytes",
     "generate_keypair",
+    "held_layouts",
     "ipc_endpoint",
+    "layout_digest",
     "load_client_keys",
     "load_server_keys",
     "narrow_phy2log",

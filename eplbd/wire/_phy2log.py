@@ -11,13 +11,21 @@ and widen to int64 before any other use (the layout digest is over the int64 for
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["PHY2LOG_DTYPES", "PHY2LOG_FIELD", "accepted_phy2log_dtypes", "narrow_phy2log"]
+__all__ = [
+    "PHY2LOG_DTYPES",
+    "PHY2LOG_FIELD",
+    "accepted_phy2log_dtypes",
+    "held_layouts",
+    "layout_digest",
+    "narrow_phy2log",
+]
 
 #: The dtypes a receiver of this version accepts for ``phy2log``, narrowest first.
 PHY2LOG_DTYPES: tuple[str, ...] = ("int16", "int32", "int64")
@@ -51,3 +59,30 @@ def narrow_phy2log(phy2log: Any, accepts: Iterable[str]) -> np.ndarray:
         if name in ok and info.min <= lo and hi <= info.max:
             return np.ascontiguousarray(a, dtype=name)
     return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def layout_digest(phy2log: Any) -> int:
+    """CRC32 (31 bits) of the int64 form of ``phy2log``: the digest the client's consensus
+    compares, and the one an ``agent_hello`` lists for the layouts its agent holds."""
+    import numpy as np
+
+    return zlib.crc32(np.ascontiguousarray(np.asarray(phy2log), dtype=np.int64).tobytes()) & (
+        0x7FFFFFFF
+    )
+
+
+def held_layouts(agent_hello: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """group -> (epoch, digest) of the committed layouts an ``agent_hello`` says its agent
+    holds (``layouts``: [{group, epoch, digest}]); malformed entries are left out (the
+    planner then sends that layout, as to an agent of an older version)."""
+    out: dict[str, tuple[int, int]] = {}
+    items = agent_hello.get("layouts")
+    if not isinstance(items, list):
+        return out
+    for it in items[:4096]:
+        if not isinstance(it, dict):
+            continue
+        g, e, d = it.get("group"), it.get("epoch"), it.get("digest")
+        if isinstance(g, str) and type(e) is int and type(d) is int and e >= 0 and d >= 0:
+            out[g] = (e, d)
+    return out
