@@ -434,6 +434,33 @@ def test_a_hello_storm_is_answered_with_welcomes_and_the_layout_once(h: Harness)
     assert hello_a1("ai1-c") == [WELCOME, LAYOUT]  # a new process: at once
 
 
+def test_the_planners_own_stall_is_not_its_agents_silence(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    core, g = h.core, h.core.groups["g"]
+    assert core.loop_turn(0.1) == 0.0  # the first turn
+    h.clock.advance(0.3)
+    assert core.loop_turn(0.1) == 0.0  # a normal turn: 0.1 s poll plus some work
+    deadline = g.attempt.deadline
+    h.clock.advance(30.0)  # stopped: past the prepare deadline (20 s), agents dead after 5 s
+    assert core.loop_turn(0.1) == pytest.approx(29.9)
+    assert g.attempt.deadline == pytest.approx(deadline + 29.9)
+    assert [o for o in core.tick() if o.type == ABORT] == []
+    assert g.attempt.in_flight and core.complete(g)
+    st = core.status()
+    assert st["planner"]["counters"]["stalls"] == 1 and [
+        r["state"] for r in st["groups"][0]["ranks"]
+    ] == ["alive", "alive"]
+    # time it runs still counts: agents silent for 5 heartbeat intervals of it are dead
+    out = []
+    for _ in range(6):
+        h.clock.advance(1.0)
+        assert core.loop_turn(1.0) == 0.0
+        out += core.tick()
+    assert [o.type for o in out if o.type == ABORT] and "dead" in g.attempt.reason
+    assert e == g.attempt.epoch
+
+
 def _prepare_epoch(h: Harness) -> int:
     out = h.feed_windows(2)
     (p, *_) = [o for o in out if o.type == PREPARE]

@@ -243,6 +243,9 @@ class CoreBase:
         self.started_mono = clock.monotonic()
         self.started_wall = clock.time()
         self._next_heartbeat = self.started_mono
+        self._last_turn: float | None = None  # when the service loop last came out of its poll
+        self.stalls = 0  # turns of the loop after which the planner excused its own stall
+        self.stalled_s = 0.0  # the time excused, in all
         self.store_errors = 0
         self.store_writable = True  # False from a failed write to the next good one
         self.store_last_error: str | None = None
