@@ -938,7 +938,16 @@ def _f(x: Any, nd: int = 1) -> str:
     return str(x)
 
 
-_LABELS = ("baseline", "no-torch", "stalls", "aligned")
+_LABELS = (
+    "baseline",
+    "no-torch",
+    "stalls",
+    "aligned",
+    "int64-layouts-1",
+    "int16-layouts-1",
+    "int64-layouts-2",
+    "int16-layouts-2",
+)
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -969,7 +978,10 @@ def render(rows: list[dict[str, Any]]) -> str:
         "Labels: `baseline` = the code before issue 14 (the ranks follow the client's old "
         "window rule); `no-torch` = agent without torch; `stalls` = plus the agent's stall, "
         "lost-report and disconnect handling; `aligned` = plus the client's windows aligned on "
-        "the group's step count (the ranks follow the new rule).",
+        "the group's step count (the ranks follow the new rule); `int64-layouts-N` / "
+        "`int16-layouts-N` (issue 14 phase 2, no faults, run back to back in that order on the "
+        "same code): the ranks get each layout as int64 (`--int64-layouts`, the form before) or "
+        "in the compact int16 form (the planner sends the agents int16 in both).",
         "",
         "Machine, every row: "
         + (rows[0]["machine"].split(";")[0] if rows else "-")
@@ -1012,10 +1024,11 @@ def render(rows: list[dict[str, Any]]) -> str:
         "to the first `committed`. Plan: round trip of the `rebalance` command (plan, persist, "
         "PREPARE sent). Per commit: PREPAREs and MB received by the ranks, `committed` sent "
         "by them, `committed` received by the planner; the planner sends one PREPARE and one "
-        "`layout` per agent of the group.",
+        "`layout` per agent of the group. Fan-out: from the attempt's start (the PREPAREs "
+        "leave) to the PREPARE's receipt by the last rank.",
         "",
-        "| label | scenario | commits | plan ms p50 / max | PREPARE→COMMITTED s p50 / p99 | beyond s p50 / p99 | first s p50 | consensus wait s p50 | ranks: PREPAREs, MB | committed ranks→planner | status ms p50 / max | `eplbd status` CLI s |",
-        "|---|---|---:|---|---|---|---:|---:|---|---|---|---:|",
+        "| label | scenario | commits | plan ms p50 / max | PREPARE→COMMITTED s p50 / p99 | beyond s p50 / p99 | first s p50 | fan-out s p50 / p99 | consensus wait s p50 | ranks: PREPAREs, MB | committed ranks→planner | status ms p50 / max | `eplbd status` CLI s |",
+        "|---|---|---:|---|---|---|---:|---|---:|---|---|---|---:|",
     ]
     for r in rows:
         s, c, m = r["steady"], r["commits"], r["per_commit"]
@@ -1023,6 +1036,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"| {r['label']} | {r['scenario']} | {c['n']} | {_f(s['plan_rtt_ms_p50'])} / "
             f"{_f(s['plan_rtt_ms_max'])} | {_f(c['total_s_p50'], 2)} / {_f(c['total_s_p99'], 2)} | "
             f"{_f(c['beyond_s_p50'], 2)} / {_f(c['beyond_s_p99'], 2)} | {_f(c['first_s_p50'], 2)} | "
+            f"{_f(c['fanout_s_p50'], 2)} / {_f(c['fanout_s_p99'], 2)} | "
             f"{_f(c['consensus_s_p50'], 2)} | {_f(m['ranks_rx_prepare'], 0)}, "
             f"{_f(m['ranks_rx_prepare_mb'])} | {_f(m['ranks_tx_committed'], 0)} → "
             f"{_f(m['planner_rx_committed'], 0)} | {_f(s['status_rtt_ms_p50'])} / "
