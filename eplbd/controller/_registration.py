@@ -131,11 +131,12 @@ class Registration(CoreBase):
     def _layout_wanted(
         self, g: GroupState, info: AgentInfo, held: tuple[int, int] | None, now: float
     ) -> bool:
-        """Whether an agent_hello is answered with the group's layout: not when the agent
-        says it holds that layout already, nor when the same agent process was sent it
-        less than a heartbeat interval ago (a hello storm: agents re-send agent_hello until
-        the welcome arrives; a layout lost with a dropped connection is sent again with the
-        next worker_joined or commit)."""
+        """Whether an agent_hello (or a worker_joined) is answered with the group's layout:
+        not when the agent says it holds that layout already, nor when the same agent
+        process was sent it less than a heartbeat interval ago (a hello storm: agents re-send
+        agent_hello until the welcome arrives; the workers of a restarted agent rejoin one by
+        one). A layout lost with a dropped connection goes again with the next agent_hello
+        or worker_joined after that interval, or with the next commit."""
         rec = g.record
         if rec.epoch <= 0 or rec.epoch not in rec.layouts:
             return False
@@ -232,7 +233,10 @@ class Registration(CoreBase):
         self.agents[agent].ranks.add(key)
         g = self.groups[key[0]]
         log.info("worker joined", group=g.name, ep_rank=key[1], worker=hello["worker"])
-        out += self._layout_to(g, [identity])
+        # the workers of a restarted agent rejoin one by one: one layout per heartbeat
+        # interval to that agent process, not one per worker
+        if self._layout_wanted(g, self.agents[agent], None, self.clock.monotonic()):
+            out += self._layout_to(g, [identity])
         out += self._reconcile(g)
         return out
 
