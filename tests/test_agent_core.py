@@ -236,13 +236,17 @@ def test_layouts_go_to_each_worker_in_the_form_it_reads(clock: FakeClock) -> Non
     core = synced_core(clock)
     register(core, b"new", hello("new", 0, phy2log_dtypes=["int16", "int32", "int64"]))
     register(core, b"old", hello("old", 1))
+    share = torch.ones(L, P, dtype=torch.float32)  # another tensor: relayed as it came
     out = core.on_planner(
         encode(
             "prepare",
-            {"group": "g0", "epoch": 1, "timeout_s": 5.0},
-            {"phy2log": p2l(1).to(torch.int16)},
+            {"group": "g0", "epoch": 1, "timeout_s": 5.0, "extra_field": 1},
+            {"phy2log": p2l(1).to(torch.int16), "share": share},
         )
     )
+    down = [roundtrip(s) for s in of(out, WORKER, "prepare")]
+    assert all(np.array_equal(m.tensors["share"], share) for m in down)
+    assert all(m.body["extra_field"] == 1 for m in down)
     got = {s.identity: roundtrip(s).tensors["phy2log"] for s in of(out, WORKER, "prepare")}
     assert got[b"new"].dtype == np.int16 and got[b"old"].dtype == np.int64
     assert all(np.array_equal(t, p2l(1)) for t in got.values())

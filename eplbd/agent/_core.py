@@ -822,15 +822,16 @@ class AgentCore:
             g.pending.popitem(last=False)
         out_body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
         self._bump(self.relayed, f"{PREPARE}:down", len(targets))
+        # other tensors (e.g. an optional `share` of a later version) go down unchanged
+        others = {k: v for k, v in msg.tensors.items() if k != "phy2log"}
         forms: dict[tuple[str, ...], np.ndarray] = {}  # one narrowed copy per dtype list
         out = []
         for w in targets:
             accepts = w.phy2log_dtypes
             if accepts not in forms:
                 forms[accepts] = narrow_phy2log(p2l, accepts)
-            out.append(
-                Send(WORKER, PREPARE, out_body, {"phy2log": forms[accepts]}, identity=w.identity)
-            )
+            tensors = {**others, "phy2log": forms[accepts]}
+            out.append(Send(WORKER, PREPARE, out_body, tensors, identity=w.identity))
         return out
 
     def _on_abort(self, msg: Message) -> list[Send]:
