@@ -947,6 +947,7 @@ _LABELS = (
     "int16-layouts-1",
     "int64-layouts-2",
     "int16-layouts-2",
+    "phase2",
 )
 
 
@@ -981,7 +982,9 @@ def render(rows: list[dict[str, Any]]) -> str:
         "the group's step count (the ranks follow the new rule); `int64-layouts-N` / "
         "`int16-layouts-N` (issue 14 phase 2, no faults, run back to back in that order on the "
         "same code): the ranks get each layout as int64 (`--int64-layouts`, the form before) or "
-        "in the compact int16 form (the planner sends the agents int16 in both).",
+        "in the compact int16 form (the planner sends the agents int16 in both); `phase2` = "
+        "all of issue 14 phase 2 (compact layouts, rejoin grace, hello-storm answers, the "
+        "planner's stall detection) with every fault.",
         "",
         "Machine, every row: "
         + (rows[0]["machine"].split(";")[0] if rows else "-")
