@@ -30,6 +30,7 @@ from eplbd_client import (
 from eplbd.kernels import map_and_record
 from eplbd.layout import Layout
 from eplbd.testing import EPMoEEngine, MoEConfig, MoEModel, random_layout
+from eplbd.wire import PHY2LOG_DTYPES
 
 L, E, P = 2, 8, 12
 CFG = MoEConfig(num_layers=L, num_experts=E, top_k=2, hidden=16, ffn=32, seed=5)
@@ -483,6 +484,18 @@ def test_deliver_drops_malformed_messages_without_raising() -> None:
             {"phy2log": p2l[:, :5]},
             "bad_tensor",
         ),
+        (  # only int16, int32, int64 are phy2log forms
+            "prepare",
+            {"group": "default", "epoch": 1, "timeout_s": 1.0},
+            {"phy2log": p2l.to(torch.int8)},
+            "bad_tensor",
+        ),
+        (
+            "prepare",
+            {"group": "default", "epoch": 1, "timeout_s": 1.0},
+            {"phy2log": p2l.double()},
+            "bad_tensor",
+        ),
         (
             "prepare",
             {"group": "other", "epoch": 1, "timeout_s": 1.0},
@@ -511,9 +524,9 @@ def test_agent_prepare_welcome_schedule_flow() -> None:
     client.deliver("welcome", {"incarnation": "x", "epoch": 3, "schedule": sched}, {"phy2log": a})
     _wait(lambda: client.epoch == 3, client)
     assert int(client.layer_state(0).should_record) in (0, 1)
-    client.deliver(*_prepare_msg(b, 4))
+    client.deliver(*_prepare_msg(b.short(), 4))  # the compact wire form
     _wait(lambda: client.epoch == 4, client)
-    assert torch.equal(client.layout.phy2log, b)
+    assert torch.equal(client.layout.phy2log, b) and client.layout.phy2log.dtype == torch.int64
     client.deliver(*_prepare_msg(a, 4))  # conflicting layout for a known epoch: refused
     client.deliver(*_prepare_msg(a, 2))  # stale
     _wait(lambda: client.stats.get("refused", 0) == 2, client)
@@ -540,7 +553,9 @@ def test_hello_body() -> None:
         "epoch",
         "software_version",
         "protocol_version",
+        "phy2log_dtypes",
     }
+    assert h["phy2log_dtypes"] == list(PHY2LOG_DTYPES)  # the compact layouts it reads
     assert (h["worker"], h["group"], h["num_physical_experts"], h["protocol_version"]) == (
         "w",
         "g1",

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,7 @@ from eplbd.wire import (
     WORKER_LEFT,
     decode,
     encode,
+    layout_digest,
     validate,
 )
 
@@ -114,7 +116,9 @@ class Harness:
         check_valid(out)
         return out
 
-    def hello_all(self, epochs: tuple[int, int] = (0, 0)) -> list[Outbound]:
+    def hello_all(
+        self, epochs: tuple[int, int] = (0, 0), extra: tuple[dict[str, Any], ...] = ({}, {})
+    ) -> list[Outbound]:
         out = []
         for r in range(G):
             out += self.send(
@@ -127,6 +131,7 @@ class Harness:
                     "software_version": "test",
                     "protocol_version": 1,
                     "workers": [hello(r, epochs[r])],
+                    **extra[r],
                 },
             )
         return out
@@ -287,6 +292,179 @@ def test_auto_rebalance_prepare_stage_commit(h: Harness) -> None:
     st = h.core.status("status")["groups"][0]
     assert st["balance_now"] < 1.3
     assert st["last_rebalance"]["epoch"] == 1 and st["last_rebalance"]["outcome"] == "committed"
+
+
+def test_layouts_go_to_each_agent_in_the_form_it_reads(h: Harness) -> None:
+    """An agent that declares phy2log_dtypes gets int16 PREPAREs and layouts; one of an
+    older version (no declaration) int64; both carry the same layout."""
+    h.hello_all(extra=({"phy2log_dtypes": ["int16", "int32", "int64"]}, {}))
+    out = h.feed_windows(2)
+    prep = {o.identity: o.tensors["phy2log"] for o in out if o.type == PREPARE}
+    assert prep[b"a0"].dtype == np.int16 and prep[b"a1"].dtype == np.int64
+    assert np.array_equal(prep[b"a0"], prep[b"a1"])
+    h.answer(STAGED, 1, 0, ok=True, reason="", staged_bytes=1)
+    h.answer(STAGED, 1, 1, ok=True, reason="", staged_bytes=1)
+    out = h.answer(COMMITTED, 1, 0, step=5)
+    lay = {o.identity: o.tensors["phy2log"] for o in out if o.type == LAYOUT}
+    assert lay[b"a0"].dtype == np.int16 and lay[b"a1"].dtype == np.int64
+
+
+def _agent_restarts(h: Harness, workers: list[dict[str, Any]]) -> list[Outbound]:
+    """Agent a1 comes back with a new incarnation, listing ``workers`` so far."""
+    body = {
+        "agent": "a1",
+        "incarnation": "ai1-b",
+        "node": "n1",
+        "software_version": "test",
+        "protocol_version": 1,
+        "workers": workers,
+    }
+    return h.send(b"a1", AGENT_HELLO, body)
+
+
+def _beat(h: Harness, seconds: float) -> list[Outbound]:
+    out = []
+    for _ in range(int(seconds)):
+        h.clock.advance(1.0)
+        h.send(b"a0", HEARTBEAT, {"sender": "a0", "incarnation": "ai0"})
+        h.send(b"a1", HEARTBEAT, {"sender": "a1", "incarnation": "ai1-b"})
+        out += h.core.tick()
+    return out
+
+
+def test_ranks_of_a_restarted_agent_get_a_grace_period_to_rejoin(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    # a1 restarted before its worker said hello to it again: the commit waits for the rank
+    out = _agent_restarts(h, [])
+    assert ABORT not in [o.type for o in out]
+    g = h.core.groups["g"]
+    assert g.attempt.in_flight and h.core.rank_state(g, 1) == "rejoining"
+    assert not h.core.complete(g)  # nothing new is prepared meanwhile
+    assert ABORT not in [o.type for o in _beat(h, 5)]
+    # the worker (same process, still staging) re-registers through the new agent
+    out = h.send(
+        b"a1",
+        WORKER_JOINED,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1",
+         "hello": hello(1, 0)},
+    )  # fmt: skip
+    assert h.core.rank_state(g, 1) == "alive" and g.attempt.in_flight
+    h.answer(STAGED, e, 0, ok=True, reason="", staged_bytes=1)
+    h.answer(STAGED, e, 1, ok=True, reason="", staged_bytes=1)
+    h.answer(COMMITTED, e, 0, step=9)
+    h.answer(COMMITTED, e, 1, step=9)
+    assert h.state_file()["history"][-1]["state"] == "committed"
+    assert _beat(h, 15) == [] or g.ranks[1].present  # the grace lapsed harmlessly
+
+
+def test_a_rank_that_does_not_rejoin_in_time_is_lost(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeClock(), rejoin_grace_s=6.0)
+    h.hello_all()
+    e = _prepare_epoch(h)
+    _agent_restarts(h, [])
+    assert ABORT not in [o.type for o in _beat(h, 5)]
+    out = _beat(h, 1)
+    assert [(o.identity, o.body["epoch"]) for o in out if o.type == ABORT] == [(b"a0", e)]
+    g = h.core.groups["g"]
+    assert "not re-registered within 6 s" in g.attempt.reason
+    assert h.core.rank_state(g, 1) == "left"
+    # with no grace, the rank is lost at once (the behaviour before the setting)
+    h2 = Harness(tmp_path / "b", FakeClock(), rejoin_grace_s=0.0)
+    h2.hello_all()
+    _prepare_epoch(h2)
+    assert ABORT in [o.type for o in _agent_restarts(h2, [])]
+
+
+def test_a_ranks_epoch_never_goes_back_for_the_same_incarnation(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    for r in (0, 1):
+        h.answer(STAGED, e, r, ok=True, reason="", staged_bytes=1)
+    h.answer(COMMITTED, e, 1, step=3)
+    g = h.core.groups["g"]
+    assert g.ranks[1].epoch == e
+    # an older hello of the same process (re-sent by its agent, overtaken by the report)
+    h.send(
+        b"a1",
+        WORKER_JOINED,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1",
+         "hello": hello(1, 0)},
+    )  # fmt: skip
+    assert g.ranks[1].epoch == e
+    # a new process of that rank starts over from what it says
+    h.send(
+        b"a1",
+        WORKER_JOINED,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1-c",
+         "hello": hello(1, 0, inc="wi1-c")},
+    )  # fmt: skip
+    assert g.ranks[1].epoch == 0
+
+
+def test_a_hello_storm_is_answered_with_welcomes_and_the_layout_once(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    for r in (0, 1):
+        h.answer(STAGED, e, r, ok=True, reason="", staged_bytes=1)
+        h.answer(COMMITTED, e, r, step=3)
+    digest = layout_digest(h.core.groups["g"].record.layouts[e].phy2log.numpy())
+
+    def hello_a1(inc: str, layouts: Any = None) -> list[str]:
+        body = {
+            "agent": "a1", "incarnation": inc, "node": "n1", "software_version": "test",
+            "protocol_version": 1, "workers": [hello(1, e)],
+        }  # fmt: skip
+        if layouts is not None:
+            body["layouts"] = layouts
+        return [o.type for o in h.send(b"a1", AGENT_HELLO, body)]
+
+    # an agent that holds the layout gets the welcome alone, however often it asks
+    held = [{"group": "g", "epoch": e, "digest": digest}]
+    assert hello_a1("ai1", held) == [WELCOME]
+    assert hello_a1("ai1", held) == [WELCOME]
+    # another digest, an older epoch or a malformed list: the layout follows
+    assert hello_a1("ai1", [{"group": "g", "epoch": e, "digest": digest ^ 1}]) == [WELCOME, LAYOUT]
+    h.clock.advance(1.0)
+    assert hello_a1("ai1", [{"group": "g", "epoch": e - 1, "digest": 5}]) == [WELCOME, LAYOUT]
+    h.clock.advance(1.0)
+    assert hello_a1("ai1", "garbage") == [WELCOME, LAYOUT]
+    # a restarted agent holding nothing (or of an older version) gets it once per heartbeat
+    # interval while it repeats its agent_hello
+    assert hello_a1("ai1-b") == [WELCOME, LAYOUT]
+    assert hello_a1("ai1-b") == [WELCOME]
+    h.clock.advance(0.5)
+    assert hello_a1("ai1-b") == [WELCOME]
+    h.clock.advance(0.6)
+    assert hello_a1("ai1-b") == [WELCOME, LAYOUT]
+    assert hello_a1("ai1-c") == [WELCOME, LAYOUT]  # a new process: at once
+
+
+def test_the_planners_own_stall_is_not_its_agents_silence(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    core, g = h.core, h.core.groups["g"]
+    assert core.loop_turn(0.1) == 0.0  # the first turn
+    h.clock.advance(0.3)
+    assert core.loop_turn(0.1) == 0.0  # a normal turn: 0.1 s poll plus some work
+    deadline = g.attempt.deadline
+    h.clock.advance(30.0)  # stopped: past the prepare deadline (20 s), agents dead after 5 s
+    assert core.loop_turn(0.1) == pytest.approx(29.9)
+    assert g.attempt.deadline == pytest.approx(deadline + 29.9)
+    assert [o for o in core.tick() if o.type == ABORT] == []
+    assert g.attempt.in_flight and core.complete(g)
+    st = core.status()
+    assert st["planner"]["counters"]["stalls"] == 1 and [
+        r["state"] for r in st["groups"][0]["ranks"]
+    ] == ["alive", "alive"]
+    # time it runs still counts: agents silent for 5 heartbeat intervals of it are dead
+    out = []
+    for _ in range(6):
+        h.clock.advance(1.0)
+        assert core.loop_turn(1.0) == 0.0
+        out += core.tick()
+    assert [o.type for o in out if o.type == ABORT] and "dead" in g.attempt.reason
+    assert e == g.attempt.epoch
 
 
 def _prepare_epoch(h: Harness) -> int:

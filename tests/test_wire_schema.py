@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from wire_peers.samples import MODEL, E, L, P, hello, phy2log, samples
 
 from eplbd.wire import (
     MESSAGE_TYPES,
+    PHY2LOG_DTYPES,
+    PHY2LOG_FIELD,
     Message,
     ModelShape,
     WireError,
+    accepted_phy2log_dtypes,
     decode,
     encode,
     error_body,
+    narrow_phy2log,
     validate,
     validate_body,
 )
@@ -166,7 +171,12 @@ def test_phy2log_checks(msg_type: str) -> None:
     assert reason(msg_type, b, {"phy2log": out}) == "bad_layout"
     out[1, 2] = -1
     assert reason(msg_type, b, {"phy2log": out}) == "bad_layout"
-    assert reason(msg_type, b, {"phy2log": p.int()}) == "bad_dtype"
+    # the compact forms (int16, int32) are read; other dtypes are refused
+    assert check(msg_type, b, {"phy2log": p.int()})
+    assert check(msg_type, b, {"phy2log": p.short()})
+    assert reason(msg_type, b, {"phy2log": out.short()}) == "bad_layout"
+    assert reason(msg_type, b, {"phy2log": p.to(torch.int8)}) == "bad_dtype"
+    assert reason(msg_type, b, {"phy2log": p.to(torch.uint8)}) == "bad_dtype"
     assert reason(msg_type, b, {"phy2log": p.double()}) == "bad_dtype"
     assert reason(msg_type, b, {"phy2log": p[:, :-1]}) == "bad_shape"
     assert reason(msg_type, b, {}) == "missing_tensor"
@@ -203,6 +213,29 @@ def test_share_checks(msg_type: str) -> None:
     assert reason(msg_type, b, {"phy2log": p, "share": neg}, model=None) == "bad_layout"
     assert reason(msg_type, b, {"phy2log": p, "share": share[1:]}, model=None) == "bad_shape"
     assert check(msg_type, b, {"phy2log": p, "share": idle}, model=None)
+
+
+def test_phy2log_compact_form() -> None:
+    """A sender narrows phy2log to what the receiver declared; an old peer gets int64."""
+    p = phy2log().numpy()
+    assert accepted_phy2log_dtypes({}) == ("int64",)  # an older peer declares nothing
+    assert accepted_phy2log_dtypes({PHY2LOG_FIELD: "int16"}) == ("int64",)  # malformed
+    new = accepted_phy2log_dtypes({PHY2LOG_FIELD: ["int16", "int32", "int64", "int4"]})
+    assert new == PHY2LOG_DTYPES
+    assert accepted_phy2log_dtypes({PHY2LOG_FIELD: ["int32", 7]}) == ("int32", "int64")
+    assert narrow_phy2log(p, ("int64",)).dtype == np.int64
+    small = narrow_phy2log(p, new)
+    assert small.dtype == np.int16 and small.flags.c_contiguous
+    assert np.array_equal(small, p)
+    wide = p.copy()
+    wide[0, 0] = 40000  # does not fit int16: the next accepted type
+    assert narrow_phy2log(wide, new).dtype == np.int32
+    assert narrow_phy2log(wide, ("int16", "int64")).dtype == np.int64
+    # a narrowed frame decodes and validates like the int64 one
+    frames = encode("prepare", samples()["prepare"][0], {"phy2log": small})
+    msg = validate(decode(frames), model=MODEL)
+    assert msg.tensors["phy2log"].dtype == np.int16
+    assert np.array_equal(msg.tensors["phy2log"], p)
 
 
 def test_prepare_epoch_and_timeout() -> None:

@@ -22,6 +22,7 @@ import torch
 from eplbd.kernels import map_and_record as _map_and_record
 from eplbd.layout import Layout, LayoutError
 from eplbd_client._messages import (
+    PHY2LOG_DTYPES,
     PROTOCOL_VERSION,
     AbortMsg,
     BadMessage,
@@ -469,6 +470,7 @@ class EplbClient:
             "epoch": self._epoch,
             "software_version": __version__,
             "protocol_version": PROTOCOL_VERSION,
+            "phy2log_dtypes": list(PHY2LOG_DTYPES),
         }
 
     # --- introspection -------------------------------------------------------------------------

@@ -22,6 +22,9 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+#: The phy2log dtypes this client reads (eplbd.wire.PHY2LOG_DTYPES; the hello declares them
+#: under ``phy2log_dtypes``); not imported from eplbd.wire, which would load pyzmq.
+PHY2LOG_DTYPES = ("int16", "int32", "int64")
 
 
 class BadMessage(ValueError):
@@ -89,11 +92,13 @@ def _layout_tensor(tensors: dict[str, Any], name: str, shape: tuple[int, int]) -
     t = tensors.get(name)
     if not isinstance(t, torch.Tensor):
         raise BadMessage("missing_tensor", f"{name} tensor missing")
-    if t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape:
+    if str(t.dtype).removeprefix("torch.") not in PHY2LOG_DTYPES or tuple(t.shape) != shape:
         raise BadMessage(
-            "bad_tensor", f"{name} must be int64 {list(shape)}, got {t.dtype} {list(t.shape)}"
+            "bad_tensor",
+            f"{name} must be {'/'.join(PHY2LOG_DTYPES)} {list(shape)}, "
+            f"got {t.dtype} {list(t.shape)}",
         )
-    return t
+    return t.to(torch.int64)  # the compact wire form widened: the digest is over int64
 
 
 def _phy2log(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:

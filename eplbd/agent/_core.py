@@ -66,6 +66,8 @@ from eplbd.wire import (
     HEARTBEAT,
     HELLO,
     LAYOUT,
+    PHY2LOG_DTYPES,
+    PHY2LOG_FIELD,
     PREPARE,
     PROTOCOL_VERSION,
     SCHEDULE,
@@ -77,8 +79,11 @@ from eplbd.wire import (
     Message,
     ModelShape,
     WireError,
+    accepted_phy2log_dtypes,
     decode,
     error_body,
+    layout_digest,
+    narrow_phy2log,
     validate,
 )
 from eplbd.wire._counters import WireCounters
@@ -197,6 +202,10 @@ class _Worker:
     @property
     def ep_rank(self) -> int:
         return int(self.hello["ep_rank"])
+
+    @property
+    def phy2log_dtypes(self) -> tuple[str, ...]:
+        return accepted_phy2log_dtypes(self.hello)
 
 
 @dataclass
@@ -456,6 +465,7 @@ class AgentCore:
         if g.epoch > 0 and p2l is not None and model is not None and tuple(p2l.shape) == model.lp:
             body["epoch"] = g.epoch
             tensors.update(_layout_tensors(p2l, g.share))
+            tensors["phy2log"] = narrow_phy2log(p2l, rec.phy2log_dtypes)
         return Send(WORKER, WELCOME, body, tensors, identity=rec.identity)
 
     def _member_body(self, rec: _Worker, reason: str | None = None) -> dict[str, Any]:
@@ -635,6 +645,14 @@ class AgentCore:
             "software_version": __version__,
             "protocol_version": PROTOCOL_VERSION,
             "workers": workers,
+            PHY2LOG_FIELD: list(PHY2LOG_DTYPES),
+            # the layouts it holds: the planner sends only those that differ (a hello storm
+            # then costs welcomes, not a layout per group each time)
+            "layouts": [
+                {"group": n, "epoch": g.epoch, "digest": layout_digest(g.phy2log)}
+                for n, g in self.groups.items()
+                if g.epoch > 0 and g.phy2log is not None
+            ],
         }
         return Send(PLANNER, AGENT_HELLO, body)
 
@@ -805,16 +823,23 @@ class AgentCore:
             err = WireError("stale_epoch", f"prepare epoch {epoch} <= committed {g.epoch}")
             self._bad(self.planner_counters, err, "planner", PREPARE)
             return []
-        p2l, share = msg.tensors["phy2log"], msg.tensors.get("share")
-        g.pending[epoch] = (p2l, share)
+        p2l = np.ascontiguousarray(msg.tensors["phy2log"], dtype=np.int64)
+        g.pending[epoch] = (p2l, msg.tensors.get("share"))
         while len(g.pending) > _MAX_PENDING:
             g.pending.popitem(last=False)
         out_body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
         self._bump(self.relayed, f"{PREPARE}:down", len(targets))
-        tensors = _layout_tensors(p2l, share)
-        return [
-            Send(WORKER, PREPARE, out_body, dict(tensors), identity=w.identity) for w in targets
-        ]
+        # other tensors (the optional `share`, or fields of a later version) go down unchanged
+        others = {k: v for k, v in msg.tensors.items() if k != "phy2log"}
+        forms: dict[tuple[str, ...], np.ndarray] = {}  # one narrowed copy per dtype list
+        out = []
+        for w in targets:
+            accepts = w.phy2log_dtypes
+            if accepts not in forms:
+                forms[accepts] = narrow_phy2log(p2l, accepts)
+            tensors = {**others, "phy2log": forms[accepts]}
+            out.append(Send(WORKER, PREPARE, out_body, tensors, identity=w.identity))
+        return out
 
     def _on_abort(self, msg: Message) -> list[Send]:
         body = msg.body

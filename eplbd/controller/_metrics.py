@@ -186,8 +186,8 @@ class PlannerMetrics:
                 st = core.rank_state(g, r)
                 counts[("rank", st)] = counts.get(("rank", st), 0) + 1
         for kind in ("agent", "rank"):
-            for st in ("alive", "stale", "dead", "left", "missing"):
-                if kind == "agent" and st in ("left", "missing"):
+            for st in ("alive", "stale", "dead", "left", "rejoining", "missing"):
+                if kind == "agent" and st in ("left", "rejoining", "missing"):
                     continue
                 self.peers_g.set(counts.get((kind, st), 0), kind=kind, state=st)
 

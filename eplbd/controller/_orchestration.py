@@ -156,7 +156,10 @@ class CommitOrchestration(CoreBase):
             g.recent.pop(e, None)
         body = {"group": g.name, "epoch": epoch, "timeout_s": float(self.config.prepare_timeout_s)}
         tensors = layout_tensors(d.layout)
-        out = [Outbound(i, PREPARE, dict(body), dict(tensors)) for i in self._agents_of(g)]
+        out = [
+            Outbound(i, PREPARE, dict(body), {**tensors, "phy2log": form})
+            for i, form in self._phy2log_forms(d.layout.phy2log, self._agents_of(g))
+        ]
         log.info(
             "prepare",
             group=g.name,

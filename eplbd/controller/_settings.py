@@ -179,6 +179,13 @@ class PlannerSettings:
         min=0.01,
         max=1e6,
     )
+    rejoin_grace_s: float = cfg.setting(
+        10.0,
+        help="seconds the workers of a restarted agent have to re-register before a commit in "
+        "flight counts them lost (0: at once)",
+        min=0.0,
+        max=1e6,
+    )
     keep_layouts: int = cfg.setting(
         16, help="committed layouts kept per group (rollback targets)", min=1, max=4096
     )
@@ -263,6 +270,7 @@ class PlannerSettings:
             commit_timeout_s=self.commit_timeout_s,
             heartbeat_s=self.heartbeat_s,
             expert_bytes=self.expert_bytes,
+            rejoin_grace_s=self.rejoin_grace_s,
         )
 
     @property

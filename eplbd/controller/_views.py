@@ -81,6 +81,8 @@ def planner_info(core: CoreBase) -> dict[str, Any]:
             "received": dict(core.counters.received),
             "missing": dict(core.counters.missing),
             "store_errors": core.store_errors,
+            "stalls": core.stalls,
+            "stalled_s": round(core.stalled_s, 3),
         },
         "store": {
             "writable": core.store_writable,

@@ -40,6 +40,7 @@ from eplbd.wire._codec import (
     Message,
 )
 from eplbd.wire._errors import WireError
+from eplbd.wire._phy2log import PHY2LOG_DTYPES
 
 __all__ = [
     "COMMAND_OPS",
@@ -251,7 +252,7 @@ def _tensor(msg: Message, name: str, dtypes: tuple[str, ...], model: ModelShape 
 
 
 def _check_phy2log(msg: Message, model: ModelShape | None) -> None:
-    t = _tensor(msg, "phy2log", ("int64",), model)
+    t = _tensor(msg, "phy2log", PHY2LOG_DTYPES, model)
     if not math.prod(t.shape):
         raise WireError("bad_shape", "phy2log is empty")
     lo, hi = int(t.min()), int(t.max())
