@@ -100,8 +100,6 @@ SCRATCH_MOVES = 1 / 3
 #: for each depth in turn; each layer then takes the one worth its moves (or none).
 DEPTHS = (8, 4, 2, 1)
 TIME_DEPTHS = DEPTHS
-TIME_TOGGLE_DEPTHS = True
-TIME_REFINE_TARGET = False
 #: Near-tie breakers, as fractions of the mean GPU load: a swap between nodes, a new
 #: replica placed on a node without a copy, and each slot a swap changes.
 NODE_PENALTY = 0.005
@@ -613,82 +611,79 @@ def _refined(pl: Placement, bound: np.ndarray, tolerance: float, costs: SwapCost
     step = TIME_MIN_STEP * bound if time else None
     depths = TIME_DEPTHS if time else DEPTHS
     for depth in depths:
+        before = pl.p2l.copy() if time else pl.p2l
         refine(pl, rows, bound * (1.0 + depth * tolerance), costs, max_iter=iters,
                partners=TIME_PARTNERS if time else SWAP_PARTNERS, min_step=step,
                widen=not time)  # fmt: skip
-        if time and (TIME_TOGGLE_DEPTHS or depth == depths[-1]):
-            toggle(pl, rows, pl.p2l.shape[1] * pl.p2l.shape[2])
+        if time:  # swaps carried activity with them: toggle where they changed something
+            toggle(
+                pl, np.flatnonzero((pl.p2l != before).any(axis=(1, 2))), pl.shape[1] * pl.shape[2]
+            )
         cands.append(snap())
     return cands
 
 
 def _migrate_time(pb: _Problem, previous: Layout, tc: TimeCounts, tolerance: float) -> list[_Cand]:
     """Time objective: candidates from ``previous``. Active counts a*: K0 active extras
-    (:func:`~eplbd.planner._timeplan.time_counts`); toggling which replicas are active moves nothing, new
-    replicas do.
+    (:func:`~eplbd.planner._timeplan.time_counts`); toggling which replicas are active
+    moves nothing, new replicas do.
 
     First candidate, no moves: the previous placement with up to a* of each expert's
-    replicas active (:func:`_activate`). Then the migration: experts with fewer replicas
-    than a* get new ones, in slots of surplus replicas of the least loaded experts (on the
-    least busy GPUs), heaviest first onto the least busy GPU; surplus replicas go idle on
-    the busiest GPUs; then swaps and toggles to each refinement depth.
+    replicas active, the surplus idle on the busiest GPUs, then toggles. Then the
+    migration, from there: experts with fewer replicas than a* get new ones, in slots of
+    the idle (surplus) replicas of the least loaded experts on the least busy GPUs,
+    heaviest first onto the least busy GPU; then swaps and toggles to each refinement
+    depth.
     """
     assert pb.f is not None
-    f = pb.f
     mu, G = pb.w, pb.G
     prev = previous.phy2log.numpy()
     L, P = prev.shape
     S = P // G
-    E = pb.E
     rows = np.arange(L)
     sh = (L, G, S)
     a_star = tc.active_counts()
     r_prev = previous.logcnt.numpy()
-    prev_act = None if previous.share is None else previous.share.numpy() > 0
     ideal = tc.ideal
     node_cost = NODE_PENALTY * ideal if pb.N > 1 else None
     costs = SwapCosts(pb.gpu_node, node_cost, MOVE_PENALTY * ideal, prev.reshape(sh))
-    cands = [_activate(pb, prev, np.minimum(a_star, r_prev))]
-    # counts: needy experts get replicas from the surplus of the least loaded ones
-    need = np.maximum(a_star - r_prev, 0)
-    owe = need.sum(axis=1)
-    surplus = np.maximum(r_prev - a_star, 0)
-    order = np.argsort(mu, axis=1, kind="stable")  # least loaded first
-    sur_o = np.take_along_axis(surplus, order, axis=1)
-    before = np.cumsum(sur_o, axis=1) - sur_o
-    give_o = np.clip(owe[:, None] - before, 0, sur_o)
-    give = np.empty_like(give_o)
-    give[rows[:, None], order] = give_o
-    r_new = r_prev + need - give
-    c = f(mu / np.maximum(a_star, 1))  # time of an active replica, per expert
-    p2l = prev.reshape(sh).copy()
-    loads_now = pb.slot_weight(prev, prev_act).reshape(sh).sum(axis=2)
-    li, s = busiest_slots(p2l, -loads_now, give)  # donors' slots on the least busy GPUs
-    p2l[li, s // S, s % S] = -1
-    sw = np.where(p2l >= 0, c[rows[:, None, None], np.maximum(p2l, 0)], 0.0)
-    pl = Placement(p2l, sw, sw.sum(axis=2), act=p2l >= 0)
-    forced = refill(pl, c * r_new, r_prev, r_new, pb.gpu_node, node_cost)
-    pl.holdings(E)
-    if forced or pl.duplicated:
-        fix_duplicates(pl)
-    deactivate_surplus(pl, a_star)
+    # no moves: up to a* active
+    a_now = np.minimum(a_star, r_prev)
+    c = pb.f(mu / np.maximum(a_now, 1))
+    sw = c[rows[:, None], prev].reshape(sh)
+    pl = Placement(prev.reshape(sh).copy(), sw, sw.sum(axis=2), act=np.ones(sh, dtype=bool))
+    deactivate_surplus(pl, a_now)
     toggle(pl, rows, G * S)
-    cands += _refined(pl, tc.target if TIME_REFINE_TARGET else tc.bound, tolerance, costs)
-    return cands
-
-
-def _activate(pb: _Problem, p2l: np.ndarray, active_counts: np.ndarray) -> _Cand:
-    """``p2l`` as it is, ``active_counts`` [L, E] of each expert's replicas active: the
-    surplus ones on the busiest GPUs idle, then toggles."""
-    assert pb.f is not None
-    L, G, S = pb.L, pb.G, pb.P // pb.G
-    sh = (L, G, S)
-    c = pb.f(pb.w / np.maximum(active_counts, 1))
-    sw = c[np.arange(L)[:, None], p2l].reshape(sh).copy()
-    pl = Placement(p2l.reshape(sh).copy(), sw, sw.sum(axis=2), act=np.ones(sh, dtype=bool))
-    deactivate_surplus(pl, active_counts)
-    toggle(pl, np.arange(L), G * S)
-    return _Cand(pl.flat().copy(), pl.flat_act().copy(), pl.loads.max(axis=1))
+    cands = [_Cand(pl.flat().copy(), pl.flat_act().copy(), pl.loads.max(axis=1))]
+    # counts: needy experts get replicas from the surplus of the least loaded ones (all
+    # idle now: an expert keeps a* active)
+    need = a_star - a_now
+    owe = need.sum(axis=1)
+    needy = np.flatnonzero(owe > 0)
+    if needy.size:
+        surplus = r_prev - a_now
+        order = np.argsort(mu, axis=1, kind="stable")  # least loaded first
+        sur_o = np.take_along_axis(surplus, order, axis=1)
+        before = np.cumsum(sur_o, axis=1) - sur_o
+        give_o = np.clip(owe[:, None] - before, 0, sur_o)
+        give = np.empty_like(give_o)
+        give[rows[:, None], order] = give_o
+        r_new = r_prev + need - give
+        assert pl.act is not None
+        li, s = busiest_slots(pl.p2l, -pl.loads, give, ~pl.act)  # on the least busy GPUs
+        pl.p2l[li, s // S, s % S] = -1
+        # the needy experts' replicas now carry a* shares
+        cn = pb.f(mu / np.maximum(a_star, 1))
+        slot_e = np.maximum(pl.p2l, 0)
+        grow = (need > 0)[rows[:, None, None], slot_e] & (pl.p2l >= 0)
+        pl.sw = np.where(grow, cn[rows[:, None, None], slot_e], pl.sw)
+        pl.loads = pl.sw.sum(axis=2)
+        forced = refill(pl, cn * r_new, r_prev, r_new, pb.gpu_node, node_cost)
+        pl.holdings(pb.E)
+        if forced or pl.duplicated:
+            fix_duplicates(pl)
+        toggle(pl, needy, G * S)
+    return cands + _refined(pl, tc.bound, tolerance, costs)
 
 
 def _scratch_may_win(

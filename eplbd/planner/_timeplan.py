@@ -34,6 +34,8 @@ Cost = Callable[[np.ndarray], np.ndarray]
 #: A number of active extras whose bound is within this fraction of the lowest counts as
 #: good as the lowest (see :func:`time_counts`).
 K_SLACK = 0.0
+#: Busiest GPUs of a layer that may hand activity over in one round of :func:`toggle`.
+TOGGLE_SOURCES = 1
 
 
 @dataclass(frozen=True)
@@ -185,9 +187,11 @@ def deactivate_surplus(pl: Placement, active_counts: np.ndarray) -> None:
 
 
 def toggle(pl: Placement, rows: np.ndarray, max_iter: int) -> None:
-    """Move activity between replicas of one expert (no weights move): while the busiest
-    GPU of a layer has an active replica whose expert has an idle replica on a GPU that
-    would stay below it, make that one active instead (the lightest such GPU first).
+    """Move activity between replicas of one expert (no weights move): while one of the
+    busiest GPUs of a layer has an active replica whose expert has an idle replica on a
+    GPU that would stay below it, make that one active instead (the lightest such GPU
+    first). Each round, each of the :data:`TOGGLE_SOURCES` busiest GPUs may hand over one
+    replica, to GPUs outside them and distinct from each other.
 
     The idle replicas are looked up in a per-expert table (:func:`_idle_table`), kept up
     to date as activity moves."""
@@ -198,43 +202,53 @@ def toggle(pl: Placement, rows: np.ndarray, max_iter: int) -> None:
     row, idle = _idle_table(pl, rows)  # [n, E] -> [n, X, R] flat slots, -1 padded
     if idle.shape[2] == 0:
         return
+    R = idle.shape[2]
+    T = max(1, min(TOGGLE_SOURCES, G // 2))
     at = np.arange(rows.size)  # each active layer's row of ``idle``
     active = rows.copy()
     for _ in range(max_iter):
         if active.size == 0:
             return
         m = active.size
-        ar = np.arange(m)
+        ar = np.arange(m)[:, None]
         ld = pl.loads[active]
-        g = ld.argmax(axis=1)
-        top = ld[ar, g]
-        e = pl.p2l[active, g]  # [m, S]
-        c = pl.sw[active, g]  # [m, S]
-        on = pl.act[active, g] & (c > 0)
-        # [m, S, R]: idle replicas of the busiest GPU's experts
-        cand = idle[at[:, None], row[at[:, None], e]]
-        new_load = ld[ar[:, None, None], cand // S] + c[:, :, None]
-        ok = (cand >= 0) & on[:, :, None] & (new_load < top[:, None, None] * (1 - 1e-12))
-        flat = np.where(ok, new_load, np.inf).reshape(m, -1)
-        best = flat.argmin(axis=1)
-        ok = np.isfinite(flat[ar, best])
-        if not ok.any():
+        src = desc_order(ld)[:, :T]  # [m, T] the busiest GPUs
+        top = ld[ar, src]
+        e = pl.p2l[active[:, None], src]  # [m, T, S]
+        c = pl.sw[active[:, None], src]
+        on = pl.act[active[:, None], src] & (c > 0)
+        # [m, T, S, R]: idle replicas of the sources' experts
+        cand = idle[at[:, None, None], row[at[:, None, None], e]]
+        h_all = cand // S
+        new_load = ld[ar[:, :, None, None], h_all] + c[..., None]
+        ok = (cand >= 0) & on[..., None] & (new_load < top[:, :, None, None] * (1 - 1e-12))
+        flat = np.where(ok, new_load, np.inf).reshape(m, T, S * R)
+        best = flat.argmin(axis=2)  # [m, T]
+        found = np.isfinite(np.take_along_axis(flat, best[..., None], axis=2)[..., 0])
+        sk, j = best // R, best % R
+        b = cand[ar, np.arange(T), sk, j]  # [m, T] the idle slot each source picked
+        h = b // S
+        # no hand-over to a source, nor two to one GPU (the busier source keeps it)
+        is_src = (h[:, :, None] == src[:, None, :]).any(axis=2)
+        dup = np.triu(h[:, :, None] == h[:, None, :], 1).any(axis=1)
+        go = found & ~is_src & ~dup
+        if not go.any():
             return
-        R = cand.shape[2]
-        s, j = best[ok] // R, best[ok] % R
-        la, ga, ia = active[ok], g[ok], at[ok]
-        b = cand[ok][np.arange(s.size), s, j]
-        h, t = b // S, b % S
-        cv = pl.sw[la, ga, s]
-        pl.sw[la, ga, s] = 0.0
-        pl.act[la, ga, s] = False
-        pl.sw[la, h, t] = cv
-        pl.act[la, h, t] = True
-        pl.loads[la, ga] -= cv
-        pl.loads[la, h] += cv
+        li, ti = np.nonzero(go)
+        la, ga, sa, bb, jj = active[li], src[li, ti], sk[li, ti], b[li, ti], j[li, ti]
+        hb, tb = bb // S, bb % S
+        cv = pl.sw[la, ga, sa]
+        pl.sw[la, ga, sa] = 0.0
+        pl.act[la, ga, sa] = False
+        pl.sw[la, hb, tb] = cv
+        pl.act[la, hb, tb] = True
+        np.subtract.at(pl.loads, (la, ga), cv)
+        np.add.at(pl.loads, (la, hb), cv)
         # the replica now idle takes the place of the one now active
-        idle[ia, row[ia, pl.p2l[la, ga, s]], j] = ga * S + s
-        active, at = la, ia
+        ia = at[li]
+        idle[ia, row[ia, pl.p2l[la, ga, sa]], jj] = ga * S + sa
+        keep = go.any(axis=1)
+        active, at = active[keep], at[keep]
 
 
 def _idle_table(pl: Placement, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
