@@ -54,8 +54,11 @@ def measure(device: str) -> list[tuple[str, float, float]]:
     _per_call(idle.step, 10_000, 5)  # warm-up
     rows.append(("idle (no agent, no schedule)", *_per_call(idle.step, 10_000, 41)))
     rec = _client(device)
-    rec.set_schedule(window_steps=10**9, record_steps=10**9 - 1)
-    rec.step()
+    # windows start at multiples of window_steps: step to the first one, then stay inside it
+    rec.set_schedule(window_steps=2**20, record_steps=2**20 - 1)
+    while rec.step_count < 2**20:
+        rec.step()
+    assert int(rec.layer_state(0).should_record) == 1
     _per_call(rec.step, 10_000, 5)
     rows.append(("recording, window open", *_per_call(rec.step, 10_000, 41)))
     close = _client(device)

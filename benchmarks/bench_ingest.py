@@ -136,7 +136,7 @@ class Accumulator:
     def add(self, msg: Any) -> None:
         b = msg.body
         self.seqs.check(b["agent"], b["incarnation"], b["seq"])
-        counts = msg.tensors["counts"]
+        counts = torch.as_tensor(msg.tensors["counts"])  # the planner's conversion
         epoch = b["epoch"]
         if not self.physical:
             self.flat.scatter_add_(0, self.index[epoch], counts.view(-1).to(torch.float64))
@@ -233,7 +233,7 @@ def _stage_times(n: int) -> dict[str, float]:
     frames = [bytearray(f) for f in _Frames([_counts(0).numpy().tobytes()])(0)]
     msg = validate(decode(frames), model=model)
     acc = Accumulator()
-    idx, flat, counts = acc.index[0], acc.flat, msg.tensors["counts"]
+    idx, flat, counts = acc.index[0], acc.flat, torch.as_tensor(msg.tensors["counts"])
     phys = torch.zeros(L, P, dtype=torch.int32)
 
     def per(fn: Callable[[], object]) -> float:

@@ -24,13 +24,11 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,8 @@ from typing import Any
 
 import torch
 import zmq
+from _net import free_port_pair
+from _scrape import scrape
 from eplbd_client import FetchRequest, PeerWeightSource
 
 from eplbd.wire import COMMAND, COMMAND_REPLY, STATUS_REPLY, STATUS_REQUEST, Message, control_client
@@ -85,37 +85,6 @@ AGENT_FAST: dict[str, Any] = {
 }
 
 _START_S = 60.0
-
-
-def free_port_pair() -> int:
-    """A loopback TCP port p with p + 1 also free (the planner's control and snapshot
-    ports)."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free pair of loopback ports")
-
-
-def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float]:
-    """A Prometheus text endpoint as {'name{labels}': value}."""
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        out[key] = float(value)
-    return out
 
 
 def _load_libc() -> Any:

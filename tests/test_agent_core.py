@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +140,11 @@ def test_agent_hello_lists_workers_with_their_current_epoch(clock: FakeClock) ->
     hello_msg = roundtrip(core.agent_hello())
     (w,) = hello_msg.body["workers"]
     assert (w["worker"], w["epoch"]) == ("w0", 3)
+    # only what the planner reads (docs/protocol.md): the layouts go as `layout` messages
+    assert set(hello_msg.body) == {
+        "schema", "agent", "incarnation", "node", "software_version", "protocol_version",
+        "workers",
+    }  # fmt: skip
 
 
 def test_bad_hellos_are_refused_with_an_error(clock: FakeClock) -> None:
@@ -165,7 +171,7 @@ def test_late_worker_gets_layout_from_planner_layout_message(clock: FakeClock) -
     out = register(core, b"w1", hello("w1", 1))
     msg = roundtrip(of(out, WORKER, "welcome")[0])
     assert msg.body["epoch"] == 4
-    assert torch.equal(msg.tensors["phy2log"], p2l(1))
+    assert np.array_equal(msg.tensors["phy2log"], p2l(1))
     # an older layout does not replace it
     core.on_planner(encode("layout", {"group": "g0", "epoch": 2}, {"phy2log": p2l(2)}))
     assert core.groups["g0"].epoch == 4
@@ -179,7 +185,7 @@ def test_prepare_abort_down_staged_committed_up_and_commit_kept(clock: FakeClock
         encode("prepare", {"group": "g0", "epoch": 1, "timeout_s": 5.0}, {"phy2log": p2l(1)})
     )
     assert sorted(s.identity for s in of(out, WORKER, "prepare")) == [b"w0", b"w1"]
-    assert torch.equal(roundtrip(out[0]).tensors["phy2log"], p2l(1))
+    assert np.array_equal(roundtrip(out[0]).tensors["phy2log"], p2l(1))
     staged = {
         "group": "g0",
         "epoch": 1,
@@ -200,7 +206,7 @@ def test_prepare_abort_down_staged_committed_up_and_commit_kept(clock: FakeClock
     # the completed commit is the group's layout now: a late worker gets it
     out = register(core, b"w1b", hello("w1b", 1, inc="w1b-i1"))
     msg = roundtrip(of(out, WORKER, "welcome")[0])
-    assert msg.body["epoch"] == 1 and torch.equal(msg.tensors["phy2log"], p2l(1))
+    assert msg.body["epoch"] == 1 and np.array_equal(msg.tensors["phy2log"], p2l(1))
     # abort goes to every worker of the group; a stale prepare is refused
     out = core.on_planner(encode("abort", {"group": "g0", "epoch": 2, "reason": "op"}))
     assert len(of(out, WORKER, "abort")) == 2
@@ -231,7 +237,7 @@ def test_merge_complete_window_sums_counts(clock: FakeClock) -> None:
     msg = roundtrip(fwd)
     assert msg.body["ep_ranks"] == [0, 1] and msg.body["agent"] == "n0"
     assert msg.body["tokens"] == int(c0.sum() + c1.sum())
-    assert torch.equal(msg.tensors["counts"], (c0 + c1).to(msg.tensors["counts"].dtype))
+    assert np.array_equal(msg.tensors["counts"], (c0 + c1).numpy())
     assert core.forwarded == {"complete": 1, "partial": 0}
 
 
@@ -368,19 +374,117 @@ def test_garbage_on_the_control_socket_is_answered_and_counted(clock: FakeClock)
     assert of(register(core, b"w0", hello("w0", 0)), WORKER, "welcome")
 
 
+# --- the agent's own stalls, lost reports, what ranks serve -------------------------------
+
+
+def heartbeat(core: AgentCore, ident: bytes, worker: str, epoch: int | None = None) -> list[Send]:
+    body: dict[str, Any] = {"sender": worker, "incarnation": f"{worker}-i1"}
+    if epoch is not None:
+        body["epoch"] = epoch
+    return core.on_worker(ident, encode("heartbeat", body))
+
+
+def test_a_gap_between_ticks_is_the_agents_stall_not_its_workers_silence(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    register(core, b"w1", hello("w1", 1))
+    clock.advance(30.0)  # SIGSTOP: no tick ran for 30 s (dead_s is 5)
+    out = core.tick()
+    assert list(core.workers) == ["w0", "w1"] and not of(out, PLANNER, "worker_left")
+    (ah,) = of(out, PLANNER, "agent_hello")  # the session starts over at once
+    assert {w["worker"] for w in ah.body["workers"]} == {"w0", "w1"} and not core.synced
+    assert core.events["stalled"] == 1
+    # the grace is one dead timeout: a worker still silent after it is gone
+    for _ in range(6):
+        clock.advance(1.0)
+        heartbeat(core, b"w0", "w0")
+        out = core.tick()
+        if of(out, PLANNER, "worker_left") or "w1" not in core.workers:
+            break
+    assert list(core.workers) == ["w0"] and core.events["worker_left:timeout"] == 1
+
+
+def test_a_refused_send_to_the_planner_keeps_the_answer_and_resyncs(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    committed = {"group": "g0", "epoch": 3, "ep_rank": 0, "worker": "w0", "step": 5}
+    (up,) = of(core.on_worker(b"w0", encode("committed", committed)), PLANNER)
+    out = core.planner_send_failed(up)  # the loop could not send it: no planner connection
+    assert of(out, PLANNER, "agent_hello") and not core.synced
+    assert core.workers["w0"].epoch == 3
+    assert roundtrip(of(out, PLANNER, "agent_hello")[0]).body["workers"][0]["epoch"] == 3
+    assert core.planner_send_failed(of(out, PLANNER)[0]) == []  # agent_hello: retried later
+    out = core.on_planner(
+        encode("welcome", {"incarnation": "pl-1", "epoch": 0, "schedule": Schedule().body()})
+    )
+    assert [roundtrip(s).body["step"] for s in of(out, PLANNER, "committed")] == [5]
+
+
+def test_a_worker_serving_a_newer_epoch_than_reported_is_told_to_the_planner(
+    clock: FakeClock,
+) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    register(core, b"w1", hello("w1", 1))
+    core.on_planner(
+        encode("prepare", {"group": "g0", "epoch": 2, "timeout_s": 9.0}, {"phy2log": p2l(1)})
+    )
+    # w0's committed was lost; its next hello says it serves epoch 2
+    out = register(core, b"w0", hello("w0", 0, epoch=2))
+    (joined,) = of(out, PLANNER, "worker_joined")
+    assert roundtrip(joined).body["hello"]["epoch"] == 2 and joined.body["worker"] == "w0"
+    assert core.groups["g0"].epoch == 2  # the layout it relayed is the group's now
+    # w1's heartbeats say so too: told once its committed had a heartbeat's time to arrive
+    assert heartbeat(core, b"w1", "w1", epoch=2) == []
+    assert not of(core.tick(), PLANNER, "worker_joined")
+    clock.advance(1.0)
+    heartbeat(core, b"w1", "w1", epoch=2)
+    (joined,) = of(core.tick(), PLANNER, "worker_joined")
+    assert joined.body["worker"] == "w1" and joined.body["epoch"] == 2
+    clock.advance(1.0)
+    heartbeat(core, b"w1", "w1", epoch=2)
+    assert not of(core.tick(), PLANNER, "worker_joined")  # said once
+
+
+def test_an_epoch_change_during_the_hello_is_sent_after_the_welcome(clock: FakeClock) -> None:
+    core = make_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    (ah,) = of(core.tick(), PLANNER, "agent_hello")
+    assert ah.body["workers"][0]["epoch"] == 0
+    register(core, b"w0", hello("w0", 0, epoch=4))  # before the planner's welcome
+    out = core.on_planner(
+        encode("welcome", {"incarnation": "pl-1", "epoch": 0, "schedule": Schedule().body()})
+    )
+    (joined,) = of(out, PLANNER, "worker_joined")
+    assert joined.body["epoch"] == 4
+
+
+def test_the_planner_connection_events_start_and_restart_the_session(clock: FakeClock) -> None:
+    core = synced_core(clock)
+    assert core.planner_link_up() == []  # a session is up: nothing to do
+    (ah,) = core.planner_link_lost()  # what was queued on the connection may be lost
+    assert ah.msg_type == "agent_hello" and not core.synced
+    assert core.planner_link_lost() == []
+    for _ in range(20):  # no planner: agent_hello backs off
+        clock.advance(0.25)
+        core.tick()
+    (ah,) = core.planner_link_up()  # the connection is back: at once, not at the backoff
+    assert ah.msg_type == "agent_hello"
+
+
 def test_merger_bounds_open_windows_per_group() -> None:
     m = SnapshotMerger(timeout_s=10.0, max_open_per_group=2)
     ranks = {0, 1}
-    c = torch.ones(2, 3, dtype=torch.int32)
+    c = np.ones((2, 3), dtype=np.int32)
     for s0 in range(4):
         out = m.add("g", 0, s0, s0 + 1, 0, 6, c, now=0.0, expected=lambda g: ranks)
         assert len(out) == (1 if s0 >= 2 else 0)
     assert m.open_windows() == 2
     # a sum that does not fit int32 is sent as int64
-    big = torch.full((2, 3), 2**31 - 1, dtype=torch.int64)
+    big = np.full((2, 3), 2**31 - 1, dtype=np.int64)
     m.add("h", 0, 0, 1, 0, 2**32, big, now=0.0, expected=lambda g: ranks)
     (merged,) = m.add("h", 0, 0, 1, 1, 2**32, big, now=0.0, expected=lambda g: ranks)
-    assert merged.counts.dtype == torch.int64 and merged.complete and merged.tokens == 2**33
+    assert merged.counts.dtype == np.int64 and merged.complete and merged.tokens == 2**33
 
 
 def test_public_surface_is_sorted_and_importable() -> None:

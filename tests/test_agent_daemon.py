@@ -4,6 +4,7 @@ loopback TCP and fake workers on the agent's ipc sockets, all speaking eplbd.wir
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -11,14 +12,15 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import zmq
+from _scrape import scrape
 
 from eplbd.agent import AgentSettings, check_agent_settings, start_agent
 from eplbd.wire import (
@@ -41,11 +43,13 @@ HB = 0.2
 DEAD = 1.5  # agent dead timeout in these tests: generous, CI machines stall
 
 
-def hello_body(worker: str, rank: int, *, ep_size: int = 4, inc: str | None = None) -> dict:
+def hello_body(
+    worker: str, rank: int, *, ep_size: int = 4, inc: str | None = None, group: str = "g0"
+) -> dict:
     return {
         "worker": worker,
         "incarnation": inc or f"{worker}-i1",
-        "group": "g0",
+        "group": group,
         "ep_rank": rank,
         "ep_size": ep_size,
         "node": "n0",
@@ -178,14 +182,15 @@ class FakeWorker:
         raise AssertionError(f"{self.name}: no {msg_type}")
 
     def heartbeat(self) -> None:
-        self.ctrl.send("heartbeat", {"sender": self.name, "incarnation": self.hello["incarnation"]})
+        inc, epoch = self.hello["incarnation"], self.hello["epoch"]
+        self.ctrl.send("heartbeat", {"sender": self.name, "incarnation": inc, "epoch": epoch})
 
     def snapshot(self, counts: torch.Tensor, s0: int = 0) -> None:
         self.seq += 1
         body = {
             "worker": self.name,
             "incarnation": self.hello["incarnation"],
-            "group": "g0",
+            "group": self.hello["group"],
             "ep_rank": self.rank,
             "seq": self.seq,
             "epoch": 0,
@@ -257,12 +262,12 @@ def test_workers_register_merge_relay_and_late_worker_gets_layout(
         fp.pump(lambda p: p.snapshots)
         (merged,) = fp.snapshots
         assert merged.body["ep_ranks"] == [0, 1] and merged.body["agent"] == "n0"
-        assert torch.equal(merged.tensors["counts"].long(), (c0 + c1).long())
+        assert np.array_equal(merged.tensors["counts"], (c0 + c1).numpy())
         # prepare goes down to both, staged and committed come up
         fp.send("prepare", {"group": "g0", "epoch": 1, "timeout_s": 5.0}, {"phy2log": p2l(1)})
         for w in (w0, w1):
             prep = w.expect("prepare")
-            assert torch.equal(prep.tensors["phy2log"], p2l(1))
+            assert np.array_equal(prep.tensors["phy2log"], p2l(1))
             w.answer("staged", 1, ok=True, reason="", staged_bytes=64)
         fp.pump(lambda p: len(p.of("staged")) == 2)
         assert {m.body["worker"] for m in fp.of("staged")} == {"w0", "w1"}
@@ -278,17 +283,15 @@ def test_workers_register_merge_relay_and_late_worker_gets_layout(
         workers.append(w2)
         welcome = w2.say_hello()
         assert welcome.body["epoch"] == 1
-        assert torch.equal(welcome.tensors["phy2log"], p2l(1))
+        assert np.array_equal(welcome.tensors["phy2log"], p2l(1))
         wait_for(lambda: agent.status()["relayed"].get("abort:down") == 2, 5, "status")
         st = agent.status()
         assert st["relayed"]["prepare:down"] == 2 and st["relayed"]["committed:up"] == 2
-        url = f"http://127.0.0.1:{agent.daemon.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as r:
-            text = r.read().decode()
-        assert "eplbd_agent_workers 3" in text
-        assert "eplbd_agent_planner_connected 1" in text
-        assert 'eplbd_agent_relayed_total{type="prepare",direction="down"} 2' in text
-        assert 'eplbd_agent_snapshots_forwarded_total{kind="complete"} 1' in text
+        m = scrape(f"http://127.0.0.1:{agent.daemon.metrics_port}/metrics")
+        assert m["eplbd_agent_workers"] == 3
+        assert m["eplbd_agent_planner_connected"] == 1
+        assert m['eplbd_agent_relayed_total{direction="down",type="prepare"}'] == 2
+        assert m['eplbd_agent_snapshots_forwarded_total{kind="complete"}'] == 1
     finally:
         agent.stop()
         for w in workers:
@@ -309,7 +312,13 @@ def test_planner_outage_agent_reconnects_and_workers_unaffected(
         w0.say_hello()
         fp.pump(lambda p: p.told())
         fp.close()  # the planner goes away
-        wait_for(lambda: agent.status()["events"].get("planner_lost"), 5, "planner away", [w0])
+
+        # the dropped connection (or the planner's silence) ends the session
+        def away() -> bool:
+            ev = agent.status()["events"]
+            return bool(ev.get("planner_resync:disconnected") or ev.get("planner_lost"))
+
+        wait_for(away, 5, "planner away", [w0])
         # the worker keeps being served: hello again, heartbeats, snapshots held
         assert w0.say_hello().body["incarnation"] == agent.daemon.incarnation
         for i in range(3):
@@ -322,7 +331,7 @@ def test_planner_outage_agent_reconnects_and_workers_unaffected(
         fp = FakePlanner(ctx, *endpoints, incarnation="pl-2")
         fp.keepalive = [w0]
         fp.pump(lambda p: p.agent and len(p.snapshots) == 3, timeout=10)
-        (ah,) = fp.of("agent_hello")
+        ah = fp.of("agent_hello")[-1]  # (one, or a retry if the welcome came late)
         assert [w["worker"] for w in ah.body["workers"]] == ["w0"]
         assert [int(m.tensors["counts"][0, 0]) for m in fp.snapshots] == [1, 2, 3]
         wait_for(lambda: agent.status()["planner"]["synced"], 5, "resynced")
@@ -425,8 +434,9 @@ def test_sigkilled_worker_is_reported_as_worker_left(ctx: zmq.Context[Any], rund
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(5)
         t0 = time.monotonic()
-        fp.pump(lambda p: p.of("worker_left"), timeout=5)
-        assert time.monotonic() - t0 < DEAD + 1.0
+        fp.pump(lambda p: p.of("worker_left"), timeout=DEAD + 10)
+        # the dead timeout, not something much later (slack for a loaded machine)
+        assert time.monotonic() - t0 < DEAD + 5.0
         (left,) = fp.of("worker_left")
         assert (left.body["worker"], left.body["ep_rank"], left.body["reason"]) == (
             "wk",
@@ -462,6 +472,7 @@ def _agent_cmd(rundir: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.timeout(300)  # two agent processes start here
 def test_agent_process_serves_refuses_a_second_and_stops_on_sigterm(
     ctx: zmq.Context[Any], rundir: Path
 ) -> None:
@@ -493,18 +504,18 @@ def test_agent_process_serves_refuses_a_second_and_stops_on_sigterm(
     second = None
     w0 = None
     try:
-        fp.pump(lambda p: p.agent, timeout=30)
+        fp.pump(lambda p: p.agent, timeout=120)  # an agent process starting on a loaded machine
         w0 = FakeWorker(
             ctx, f"ipc://{rundir}/agent.sock", f"ipc://{rundir}/snapshots.sock", "w0", 0
         )
         w0.say_hello()
-        fp.pump(lambda p: p.told())
+        fp.pump(lambda p: p.told(), timeout=20)
         second = subprocess.run(
             _agent_cmd(rundir, "--planner", ctl),
             env=env,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=120,
         )
         assert second.returncode == 1
         assert "in use" in second.stderr
@@ -539,8 +550,12 @@ def test_bad_configuration_exits_78_naming_the_field(
         (["--embedded-planner"], {}, "planner"),
         (["--curve-secret-key", "/k/agent.key_secret"], {}, "curve_server_key"),
         (["--config", str(rundir / "a.toml")], {}, "wndow_steps"),
+        (["--config", str(rundir / "b.toml")], {}, "unknown table [planer]"),
+        (["--config", str(rundir / "c.toml")], {}, "unknown table [agnet]"),
     ]
     (rundir / "a.toml").write_text("[agent]\nwndow_steps = 8\n")
+    (rundir / "b.toml").write_text("[planer]\ncooldown_s = 5\n")
+    (rundir / "c.toml").write_text('[agnet]\nplanner = "tcp://h:1"\n')
     for flags, env, field in cases:
         with monkeypatch.context() as m:
             for k, v in env.items():
@@ -592,6 +607,63 @@ def test_embedded_planner_registers_workers_and_answers_the_cli_socket(
     again.stop()
 
 
+def test_two_groups_on_one_agent_show_no_missing_snapshots(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    """The agent numbers its snapshots per group, as the planner checks them: serving two
+    groups must not look like lost snapshots."""
+    state = rundir / "state"
+    s = AgentSettings(
+        embedded_planner=True, runtime_dir=rundir, state_dir=state, node="n0",
+        heartbeat_s=HB, dead_timeout_s=DEAD, window_steps=8, record_steps=4, metrics=None,
+    )  # fmt: skip
+    agent = start_agent(s)
+    workers = [
+        FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, f"w{g}", 0, ep_size=1, group=g)
+        for g in ("ga", "gb")
+    ]
+    cli = control_client(ctx, f"ipc://{rundir}/planner.sock")
+    try:
+        for w in workers:
+            w.say_hello()
+
+        def planner_status() -> dict[str, Any] | None:
+            for w in workers:
+                w.heartbeat()
+            cli.send("status_request", {"what": "status"})
+            got = cli.recv(500)
+            ok = got is not None and got.message.type == "status_reply"
+            return got.message.body["data"] if ok else None  # type: ignore[union-attr]
+
+        def registered() -> bool:
+            st = planner_status()
+            return (
+                st is not None
+                and all(g["complete"] for g in st["groups"])
+                and len(st["groups"]) == 2
+            )
+
+        wait_for(registered, 10, "both groups registered at the planner")
+        counts = torch.ones(L, P, dtype=torch.int32)
+        for i in range(3):
+            for w in workers:
+                w.snapshot(counts, s0=8 * i)
+
+        def all_arrived() -> dict[str, Any] | None:
+            st = planner_status()
+            if st is None or [g["data"]["snapshots"] for g in st["groups"]] != [3, 3]:
+                return None
+            return st
+
+        st = wait_for(all_arrived, 10, "every snapshot at the planner")
+        assert st["planner"]["counters"]["missing"] == {}, st["planner"]["counters"]
+    finally:
+        cli.close()
+        for w in workers:
+            w.close()
+        agent.stop()
+
+
 def test_curve_to_the_planner_with_allowed_keys_only(ctx: zmq.Context[Any], rundir: Path) -> None:
     keys = rundir / "keys"
     allowed = keys / "allowed"
@@ -617,3 +689,76 @@ def test_curve_to_the_planner_with_allowed_keys_only(ctx: zmq.Context[Any], rund
     finally:
         agent.stop()
         fp.close()
+
+
+def _start_fails(argv: list[str]) -> tuple[int, str]:
+    p = subprocess.run(
+        [sys.executable, "-m", "eplbd", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
+    )
+    return p.returncode, p.stderr
+
+
+@pytest.mark.timeout(600)  # five daemon processes start here, slowly on a loaded machine
+def test_embedded_planner_fails_to_start_as_the_planner_does(rundir: Path) -> None:
+    """Same message, same exit code, same --reset-state for both ways to run a planner."""
+    state = rundir / "state"
+    (state / "groups").mkdir(parents=True)
+    torn = state / "groups" / "g.json"
+    torn.write_text("{torn")
+    not_a_dir = rundir / "file"
+    not_a_dir.write_text("x")
+    quiet = ["--metrics", "", "--log-level", "error"]
+
+    def planner(state_dir: Path) -> list[str]:
+        return ["planner", "--listen", f"ipc://{rundir}/p.sock", "--state-dir", str(state_dir)]
+
+    def agent(state_dir: Path, rt: str = "rt") -> list[str]:
+        return ["agent", "--embedded-planner", "--runtime-dir", str(rundir / rt), "--node",
+                "n0", "--state-dir", str(state_dir)]  # fmt: skip
+
+    for state_dir, code, words in (
+        (state, 78, ["g.json", "--reset-state"]),  # a corrupt state file
+        (not_a_dir / "state", 78, ["cannot use state directory", "state_dir"]),
+    ):
+        p_rc, p_err = _start_fails([*planner(state_dir), *quiet])
+        a_rc, a_err = _start_fails([*agent(state_dir), *quiet])
+        assert (p_rc, a_rc) == (code, code), (p_err, a_err)
+        assert p_err.startswith("eplbd planner: ") and a_err.startswith("eplbd agent: ")
+        message = p_err.removeprefix("eplbd planner: ")
+        assert a_err.removeprefix("eplbd agent: ") == message and message.count("\n") == 1
+        assert all(w in message for w in words) and "Errno" not in message, message
+    assert torn.read_text() == "{torn"  # never replaced without --reset-state
+    # a taken metrics port: the message says which listener
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ep = ["--metrics", f"127.0.0.1:{port}", "--log-level", "error"]
+        rc, err = _start_fails([*agent(rundir / "other", rt="rt2"), *ep])
+        assert rc == 1 and f"cannot serve metrics at 127.0.0.1:{port}" in err, err
+        assert "Errno" not in err
+    # the agent's --reset-state moves the file aside and serves
+    log = rundir / "agent.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eplbd", *agent(state), "--reset-state", "--metrics", ""],
+        env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: (rundir / "rt" / "planner.sock").exists(), 300, "the embedded planner")
+        assert not torn.exists() and list((state / "groups").glob("g.json.corrupt-*"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+        # like the agent's, the embedded planner's effective settings are logged at start
+        events = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        (planner_settings,) = [e for e in events if e["event"] == "embedded planner settings"]
+        assert planner_settings["reset_state"] is True and "cooldown_s" in planner_settings
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -176,7 +176,7 @@ def test_link_says_hello_again_after_the_agent_is_killed_and_restarted(
         for i in range(200):
             outbox.put_nowait(snapshot_item(i + 1))
         outbox.put_nowait(outcome("committed", 1, step=9))
-        assert time.perf_counter() - t0 < 0.5
+        assert time.perf_counter() - t0 < 5  # a link waiting on the dead agent would block
         wait_for(lambda: outbox.empty(), 3, "outbox drained while the agent is down")
         assert link.stats()["dropped_snapshot"] >= 190
         # a new agent on the same runtime dir (the lock of the dead one is free): hello again
@@ -218,15 +218,18 @@ def test_link_never_blocks_the_serving_thread_without_an_agent(rundir: Path) -> 
             t0 = time.perf_counter()
             outbox.put_nowait(item)
             times.append(time.perf_counter() - t0)
-        # put_nowait only takes the queue's lock, which the link holds for one get at a time;
-        # the median (not the max: a loaded CI machine can deschedule any thread) stays tiny
+        # put_nowait only takes the queue's lock, which the link holds for one get at a time,
+        # never across a network wait (its reconnect interval alone is 100 ms). The median is
+        # far below that on any machine; a link that waited on the network would show it.
         times.sort()
-        assert times[len(times) // 2] < 1e-3, times[len(times) // 2]
-        wait_for(lambda: outbox.empty(), 5, "outbox drained")
+        assert times[len(times) // 2] < 0.05, times[len(times) // 2]
+        wait_for(lambda: outbox.empty(), 10, "outbox drained")
         stats = link.stats()
         assert stats["dropped_snapshot"] == 4500
         assert stats["dropped_staged"] == 500 - 256  # a bounded buffer waits for the agent
-        assert not link.connected and stats["hellos"] >= 2  # it keeps trying, with backoff
+        # it keeps trying, with backoff (how many tries by now depends on the machine's speed)
+        wait_for(lambda: link.stats()["hellos"] >= 2, 10, "a second hello")
+        assert not link.connected
         outbox.put_nowait(("bogus",))
         outbox.put_nowait(("layout", {}, {}))
         wait_for(lambda: link.stats().get("outbox_unknown_type") == 1, 2, "bad items counted")
@@ -286,8 +289,14 @@ def test_link_drops_bad_messages_and_survives_a_failing_deliver(
         assert link.connected
         # "hello_required" makes it say hello again
         agent.send("error", {"code": "hello_required", "message": "", "in_reply_to": ""}, to=peer)
-        again = agent.recv(5000)
-        assert again is not None and again.message.type == "hello"
+        # the next hello, past the heartbeats the welcomed link sends meanwhile
+        deadline = time.monotonic() + 10
+        seen: list[str] = []
+        while "hello" not in seen and time.monotonic() < deadline:
+            again = agent.recv(200)
+            if again is not None:
+                seen.append(again.message.type)
+        assert "hello" in seen, seen
     finally:
         link.close()
         agent.close()

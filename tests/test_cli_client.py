@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,6 @@ import zmq
 from _cli import clean_cli_env, cli
 
 from eplbd.cli._client import (
-    DEFAULT_TCP,
     CliError,
     layer_list,
     load_settings,
@@ -109,6 +110,80 @@ def test_silent_planner_is_a_timeout(short_dir: Path, capsys: Any) -> None:
     finally:
         router.close()
         ctx.term()
+
+
+_STOPPABLE_PLANNER = """
+import sys
+from eplbd.controller import PlannerService, PlannerSettings
+snap = "tcp://127.0.0.1:0" if sys.argv[1].startswith("tcp") else None  # any free port
+settings = PlannerSettings(listen=sys.argv[1], snapshot_listen=snap, state_dir=sys.argv[2],
+                           metrics=None, log_level="warning", log_format="json")
+PlannerService(settings).run()
+"""
+
+
+@pytest.mark.timeout(240)  # a planner process starting on a loaded machine
+@pytest.mark.parametrize("scheme", ["tcp", "ipc"])
+def test_a_stopped_planner_is_a_timeout(scheme: str, short_dir: Path, capsys: Any) -> None:
+    """SIGSTOP: the kernel still accepts connections, nothing answers. That is the wedged
+    planner of exit code 75, not an unreachable one (69)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}" if scheme == "tcp" else f"ipc://{short_dir}/p.sock"
+    (short_dir / "state").mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STOPPABLE_PLANNER, endpoint, str(short_dir / "state")],
+        env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while cli(capsys, "status", "--planner", endpoint, "--timeout", "2")[0] != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, "planner never served"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGSTOP)
+        for timeout in ("1", "6"):  # shorter and longer than the ZMTP heartbeat timeout
+            rc, out, err = cli(capsys, "status", "--planner", endpoint, "--timeout", timeout)
+            assert rc == 75, (timeout, err)
+            assert f"did not answer within {timeout} s" in err and "CURVE" not in err, err
+        proc.send_signal(signal.SIGCONT)
+        rc, out, err = cli(capsys, "status", "--planner", endpoint, "--timeout", "10")
+        assert rc == 0, err
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_peer_that_is_not_a_planner_is_unreachable_without_curve_advice(
+    capsys: Any,
+) -> None:
+    """A port whose listener hangs up at once (another service, or a proxy or firewall
+    standing in for an unroutable address): 69, and no word about CURVE keys."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    t = threading.Thread(target=hang_up, daemon=True)
+    t.start()
+    try:
+        rc, out, err = cli(
+            capsys, "status", "--planner", f"tcp://127.0.0.1:{port}", "--timeout", "5"
+        )
+        assert rc == 69, err
+        assert "before a ZeroMQ handshake" in err and "CURVE" not in err, err
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
 
 
 # --- usage and configuration -----------------------------------------------------------------
@@ -197,14 +272,58 @@ def test_planner_endpoint_order(tmp_path: Path) -> None:
     assert _settings({"EPLBD_RUNTIME_DIR": rd}, planner="tcp://h:1") == "tcp://h:1"
     # both from the same source: --planner wins
     assert _settings({}, planner="tcp://h:1", runtime_dir=rd) == "tcp://h:1"
-    # EPLBD_CONFIG is the daemons' file, never read by the CLI
-    assert _settings({"EPLBD_CONFIG": "/nonexistent.toml"}) in (
-        DEFAULT_TCP,
-        "ipc:///run/eplbd/planner.sock",
+    for var in ("EPLBD_CLI_CONFIG", "EPLBD_CONFIG"):
+        with pytest.raises(CliError) as e:
+            _settings({var: "/nonexistent.toml"})
+        assert e.value.exit_code == 78
+
+
+DAEMON_FILE = """
+log_level = "debug"
+heartbeat_s = 0.5
+window_steps = 64
+
+[agent]
+embedded_planner = true
+runtime_dir = "{rd}"
+node = "n0"
+log_level = "info"
+
+[planner]
+cooldown_s = 5.0
+listen = "tcp://0.0.0.0:7055"
+"""
+
+
+def test_a_daemons_config_file_tells_where_the_planner_is(tmp_path: Path, capsys: Any) -> None:
+    """`eplbd status --config /etc/eplbd/eplbd.toml`: the daemons' keys are theirs, the
+    addresses are read from their tables, and [cli] still wins."""
+    f = tmp_path / "eplbd.toml"
+    rd = tmp_path / "rt"
+    f.write_text(DAEMON_FILE.format(rd=rd))
+    assert _settings({}, config=str(f)) == f"ipc://{rd}/planner.sock"  # the embedded planner
+    assert _settings({"EPLBD_CONFIG": str(f)}) == f"ipc://{rd}/planner.sock"
+    rc, out, err = cli(capsys, "status", "--config", str(f))
+    assert rc == 69 and str(rd / "planner.sock") in err, err  # not "unknown setting"
+    # an agent with a remote planner: its address; a planner host: its listen address
+    f.write_text(
+        DAEMON_FILE.format(rd=rd).replace("embedded_planner = true", 'planner = "tcp://ph:9"')
     )
-    with pytest.raises(CliError) as e:
-        _settings({"EPLBD_CLI_CONFIG": "/nonexistent.toml"})
-    assert e.value.exit_code == 78
+    assert _settings({}, config=str(f)) == "tcp://ph:9"
+    f.write_text('log_level = "info"\n[planner]\nlisten = "tcp://0.0.0.0:7055"\n')
+    assert _settings({}, config=str(f)) == "tcp://127.0.0.1:7055"
+    f.write_text('[planner]\nlisten = "ipc:///run/x/p.sock"\n[cli]\ntimeout = 2\n')
+    assert _settings({}, config=str(f)) == "ipc:///run/x/p.sock"
+    f.write_text('[planner]\nlisten = "tcp://0.0.0.0:7055"\n[cli]\nplanner = "tcp://c:1"\n')
+    assert _settings({}, config=str(f)) == "tcp://c:1"
+    # flags and the environment still beat the file
+    assert _settings({"EPLBD_PLANNER": "tcp://e:2"}, config=str(f)) == "tcp://e:2"
+    # [cli] stays strict, and so are table names
+    for text in ("[cli]\ntimout = 2\n", "[planer]\nlisten = 'tcp://h:1'\n"):
+        f.write_text(text)
+        with pytest.raises(CliError) as e:
+            _settings({}, config=str(f))
+        assert e.value.exit_code == 78
 
 
 def test_layer_list() -> None:

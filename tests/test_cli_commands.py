@@ -276,6 +276,18 @@ def test_top_shows_layers_and_hot_experts(planner: str, capsys: pytest.CaptureFi
     assert "pending" in g
 
 
+def test_views_refuse_layers_the_model_lacks(
+    planner: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As freeze --layers does: a view never quietly drops a layer that was asked for."""
+    for cmd in ("top", "heatmap", "freeze"):
+        rc, out, err = cli(capsys, cmd, "--planner", planner, "--layers", f"0,{L + 96}")
+        assert rc == 1 and out == "", (cmd, rc, out)
+        assert f"layers [{L + 96}] do not exist" in err and f"has {L})" in err, (cmd, err)
+    rc, out, err = cli(capsys, "top", "--planner", planner, "--layers", f"0,{L - 1}", "--json")
+    assert rc == 0 and [x["layer"] for x in json.loads(out)["groups"][0]["layers"]] == [0, L - 1]
+
+
 def test_heatmap_gpu_and_expert(planner: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = cli(capsys, "heatmap", "--planner", planner, "--ascii")
     assert rc == 0, err
@@ -382,11 +394,82 @@ def test_rollback(planner: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert status_json(capsys, planner)["groups"][0]["epoch"] == before + 1
 
 
+def test_rollback_to_a_negative_epoch_is_a_usage_error(
+    planner: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused by the CLI (exit 2): nothing reaches the planner, which counts no bad message."""
+    bad_before = status_json(capsys, planner)["planner"]["counters"]["bad"]
+    for epoch in ("-1", str(2**63), "x"):
+        rc, out, err = cli(capsys, "rollback", "--planner", planner, "--", epoch)
+        assert rc == 2 and out == "", (epoch, rc)
+        assert "EPOCH" in err and "wrong type" not in err, err
+    assert status_json(capsys, planner)["planner"]["counters"]["bad"] == bad_before
+
+
 def test_unknown_group_is_an_error(planner: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = cli(capsys, "status", "--planner", planner, "--group", "nope")
     assert rc == 1 and "nope" in err
     rc, out, err = cli(capsys, "freeze", "--planner", planner, "--group", "nope")
     assert rc == 1 and "nope" in err
+
+
+def test_layout_show_writes_what_plan_reads_and_diff_says_what_moves(
+    planner: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    rc, out, err = cli(capsys, "rebalance", "--planner", planner, "--wait", "10")
+    assert rc == 0, err  # an epoch whose layout differs from the default
+    epoch = status_json(capsys, planner)["groups"][0]["epoch"]
+    current = tmp_path / "current.json"
+    rc, out, err = cli(capsys, "layout", "show", "--planner", planner, "-o", str(current))
+    assert rc == 0, err
+    assert f"epoch {epoch}" in out and "in service" in out and str(current) in out
+    assert sum(1 for x in out.splitlines() if x.strip()[:1].isdigit()) == L * G
+    served = Layout.from_json(current.read_text())  # the format eplbd plan --previous reads
+    load = tmp_path / "load.json"
+    load.write_text(json.dumps([[10.0] * E] * L))
+    argv = ["plan", str(load), "--gpus", str(G), "--slots", str(P), "--previous", str(current)]
+    rc, out, err = cli(capsys, *argv)
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "layout", "show", "--planner", planner, "--epoch", "0", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["epoch"] == 0 and doc["state"] == "default" and doc["num_gpus"] == G
+    assert Layout.from_dict(doc["layout"]) == Layout.default(L, E, P)
+    rc, out, err = cli(capsys, "layout", "show", "--planner", planner, "--epoch", "999")
+    assert rc == 1 and "no layout of epoch 999 is kept" in err and "kept: 0" in err
+
+    # diff: epochs from the planner, or files (no planner, but --gpus)
+    want = int((served.phy2log != Layout.default(L, E, P).phy2log).sum())
+    rc, out, err = cli(
+        capsys, "layout", "diff", "0", str(epoch), "--planner", planner, "--json",
+        "--expert-bytes", "1000",
+    )  # fmt: skip
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["slots_moved"] == want > 0 and d["bytes_moved"] == 1000 * want
+    assert d["expert_bytes_source"] == "--expert-bytes"
+    default = Layout.default(L, E, P).phy2log
+    for m in d["moves"]:
+        assert m["gpu"] == m["slot"] // (P // G)
+        assert m["expert"] == int(served.phy2log[m["layer"], m["slot"]])
+        assert m["replaces"] == int(default[m["layer"], m["slot"]])
+        held = {int(p) // (P // G) for p in (default[m["layer"]] == m["expert"]).nonzero()}
+        assert m["from_gpu"] in held  # it comes from a GPU that had it
+    assert d["layers_changed"] == sorted({m["layer"] for m in d["moves"]})
+    rc, out, err = cli(capsys, "layout", "diff", "0", str(epoch), "--planner", planner)
+    assert rc == 0 and f"{want} of {L * P} slots" in out and "bytes moved: unknown" in out
+    zero = tmp_path / "zero.json"
+    zero.write_text(Layout.default(L, E, P).to_json())
+    rc, out, err = cli(capsys, "layout", "diff", str(zero), str(current), "--json")
+    assert rc == 2 and "--gpus" in err
+    rc, out, err = cli(
+        capsys, "layout", "diff", str(zero), str(current), "--gpus", str(G), "--json"
+    )
+    assert rc == 0 and json.loads(out)["moves"] == d["moves"]
+    torn = tmp_path / "torn.json"
+    torn.write_text('{"schema_version": 1, "num_logical_experts": 4, "phy2log": [[0, 1, 9]]}')
+    rc, out, err = cli(capsys, "layout", "diff", str(zero), str(torn), "--gpus", str(G))
+    assert rc == 78 and "torn.json" in err
 
 
 # --- a real terminal -------------------------------------------------------------------------

@@ -134,3 +134,23 @@ def test_output_from_args() -> None:
     assert out.heat([0, 1]) == " @"
     args = parser.parse_args([])
     assert args.watch is None and args.color is None
+
+
+def test_status_next_column_says_what_the_next_rebalance_waits_for() -> None:
+    from eplbd.cli.status import _next
+
+    def nxt(**kw: object) -> dict[str, object]:
+        base: dict[str, object] = {"blocked_by": None, "earliest_in_s": None}
+        return {"next_rebalance": {**base, **kw}}
+
+    assert _next(nxt(blocked_by="pending_commit", earliest_in_s=5.0)) == "pending commit"
+    assert _next({**nxt(blocked_by="frozen"), "frozen": True}) == "frozen"
+    assert _next(nxt(earliest_in_s=252.0, windows_needed=2)) == "cooldown 4m12s"
+    assert _next(nxt(windows_needed=2, next_evaluation_in_s=3.0)) == "2 more windows of load"
+    assert _next(nxt(windows_needed=1)) == "1 more window of load"
+    assert _next(nxt(tokens_needed=40)) == "40 more tokens"
+    assert _next(nxt(next_evaluation_in_s=3.25)) == "evaluates in 3.2s"
+    assert _next(nxt()) == "waits for load"
+    # one frozen layer does not hide what the other layers wait for
+    g = {**nxt(earliest_in_s=10.0), "frozen_layers": [0, 2, 3]}
+    assert _next(g) == "cooldown 10.0s; layers 0,2-3 frozen"

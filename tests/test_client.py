@@ -137,7 +137,8 @@ def test_no_agent_no_threads_no_sockets_no_recording() -> None:
 def test_idle_step_runs_no_tensor_op() -> None:
     client = EplbClient(L, E, P)
     client.set_schedule(window_steps=1000, record_steps=500)
-    client.step()  # opens the window
+    for _ in range(1000):
+        client.step()  # windows start at multiples of 1000 steps: step 1000 opens one
     with torch.autograd.profiler.profile() as prof:
         for _ in range(200):
             client.step()
@@ -176,7 +177,7 @@ def test_layer_state_shapes_and_fixed_addresses() -> None:
 def test_map_and_record_uses_the_kernel_on_the_layer_state() -> None:
     p2l = _layouts(1, seed=4)[0]
     client = EplbClient(L, E, P, initial_layout=p2l)
-    client.set_schedule(10, 10)
+    client.set_schedule(1, 1)  # windows of one step: recording from the next step on
     client.step()
     ids = torch.randint(0, E, (50, 3), generator=torch.Generator().manual_seed(1))
     lay = Layout.from_phy2log(p2l, E)
@@ -490,16 +491,17 @@ def test_windows_flip_flag_and_ship_counts() -> None:
             phys = client.map_and_record(layer, ids)
             expected[layer] = torch.bincount(phys.reshape(-1), minlength=P)
         per_step.append((fwd, flag, expected.clone()))
-        if fwd == 13:
+        if fwd == 11:
             client.prepare(_layouts(1, seed=41)[0], 1)
             _wait(lambda: client.staged_epoch == 1)
         client.step()
     snaps = [(b, ts["counts"]) for t, b, ts in _drain(client) if t == "snapshot"]
     ranges = [(b["step_start"], b["step_end"], b["epoch"]) for b, _ in snaps]
-    # windows [1,6) [6,11) [11,16) record their first 3 steps; the commit after forward 13
-    # closes [11,14) and restarts windows at 14: [14,19) [19,24).
-    assert ranges == [(1, 4, 0), (6, 9, 0), (11, 14, 0), (14, 17, 1), (19, 22, 1)]
-    assert flags == [1, 1, 1, 0, 0] * 2 + [1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0]
+    # Windows are [0,5) [5,10) [10,15) ..., recording their first 3 steps. The schedule came
+    # at step 1, in the middle of [0,5): recording starts with [5,10). The commit after
+    # forward 11 splits [10,13) into [10,12) under epoch 0 and [12,13) under epoch 1.
+    assert ranges == [(5, 8, 0), (10, 12, 0), (12, 13, 1), (15, 18, 1), (20, 23, 1)]
+    assert flags == [0, 0, 0, 0] + [1, 1, 1, 0, 0] * 3 + [1, 1, 1]
     for b, counts in snaps:
         want = torch.stack([e for f, _, e in per_step if b["step_start"] <= f < b["step_end"]]).sum(
             0
@@ -512,6 +514,27 @@ def test_windows_flip_flag_and_ship_counts() -> None:
     client.step()
     assert int(client.layer_state(0).should_record) == 0
     assert all(int(client.layer_state(i).expert_load.sum()) == 0 for i in range(L))
+
+
+def test_ranks_welcomed_at_different_steps_record_the_same_windows() -> None:
+    """The agent merges one window of every local rank into one snapshot: the ranks' windows
+    must be the same step ranges however late each got its schedule, and a second welcome
+    with the same schedule must not cut a window short."""
+    sched = {"window_steps": 16, "record_steps": 4, "enabled": True}
+    ranges: list[list[tuple[int, int]]] = []
+    for welcome_at in (0, 3, 7, 17, 30):
+        client = EplbClient(L, E, P, require_weights=False, top_k=2)
+        for step in range(100):
+            if step in (welcome_at, welcome_at + 34):  # welcomed, then welcomed again
+                client.deliver("welcome", {"incarnation": "a", "epoch": 0, "schedule": sched}, {})
+            client.map_and_record(0, torch.zeros(2, 2, dtype=torch.int64))
+            client.step()
+        snaps = [b for t, b, _ in _drain(client) if t == "snapshot"]
+        ranges.append([(b["step_start"], b["step_end"]) for b in snaps if b["step_start"] >= 48])
+        assert all(b["step_end"] - b["step_start"] == 4 for b in snaps)
+        client.close()
+    assert ranges[0] == [(48, 52), (64, 68), (80, 84), (96, 100)]
+    assert all(r == ranges[0] for r in ranges)
 
 
 def test_full_outbox_drops_and_never_blocks() -> None:

@@ -7,6 +7,7 @@ message the core sends must decode and validate). The state directory is real.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from eplbd.controller import (
     TriggerPolicy,
     logical_load,
 )
+from eplbd.controller._registration import WELCOME_SCHEDULE
 from eplbd.layout import Layout
 from eplbd.ops import FakeClock
 from eplbd.wire import (
@@ -193,7 +195,7 @@ def h(tmp_path: Path) -> Harness:
 def test_registration_and_welcome(h: Harness) -> None:
     out = h.hello_all()
     assert types(out) == [(b"a0", WELCOME), (b"a1", WELCOME)]
-    assert out[0].body["schedule"]["window_steps"] == h.config.window_steps
+    assert out[0].body["schedule"] == WELCOME_SCHEDULE  # the agents' own settings decide
     st = h.core.status("status")
     (g,) = st["groups"]
     assert g["complete"] and g["epoch"] == 0 and g["num_nodes"] == 2
@@ -452,6 +454,47 @@ def test_operator_commands(h: Harness) -> None:
     assert rep.type == COMMAND_REPLY and rep.body["ok"] is True
 
 
+def _commit(h: Harness, epoch: int) -> None:
+    for r in range(G):
+        h.answer(STAGED, epoch, r, ok=True, reason="", staged_bytes=1)
+    for r in range(G):
+        h.answer(COMMITTED, epoch, r, step=10)
+
+
+def test_a_refused_command_is_not_shown_as_the_planners_intention(h: Harness) -> None:
+    """status and top show what the planner means to do; a rollback it refused, or a dry run,
+    is in the decisions list but not in BALANCE/PLANNED."""
+    h.hello_all()
+    _commit(h, _prepare_epoch(h))  # epoch 1 in service, the skew balanced
+    h.feed_windows(1, epoch=1, layout=h.core.groups["g"].current_layout)
+
+    def views() -> tuple[Any, ...]:
+        st = h.core.status("status")["groups"][0]
+        top = h.core.status("top")["groups"][0]
+        layers = [(x["balance_planned"], x["moves"], x["why"]) for x in top["layers"]]
+        return st["balance_planned"], st["balance_after"], top["balance_planned"], layers
+
+    before = views()
+    # rank 1 leaves: the group is incomplete and the rollback to epoch 0 is refused
+    h.send(
+        b"a1",
+        WORKER_LEFT,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1",
+         "reason": "timeout"},
+    )  # fmt: skip
+    ok, msg, data, out = h.core.command({"op": "rollback", "group": "g", "epoch": 0})
+    assert not ok and out == [] and "group_incomplete" in msg
+    assert data["decision"]["trigger"] == "rollback"
+    assert views() == before
+    ok, msg, data, out = h.core.command(
+        {"op": "rollback", "group": "g", "epoch": 0, "dry_run": True}
+    )
+    assert ok and out == []
+    assert views() == before
+    hist = h.core.status("history")["groups"][0]["decisions"]
+    assert [d["trigger"] for d in hist[-2:]] == ["rollback", "rollback"]
+
+
 def test_status_views(h: Harness) -> None:
     h.hello_all()
     h.feed_windows(1)
@@ -519,3 +562,86 @@ def test_a_layout_no_rank_serves_is_not_believed(h: Harness) -> None:
 
 def test_an_error_is_never_answered_with_an_error(h: Harness) -> None:
     assert h.send(b"x", ERROR, {"code": "bad_field", "message": "no", "in_reply_to": ""}) == []
+
+
+def test_a_store_that_stops_being_writable_shows_in_status_text_and_metrics(
+    h: Harness,
+) -> None:
+    import io
+
+    from eplbd.cli._output import Output
+    from eplbd.cli.status import render
+    from eplbd.controller import PlannerMetrics
+
+    metrics = PlannerMetrics()
+    h.core.metrics = metrics
+    h.hello_all()
+    h.core.command({"op": "freeze", "group": "g", "layers": [0]})
+
+    def text() -> str:
+        buf = io.StringIO()
+        render(Output(buf, color=False), {"endpoint": "x", **h.core.status("status")})
+        return buf.getvalue()
+
+    assert h.core.status("status")["planner"]["store"]["writable"] is True
+    assert "not writable" not in text()
+    assert metrics.registry.collector_registry.get_sample_value("eplbd_planner_store_writable") == 1
+
+    def refuse(src: str, dst: str) -> None:
+        raise OSError(30, "Read-only file system")
+
+    assert h.core.store is not None
+    h.core.store._replace = refuse
+    ok, msg, _, _ = h.core.command({"op": "freeze", "group": "g", "layers": [1]})
+    assert not ok and "not persisted" in msg
+    store = h.core.status("status")["planner"]["store"]
+    assert store["writable"] is False and store["errors"] == 1
+    assert "Read-only file system" in store["last_error"]
+    shown = text()
+    assert "state directory not writable" in shown and "Read-only file system" in shown, shown
+    reg = metrics.registry.collector_registry
+    assert reg.get_sample_value("eplbd_planner_store_writable") == 0
+    assert reg.get_sample_value("eplbd_planner_store_errors_total") == 1
+    # writable again: the next write clears it (the count stays)
+    h.core.store._replace = os.replace
+    ok, _, _, _ = h.core.command({"op": "unfreeze", "group": "g"})
+    assert ok and h.core.status("status")["planner"]["store"]["writable"] is True
+    assert "not writable" not in text()
+    assert reg.get_sample_value("eplbd_planner_store_writable") == 1
+
+
+def test_load_windows_survive_a_restart_at_a_bounded_write_cost(tmp_path: Path) -> None:
+    clock = FakeClock()
+    h = Harness(tmp_path, clock, window_save_s=25.0)
+    h.hello_all()
+    h.feed_windows(1)
+    store = h.core.store
+    assert store is not None and store.window_writes == 1  # the first closed window
+    h.feed_windows(2)  # 10 s apart: within window_save_s of the last write
+    assert store.window_writes == 1
+    h.feed_windows(1)  # 30 s after the first write
+    assert store.window_writes == 2
+    h.feed_windows(1)
+    forecast = h.core.groups["g"].window.forecast()
+    _, _, before, _ = h.core.command({"op": "rebalance", "group": "g", "dry_run": True})
+    clock.advance(5.0)
+    h.restart()  # close() writes what the last save missed
+    assert store.window_writes == 3
+    g = h.core.groups["g"]
+    assert torch.equal(g.window.forecast(), forecast) and g.window.windows == 4
+    h.hello_all()
+    _, _, after, _ = h.core.command({"op": "rebalance", "group": "g", "dry_run": True})
+    for key in ("balance_now", "balance_planned", "moves", "changed_layers", "layers"):
+        assert after["decision"][key] == before["decision"][key], key
+    restored = h.core.status()["groups"][0]["data"]["restored"]
+    assert restored["windows"] == 4 and restored["epoch"] == 0 and restored["age_s"] == 5.0
+    # too old: not restored, and the start-up notes say why
+    clock.advance(4000.0)
+    h.restart()
+    assert h.core.groups["g"].window.windows == 0
+    assert any("not restored" in n and "more than 3600 s" in n for n in h.core.notes)
+    # unreadable: skipped with a note, never fatal
+    (tmp_path / "windows" / "g.npz").write_bytes(b"garbage")
+    h.restart()
+    assert h.core.groups["g"].window.windows == 0
+    assert any("not restored" in n and "g.npz" in n for n in h.core.notes), h.core.notes

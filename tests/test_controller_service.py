@@ -11,19 +11,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import zmq
+from _net import free_port_pair
+from _scrape import scrape
 
 from eplbd.controller import PlannerService, PlannerSettings, StoreLocked
 from eplbd.layout import Layout
@@ -258,11 +260,11 @@ def test_in_thread_service_commit_status_garbage_metrics(tmp_path: Path, ctx: An
         assert rep.type == COMMAND_REPLY and rep.body["ok"]
         assert status(ctx, svc.control_endpoint)["groups"][0]["frozen"] is True
 
-        text = urllib.request.urlopen(svc.metrics_url, timeout=5).read().decode()
-        assert 'eplbd_planner_dropped_total{reason="truncated"} 1' in text
-        assert 'eplbd_planner_epoch{group="g"} 1' in text
-        assert 'eplbd_planner_attempts_total{group="g",outcome="committed"} 1' in text
-        assert 'eplbd_planner_peers{kind="rank",state="alive"} 2' in text
+        m = scrape(svc.metrics_url)
+        assert m['eplbd_planner_dropped_total{reason="truncated"}'] == 1
+        assert m['eplbd_planner_epoch{group="g"}'] == 1
+        assert m['eplbd_planner_attempts_total{group="g",outcome="committed"}'] == 1
+        assert m['eplbd_planner_peers{kind="rank",state="alive"}'] == 2
     finally:
         if agent is not None:
             agent.close()
@@ -473,7 +475,7 @@ def test_curve_keys_authenticate_clients(tmp_path: Path, ctx: Any) -> None:
 
 def test_settings_rules(tmp_path: Path) -> None:
     from eplbd.controller import check_planner_settings, snapshot_endpoint_for
-    from eplbd.ops import ConfigError
+    from eplbd.ops import ConfigError, load
 
     with pytest.raises(ConfigError) as e:
         check_planner_settings(PlannerSettings(listen="tcp://10.1.2.3:7050"))
@@ -482,18 +484,19 @@ def test_settings_rules(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         check_planner_settings(PlannerSettings(curve_keys=tmp_path))
     assert e.value.field == "curve_secret"
-    with pytest.raises(ConfigError) as e:
-        check_planner_settings(PlannerSettings(record_steps=9, window_steps=8))
-    assert e.value.field == "record_steps"
     assert snapshot_endpoint_for("tcp://127.0.0.1:7050") == "tcp://127.0.0.1:7051"
     assert snapshot_endpoint_for("ipc:///run/eplbd/planner.sock") == (
         "ipc:///run/eplbd/planner-snapshots.sock"
     )
     s = PlannerSettings(staging_bytes=10_000, expert_bytes=3_000, max_moves_per_rank=5)
     assert s.core_config().policy.max_moves_per_rank == 3  # what fits in staging memory
+    # the recording schedule is the agents' setting: one place decides it
     cfg_file = tmp_path / "eplbd.toml"
+    for text in ("[planner]\nwindow_steps = 8\n", "record_steps = 4\n"):
+        cfg_file.write_text(text)
+        with pytest.raises(ConfigError, match="unknown setting"):
+            load(PlannerSettings, {"config": str(cfg_file)}, environ={})
     cfg_file.write_text("min_gain = 0.2\n[planner]\ncooldown_s = 5.0\n[agent]\nx = 1\n")
-    from eplbd.ops import load
 
     s = load(
         PlannerSettings,
@@ -501,3 +504,174 @@ def test_settings_rules(tmp_path: Path) -> None:
         environ={"EPLBD_PLANNER_COOLDOWN_S": "7"},
     )
     assert (s.min_gain, s.cooldown_s, s.window_s) == (0.2, 7.0, 2.5)
+
+
+def _dry_run(ctx: Any, control: str) -> dict[str, Any]:
+    rep = cli_request(ctx, control, COMMAND, {"op": "rebalance", "group": "g", "dry_run": True})
+    assert rep.type == COMMAND_REPLY, rep.body
+    d = rep.body["data"]["decision"]
+    return {k: d[k] for k in ("balance_now", "balance_planned", "moves", "changed_layers")} | {
+        "layers": [(x["balance_now"], x["moves"], x["why"]) for x in d["layers"]],
+        "ok": rep.body["ok"],
+    }
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_planner_restores_its_load_windows_and_decides_the_same(
+    tmp_path: Path, ctx: Any
+) -> None:
+    """Real planner processes: windows and forecast are saved as windows close; after SIGKILL
+    and a restart the restored forecast drives the same plan, and status says how old it is."""
+    sock_dir = tmp_path / "s"
+    sock_dir.mkdir()
+    control, snaps = f"ipc://{sock_dir}/p.sock", f"ipc://{sock_dir}/planner-snapshots.sock"
+    # no automatic rebalance (unreachable gain): only the dry runs look at the forecast
+    extra = ["--window-save-s", "0", "--min-gain", "1000", "--windows", "4"]
+    procs = [_start_planner(tmp_path, sock_dir, "planner1.log", *extra)]
+    agent = FakeAgent(ctx, control, snaps)
+    default = Layout.default(L, E, P)
+    saved = tmp_path / "state" / "windows" / "g.npz"
+    try:
+        agent.register(timeout_s=120)  # a planner process starting on a loaded machine
+        sent = 0
+
+        def windows() -> int:
+            return int(status(ctx, control)["groups"][0]["data"]["windows"])
+
+        while windows() < 3:  # a few closed windows of skewed load
+            agent.snapshot(skewed_counts(default), 0)
+            agent.heartbeat()
+            agent.poll(0.05)
+            sent += 1
+            assert sent < 2000, "the planner never closed 3 windows"
+        # the last bucket closes (and is saved) without new data: wait for its file
+        wait_for(lambda: status(ctx, control)["groups"][0]["data"]["open_tokens"] == 0)
+        n = windows()
+        wait_for(lambda: saved.exists(), 10)
+        before = _dry_run(ctx, control)
+        assert before["ok"] and before["moves"] > 0, before
+
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        procs.append(_start_planner(tmp_path, sock_dir, "planner2.log", *extra))
+        # the agent notices the new planner and registers again; it sends no more load
+
+        def agent_registered() -> bool:
+            with control_client(ctx, control) as c:  # the new planner may not serve yet
+                if not c.send(STATUS_REQUEST, {"what": "status"}, timeout_ms=500):
+                    return False
+                got = c.recv(2000)
+            return got is not None and bool(got.message.body["data"]["agents"])
+
+        wait_for(agent_registered, 120, every=lambda: (agent.heartbeat(), agent.poll(0.05)))
+        g = status(ctx, control)["groups"][0]
+        assert g["data"]["windows"] == n and g["data"]["source"] == "forecast", g["data"]
+        restored = g["data"]["restored"]
+        assert restored["windows"] == n and restored["epoch"] == 0, restored
+        assert restored["age_s"] >= 0 and restored["windows_left"] == n
+        wait_for(lambda: status(ctx, control)["groups"][0]["complete"], 30, every=agent.heartbeat)
+        assert _dry_run(ctx, control) == before
+    finally:
+        agent.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.mark.timeout(240)
+def test_sighup_reloads_the_curve_allow_list(tmp_path: Path, capsys: Any) -> None:
+    """A real planner process and real signals: an operator key added to allowed/ works after
+    SIGHUP, a broken list is refused (logged, counted) and the old one stays, a removed key is
+    refused at its next connection."""
+    from _cli import cli
+
+    from eplbd.wire import generate_keypair
+
+    keys = tmp_path / "keys"
+    allowed = keys / "allowed"
+    allowed.mkdir(parents=True)
+    generate_keypair(keys, "planner")
+    agent_pub, _ = generate_keypair(tmp_path / "a", "agent")
+    shutil.copy(agent_pub, allowed / "agent.key")
+    ops_pub, ops_sec = generate_keypair(tmp_path / "o", "ops")
+    port = free_port_pair()
+    log = tmp_path / "planner.log"
+    argv = [
+        sys.executable, "-m", "eplbd", "planner", "--listen", f"tcp://127.0.0.1:{port}",
+        "--state-dir", str(tmp_path / "state"), "--curve-keys", str(keys),
+        "--metrics", "127.0.0.1:0", "--log-format", "json",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")}
+    out = open(log, "wb")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    ask = ["status", "--json", "--planner", f"tcp://127.0.0.1:{port}", "--timeout", "3"]
+    ask += ["--curve-secret-key", str(ops_sec), "--curve-server-key", str(keys / "planner.key")]
+
+    def events() -> list[dict[str, Any]]:
+        lines = log.read_text().splitlines()
+        return [json.loads(x) for x in lines if x.startswith("{")]
+
+    def hup_and_wait(event: str, n: int) -> dict[str, Any]:
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: sum(e.get("event") == event for e in events()) >= n, 30)
+        return [e for e in events() if e.get("event") == event][-1]
+
+    try:
+        wait_for(lambda: any(e.get("event") == "planner serving" for e in events()), 120)
+        assert cli(capsys, *ask)[0] == 69  # the operator's key is not allowed yet
+        shutil.copy(ops_pub, allowed / "ops.key")
+        done = hup_and_wait("allow-list reloaded", 1)
+        assert (done["keys"], done["added"], done["removed"]) == (2, 1, 0)
+        rc, text, err = cli(capsys, *ask)
+        assert rc == 0, err
+        metrics_url = json.loads(text)["planner"]["endpoints"]["metrics"]
+        # a broken list is refused whole; the list in force stays
+        (allowed / "torn.key").write_text('curve\n    public-key = "short"\n')
+        refused = hup_and_wait("allow-list reload refused; the previous list stays", 1)
+        assert "torn.key" in refused["error"]
+        assert cli(capsys, *ask)[0] == 0
+        m = scrape(metrics_url)
+        assert m['eplbd_planner_curve_reloads_total{outcome="ok"}'] == 1
+        assert m['eplbd_planner_curve_reloads_total{outcome="refused"}'] == 1
+        assert m["eplbd_planner_curve_allowed_keys"] == 2
+        # the operator's key removed: refused at the next connection
+        (allowed / "torn.key").unlink()
+        (allowed / "ops.key").unlink()
+        done = hup_and_wait("allow-list reloaded", 2)
+        assert (done["keys"], done["removed"]) == (1, 1)
+        rc, _, err = cli(capsys, *ask)
+        assert rc == 69 and "authentication refused" in err
+        assert proc.poll() is None  # SIGHUP never stops it
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        out.close()
+
+
+def test_a_broken_allow_list_stops_the_start_an_empty_one_does_not(tmp_path: Path) -> None:
+    from eplbd.wire import generate_keypair
+
+    keys = tmp_path / "keys"
+    (keys / "allowed").mkdir(parents=True)
+    generate_keypair(keys, "planner")
+
+    def service() -> PlannerService:
+        settings = PlannerSettings(
+            listen="tcp://127.0.0.1:0", state_dir=tmp_path / "state", curve_keys=keys,
+            metrics=None, log_level="error",
+        )  # fmt: skip
+        return PlannerService(settings)
+
+    svc = service().run_in_thread()  # no key yet: it starts, refusing everyone until a reload
+    try:
+        assert svc.metrics.curve_allowed.value() == 0
+    finally:
+        svc.stop()
+    (keys / "allowed" / "torn.key").write_text("not a certificate")
+    with pytest.raises(ValueError, match="torn.key"):  # eplbd planner: exit 78, file named
+        service().run_in_thread()

@@ -163,3 +163,23 @@ def test_public_surface_is_honest() -> None:
         "assert 'torch' not in sys.modules and 'zmq' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_state_and_restore_carry_the_forecast_over() -> None:
+    w = LoadWindow(2, 3, window_s=1.0, num_windows=3, alpha=0.5)
+    for i in range(5):
+        w.add(torch.tensor([[1.0 + i, 2.0, 3.0], [0.0, 1.0, 5.0 * i]]), 10 + i, float(i))
+    w.roll(10.0)
+    st = w.state()
+    assert len(st.buckets) == 3 and st.bucket_tokens == [12, 13, 14]
+    fresh = LoadWindow(2, 3, window_s=1.0, num_windows=3, alpha=0.5)
+    assert fresh.restore(st) == 3
+    assert torch.equal(fresh.forecast(), w.forecast())
+    assert torch.equal(fresh.window_sum(), w.window_sum())
+    assert (fresh.windows, fresh.tokens) == (w.windows, w.tokens)
+    # a smaller window keeps the newest buckets; the forecast is the same
+    small = LoadWindow(2, 3, window_s=1.0, num_windows=2, alpha=0.5)
+    assert small.restore(st) == 2 and small.tokens == 13 + 14
+    assert torch.equal(small.forecast(), w.forecast())
+    with pytest.raises(ValueError, match="shape"):
+        LoadWindow(3, 3, window_s=1.0, num_windows=3, alpha=0.5).restore(st)

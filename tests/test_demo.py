@@ -125,6 +125,56 @@ def test_trace_replay_slices() -> None:
     assert np.array_equal(t.step_ids(10, steps, 0, workers, tokens), t.ids[1][0:8])
 
 
+def _bad_traces(d: Path) -> list[tuple[Path, str]]:
+    """Files a user may pass to --trace by mistake, with what the one line must say."""
+    cases = []
+    npy = d / "law.npy"  # one domain's ids saved with np.save: a .npy, not the .npz archive
+    np.save(npy, np.zeros((3, 4, 2), dtype=np.uint8))
+    cases.append((npy, "a single .npy array"))
+    garbage = d / "garbage.npz"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    cases.append((garbage, "not an .npz archive"))
+    truncated = d / "truncated.npz"
+    truncated.write_bytes(default_trace_path().read_bytes()[:5000])
+    cases.append((truncated, "not an .npz archive"))
+    pickled = d / "objects.npz"
+    np.savez(pickled, law_topk_ids=np.array([{"a": 1}], dtype=object))
+    cases.append((pickled, "law_topk_ids"))
+    other = d / "other.npz"
+    np.savez(other, counts=np.zeros((2, 2)))
+    cases.append((other, "no <domain>_topk_ids arrays"))
+    floats = d / "floats.npz"
+    np.savez(floats, law_topk_ids=np.full((4, 2, 2), 1.5))
+    cases.append((floats, "integer expert ids"))
+    negative = d / "negative.npz"
+    np.savez(negative, law_topk_ids=np.full((4, 2, 2), -3, dtype=np.int64))
+    cases.append((negative, "negative expert id"))
+    cases.append((d / "missing.npz", "no such file"))
+    return cases
+
+
+def test_a_bad_trace_file_is_one_line_and_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from eplbd.cli.main import main
+
+    for path, msg in _bad_traces(tmp_path):
+        assert main(["demo", "--trace", str(path), *SMALL]) == 78, path.name
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith("eplbd demo: "), err
+        assert msg in err and str(path) in err, (path.name, err)
+    # and as a process: one line on stderr, no traceback
+    p = subprocess.run(
+        [sys.executable, "-m", "eplbd", "demo", "--trace", str(tmp_path / "law.npy"), *SMALL],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=150,
+    )
+    assert p.returncode == 78 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
 # --- end to end --------------------------------------------------------------------------------
 
 

@@ -248,7 +248,9 @@ def test_sigkilled_agent_and_worker_are_reported_and_block_commits() -> None:
             assert all(r["e"] == 0 and r["p"] == -1 for r in recs), n
             times = [r["t"] for r in recs if r["t"] > t_kill]
             gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-            assert len(times) >= 60 and max(gaps) < 1.5, (n, max(gaps))
+            # no step waited on the dead agent (a blocked step would stall until the end);
+            # the bound leaves room for a loaded machine descheduling a worker
+            assert len(times) >= 60 and max(gaps) < 3.0, (n, max(gaps))
         assert st.attempts("g") == [] and st.attempts("solo") == []
         assert na.metrics().get('eplbd_agent_events_total{event="worker_left_timeout"}') == 1
 
@@ -383,7 +385,13 @@ def _random_messages(n: int) -> list[list[bytes]]:
 
 
 def _bad_metrics(m: dict[str, float], prefix: str) -> dict[str, float]:
-    return {k[len(prefix) :].split('"')[0]: v for k, v in m.items() if k.startswith(prefix)}
+    """{reason: n} of the series ``prefix{reason="...",side="workers"}``."""
+    tail = '",side="workers"}'
+    return {
+        k[len(prefix) : -len(tail)]: v
+        for k, v in m.items()
+        if k.startswith(prefix) and k.endswith(tail)
+    }
 
 
 FLOOD = 300
@@ -628,7 +636,7 @@ def test_garbage_on_every_daemon_socket_is_counted_and_dropped(mode: str) -> Non
             "replay": 1,
             "bad_protocol": 2 * FLOOD,
         }
-        prefix = 'eplbd_agent_bad_messages_total{side="workers",reason="'
+        prefix = 'eplbd_agent_bad_messages_total{reason="'
         st.wait_until(
             lambda: _bad_metrics(agent.metrics(), prefix) == want_agent,
             15,

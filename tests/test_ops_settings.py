@@ -149,6 +149,20 @@ def test_bad_flag_and_file(tmp_path: Path) -> None:
     assert info.value.source == "env EPLBD_AGENT_CONFIG"
 
 
+def test_unknown_table_is_an_error(tmp_path: Path) -> None:
+    """A misspelled table ([planer]) must not be skipped as another daemon's."""
+    conf = tmp_path / "c.toml"
+    for table, daemon in (("planer", AgentLike), ("agnet", AgentLike), ("agnet", PlannerLike)):
+        conf.write_text(f"[{table}]\ncooldown_s = 5\n")
+        with pytest.raises(cfg.ConfigError, match="unknown table") as info:
+            cfg.load(daemon, {"config": str(conf)}, {})
+        assert info.value.field == table and info.value.source == f"file {conf}"
+        assert "[agent], [cli], [planner]" in str(info.value)
+    # the other daemons' tables are fine
+    conf.write_text("[planner]\nwhatever = 1\n[cli]\ntimeout = 3\n[agent]\nduty = 1\n")
+    assert cfg.load(AgentLike, {"config": str(conf)}, {}).duty == 1
+
+
 def test_shared_environment_file_serves_both_daemons() -> None:
     """One /etc/default/eplbd for both units: shared names reach both, each daemon's own
     names reach only it, and no shared name is read that looks like the other daemon's."""

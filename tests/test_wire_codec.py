@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 import zmq
@@ -27,6 +28,7 @@ from eplbd.wire import (
     WireError,
     decode,
     encode,
+    torch_tensors,
     validate,
 )
 
@@ -72,8 +74,10 @@ def test_round_trip_every_type(msg_type: str) -> None:
     for k, v in b.items():
         assert msg.body[k] == v
     assert set(msg.tensors) == set(tensors)
+    got = torch_tensors(msg)
     for k, t in tensors.items():
-        assert msg.tensors[k].dtype == t.dtype and torch.equal(msg.tensors[k], t)
+        assert isinstance(msg.tensors[k], np.ndarray)
+        assert got[k].dtype == t.dtype and torch.equal(got[k], t)
 
 
 @pytest.mark.parametrize("msg_type", sorted(MESSAGE_TYPES))
@@ -93,7 +97,7 @@ def test_every_dtype_round_trips_bit_exact(dtype_name: str) -> None:
         t[0, 0] = float("nan")
         t[0, 1] = float("-inf")
     msg = decode(encode("status_reply", {"data": {}}, {"t": t}))
-    out = msg.tensors["t"]
+    out = torch_tensors(msg)["t"]
     assert out.dtype == dt and out.shape == t.shape
     assert torch.equal(out.view(torch.uint8), t.contiguous().view(torch.uint8))
     assert msg.body["tensors"][0]["dtype"] == dtype_name
@@ -104,7 +108,23 @@ def test_bfloat16_travels_as_raw_bytes() -> None:
     t = torch.tensor([1.5, -2.0, 3.25], dtype=torch.bfloat16)
     frames = encode("status_reply", {"data": {}}, {"w": t})
     assert frames[4] == t.view(torch.uint8).numpy().tobytes()
-    assert torch.equal(decode(frames).tensors["w"], t)
+    msg = decode(frames)
+    assert msg.tensors["w"].dtype == np.uint16 and msg.wire_dtype("w") == "bfloat16"
+    assert torch.equal(torch_tensors(msg)["w"], t)
+
+
+@pytest.mark.parametrize("dtype_name", sorted(set(DTYPES) - {"bfloat16"}))
+def test_numpy_arrays_encode_like_torch_tensors(dtype_name: str) -> None:
+    t = torch.arange(-6, 6, dtype=torch.float64).view(3, 4)
+    t = (t > 0) if dtype_name == "bool" else t.to(getattr(torch, dtype_name))
+    a = t.numpy()
+    assert encode("status_reply", {"data": {}}, {"t": a}) == encode(
+        "status_reply", {"data": {}}, {"t": t}
+    )
+    big_endian = a.astype(a.dtype.newbyteorder(">"))
+    assert encode("status_reply", {"data": {}}, {"t": big_endian})[4] == a.tobytes()
+    got = decode(encode("status_reply", {"data": {}}, {"t": a.T})).tensors["t"]
+    assert got.dtype == a.dtype and np.array_equal(got, a.T)
 
 
 def test_odd_tensors_round_trip() -> None:
@@ -115,17 +135,17 @@ def test_odd_tensors_round_trip() -> None:
         "noncontig": base.t(),
         "sliced": base[:, ::2],
     }
-    msg = decode(encode("status_reply", {"data": {}}, cases))
+    got = torch_tensors(decode(encode("status_reply", {"data": {}}, cases)))
     for k, t in cases.items():
-        assert msg.tensors[k].shape == t.shape and torch.equal(msg.tensors[k], t), k
+        assert got[k].shape == t.shape and torch.equal(got[k], t), k
 
 
 def test_decode_from_bytes_copies_so_tensors_are_safe_to_write() -> None:
     c = torch.arange(12, dtype=torch.int32).view(3, 4)
     frames = encode("status_reply", {"data": {}}, {"c": c})
     msg = decode(frames)
-    msg.tensors["c"].add_(1)
-    assert decode(frames).tensors["c"].equal(c)  # the immutable bytes were not written
+    msg.tensors["c"] += 1
+    assert np.array_equal(decode(frames).tensors["c"], c.numpy())  # bytes were not written
 
 
 def test_decode_zmq_frames_is_zero_copy() -> None:
@@ -140,11 +160,12 @@ def test_decode_zmq_frames_is_zero_copy() -> None:
         frames = b.recv_multipart(copy=False)
         msg = decode(frames)
         buf = frames[4].buffer
-        t = msg.tensors["c"]
-        assert torch.equal(t, c)
-        t[0, 0] = 12345  # the tensor is the frame's memory
-        assert torch.frombuffer(buf, dtype=torch.int32)[0].item() == 12345
-        assert t.data_ptr() % 4 == 0
+        arr = msg.tensors["c"]
+        assert np.array_equal(arr, c.numpy())
+        arr[0, 0] = 12345  # the array is the frame's memory
+        assert np.frombuffer(buf, dtype=np.int32)[0] == 12345
+        t = torch_tensors(msg)["c"]  # and so is the tensor made from it
+        assert t[0, 0].item() == 12345 and t.data_ptr() % 4 == 0
     finally:
         a.close(linger=0)
         b.close(linger=0)
@@ -156,7 +177,7 @@ def test_decode_accepts_memoryview_and_bytearray() -> None:
     frames = encode(SNAPSHOT, b, tensors)
     for conv in (bytearray, memoryview, lambda x: memoryview(bytearray(x))):
         msg = validate(decode([conv(f) for f in frames]), model=MODEL)
-        assert torch.equal(msg.tensors["counts"], tensors["counts"])
+        assert np.array_equal(msg.tensors["counts"], tensors["counts"].numpy())
 
 
 def test_unknown_fields_are_kept_and_ignored() -> None:
@@ -299,6 +320,10 @@ def test_encode_refuses_what_a_receiver_would_refuse() -> None:
     with pytest.raises(WireError) as ei:
         encode("status_reply", {"data": {}}, {"c": torch.zeros(2, dtype=torch.complex64)})
     assert ei.value.reason == "bad_dtype"
+    for bad in (np.zeros(2, dtype=np.complex64), np.zeros(2, dtype=np.uint16)):
+        with pytest.raises(WireError) as ei:
+            encode("status_reply", {"data": {}}, {"c": bad})
+        assert ei.value.reason == "bad_dtype"
     with pytest.raises(WireError):
         encode("status_reply", {"data": {}}, {"c": [1, 2]})  # type: ignore[dict-item]
 
@@ -419,16 +444,22 @@ def test_fuzz_numbers_in_snapshot(f: float, i: int) -> None:
                 )
 
 
-def test_codec_needs_no_torch_for_tensor_free_messages() -> None:
-    """The CLI path (status, control) must be able to skip importing torch."""
+def test_codec_needs_no_torch() -> None:
+    """The agent and the CLI never import torch: tensors decode to numpy arrays."""
     pkg = Path(__file__).resolve().parent.parent / "eplbd"
     code = f"""
 import sys, types
+import numpy as np
 sys.modules["torch"] = None  # any import of torch now fails
 pkg = types.ModuleType("eplbd"); pkg.__path__ = [{str(pkg)!r}]; sys.modules["eplbd"] = pkg
 import eplbd.wire as w
 m = w.validate(w.decode(w.encode("status_request", {{"what": "status"}})))
 assert m.body["group"] is None
+b = {{"agent": "a", "ep_ranks": [0], "incarnation": "i", "group": "g", "seq": 1, "epoch": 0,
+      "step_start": 0, "step_end": 4, "tokens": 9}}
+c = np.full((2, 8), 9, dtype=np.int32)
+m = w.validate(w.decode(w.encode("snapshot", b, {{"counts": c}})), model=w.ModelShape(2, 4, 8))
+assert np.array_equal(m.tensors["counts"], c)
 try:
     w.decode(w.encode("heartbeat", {{"sender": "a", "incarnation": "b"}})[:3])
 except w.WireError as e:

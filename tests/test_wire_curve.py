@@ -15,6 +15,7 @@ from eplbd.cli.main import main
 from eplbd.wire import (
     HEARTBEAT,
     SNAPSHOT,
+    AllowListReload,
     CurveClientKeys,
     WireSocket,
     control_client,
@@ -139,7 +140,12 @@ def test_reload_allow_list(ctx: zmq.Context, keys: dict[str, Path]) -> None:
         assert not first.send(SNAPSHOT, b, t, timeout_ms=REFUSED_WAIT_MS)  # never connects
         assert pull.recv(100) is None
         shutil.copy(keys["dir"] / "bad.key", keys["allow"] / "bad.key")
-        assert reload_allow_list(ctx) == 2
+        assert reload_allow_list(ctx) == AllowListReload(keys=2, added=1, removed=0)
+        # a broken list is refused whole: the one in force stays
+        (keys["allow"] / "torn.key").write_text("not a certificate")
+        with pytest.raises(ValueError, match="torn.key"):
+            reload_allow_list(ctx)
+        (keys["allow"] / "torn.key").unlink()
         later = snapshot_sender(ctx, pull.endpoint, curve=client_keys(keys, "bad"))
         socks.append(later)
         assert later.send(SNAPSHOT, b, t, timeout_ms=3000)

@@ -15,9 +15,10 @@ The serving thread talks to it through two plain objects: it puts ``(msg_type, b
 tensors)`` triples on ``outbox`` (a ``queue.Queue``; ``put_nowait`` never blocks on the link,
 which drains it every few milliseconds whether or not the agent is up), and it receives the
 agent's ``welcome``, ``schedule``, ``prepare`` and ``abort`` through ``deliver(msg_type, body,
-tensors)``, called from the IO thread after the message was decoded and validated (bad ones
-are counted, logged through ``logging.getLogger("eplbd_client")`` and dropped). ``deliver``
-should only enqueue: it runs on the IO thread.
+tensors)`` (tensors as torch tensors), called from the IO thread after the message was
+decoded and validated (bad ones are counted, logged through
+``logging.getLogger("eplbd_client")`` and dropped). ``deliver`` should only enqueue: it runs
+on the IO thread. Its heartbeats carry the epoch the worker serves (from ``hello()``).
 
 Agent restarts: the link sends ``hello`` (a fresh body from ``hello()``, called on the IO
 thread, so it can report the worker's current epoch) on start and again whenever the agent
@@ -67,6 +68,7 @@ from eplbd.wire import (
     decode,
     new_incarnation,
     snapshot_sender,
+    torch_tensors,
     validate,
 )
 
@@ -286,8 +288,17 @@ class AgentLink:
             if now >= next_hb:
                 next_hb = now + self.heartbeat_s
                 if self._welcomed:
-                    body = {"sender": self._sender[0], "incarnation": self._sender[1]}
-                    dealer.send(HEARTBEAT, body)
+                    dealer.send(HEARTBEAT, self._heartbeat_body())
+
+    def _heartbeat_body(self) -> dict[str, Any]:
+        """sender, incarnation and (extra) the epoch the worker serves: the agent learns it
+        even when a ``committed`` was lost on the way."""
+        body: dict[str, Any] = {"sender": self._sender[0], "incarnation": self._sender[1]}
+        with contextlib.suppress(Exception):
+            epoch = self._hello().get("epoch")
+            if type(epoch) is int and epoch >= 0:
+                body["epoch"] = epoch
+        return body
 
     def _send_hello(self, dealer: WireSocket) -> ModelShape | None:
         try:
@@ -405,7 +416,7 @@ class AgentLink:
             action = "welcomed"
         self._count(f"delivered_{msg.type}")
         try:
-            self._deliver(msg.type, body, dict(msg.tensors))
+            self._deliver(msg.type, body, torch_tensors(msg))
         except Exception:
             self._count("deliver_errors")
             log.exception("eplbd: deliver(%s) raised; message dropped", msg.type)

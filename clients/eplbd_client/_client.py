@@ -812,7 +812,7 @@ class EplbClient:
         p.maps = None
         self._count("commits")
         self._send("committed", {**self._ids(p.epoch), "step": self._step})
-        self._recorder.open(self._step)
+        self._recorder.open(self._step, mid_window=True)
 
     # --- internals: the step slow path ---------------------------------------------------------
 

@@ -1,10 +1,16 @@
 """Recording windows: when ``should_record`` is on, and the snapshots of the load counters.
 
 Serving thread only. Steps are counted as the client does: after ``step()`` number n, the
-next forward is forward n. A window opened at step s records forwards s .. s+record-1, is
-shipped at step s+record as a snapshot ``[s, s+record)``, and the next window opens at
-s+window. :meth:`Recorder.close` ships what an open window recorded so far (before a commit,
-so that a window never spans two epochs, or before a new schedule).
+next forward is forward n. Windows are a function of that step count, the same on every rank
+of the group (the consensus already relies on the ranks' step counts agreeing): window k
+starts at step k * window, records forwards k*window .. k*window + record - 1 and is shipped
+at step k*window + record as a snapshot ``[k*window, k*window + record)``
+(:func:`window_at`). A rank that gets its schedule in the middle of a window (its welcome came
+at another step than its peers') starts recording at the next window, so the agent can merge
+the ranks' snapshots of one window into one. A commit, which every rank applies at the same
+step s, closes the open window (``[start, s)`` under the old epoch, so a window never spans
+two epochs) and records the rest of it (``[s, k*window + record)``) under the new one.
+Receiving the schedule it already follows changes nothing.
 
 The flag is only written when it changes (an in-place fill on the device), and on CUDA the
 counters go to pinned host memory with an async copy, shipped by a later :meth:`poll` once
@@ -24,9 +30,16 @@ import torch
 
 from eplbd_client._messages import Schedule
 
-__all__ = ["Recorder"]
+__all__ = ["Recorder", "window_at"]
 
 Ship = Callable[[torch.Tensor, int, int, int], None]  # counts [L, P], start, end, epoch
+
+
+def window_at(step: int, window_steps: int, record_steps: int) -> tuple[int, int, int]:
+    """The window that contains ``step``: (start, record end, window end), e.g.
+    ``window_at(37, 16, 4) == (32, 36, 48)``."""
+    start = step - step % window_steps
+    return start, start + record_steps, start + window_steps
 
 
 @dataclass(eq=False)
@@ -73,22 +86,28 @@ class Recorder:
         return self._rec_end if self.recording else self._win_end
 
     def set_schedule(self, s: Schedule, step: int, epoch: int) -> None:
+        sched = s if s.enabled and s.record_steps > 0 else None
+        if sched == self._sched:
+            return  # e.g. the agent welcomed us again: the window goes on
         self.close(step, epoch)
-        self._sched = s if s.enabled and s.record_steps > 0 else None
+        self._sched = sched
         self.open(step)
 
-    def open(self, step: int) -> None:
-        """Start a window at ``step`` if a schedule is set, else stop recording."""
+    def open(self, step: int, *, mid_window: bool = False) -> None:
+        """Record from ``step`` if it starts a window of the schedule or, with ``mid_window``
+        (a commit, applied by every rank at this step), if it falls in a window's recording
+        part; otherwise wait for the next window. No schedule: stop recording."""
         s = self._sched
         if s is None:
             self._set(False)
             return
-        self._win_start, self._rec_end, self._win_end = (
-            step,
-            step + s.record_steps,
-            step + s.window_steps,
-        )
-        self._set(True)
+        start, rec_end, win_end = window_at(step, s.window_steps, s.record_steps)
+        if step == start or (mid_window and step < rec_end):
+            self._win_start, self._rec_end, self._win_end = step, rec_end, win_end
+            self._set(True)
+        else:
+            self._win_start = self._rec_end = self._win_end = win_end
+            self._set(False)
 
     def close(self, step: int, epoch: int) -> None:
         """Ship what the open window recorded so far and stop recording."""
@@ -99,19 +118,11 @@ class Recorder:
     def tick(self, step: int, epoch: int) -> None:
         if self._sched is None:
             return
-        want = self.recording
         if self.recording and step >= self._rec_end:
             self._snapshot(self._win_start, step, epoch)
-            want = False
+            self._set(False)
         if step >= self._win_end:
-            s = self._sched
-            self._win_start, self._rec_end, self._win_end = (
-                step,
-                step + s.record_steps,
-                step + s.window_steps,
-            )
-            want = True
-        self._set(want)
+            self.open(step)
 
     def poll(self) -> None:
         """Ship the snapshots whose device-to-host copy has completed."""

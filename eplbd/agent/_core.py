@@ -27,6 +27,20 @@ is enough).
 Every incoming message is decoded and validated (against the group's model once the group
 is known); a bad one is counted per reason and per sender (:class:`~eplbd.wire.WireCounters`),
 logged, answered with ``error`` on the workers' control socket, and dropped.
+
+Why the agent watches its own pace: ``tick`` runs at least every ``min(heartbeat_s,
+merge_timeout_s) / 2``; a gap of ``stall_s`` (``dead_s / 2`` by default) or more between two
+ticks means the agent itself did not run (SIGSTOP, a starved host, a clock jump), not that
+its workers went quiet. It then
+gives every worker a fresh ``dead_s`` to be heard from (their connections need a moment to
+come back) and starts its planner session over, so the ``agent_hello`` tells the planner what
+every rank serves now. What each rank serves also arrives with every worker heartbeat
+(``epoch``) and hello: when it is newer than the agent knew (a ``committed`` lost on the way),
+the planner is told with a ``worker_joined``. A control message the loop could not hand to
+the planner socket is reported back (:meth:`AgentCore.planner_send_failed`), and so is a
+dropped connection to it (:meth:`AgentCore.planner_link_lost`): the workers' answers are kept
+for the next session and the session starts over, instead of being lost while the agent
+still believes the planner connected.
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from eplbd import __version__
 from eplbd.agent._merge import Merged, SnapshotMerger
@@ -109,7 +123,7 @@ class Send:
     to: str
     msg_type: str
     body: dict[str, Any]
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
     identity: bytes = b""
 
 
@@ -151,6 +165,11 @@ class CoreConfig:
     hello_backoff_max_s: float = 5.0
     max_bytes: int = DEFAULT_MAX_BYTES
     has_planner: bool = True
+    stall_s: float | None = None  # a gap between ticks this long is our own stall (dead_s / 2)
+
+    @property
+    def stall_after_s(self) -> float:
+        return self.dead_s / 2 if self.stall_s is None else self.stall_s
 
 
 @dataclass
@@ -160,6 +179,8 @@ class _Worker:
     last_seen: float
     epoch: int
     last_seq: int = -1
+    claimed: int = 0  # the newest epoch its heartbeats say it serves, and since when
+    claimed_at: float = 0.0
 
     @property
     def worker(self) -> str:
@@ -183,8 +204,8 @@ class _Group:
     model: ModelShape | None = None
     ep_size: int = 0
     epoch: int = 0  # last committed epoch known (0: the initial layout)
-    phy2log: torch.Tensor | None = None  # its layout [L, P] int64, None for epoch 0
-    pending: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)
+    phy2log: np.ndarray | None = None  # its layout [L, P] int64, None for epoch 0
+    pending: OrderedDict[int, np.ndarray] = field(default_factory=OrderedDict)
     held: deque[Merged] = field(default_factory=deque)
 
 
@@ -214,19 +235,21 @@ class AgentCore:
         self.dropped: dict[str, int] = {}  # reason -> count (held snapshots evicted, ...)
         self.events: dict[str, int] = {}  # workers joined/left/replaced, planner restarts...
         self.forwarded = {"complete": 0, "partial": 0}
-        self._seq = 0
+        self._seq: dict[str, int] = {}  # group -> last snapshot seq sent (numbered per group)
         now = clock.monotonic()
         # planner session
         self.planner_incarnation: str | None = None
         self.planner_last_seen: float | None = None
         self.synced = False  # welcome received since the last agent_hello
-        self._hello_members: set[tuple[str, str]] = set()  # workers our agent_hello listed
+        # workers our agent_hello listed, with the epoch it said each serves
+        self._hello_members: dict[tuple[str, str], int] = {}
         self._gone: dict[tuple[str, str], dict[str, Any]] = {}  # recent worker_left bodies
         self._pending_up: deque[Send] = deque()  # answers for a planner that is away
         self._backoff = config.hello_backoff_s
         self._next_hello = now
         self._next_planner_hb = now
         self._next_worker_hb = now
+        self._last_tick: float | None = None  # the loop's previous turn (None: not yet)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -275,13 +298,15 @@ class AgentCore:
             return []
         if self.synced:
             return [Send(PLANNER, msg_type, body)]
-        if msg_type in (WORKER_JOINED, WORKER_LEFT):
-            return []
+        if msg_type in (STAGED, ABORTED, COMMITTED):
+            self._hold_up(Send(PLANNER, msg_type, body))
+        return []  # membership: the next agent_hello carries it
+
+    def _hold_up(self, s: Send) -> None:
         if len(self._pending_up) >= _MAX_PENDING_UP:
             old = self._pending_up.popleft()
             self._bump(self.dropped, f"{old.msg_type}:planner_away")
-        self._pending_up.append(Send(PLANNER, msg_type, body))
-        return []
+        self._pending_up.append(s)
 
     # --- workers' control socket --------------------------------------------------------
 
@@ -323,9 +348,14 @@ class AgentCore:
         rec.last_seen = self._now()
         if msg.type == HEARTBEAT:
             try:
-                validate(msg)
+                body = validate(msg).body
             except WireError as e:
                 self._bad(self.worker_counters, e, rec.worker, msg.type)
+                return []
+            epoch = body.get("epoch")  # extra: the epoch the worker serves
+            if type(epoch) is int and rec.epoch < epoch < 2**63 and epoch != rec.claimed:
+                # its committed may still be on the way: tick() waits a heartbeat for it
+                rec.claimed, rec.claimed_at = epoch, rec.last_seen
             return []
         if msg.type in (STAGED, ABORTED, COMMITTED):
             return self._on_outcome(rec, msg)
@@ -393,8 +423,8 @@ class AgentCore:
         if known_again and old is not None:
             self.by_identity.pop(old.identity, None)
             old.identity, old.hello, old.last_seen = identity, body, now
-            old.epoch = max(old.epoch, int(body["epoch"]))
             rec = old
+            out += self._serves(rec, int(body["epoch"]))
         else:
             rec = _Worker(identity, body, now, int(body["epoch"]))
             self.workers[wid] = rec
@@ -418,7 +448,7 @@ class AgentCore:
             "schedule": self.schedule.body(),
             "agent": self.cfg.agent_id,
         }
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, np.ndarray] = {}
         p2l, model = g.phy2log, g.model
         if g.epoch > 0 and p2l is not None and model is not None and tuple(p2l.shape) == model.lp:
             body["epoch"] = g.epoch
@@ -482,6 +512,18 @@ class AgentCore:
         body.setdefault("agent", self.cfg.agent_id)
         self._bump(self.relayed, f"{msg.type}:up")
         return self._to_planner(msg.type, body)
+
+    def _serves(self, rec: _Worker, epoch: int) -> list[Send]:
+        """A worker says (hello, heartbeat) it serves ``epoch``. Newer than we knew means a
+        ``committed`` was lost on the way (a stall, a dropped connection): the planner is told
+        with a ``worker_joined`` carrying the worker's hello, whose epoch it registers."""
+        if epoch <= rec.epoch:
+            return []
+        rec.epoch = epoch
+        self._committed(rec.group, epoch)
+        self._bump(self.events, "epoch_learned")
+        log.info("worker serves a newer epoch", worker=rec.worker, group=rec.group, epoch=epoch)
+        return self._to_planner(WORKER_JOINED, self._joined_body(rec))
 
     def _committed(self, group: str, epoch: int) -> None:
         g = self.groups.get(group)
@@ -561,7 +603,7 @@ class AgentCore:
         return out
 
     def _snapshot_send(self, m: Merged) -> Send:
-        self._seq += 1
+        seq = self._seq[m.group] = self._seq.get(m.group, 0) + 1
         self.forwarded["complete" if m.complete else "partial"] += 1
         body = {
             "agent": self.cfg.agent_id,
@@ -569,7 +611,7 @@ class AgentCore:
             "node": self.cfg.node,
             "group": m.group,
             "ep_ranks": m.ep_ranks,
-            "seq": self._seq,
+            "seq": seq,
             "epoch": m.epoch,
             "step_start": m.step_start,
             "step_end": m.step_end,
@@ -582,7 +624,7 @@ class AgentCore:
     def agent_hello(self) -> Send:
         """The full state the planner needs after (re)connecting: every worker, its epoch."""
         workers = [self._hello_of(w) for w in self.workers.values()]
-        self._hello_members = {(w.worker, w.incarnation) for w in self.workers.values()}
+        self._hello_members = {(w.worker, w.incarnation): w.epoch for w in self.workers.values()}
         body = {
             "agent": self.cfg.agent_id,
             "incarnation": self.incarnation,
@@ -590,7 +632,6 @@ class AgentCore:
             "software_version": __version__,
             "protocol_version": PROTOCOL_VERSION,
             "workers": workers,
-            "layouts": {n: g.epoch for n, g in self.groups.items() if g.epoch > 0},
         }
         return Send(PLANNER, AGENT_HELLO, body)
 
@@ -608,6 +649,34 @@ class AgentCore:
         self._next_hello = self._now() + self._backoff
         self._bump(self.events, f"planner_resync:{why}")
         return [self.agent_hello()] if self.cfg.has_planner else []
+
+    def planner_send_failed(self, s: Send) -> list[Send]:
+        """The loop could not hand ``s`` to the planner's control socket (not connected, or
+        its queue full): nothing of it reached the planner. A worker's answer is kept for the
+        next session; a session we believed up is started over (its ``agent_hello`` carries
+        the membership and the epochs that may have been lost with ``s``)."""
+        if s.msg_type in (STAGED, ABORTED, COMMITTED):
+            self._hold_up(s)
+        if not self.synced or not self.cfg.has_planner:
+            return []
+        log.warning("send to the planner failed: resynchronising", type=s.msg_type)
+        return self._resync("send_failed")
+
+    def planner_link_lost(self) -> list[Send]:
+        """The connection to the planner dropped: what was queued on it may be lost (no
+        receipt), so a session we believed up starts over."""
+        if not self.synced or not self.cfg.has_planner:
+            return []
+        log.warning("planner connection lost: resynchronising")
+        return self._resync("disconnected")
+
+    def planner_link_up(self) -> list[Send]:
+        """A connection to the planner came up (its restart, the end of a partition): with no
+        session, say agent_hello now rather than at the next backoff step."""
+        if self.synced or not self.cfg.has_planner:
+            return []
+        self._next_hello = self._now() + self._backoff  # the next retry, if no welcome comes
+        return [self.agent_hello()]
 
     def on_planner(self, frames: Sequence[Any]) -> list[Send]:
         """A message from the planner on the control DEALER."""
@@ -669,17 +738,18 @@ class AgentCore:
 
     def _membership_since_hello(self) -> list[Send]:
         """worker_joined / worker_left for what changed between our agent_hello and its
-        welcome (those messages were not sent while the session was down)."""
+        welcome (those messages were not sent while the session was down): new workers, and
+        workers that serve another epoch than the agent_hello said."""
         out: list[Send] = []
         now = {(w.worker, w.incarnation): w for w in self.workers.values()}
         for key, w in now.items():
-            if key not in self._hello_members:
+            if self._hello_members.get(key) != w.epoch:
                 out.append(Send(PLANNER, WORKER_JOINED, self._joined_body(w)))
-        for worker, inc in self._hello_members - set(now):
+        for worker, inc in set(self._hello_members) - set(now):
             gone = self._gone.get((worker, inc))
             if gone is not None:
                 out.append(Send(PLANNER, WORKER_LEFT, gone))
-        self._hello_members = set(now)
+        self._hello_members = {k: w.epoch for k, w in now.items()}
         return out
 
     def _layouts_up(self) -> list[Send]:
@@ -704,13 +774,13 @@ class AgentCore:
                 out.append(self._snapshot_send(g.held.popleft()))
         return out
 
-    def _on_layout(self, body: dict[str, Any], phy2log: torch.Tensor) -> list[Send]:
+    def _on_layout(self, body: dict[str, Any], phy2log: np.ndarray) -> list[Send]:
         name, epoch = str(body["group"]), int(body["epoch"])
         g = self._group(name)
         if g is None:
             return []
         if epoch > g.epoch or (epoch == g.epoch and g.phy2log is None and epoch > 0):
-            g.epoch, g.phy2log = epoch, phy2log.to(torch.int64).contiguous()
+            g.epoch, g.phy2log = epoch, np.ascontiguousarray(phy2log, dtype=np.int64)
             for e in [e for e in g.pending if e <= epoch]:
                 del g.pending[e]
             log.info("layout from the planner", group=name, epoch=epoch)
@@ -769,10 +839,16 @@ class AgentCore:
         """Run the timers; call at least every ``min(heartbeat_s, merge_timeout_s) / 2``."""
         now = self._now()
         out: list[Send] = []
-        # dead workers (any message refreshes last_seen)
+        if self._last_tick is not None and now - self._last_tick >= self.cfg.stall_after_s:
+            out += self._resumed(now - self._last_tick)
+        self._last_tick = now
         for w in list(self.workers.values()):
+            # dead workers (any message refreshes last_seen)
             if now - w.last_seen >= self.cfg.dead_s:
                 out += self._remove(w, "timeout")
+            # an epoch a worker's heartbeats report and no committed brought in time
+            elif w.claimed > w.epoch and now - w.claimed_at >= self.cfg.heartbeat_s:
+                out += self._serves(w, w.claimed)
         # merge timeouts and windows completed by a rank leaving
         out += self._forward(self.merger.expire(now, self.local_ranks))
         # heartbeats to workers
@@ -797,6 +873,21 @@ class AgentCore:
             self._next_hello = now + self._backoff
             out.append(self.agent_hello())
         return out
+
+    def _resumed(self, gap: float) -> list[Send]:
+        """The agent did not run for ``gap`` seconds: its workers' silence is its own."""
+        now = self._now()
+        self._bump(self.events, "stalled")
+        log.warning(
+            "agent stalled: workers get a fresh dead timeout; resynchronising with the planner",
+            stalled_s=round(gap, 3),
+            workers=len(self.workers),
+        )
+        for w in self.workers.values():
+            w.last_seen = now
+        if self.synced and self.cfg.has_planner:
+            return self._resync("stalled")
+        return []
 
     def next_deadline(self) -> float:
         """When ``tick`` next has something to do (monotonic seconds), for the poll timeout."""

@@ -11,7 +11,10 @@ One thread owns all four sockets (one socket, one thread):
 
 Every send is non-blocking: a full queue or a vanished peer is a counted drop, so neither a
 slow planner nor a stuck worker can stall the loop, and the loop never waits on anything but
-its poller (at most 50 ms, so a stop request is seen quickly).
+its poller (at most 50 ms, so a stop request is seen quickly). A control message the planner
+socket refused goes back to the core (``planner_send_failed``), which keeps the workers'
+answers and starts the session over; so does a dropped connection to the planner (a socket
+monitor on the DEALER: ZeroMQ gives no receipt for what was queued on it).
 
 :func:`start_agent` runs an agent in a thread of the calling process (tests, the demo);
 ``eplbd agent`` (:mod:`eplbd.cli.agent_cmd`) runs :meth:`AgentDaemon.run` in its main thread.
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from eplbd.agent._core import (
     PLANNER,
@@ -51,7 +55,6 @@ from eplbd.ops.logging import get_logger
 from eplbd.ops.metrics import MetricsServer, Registry, serve_metrics
 from eplbd.ops.sdnotify import Watchdog
 from eplbd.wire import (
-    CONTROL_OPTIONS,
     SocketOptions,
     WireError,
     WireSocket,
@@ -73,7 +76,12 @@ _BATCH = 256  # messages taken from one socket per loop turn (fairness between s
 #: of held snapshots after an outage.
 # Telemetry sockets run without ZMTP heartbeats, as eplbd.wire.TELEMETRY_OPTIONS explains.
 _WORKER_SNAPSHOT_OPTIONS = SocketOptions(sndhwm=4, rcvhwm=64, heartbeat_ivl_ms=0)
-_PLANNER_SNAPSHOT_OPTIONS = SocketOptions(sndhwm=256, rcvhwm=4, heartbeat_ivl_ms=0)
+_PLANNER_SNAPSHOT_OPTIONS = SocketOptions(
+    sndhwm=256, rcvhwm=4, heartbeat_ivl_ms=0, reconnect_ivl_max_ms=1000
+)
+#: To the planner: reconnect at least every second (not libzmq's backoff to 5 s), so that
+#: after a planner restart or a partition every agent is back within about a second.
+_PLANNER_CONTROL_OPTIONS = SocketOptions(reconnect_ivl_max_ms=1000)
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,7 @@ class AgentDaemon:
         self._pull: WireSocket | None = None
         self._dealer: WireSocket | None = None
         self._push: WireSocket | None = None
+        self._monitor: zmq.Socket[Any] | None = None  # the planner DEALER: (dis)connections
         self._planner_service: Any = None
         self._metrics_server: MetricsServer | None = None
         self._status: dict[str, Any] = self.core.status()
@@ -176,7 +185,9 @@ class AgentDaemon:
                 counters=self.core.worker_counters,
             )
             if s.embedded_planner:
-                self._planner_service = start_embedded_planner(self, self.planner_settings)
+                self._planner_service = start_embedded_planner(
+                    self.planner_settings, clock=self.clock, registry=self.registry
+                )
             if self.endpoints.planner is not None:
                 curve = None
                 if s.curve_secret_key is not None and s.curve_server_key is not None:
@@ -186,8 +197,11 @@ class AgentDaemon:
                     self.endpoints.planner,
                     identity=s.node,
                     curve=curve,
-                    options=CONTROL_OPTIONS,
+                    options=_PLANNER_CONTROL_OPTIONS,
                     counters=self.core.planner_counters,
+                )
+                self._monitor = self._dealer.socket.get_monitor_socket(
+                    zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                 )
                 assert self.endpoints.planner_snapshots is not None
                 self._push = snapshot_sender(
@@ -228,6 +242,11 @@ class AgentDaemon:
     def close(self) -> None:
         """Close every socket (linger 0), release the lock files, stop the embedded planner
         and the metrics endpoint. Idempotent."""
+        if self._monitor is not None:
+            if self._dealer is not None:
+                self._dealer.socket.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
         for sock in (self._push, self._dealer, self._pull, self._router):
             if sock is not None:
                 sock.close()
@@ -269,6 +288,8 @@ class AgentDaemon:
             readers.append((self._dealer, self.core.on_planner))
         for sock, _ in readers:
             poller.register(sock.socket, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         self._send(self.core.tick())
         while not stop.is_set():
             wait = self.core.next_deadline() - self.clock.monotonic()
@@ -279,6 +300,8 @@ class AgentDaemon:
                 if e.errno == zmq.ETERM:
                     break
                 raise
+            if self._monitor is not None and self._monitor in ready:
+                self._planner_link_events()
             for sock, handle in readers:
                 if sock.socket in ready:
                     self._drain(sock, handle)
@@ -293,6 +316,21 @@ class AgentDaemon:
             if self.watchdog is not None:
                 self.watchdog.progress()
                 self.watchdog.maybe_ping()
+
+    def _planner_link_events(self) -> None:
+        """The connection to the planner dropped (a ZMTP heartbeat timed out, the planner
+        went): what was sent on it may never have arrived, so the core starts over. It came
+        up: the core says agent_hello at once if it has no session."""
+        assert self._monitor is not None
+        while True:
+            try:
+                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_DISCONNECTED:
+                self._send(self.core.planner_link_lost())
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._send(self.core.planner_link_up())
 
     def _drain(self, sock: WireSocket, handle: Callable[[list[Any]], list[Send]]) -> None:
         for _ in range(_BATCH):
@@ -320,9 +358,12 @@ class AgentDaemon:
             if sock is None:
                 continue
             try:
-                sock.send(s.msg_type, s.body, s.tensors or None, to=to)
+                ok = sock.send(s.msg_type, s.body, s.tensors or None, to=to)
             except WireError as e:
                 log.error("cannot encode", type=s.msg_type, error=str(e))
+                continue
+            if not ok and s.to == PLANNER:  # counted by the socket; the core keeps what matters
+                self._send(self.core.planner_send_failed(s))
 
     def _publish(self, force: bool = False) -> None:
         now = self.clock.monotonic()

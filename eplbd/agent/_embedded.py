@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 from eplbd.ops import settings as cfg
 
 if TYPE_CHECKING:
-    from eplbd.agent._daemon import AgentDaemon
     from eplbd.agent._settings import AgentSettings
+    from eplbd.ops.clock import Clock
+    from eplbd.ops.metrics import Registry
 
 __all__ = ["embedded_planner_settings", "start_embedded_planner"]
 
@@ -38,8 +39,8 @@ def embedded_planner_settings(
 ) -> Any:
     """The embedded planner's settings: its defaults < the config file's ``[planner]`` table
     (and top-level keys) < ``EPLBD_PLANNER_*`` < what the agent fixes (ipc endpoints in the
-    runtime dir, the state dir, no metrics endpoint of its own, the agent's heartbeat and
-    recording schedule). Raises :class:`~eplbd.ops.ConfigError`."""
+    runtime dir, the state dir, no metrics endpoint of its own, the agent's heartbeat and log
+    level; ``--reset-state`` of either). Raises :class:`~eplbd.ops.ConfigError`."""
     from eplbd.controller import PlannerSettings
 
     args: dict[str, Any] = {"config": str(config)} if config is not None else {}
@@ -50,9 +51,8 @@ def embedded_planner_settings(
     }
     base = cfg.load(PlannerSettings, args, env)
     overrides = {
+        "reset_state": agent.reset_state or base.reset_state,
         "heartbeat_s": agent.heartbeat_s,
-        "window_steps": agent.window_steps,
-        "record_steps": agent.record_steps,
         "log_level": agent.log_level,
     }
     return PlannerSettings.embedded(
@@ -67,15 +67,13 @@ def _fields_of(s: Any) -> dict[str, Any]:
     return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in fixed}
 
 
-def start_embedded_planner(daemon: AgentDaemon, planner_settings: Any = None) -> Any:
+def start_embedded_planner(planner_settings: Any, *, clock: Clock, registry: Registry) -> Any:
     """Start the planner service in a thread; return it once it serves (``.stop()`` ends it).
 
-    Raises what kept it from starting (its state dir locked by another planner, a corrupt
-    state file, a socket in use)."""
+    ``clock`` is the agent's (one time base per process), ``registry`` the agent's metrics
+    registry (one ``/metrics`` endpoint per process). Raises what kept it from starting (its
+    state dir locked by another planner, a corrupt state file, a socket in use)."""
     from eplbd.controller import PlannerService
 
-    ps = planner_settings
-    if ps is None:
-        ps = embedded_planner_settings(daemon.settings, environ={})
-    svc = PlannerService(ps, clock=daemon.clock, registry=daemon.registry)
+    svc = PlannerService(planner_settings, clock=clock, registry=registry)
     return svc.run_in_thread()

@@ -12,7 +12,7 @@ out with the ranks it has, listed in ``ep_ranks``. A rank's snapshot that arrive
 window went out is forwarded on its own at once. Memory is bounded: at most
 ``max_open_per_group`` open windows per group (the oldest goes out early past that).
 
-Pure: tensors and a clock reading in, :class:`Merged` records out. No sockets.
+Pure: numpy arrays and a clock reading in, :class:`Merged` records out. No sockets, no torch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 __all__ = ["Merged", "SnapshotMerger", "WindowKey"]
 
@@ -46,14 +46,14 @@ class Merged:
     step_end: int
     ep_ranks: list[int]
     tokens: int
-    counts: torch.Tensor
+    counts: np.ndarray
     complete: bool
 
 
 @dataclass
 class _Open:
     opened: float
-    counts: torch.Tensor  # int64 [L, P]
+    counts: np.ndarray  # int64 [L, P]
     tokens: int = 0
     ranks: set[int] = field(default_factory=set)
 
@@ -86,7 +86,7 @@ class SnapshotMerger:
         step_end: int,
         ep_rank: int,
         tokens: int,
-        counts: torch.Tensor,
+        counts: np.ndarray,
         *,
         now: float,
         expected: Callable[[str], set[int]],
@@ -99,7 +99,7 @@ class SnapshotMerger:
         """
         key: WindowKey = (group, epoch, step_start, step_end)
         if key in self._flushed:
-            c = counts.to(torch.int64)
+            c = counts.astype(np.int64)
             return [self._merged(key, _Open(now, c, tokens, {ep_rank}), expected)]
         win = self._open.get(key)
         out: list[Merged] = []
@@ -107,7 +107,7 @@ class SnapshotMerger:
             mine = [k for k in self._open if k[0] == group]
             if len(mine) >= self.max_open_per_group:
                 out.append(self._flush(mine[0], expected))
-            win = _Open(now, torch.zeros(counts.shape, dtype=torch.int64))
+            win = _Open(now, np.zeros(counts.shape, dtype=np.int64))
             self._open[key] = win
         if ep_rank in win.ranks:
             self.duplicates += 1
@@ -148,8 +148,8 @@ class SnapshotMerger:
     def _merged(key: WindowKey, win: _Open, expected: Callable[[str], set[int]]) -> Merged:
         group, epoch, s0, s1 = key
         counts = win.counts
-        if counts.numel() == 0 or int(counts.max()) <= _INT32_MAX:
-            counts = counts.to(torch.int32)
+        if counts.size == 0 or int(counts.max()) <= _INT32_MAX:
+            counts = counts.astype(np.int32)
         return Merged(
             group=group,
             epoch=epoch,

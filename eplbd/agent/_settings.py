@@ -90,8 +90,14 @@ class AgentSettings:
         help="the embedded planner's state directory",
         check=cfg.check_path(absolute=True, directory=True),
     )
+    reset_state: bool = cfg.setting(
+        False,
+        help="the embedded planner: move unreadable state files aside (<file>.corrupt-<time>) "
+        "instead of refusing to start",
+    )
     node: str = cfg.setting(
         default_factory=socket.gethostname,
+        shown_default="the host name",
         help="this node's name (also the agent's id at the planner)",
         check=_check_node,
     )

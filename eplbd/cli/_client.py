@@ -11,18 +11,21 @@ Where the planner is (:func:`planner_endpoint`), in this order:
   planner listens on ``ipc://DIR/planner.sock``;
 - otherwise ``/run/eplbd/planner.sock`` when it exists, else ``tcp://127.0.0.1:7050``.
 
-A flag beats an environment variable beats ``--config FILE`` (``EPLBD_CLI_CONFIG``, keys at
-the top level or in a ``[cli]`` table). ``EPLBD_CONFIG``, the daemons' shared file, is not
-read: its top-level keys are daemon settings.
+A flag beats an environment variable beats ``--config FILE`` (``EPLBD_CLI_CONFIG``, then
+``EPLBD_CONFIG``, the daemons' shared file): a ``[cli]`` table, or, in a daemon's own file,
+the planner's address from its ``[agent]`` or ``[planner]`` table
+(:meth:`CliSettings.values_from_config`), so ``eplbd status --config /etc/eplbd/eplbd.toml``
+finds the planner the daemons use.
 
 Every request has a deadline (``--timeout``, default 5 s) and each takes a fresh socket, so
 a late reply to an abandoned request can never be read as the answer to the next one. Exit
 codes (:mod:`eplbd.ops.exits`):
 
 - 69 unreachable: no connection within the deadline, connection refused, no socket file,
-  handshake (CURVE) refused;
-- 75 timeout: connected and the request sent, but no reply within the deadline (a wedged
-  planner), or ``--wait`` ran out;
+  a peer that is not a planner this client can talk to (the handshake fails: CURVE refused
+  or missing, or not a ZeroMQ peer at all);
+- 75 timeout: something accepted the connection but no reply came within the deadline (a
+  wedged planner: stopped, overloaded), or ``--wait`` ran out;
 - 78 bad configuration: an invalid setting (endpoint, timeout, key files);
 - 1 error: the planner answered with an ``error`` or refused the command.
 
@@ -60,6 +63,7 @@ __all__ = [
     "CliSettings",
     "PlannerClient",
     "add_common_arguments",
+    "check_layers",
     "check_watch",
     "fail",
     "layer_list",
@@ -106,6 +110,48 @@ class CliSettings:
         None, help="the planner's CURVE public key file (NAME.key)"
     )
 
+    @staticmethod
+    def values_from_config(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The CLI's settings in a config file, which may be a daemon's own: top-level keys
+        of ours (the daemons' are theirs and skipped), then where the planner is from the
+        ``[agent]`` table (its ``planner``, or the runtime dir of an ``embedded_planner``)
+        or else the ``[planner]`` table (``listen``, a wildcard host read as loopback),
+        then the ``[cli]`` table, strictly (an unknown key there is an error)."""
+        names = {spec.name for spec in cfg.specs(CliSettings)}
+        values = {
+            k.replace("-", "_"): v
+            for k, v in data.items()
+            if not isinstance(v, dict) and k.replace("-", "_") in names
+        }
+        values.update(_planner_from_daemon_tables(data))
+        cli_table = data.get("cli")
+        if isinstance(cli_table, dict):
+            values.update(cfg.read_table(CliSettings, cli_table, "cli.", where))
+        return values
+
+
+def _planner_from_daemon_tables(data: Mapping[str, Any]) -> dict[str, Any]:
+    """{"planner": ENDPOINT} or {"runtime_dir": DIR} from a daemon's config tables."""
+
+    def get(table: Any, key: str) -> Any:
+        if not isinstance(table, dict):
+            return None
+        return table.get(key, table.get(key.replace("_", "-")))
+
+    agent, planner = data.get("agent"), data.get("planner")
+    if get(agent, "embedded_planner") is True:
+        return {"runtime_dir": get(agent, "runtime_dir") or str(DEFAULT_RUNTIME_DIR)}
+    if isinstance(get(agent, "planner"), str):
+        return {"planner": get(agent, "planner")}
+    listen = get(planner, "listen")
+    if isinstance(listen, str):
+        if listen.startswith("tcp://"):
+            host, _, port = listen[len("tcp://") :].rpartition(":")
+            host = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+            listen = f"tcp://{host}:{port}"
+        return {"planner": listen}
+    return {}
+
 
 class CliError(Exception):
     """A failure with the exit code it maps to; ``str()`` is the one line for stderr."""
@@ -151,6 +197,20 @@ def layer_list(text: str) -> list[int]:
     return sorted(out)
 
 
+def check_layers(layers: list[int] | None, num_layers: int | None, group: str) -> None:
+    """Refuse layers the model does not have (CliError 1), as the planner refuses them in
+    ``freeze --layers``: a view must not quietly show fewer layers than were asked for."""
+    if layers is None or num_layers is None:
+        return
+    bad = [x for x in layers if x >= num_layers]
+    if bad:
+        raise CliError(
+            f"layers {bad} do not exist in group {group} (the model has {num_layers})",
+            EXIT_ERROR,
+            "bad_layers",
+        )
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser, *, watch: bool = False, layers: bool = True
 ) -> None:
@@ -179,7 +239,6 @@ def load_settings(
 ) -> CliSettings:
     """The CLI settings from flags, the environment and ``--config``; CliError(78) if bad."""
     env = dict(os.environ if environ is None else environ)
-    env.pop("EPLBD_CONFIG", None)  # the daemons' file: its top-level keys are not ours
     try:
         s = cfg.load(CliSettings, args, env)
     except cfg.ConfigError as e:
@@ -213,6 +272,54 @@ def planner_endpoint(s: CliSettings) -> str:
 
 # ---------------------------------------------------------------------------------------
 # requests
+
+
+#: The start of a ZMTP 3 greeting: signature and major version. A server answers it with its
+#: whole greeting (mechanism included) before it has seen ours.
+_ZMTP_HELLO = b"\xff" + bytes(8) + b"\x7f" + b"\x03"
+
+#: :func:`zmtp_mechanism` when the peer closed the connection / never answered.
+HUNG_UP, SILENT = "(hung up)", "(silent)"
+
+
+def zmtp_mechanism(endpoint: str, timeout_s: float) -> str:
+    """What a ZeroMQ server at ``endpoint`` announces in its greeting: its security mechanism
+    (``NULL``, ``CURVE``), or :data:`HUNG_UP` when the peer closed the connection or answered
+    something else (not a ZeroMQ server), or :data:`SILENT` when it accepted the connection
+    but said nothing within ``timeout_s`` (a stopped process). A diagnostic for a failed
+    handshake; stdlib sockets only."""
+    import socket
+
+    family: int
+    address: Any
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address = (host, int(port))
+    elif endpoint.startswith("ipc://"):
+        family, address = socket.AF_UNIX, endpoint[len("ipc://") :]
+    else:
+        return HUNG_UP
+    data = b""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout_s)
+            s.connect(address)
+            s.sendall(_ZMTP_HELLO)
+            while len(data) < 32:
+                chunk = s.recv(64 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+    except TimeoutError:
+        if not data:
+            return SILENT
+    except (OSError, ValueError):
+        pass
+    if len(data) < 32 or data[0] != 0xFF or data[9] != 0x7F:
+        return HUNG_UP
+    return data[12:32].rstrip(b"\0").decode("ascii", "replace") or HUNG_UP
 
 
 class PlannerClient:
@@ -269,8 +376,44 @@ class PlannerClient:
             "unreachable",
         )
 
+    def _timeout(self, sent: bool) -> CliError:
+        how = "" if sent else " (the connection was accepted; is it stopped or overloaded?)"
+        return CliError(
+            f"the planner at {self.endpoint} did not answer within {self.timeout_s:g} s{how}",
+            EXIT_TIMEOUT,
+            "timeout",
+        )
+
+    def _handshake_failed(self, left_s: float) -> CliError:
+        """Why the peer hung up during the ZeroMQ handshake, from the greeting it sends."""
+        mechanism = zmtp_mechanism(self.endpoint, min(1.0, max(0.05, left_s)))
+        if mechanism == SILENT:  # the handshake timed out: it accepts but does not answer
+            return self._timeout(False)
+        if mechanism == HUNG_UP:
+            why = (
+                "the peer closed the connection before a ZeroMQ handshake: no eplbd planner "
+                "there (another service on that port, or a proxy or firewall in the way)"
+            )
+        elif mechanism == "CURVE" and self._curve is None:
+            why = (
+                "handshake failed: this planner requires CURVE keys (--curve-secret-key and "
+                "--curve-server-key, or EPLBD_CLI_CURVE_SECRET_KEY / EPLBD_CLI_CURVE_SERVER_KEY)"
+            )
+        elif mechanism == "CURVE":
+            why = "handshake failed (is --curve-server-key the planner's public key?)"
+        elif self._curve is not None:
+            why = f"handshake failed: this planner does not use CURVE ({mechanism}); drop the keys"
+        else:
+            why = f"handshake failed ({mechanism})"
+        return self._unreachable(why, hint=False)
+
     def request(self, msg_type: str, body: Mapping[str, Any]) -> Any:
-        """Send one message and return the validated reply (a ``Message``)."""
+        """Send one message and return the validated reply (a ``Message``).
+
+        69: nothing accepts the connection (refused, no socket file, no route within the
+        deadline), or the peer is not a planner this client can talk to (the handshake fails);
+        75: something accepted the connection but no reply came in time (a wedged planner:
+        SIGSTOP, overload); 1: the planner answered with an error."""
         import zmq
         from zmq.utils.monitor import recv_monitor_message
 
@@ -286,7 +429,8 @@ class PlannerClient:
         except (BindError, zmq.ZMQError, ValueError) as e:
             raise CliError(f"bad planner endpoint {self.endpoint!r}: {e}", EXIT_CONFIG) from None
         mon = sock.socket.get_monitor_socket(
-            zmq.EVENT_CONNECT_RETRIED
+            zmq.EVENT_CONNECTED
+            | zmq.EVENT_CONNECT_RETRIED
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -297,26 +441,32 @@ class PlannerClient:
             poller.register(mon, zmq.POLLIN)
             poller.register(sock.socket, zmq.POLLOUT)
             sent = False
+            connected = False  # something accepted a connection (a wedged planner does)
             retried = 0
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    if not sent:
-                        raise self._unreachable(f"no connection within {self.timeout_s:g} s")
-                    raise CliError(
-                        f"the planner at {self.endpoint} did not answer within "
-                        f"{self.timeout_s:g} s (connected; is it overloaded or stuck?)",
-                        EXIT_TIMEOUT,
-                        "timeout",
-                    )
+                    # the monitor may miss an ipc connection made before it started: ask the
+                    # peer directly whether something accepts and stays silent
+                    if sent or connected or zmtp_mechanism(self.endpoint, 0.5) == SILENT:
+                        raise self._timeout(sent)
+                    raise self._unreachable(f"no connection within {self.timeout_s:g} s")
                 events = dict(poller.poll(max(1, int(left * 1000))))
                 if mon in events:
                     ev = recv_monitor_message(mon)
                     kind = ev["event"]
+                    if kind == zmq.EVENT_CONNECTED:
+                        connected, retried = True, 0
                     if kind == zmq.EVENT_CONNECT_RETRIED:
                         # the monitor starts after connect(): the first retry may follow a
-                        # handshake failure it did not see; the next attempt tells them apart
+                        # failure it did not see; a second one in a row is a refusal
                         retried += 1
+                        if retried >= 2 and sent:
+                            raise self._unreachable(
+                                "the connection closed before the reply, and nothing listens "
+                                "there now",
+                                hint=False,
+                            )
                         if retried >= 2:
                             raise self._unreachable("connection refused")
                     if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -329,19 +479,9 @@ class PlannerClient:
                         zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
                         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                     ):
-                        raise self._unreachable(
-                            "handshake failed (a CURVE planner needs --curve-secret-key and "
-                            "--curve-server-key)"
-                            if self._curve is None
-                            else "handshake failed (is --curve-server-key the planner's key?)",
-                            hint=False,
-                        )
-                    if kind == zmq.EVENT_DISCONNECTED and sent:
-                        raise self._unreachable(
-                            "the connection closed before the reply", hint=False
-                        )
-                    if kind == zmq.EVENT_DISCONNECTED:
-                        retried = 0  # it connected: a refusal now would be news
+                        raise self._handshake_failed(deadline - time.monotonic())
+                    # EVENT_DISCONNECTED: a wedged planner's connection times out (ZMTP
+                    # heartbeats) and is made again; keep waiting, the deadline decides
                 if not sent and sock.socket in events:
                     if not sock.send(msg_type, body, timeout_ms=0):
                         continue
@@ -368,13 +508,17 @@ class PlannerClient:
             mon.close(linger=0)
             sock.close()
 
-    def status(self, what: str = "status", group: str | None = None) -> dict[str, Any]:
+    def status(
+        self, what: str = "status", group: str | None = None, *, epoch: int | None = None
+    ) -> dict[str, Any]:
         """``status_request`` -> the reply's ``data`` map (schemas in docs/daemons.md)."""
         from eplbd.wire import STATUS_REPLY, STATUS_REQUEST
 
         body: dict[str, Any] = {"what": what}
         if group is not None:
             body["group"] = group
+        if epoch is not None:
+            body["epoch"] = epoch
         msg = self.request(STATUS_REQUEST, body)
         if msg.type != STATUS_REPLY:
             raise CliError(f"unexpected reply {msg.type!r} to a status request", EXIT_ERROR)

@@ -8,7 +8,10 @@
 Settings: defaults < ``--config FILE`` (``[agent]`` table) < ``EPLBD_AGENT_*``/``EPLBD_*`` <
 flags; a bad one exits 78 naming the field. The settings are logged at start. Under systemd
 (``Type=notify``): READY once the sockets are bound, STATUS lines, WATCHDOG only while the
-loop turns, STOPPING on SIGTERM. Another agent on the same runtime directory: exit 1.
+loop turns, STOPPING on SIGTERM. Another agent on the same runtime directory: exit 1. With
+``--embedded-planner``, the planner's start failures exit as ``eplbd planner`` does (78 for
+an unreadable state file or an unusable state directory; ``--reset-state`` moves such a file
+aside).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         check_agent_settings,
         embedded_planner_settings,
     )
+    from eplbd.cli.planner_cmd import start_failure
     from eplbd.ops import sdnotify
     from eplbd.ops.logging import configure_logging, get_logger
     from eplbd.ops.sdnotify import Watchdog
@@ -59,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     log = get_logger("eplbd.agent")
     log.info("settings", **cfg.describe(settings))
+    if planner_settings is not None:
+        log.info("embedded planner settings", **cfg.describe(planner_settings))
 
     stop = threading.Event()
 
@@ -72,9 +78,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         daemon.open()
     except Exception as e:  # BindError (another agent), the planner's store locked, ...
-        log.error("agent cannot start", error=str(e), kind=type(e).__name__)
-        print(f"eplbd agent: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        # the embedded planner fails as `eplbd planner` does: same message, same exit code
+        code, message = start_failure(e) or (EXIT_ERROR, str(e))
+        log.error("agent cannot start", error=message, kind=type(e).__name__)
+        print(f"eplbd agent: {message}", file=sys.stderr)
+        return code
     ep = daemon.endpoints
     log.info(
         "agent serving",

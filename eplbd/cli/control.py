@@ -36,15 +36,28 @@ from eplbd.cli._client import (
 from eplbd.cli._output import Output
 from eplbd.ops.exits import EXIT_ERROR, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
 
-__all__ = ["add_arguments", "resolve_group", "run"]
+__all__ = ["add_arguments", "epoch_number", "resolve_group", "run"]
 
 _FINISHED = ("committed", "aborted")
+
+
+def epoch_number(text: str) -> int:
+    """An epoch on the command line: an integer in [0, 2^63) (argparse type: else exit 2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an epoch number") from None
+    if not 0 <= n < 2**63:
+        raise argparse.ArgumentTypeError(f"{text}: epochs are 0 (the default layout) or above")
+    return n
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     op = parser.get_default("command")
     if op == "rollback":
-        parser.add_argument("epoch", type=int, metavar="EPOCH", help="the epoch to go back to")
+        parser.add_argument(
+            "epoch", type=epoch_number, metavar="EPOCH", help="the epoch to go back to (>= 0)"
+        )
     if op in ("rebalance", "rollback"):
         parser.add_argument(
             "--dry-run", action="store_true", help="show the plan and its figures, apply nothing"

@@ -12,7 +12,8 @@ the epochs, moves and commit times, checks every output against the no-EPLB refe
 ends with a summary (``--json``: one JSON object on stdout, progress on stderr).
 
 Exit codes: 0 when every output matched and at least one rebalance committed on every rank;
-1 otherwise (or when a process failed); 2 for impossible shapes; 130 on Ctrl-C (after
+1 otherwise (or when a process failed); 2 for impossible shapes; 78 for a trace file that
+cannot be replayed (not an .npz of <domain>_topk_ids integer arrays); 130 on Ctrl-C (after
 stopping every process and removing the temporary directory). See docs/demo.md.
 """
 
@@ -25,7 +26,7 @@ from dataclasses import replace
 from types import FrameType
 
 from eplbd.cli._output import Output, add_output_arguments
-from eplbd.ops.exits import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from eplbd.ops.exits import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 __all__ = ["add_arguments", "build_config", "run"]
 
@@ -81,12 +82,8 @@ def build_config(args: argparse.Namespace) -> object:
         from eplbd.demo._trace import default_trace_path, load_trace, pick_layers
 
         path = trace or str(default_trace_path())
-        try:
-            probe = load_trace(path, [0])
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"cannot read trace {path}: {e}") from None
-        available = int(_trace_layers(path))
-        layers = pick_layers(available, args.layers)
+        probe = load_trace(path, [0])  # TraceError: the file itself is wrong (exit 78)
+        layers = pick_layers(probe.layers_in_file, args.layers)
         cfg = replace(
             cfg,
             trace=str(path),
@@ -118,14 +115,6 @@ def build_config(args: argparse.Namespace) -> object:
     return cfg
 
 
-def _trace_layers(path: str) -> int:
-    import numpy as np
-
-    with np.load(path) as z:
-        key = next(k for k in z.files if k.endswith("_topk_ids"))
-        return int(z[key].shape[1])
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -134,9 +123,13 @@ def run(args: argparse.Namespace) -> int:
     from eplbd.demo._config import DemoConfig
     from eplbd.demo._display import Display, render_summary
     from eplbd.demo._driver import DemoError, DemoRun
+    from eplbd.demo._trace import TraceError
 
     try:
         cfg = build_config(args)
+    except TraceError as e:
+        print(f"eplbd demo: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except ValueError as e:
         print(f"eplbd demo: {e}", file=sys.stderr)
         return EXIT_USAGE

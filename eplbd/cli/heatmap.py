@@ -22,7 +22,13 @@ import argparse
 import shutil
 from typing import Any
 
-from eplbd.cli._client import PlannerClient, add_common_arguments, fmt_balance, watch_loop
+from eplbd.cli._client import (
+    PlannerClient,
+    add_common_arguments,
+    check_layers,
+    fmt_balance,
+    watch_loop,
+)
 from eplbd.cli._output import ASCII_RAMP, UNICODE_RAMP, Output
 
 __all__ = ["add_arguments", "fetch", "render", "run"]
@@ -49,6 +55,8 @@ def fetch(client: PlannerClient, group: str | None, layers: list[int] | None) ->
     data["endpoint"] = client.endpoint
     if layers is not None:
         for g in data.get("groups") or []:
+            by_gpu = g.get("by_gpu")
+            check_layers(layers, None if by_gpu is None else len(by_gpu), str(g.get("group")))
             for key in ("by_gpu", "by_expert", "replicas"):
                 rows = g.get(key)
                 if rows is not None:

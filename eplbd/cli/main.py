@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "freeze": ("control", "stop rebalancing a group or some layers"),
     "unfreeze": ("control", "resume rebalancing a group or some layers"),
     "rollback": ("control", "go back to an earlier epoch's layout"),
+    "layout": ("layout", "show a layout (or write it for eplbd plan --previous), or diff two"),
     "plan": ("plan", "plan a layout offline from a load file"),
     "keygen": ("keygen", "generate a CURVE key pair"),
     "demo": ("demo", "run planner, agent and workers on this machine, live"),

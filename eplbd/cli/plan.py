@@ -23,7 +23,7 @@ steps (the model works per step); ``--exact``: the load is one step's exact rows
 forecast).
 
 Exit codes: 0 ok, 2 usage, 78 bad input (unreadable or malformed file, bad shape, negative
-or non-finite load, inconsistent flags), 1 anything else (e.g. ``-o`` not writable).
+or non-finite load or one above 2^53, inconsistent flags), 1 anything else (e.g. ``-o`` not writable).
 torch and numpy are imported only when the command runs.
 """
 
@@ -40,6 +40,10 @@ from eplbd.ops.exits import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
 __all__ = ["add_arguments", "load_file", "run"]
 
 PROG = "eplbd plan"
+
+#: The largest load accepted: exact in float64, and sums over a layer stay far inside the
+#: float32 range the planner may compute in (above it, sums overflow to inf, then NaN).
+MAX_LOAD = float(2**53)
 
 
 class InputError(Exception):
@@ -157,7 +161,15 @@ def load_file(path: str) -> Any:
         raise InputError(f"{path}: expected numbers in a rectangular [layers][experts] array")
     if arr.ndim != 2:
         raise InputError(f"{path}: expected 2 dimensions [layers][experts], got shape {arr.shape}")
-    return arr.astype(np.float64)
+    arr = arr.astype(np.float64)
+    for bad, what in ((~np.isfinite(arr), "is not finite"), (arr > MAX_LOAD, "is above 2^53")):
+        if bad.any():
+            layer, expert = (int(i) for i in np.argwhere(bad)[0])
+            raise InputError(
+                f"{path}: load {float(arr[layer, expert]):g} at layer {layer} expert {expert} {what} "
+                "(loads are token counts or rates: scale them down)"
+            )
+    return arr
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,8 +1,11 @@
 """`eplbd planner`: the central planner daemon (see docs/daemons.md, "Planner daemon").
 
-Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 78 on a bad setting or an unreadable
-state file (systemd does not restart: restarting would fail the same way), 1 when another
-planner holds the state directory or a socket cannot be bound.
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 78 on a bad setting, an unreadable state
+file, a state directory that cannot be written or a bad CURVE key file (systemd does not
+restart: restarting would fail the same way), 1 when another planner holds the state
+directory or a socket or the metrics port cannot be bound. ``eplbd agent --embedded-planner``
+exits with the same codes and messages for the same causes (:func:`start_failure`).
+SIGHUP re-reads the CURVE allow-list (systemd's ExecReload).
 """
 
 from __future__ import annotations
@@ -15,11 +18,28 @@ from typing import Any
 from eplbd.ops import settings as cfg
 from eplbd.ops.exits import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
 
+__all__ = ["add_arguments", "run", "start_failure"]
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from eplbd.controller._settings import PlannerSettings
 
     cfg.add_arguments(parser, PlannerSettings)
+
+
+def start_failure(e: BaseException) -> tuple[int, str] | None:
+    """Exit code and one line for what kept a planner (daemon or embedded) from starting;
+    None for anything else (a bug: let it show)."""
+    from eplbd.controller import StoreCorrupt, StoreLocked, StoreUnusable
+    from eplbd.wire import BindError
+
+    if isinstance(e, StoreCorrupt | StoreUnusable):
+        return EXIT_CONFIG, str(e)
+    if isinstance(e, StoreLocked | BindError):
+        return EXIT_ERROR, str(e)
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return EXIT_ERROR, str(e)  # the metrics endpoint (the message names it)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,9 +53,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"eplbd planner: {e}", file=sys.stderr)
         return EXIT_CONFIG
     # only now the heavy imports (torch, zmq): a bad setting answers fast
-    from eplbd.controller import PlannerService, StoreCorrupt, StoreLocked
+    from eplbd.controller import PlannerService
     from eplbd.ops.logging import configure_logging, get_logger
-    from eplbd.wire import BindError
 
     json_logs = None if settings.log_format == "auto" else settings.log_format == "json"
     configure_logging(settings.log_level, json_logs)
@@ -43,35 +62,36 @@ def run(args: argparse.Namespace) -> int:
     log.info("settings", settings=cfg.describe(settings), sources=cfg.sources(settings))
 
     service = PlannerService(settings, notify=True)
-    try:
-        service.open()
-    except StoreCorrupt as e:
-        log.error("state unreadable", error=str(e), path=str(e.path))
-        print(f"eplbd planner: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except StoreLocked as e:
-        log.error("state directory locked", error=str(e))
-        print(f"eplbd planner: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:
-        log.error("state directory unusable", error=str(e))
-        print(f"eplbd planner: cannot use state directory: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+
+    def failed(e: BaseException) -> int:
+        known = start_failure(e)
+        if known is None and isinstance(e, FileNotFoundError | ValueError):
+            known = EXIT_CONFIG, str(e)  # a CURVE key file
+        if known is None:
+            raise e
+        code, message = known
+        log.error("planner cannot start", error=message, kind=type(e).__name__)
+        print(f"eplbd planner: {message}", file=sys.stderr)
+        return code
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal", signal=signal.Signals(signum).name)
         service.request_stop()
 
+    def on_hup(signum: int, frame: Any) -> None:
+        log.info("signal", signal="SIGHUP")
+        service.request_reload()
+
+    signal.signal(signal.SIGHUP, on_hup)  # its default action would kill the planner
+    try:
+        service.open()
+    except Exception as e:
+        return failed(e)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
     try:
         service.run()
-    except BindError as e:
-        log.error("cannot bind", error=str(e))
-        print(f"eplbd planner: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except (FileNotFoundError, ValueError) as e:  # CURVE key files
-        log.error("cannot start", error=str(e))
-        print(f"eplbd planner: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    except Exception as e:
+        return failed(e)
     return EXIT_OK

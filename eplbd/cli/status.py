@@ -52,15 +52,27 @@ def _last(g: dict[str, Any], now: float | None) -> str:
 
 
 def _next(g: dict[str, Any]) -> str:
+    """The NEXT column: what the next automatic rebalance waits for (docs/cli.md)."""
     nxt = g.get("next_rebalance") or {}
     blocked = nxt.get("blocked_by")
+    windows, tokens = nxt.get("windows_needed"), nxt.get("tokens_needed")
+    evaluation = nxt.get("next_evaluation_in_s")
     if blocked:
-        return blocked.replace("_", " ")
-    earliest = nxt.get("earliest_in_s")
-    if earliest:
-        return f"cooldown {fmt_duration(earliest)}"
-    ev = nxt.get("next_evaluation_in_s")
-    return "auto, next check in " + fmt_duration(ev) if ev is not None else "auto"
+        text = blocked.replace("_", " ")
+    elif nxt.get("earliest_in_s"):
+        text = f"cooldown {fmt_duration(nxt['earliest_in_s'])}"
+    elif windows:
+        text = f"{windows} more window{'s' if windows > 1 else ''} of load"
+    elif tokens:
+        text = f"{tokens} more tokens"
+    elif evaluation is not None:
+        text = f"evaluates in {fmt_duration(evaluation)}"
+    else:
+        text = "waits for load"
+    frozen = g.get("frozen_layers") or []
+    if frozen and not g.get("frozen"):
+        text += f"; layers {fmt_ranks(frozen)} frozen"
+    return text
 
 
 def _model(g: dict[str, Any]) -> str:
@@ -78,6 +90,17 @@ def render(out: Output, data: dict[str, Any]) -> None:
     )
     if p.get("state_dir"):
         out.line(f"         state {p['state_dir']}")
+    store = p.get("store") or {}
+    if store.get("writable") is False:
+        out.line(
+            out.style(
+                f"         state directory not writable: {store.get('errors')} write(s) failed, "
+                f"the last {fmt_ago(store.get('last_error_at'), now)}: {store.get('last_error')}"
+                " (no layout change is durable and no rebalance starts until it is fixed)",
+                "red",
+                "bold",
+            )
+        )
     bad = (p.get("counters") or {}).get("bad") or {}
     if bad:
         shown = ", ".join(f"{k} {v}" for k, v in sorted(bad.items()))
@@ -123,7 +146,6 @@ def render(out: Output, data: dict[str, Any]) -> None:
     for g in groups:
         group_ranks = g.get("ranks") or []
         alive = sum(1 for r in group_ranks if r.get("state") in ("alive", "stale"))
-        frozen = g.get("frozen") or bool(g.get("frozen_layers"))
         planned = g.get("balance_planned", g.get("balance_forecast"))
         rows.append(
             [
@@ -136,7 +158,7 @@ def render(out: Output, data: dict[str, Any]) -> None:
                 fmt_balance(out, planned),
                 fmt_balance(out, g.get("lower_bound")),
                 _last(g, now),
-                "frozen" if g.get("frozen") else ("layers frozen" if frozen else _next(g)),
+                _next(g),
             ]
         )
     out.table(
@@ -163,9 +185,16 @@ def render(out: Output, data: dict[str, Any]) -> None:
 def _render_group(out: Output, g: dict[str, Any]) -> None:
     name = g.get("group")
     d = g.get("data") or {}
+    restored = d.get("restored") or {}
+    from_disk = (
+        f" ({restored['windows_left']} restored from epoch {restored.get('epoch')}, the newest "
+        f"{fmt_duration(restored.get('age_s'))} old)"
+        if restored.get("windows_left")
+        else ""
+    )
     out.line(
         out.style(f"group {name}", "bold")
-        + f"  load: {d.get('source', 'none')}, {d.get('windows', 0)} windows, "
+        + f"  load: {d.get('source', 'none')}, {d.get('windows', 0)} windows{from_disk}, "
         + f"{d.get('tokens', 0)} tokens, {d.get('snapshots', 0)} snapshots"
         + (
             f", last {fmt_duration(d['last_snapshot_s'])} ago"

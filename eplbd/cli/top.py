@@ -23,6 +23,7 @@ from typing import Any
 from eplbd.cli._client import (
     PlannerClient,
     add_common_arguments,
+    check_layers,
     fmt_balance,
     fmt_duration,
     fmt_ranks,
@@ -50,8 +51,10 @@ def fetch(client: PlannerClient, group: str | None, layers: list[int] | None) ->
     top = client.status("top", group)
     status = client.status("status", group)
     pending = {g.get("group"): g.get("pending") for g in status.get("groups") or []}
+    sizes = {g.get("group"): g.get("num_layers") for g in status.get("groups") or []}
     for g in top.get("groups") or []:
         g["pending"] = pending.get(g.get("group"))
+        check_layers(layers, sizes.get(g.get("group")), str(g.get("group")))
         if layers is not None:
             keep = set(layers)
             g["layers"] = [x for x in g.get("layers") or [] if x.get("layer") in keep]

@@ -9,7 +9,9 @@ Pure core, thin plumbing:
   with the reason and per-layer figures of every decision;
 - :class:`Attempt` (``_commit``): the two-phase commit of one epoch as a state machine;
 - :class:`StateStore` / :class:`GroupRecord` (``_store``): atomic per-group state files;
-- :class:`PlannerCore` (``_core``): all groups and rules; frames in, messages out; no sockets;
+- :class:`PlannerCore` (``_core``): all groups and rules; frames in, messages out; no sockets.
+  Split by what it decides: state (``_state``), registration (``_registration``), commit
+  orchestration (``_orchestration``), status views (``_views``);
 - :class:`PlannerService` / :class:`PlannerSettings` (``_service``, ``_settings``): sockets,
   poll loop, metrics, sd_notify; daemon or embedded in an agent (``run_in_thread``).
 
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
         StateStore,
         StoreCorrupt,
         StoreLocked,
+        StoreUnusable,
         atomic_write,
     )
     from eplbd.controller._trigger import (
@@ -92,6 +95,7 @@ _EXPORTS: dict[str, str] = {
     "StateStore": "_store",
     "StoreCorrupt": "_store",
     "StoreLocked": "_store",
+    "StoreUnusable": "_store",
     "atomic_write": "_store",
     "Decision": "_trigger",
     "LayerFigures": "_trigger",
@@ -125,6 +129,7 @@ __all__ = [
     "StateStore",
     "StoreCorrupt",
     "StoreLocked",
+    "StoreUnusable",
     "TriggerPolicy",
     "atomic_write",
     "balance",

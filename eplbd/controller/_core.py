@@ -20,42 +20,33 @@ collective: one rank serving it means all do); if the group is complete and ever
 serves an older epoch, the attempt is aborted (an ``abort`` goes out, harmless if the flip
 raced it: a later ``committed`` report still wins).
 
+The core is split by what it decides: :class:`~eplbd.controller._state.CoreBase` holds the
+state, :class:`~eplbd.controller._registration.Registration` the agents and ranks,
+:class:`~eplbd.controller._orchestration.CommitOrchestration` the two-phase commits, and
+:mod:`~eplbd.controller._views` builds the status views; this module adds the message
+dispatch, the snapshots, the clock, the trigger and the operator commands.
+
 Thread-safety: none; one thread (the socket thread) owns a core.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from eplbd import __version__
-from eplbd.controller._commit import Attempt, Effect
-from eplbd.controller._figures import (
-    balance,
-    gpu_loads,
-    lower_bound_balance,
-    total_balance,
+from eplbd.controller._orchestration import CommitOrchestration
+from eplbd.controller._registration import Registration
+from eplbd.controller._state import (
+    STATUS_SCHEMA_VERSION,
+    CoreConfig,
+    GroupState,
+    Outbound,
+    log,
 )
-from eplbd.controller._store import GroupRecord, StateStore
-from eplbd.controller._trigger import (
-    Decision,
-    PlanFn,
-    TriggerPolicy,
-    decide,
-    rollback_decision,
-)
-from eplbd.controller._window import LoadWindow
-from eplbd.layout import Layout, LayoutError
-from eplbd.ops.clock import SYSTEM_CLOCK, Clock
-from eplbd.ops.logging import get_logger
+from eplbd.controller._store import WindowsUnreadable
+from eplbd.controller._trigger import Decision, decide, rollback_decision
+from eplbd.controller._views import status_data
 from eplbd.wire import (
-    ABORT,
     ABORTED,
     AGENT_HELLO,
     COMMAND,
@@ -64,211 +55,37 @@ from eplbd.wire import (
     DEAD,
     ERROR,
     HEARTBEAT,
-    HELLO,
     LAYOUT,
-    PREPARE,
     SNAPSHOT,
     STAGED,
-    STALE,
     STATUS_REPLY,
     STATUS_REQUEST,
     STATUS_WHATS,
-    WELCOME,
     WORKER_JOINED,
     WORKER_LEFT,
-    LivenessTracker,
     Message,
     ModelShape,
-    SequenceTracker,
-    WireCounters,
     WireError,
     decode,
     error_body,
-    new_incarnation,
     validate,
-    validate_body,
 )
 
 __all__ = ["CoreConfig", "GroupState", "Outbound", "PlannerCore", "STATUS_SCHEMA_VERSION"]
-
-log = get_logger("eplbd.controller")
-
-#: Version of the ``data`` maps of status_reply / command_reply (docs/daemons.md).
-STATUS_SCHEMA_VERSION = 1
 
 _CONTROL_FROM_AGENT = frozenset(
     {AGENT_HELLO, WORKER_JOINED, WORKER_LEFT, STAGED, COMMITTED, ABORTED, LAYOUT}
 )
 
 
-@dataclass(frozen=True)
-class Outbound:
-    """One message to send on the control ROUTER socket to ``identity``."""
-
-    identity: bytes
-    type: str
-    body: dict[str, Any]
-    tensors: dict[str, torch.Tensor] | None = None
-
-
-@dataclass(frozen=True)
-class CoreConfig:
-    """The core's rules (the planner settings fill it; tests build one directly).
-
-    window_s / num_windows / ewma_alpha: load windows and forecast (see LoadWindow);
-    policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
-    commit_timeout_s: time for the flip to be reported once all staged (and for the last
-    reports after the first); heartbeat_s: the agents' heartbeat interval (stale after 3,
-    dead after 5 missed) and the planner's own heartbeat to agents; schedule: the recording
-    schedule sent in ``welcome``; hot_experts: experts per layer listed by ``top``;
-    decisions_kept: decisions remembered per group (in memory); max_bytes: message limit.
-    """
-
-    window_s: float = 10.0
-    num_windows: int = 6
-    ewma_alpha: float = 0.3
-    policy: TriggerPolicy = field(default_factory=TriggerPolicy)
-    prepare_timeout_s: float = 60.0
-    commit_timeout_s: float = 60.0
-    heartbeat_s: float = 1.0
-    window_steps: int = 256
-    record_steps: int = 256
-    recording_enabled: bool = True
-    hot_experts: int = 5
-    decisions_kept: int = 64
-    max_bytes: int = 16 * 1024 * 1024
-
-
-@dataclass
-class RankInfo:
-    """A registered EP rank (one worker process)."""
-
-    ep_rank: int
-    worker: str
-    incarnation: str
-    agent: str
-    node: str
-    epoch: int
-    present: bool = True
-    left_reason: str = ""
-
-
-@dataclass
-class AgentInfo:
-    agent: str
-    identity: bytes
-    incarnation: str
-    node: str
-    software_version: str
-    ranks: set[tuple[str, int]] = field(default_factory=set)
-
-
-@dataclass
-class GroupState:
-    """Everything the planner holds about one EP group (``record`` is what persists)."""
-
-    name: str
-    record: GroupRecord
-    ep_size: int | None = None
-    shape: ModelShape | None = None
-    ranks: dict[int, RankInfo] = field(default_factory=dict)
-    window: LoadWindow | None = None
-    attempt: Attempt | None = None  # the newest attempt (finished or not)
-    recent: dict[int, Attempt] = field(default_factory=dict)  # epoch -> attempt, last few
-    last_rebalance_mono: float | None = None
-    last_decision: Decision | None = None
-    decisions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=64))
-    layout_unknown: bool = False
-    drops: dict[str, int] = field(default_factory=dict)
-    snapshots: int = 0
-    last_snapshot_mono: float | None = None
-    _default: Layout | None = None
-
-    @property
-    def current_layout(self) -> Layout | None:
-        rec = self.record
-        if rec.epoch in rec.layouts:
-            return rec.layouts[rec.epoch]
-        if rec.epoch == 0 and self.shape is not None:
-            return self.default_layout()
-        return None
-
-    def default_layout(self) -> Layout:
-        """Epoch 0's layout (slot p holds expert p mod E), built once."""
-        assert self.shape is not None
-        s = self.shape
-        if self._default is None or self._default.num_layers != s.num_layers:
-            self._default = Layout.default(
-                s.num_layers, s.num_logical_experts, s.num_physical_experts
-            )
-        return self._default
-
-    def layout_of(self, epoch: int) -> Layout | None:
-        """The layout ranks served (or stage) at ``epoch``: committed, epoch 0, or in flight."""
-        if epoch in self.record.layouts:
-            return self.record.layouts[epoch]
-        if epoch == 0 and self.shape is not None:
-            return self.default_layout()
-        a = self.recent.get(epoch)
-        return None if a is None else a.layout
-
-    def count(self, reason: str) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + 1
-
-
-def _round(x: float | None, nd: int = 6) -> float | None:
-    if x is None or not math.isfinite(x):
-        return None
-    return round(float(x), nd)
-
-
-class PlannerCore:
+class PlannerCore(Registration, CommitOrchestration):
     """The planner's state machine (see the module docstring).
 
-    ``store`` persists groups (None: memory only, e.g. for a dry test); ``plan_fn`` defaults
-    to :func:`eplbd.planner.plan`; ``metrics`` (optional) is told about aggregates;
-    ``endpoints`` is shown by the status API.
+    ``PlannerCore(config, store=..., clock=..., plan_fn=..., incarnation=..., metrics=...,
+    endpoints=...)``: see :class:`~eplbd.controller._state.CoreBase`.
     """
 
-    def __init__(
-        self,
-        config: CoreConfig | None = None,
-        *,
-        store: StateStore | None = None,
-        clock: Clock = SYSTEM_CLOCK,
-        plan_fn: PlanFn | None = None,
-        incarnation: str | None = None,
-        metrics: Any = None,
-        endpoints: dict[str, str] | None = None,
-    ) -> None:
-        self.config = config or CoreConfig()
-        self.store = store
-        self.clock = clock
-        self._plan_fn = plan_fn
-        self.incarnation = incarnation or new_incarnation()
-        self.metrics = metrics
-        self.endpoints = dict(endpoints or {})
-        self.counters = WireCounters()
-        self.liveness = LivenessTracker(self.config.heartbeat_s, clock=clock.monotonic)
-        self.seq = SequenceTracker(self.counters)
-        self.groups: dict[str, GroupState] = {}
-        self.agents: dict[str, AgentInfo] = {}
-        self._identity_agent: dict[bytes, str] = {}
-        self.started_mono = clock.monotonic()
-        self.started_wall = clock.time()
-        self._next_heartbeat = self.started_mono
-        self.store_errors = 0
-        self.notes: list[str] = []
-
     # --- setup -----------------------------------------------------------------------------
-
-    @property
-    def plan_fn(self) -> PlanFn:
-        if self._plan_fn is None:
-            from eplbd.planner import plan
-
-            self._plan_fn = plan
-        return self._plan_fn
 
     def restore(self, *, reset_corrupt: bool = False) -> list[str]:
         """Load every group from the store. Raises StoreCorrupt unless ``reset_corrupt``.
@@ -298,6 +115,7 @@ class PlannerCore:
                 age = self.clock.time() - rec.last_rebalance_wall
                 if age >= 0:
                     g.last_rebalance_mono = self.clock.monotonic() - age
+            self._restore_windows(g, notes)
             log.info(
                 "group restored",
                 group=name,
@@ -309,40 +127,46 @@ class PlannerCore:
         self.notes = notes
         return notes
 
-    def _new_group(self, name: str, rec: GroupRecord | None = None) -> GroupState:
-        g = GroupState(name=name, record=rec or GroupRecord(group=name))
-        g.decisions = deque(maxlen=self.config.decisions_kept)
-        self.groups[name] = g
-        return g
-
-    def _set_shape(self, g: GroupState, shape: ModelShape, ep_size: int | None) -> None:
-        g.shape = shape
-        g.ep_size = ep_size
-        c = self.config
-        g.window = LoadWindow(
-            shape.num_layers,
-            shape.num_logical_experts,
-            window_s=c.window_s,
-            num_windows=c.num_windows,
-            alpha=c.ewma_alpha,
-        )
-        g.record.shape = {
-            "num_layers": shape.num_layers,
-            "num_logical_experts": shape.num_logical_experts,
-            "num_physical_experts": shape.num_physical_experts,
-            "ep_size": int(ep_size or 0),
-        }
-
-    def _persist(self, g: GroupState) -> bool:
-        if self.store is None:
-            return True
+    def _restore_windows(self, g: GroupState, notes: list[str]) -> None:
+        """Take the group's saved load windows back, so the forecast and the window count the
+        trigger needs survive a restart. Too old, another shape, unreadable: skipped (a note
+        says why); the windows then refill from new snapshots."""
+        if self.store is None or g.window is None:
+            return
         try:
-            self.store.save(g.record)
-            return True
-        except OSError as e:
-            self.store_errors += 1
-            log.error("state write failed", group=g.name, error=str(e))
-            return False
+            saved = self.store.load_windows(g.name)
+        except WindowsUnreadable as e:
+            notes.append(f"load windows of {g.name} not restored: {e}")
+            return
+        if saved is None:
+            return
+        meta, state = saved
+        closed_at = meta.get("closed_at")
+        if not isinstance(closed_at, int | float):
+            notes.append(f"load windows of {g.name} not restored: no time of the newest window")
+            return
+        age = self.clock.time() - float(closed_at)
+        if age > self.config.window_max_age_s:
+            notes.append(
+                f"load windows of {g.name} not restored: the newest closed {age:.0f} s ago, "
+                f"more than {self.config.window_max_age_s:g} s (an old load is not today's)"
+            )
+            return
+        try:
+            n = g.window.restore(state)
+        except ValueError as e:
+            notes.append(f"load windows of {g.name} not restored: {e}")
+            return
+        g.windows_closed = g.window.closed
+        g.window_closed_wall = float(closed_at)
+        g.restored = {
+            "windows": n,
+            "epoch": meta.get("epoch"),
+            "closed_at": g.window_closed_wall,
+            "saved_at": meta.get("saved_at"),
+            "at_closed": g.window.closed,
+        }
+        log.info("load windows restored", group=g.name, windows=n, age_s=round(age, 3))
 
     # --- inbound: frames -------------------------------------------------------------------
 
@@ -366,18 +190,6 @@ class PlannerCore:
             self._metric_drop(e.reason)
             return
         self.on_snapshot(msg)
-
-    def _sender_name(self, identity: bytes) -> str:
-        agent = self._identity_agent.get(identity)
-        return agent if agent is not None else "peer:" + identity.hex()[:16]
-
-    def _bad(self, e: WireError, sender: str, msg_type: str) -> None:
-        self.counters.bad_message(e, sender, msg_type)
-        self._metric_drop(e.reason)
-
-    def _metric_drop(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.dropped(reason)
 
     # --- inbound: control messages ---------------------------------------------------------
 
@@ -440,494 +252,6 @@ class PlannerCore:
         err = WireError("unknown_type", f"the planner does not take {msg.type!r} messages")
         self._bad(err, sender, msg.type)
         return [Outbound(identity, ERROR, error_body(err, msg.type))]
-
-    def _known_agent(self, identity: bytes, b: dict[str, Any], msg_type: str) -> str | None:
-        """The registered agent that sent this, refreshing its liveness; None if unknown.
-
-        Agents are named by the body's ``agent`` (``sender`` for heartbeats) or, for relayed
-        worker answers, by the ROUTER identity they registered from. A heartbeat with another
-        incarnation than the registered one means the agent restarted without a new hello.
-        """
-        name = b.get("sender") if msg_type == HEARTBEAT else b.get("agent")
-        if not isinstance(name, str) or name not in self.agents:
-            name = self._identity_agent.get(identity)
-        if name is None or name not in self.agents:
-            return None
-        info = self.agents[name]
-        if msg_type == HEARTBEAT and b.get("incarnation") != info.incarnation:
-            return None
-        if info.identity != identity:
-            self._identity_agent.pop(info.identity, None)
-            info.identity = identity
-            self._identity_agent[identity] = name
-        self.liveness.seen(name)
-        return name
-
-    # --- registration ----------------------------------------------------------------------
-
-    def _on_agent_hello(self, identity: bytes, b: dict[str, Any]) -> list[Outbound]:
-        name = b["agent"]
-        old = self.agents.get(name)
-        if old is not None and old.identity != identity:
-            self._identity_agent.pop(old.identity, None)
-        info = AgentInfo(
-            agent=name,
-            identity=identity,
-            incarnation=b["incarnation"],
-            node=b["node"],
-            software_version=b["software_version"],
-        )
-        self.agents[name] = info
-        self._identity_agent[identity] = name
-        verdict = self.liveness.seen(name, b["incarnation"])
-        out: list[Outbound] = []
-        previous = old.ranks if old is not None else set()
-        touched: set[str] = set()
-        for w in b["workers"]:
-            key = self._register_rank(name, w, out, identity)
-            if key is not None:
-                info.ranks.add(key)
-                touched.add(key[0])
-        for gname, r in previous - info.ranks:
-            g = self.groups.get(gname)
-            if g is not None and r in g.ranks and g.ranks[r].agent == name:
-                out += self._rank_gone(g, r, "no longer listed by its agent")
-                touched.add(gname)
-        log.info(
-            "agent registered",
-            agent=name,
-            node=info.node,
-            incarnation=info.incarnation,
-            workers=len(b["workers"]),
-            liveness=verdict,
-        )
-        out.append(
-            Outbound(
-                identity,
-                WELCOME,
-                {"incarnation": self.incarnation, "epoch": 0, "schedule": self._schedule()},
-            )
-        )
-        for gname in sorted(touched):
-            g = self.groups[gname]
-            out += self._layout_to(g, [identity])
-            out += self._reconcile(g)
-        return out
-
-    def _schedule(self) -> dict[str, Any]:
-        c = self.config
-        return {
-            "window_steps": c.window_steps,
-            "record_steps": min(c.record_steps, c.window_steps),
-            "enabled": c.recording_enabled,
-        }
-
-    def _register_rank(
-        self, agent: str, hello: dict[str, Any], out: list[Outbound], identity: bytes
-    ) -> tuple[str, int] | None:
-        gname = hello["group"]
-        shape = ModelShape.from_hello(hello)
-        g = self.groups.get(gname)
-        if g is None:
-            g = self._new_group(gname)
-        if g.shape is None:
-            self._set_shape(g, shape, hello["ep_size"])
-            self._persist(g)
-        elif g.shape != shape or (g.ep_size and g.ep_size != hello["ep_size"]):
-            e = WireError(
-                "model_mismatch",
-                f"worker {hello['worker']} declares L={shape.num_layers} "
-                f"E={shape.num_logical_experts} P={shape.num_physical_experts} "
-                f"ep_size={hello['ep_size']}; group {gname} has L={g.shape.num_layers} "
-                f"E={g.shape.num_logical_experts} P={g.shape.num_physical_experts} "
-                f"ep_size={g.ep_size}",
-            )
-            self._bad(e, agent, HELLO)
-            g.count("model_mismatch")
-            out.append(Outbound(identity, ERROR, error_body(e, AGENT_HELLO)))
-            return None
-        if not g.ep_size:
-            g.ep_size = hello["ep_size"]
-            assert g.record.shape is not None
-            g.record.shape["ep_size"] = int(hello["ep_size"])
-        r = hello["ep_rank"]
-        prev = g.ranks.get(r)
-        if prev is not None and prev.present and prev.incarnation != hello["incarnation"]:
-            out += self._rank_gone(g, r, f"restarted (incarnation {hello['incarnation']})")
-        g.ranks[r] = RankInfo(
-            ep_rank=r,
-            worker=hello["worker"],
-            incarnation=hello["incarnation"],
-            agent=agent,
-            node=hello["node"],
-            epoch=hello["epoch"],
-        )
-        return (gname, r)
-
-    def _on_worker_joined(self, identity: bytes, b: dict[str, Any]) -> list[Outbound]:
-        agent = b["agent"]
-        hello = b.get("hello")
-        if isinstance(hello, dict):
-            hello = validate_body(HELLO, hello)
-        else:
-            g = self.groups.get(b["group"])
-            if g is None or g.shape is None or not g.ep_size:
-                raise WireError(
-                    "missing_field",
-                    f"worker_joined for group {b['group']!r} that has no registered model: "
-                    "send the worker's hello body under 'hello' (or agent_hello)",
-                )
-            s = g.shape
-            hello = {
-                "worker": b["worker"],
-                "incarnation": b["incarnation"],
-                "group": b["group"],
-                "ep_rank": b["ep_rank"],
-                "ep_size": g.ep_size,
-                "node": b.get("node")
-                if isinstance(b.get("node"), str)
-                else self.agents[agent].node,
-                "num_layers": s.num_layers,
-                "num_logical_experts": s.num_logical_experts,
-                "num_physical_experts": s.num_physical_experts,
-                "epoch": b["epoch"] if isinstance(b.get("epoch"), int) else 0,
-                "software_version": "",
-                "protocol_version": 1,
-            }
-            hello = validate_body(HELLO, hello)
-        out: list[Outbound] = []
-        key = self._register_rank(agent, hello, out, identity)
-        if key is None:
-            return out
-        self.agents[agent].ranks.add(key)
-        g = self.groups[key[0]]
-        log.info("worker joined", group=g.name, ep_rank=key[1], worker=hello["worker"])
-        out += self._layout_to(g, [identity])
-        out += self._reconcile(g)
-        return out
-
-    def _on_worker_left(self, b: dict[str, Any]) -> list[Outbound]:
-        g = self.groups.get(b["group"])
-        r = b["ep_rank"]
-        if g is None or r not in g.ranks:
-            return []
-        rank = g.ranks[r]
-        if rank.incarnation != b["incarnation"]:
-            return []  # an older incarnation left; the new one is registered
-        log.warning("worker left", group=g.name, ep_rank=r, reason=b["reason"])
-        return self._rank_gone(g, r, f"left: {b['reason'] or 'no reason given'}")
-
-    def _rank_gone(self, g: GroupState, r: int, why: str) -> list[Outbound]:
-        rank = g.ranks.get(r)
-        if rank is not None:
-            rank.present = False
-            rank.left_reason = why
-        a = g.attempt
-        if a is None:
-            return []
-        return self._effects(
-            g, a, a.on_rank_lost(r, why, self.clock.monotonic(), self.clock.time())
-        )
-
-    def rank_state(self, g: GroupState, r: int) -> str:
-        """alive | stale | dead | left | missing."""
-        rank = g.ranks.get(r)
-        if rank is None:
-            return "missing"
-        if not rank.present:
-            return "left"
-        st = self.liveness.state(rank.agent)
-        return st if st is not None else DEAD
-
-    def complete(self, g: GroupState) -> bool:
-        """Every rank registered, present, and its agent not dead."""
-        if not g.ep_size or g.shape is None:
-            return False
-        return all(self.rank_state(g, r) in ("alive", STALE) for r in range(g.ep_size))
-
-    def _agents_of(self, g: GroupState) -> list[bytes]:
-        ids: list[bytes] = []
-        for rank in g.ranks.values():
-            info = self.agents.get(rank.agent)
-            if info is not None and rank.present and info.identity not in ids:
-                ids.append(info.identity)
-        return ids
-
-    def _layout_to(self, g: GroupState, identities: Iterable[bytes]) -> list[Outbound]:
-        rec = g.record
-        if rec.epoch <= 0 or rec.epoch not in rec.layouts:
-            return []
-        p2l = rec.layouts[rec.epoch].phy2log
-        return [
-            Outbound(i, LAYOUT, {"group": g.name, "epoch": rec.epoch}, {"phy2log": p2l})
-            for i in identities
-        ]
-
-    def _num_nodes(self, g: GroupState) -> int:
-        """Nodes of the group, when ranks are split evenly and contiguously over them."""
-        if not g.ep_size or len(g.ranks) < g.ep_size:
-            return 1
-        nodes = [g.ranks[r].node for r in range(g.ep_size)]
-        n = len(set(nodes))
-        if n <= 1 or g.ep_size % n:
-            return 1
-        per = g.ep_size // n
-        for i in range(0, g.ep_size, per):
-            if len(set(nodes[i : i + per])) != 1:
-                return 1
-        return n
-
-    # --- reconciliation --------------------------------------------------------------------
-
-    def _reconcile(self, g: GroupState) -> list[Outbound]:
-        """Align the group with what its ranks report serving (after restarts on either side)."""
-        out: list[Outbound] = []
-        rec = g.record
-        present = [rk for rk in g.ranks.values() if rk.present]
-        if not present:
-            return out
-        now, wall = self.clock.monotonic(), self.clock.time()
-        top = max(rk.epoch for rk in present)
-        a = g.attempt
-        if a is not None and not a.finished:
-            serving = [rk.ep_rank for rk in present if rk.epoch >= a.epoch]
-            if serving:
-                for r in serving:
-                    if a.restored:
-                        a.flags.append(f"rank {r} reported epoch {a.epoch} at registration")
-                    out += self._effects(g, a, a.on_committed(r, 0, now, wall))
-            elif a.restored and a.in_flight and self.complete(g):
-                out += self._effects(
-                    g,
-                    a,
-                    a.abort(
-                        f"planner restarted during the commit; every rank still serves epoch {top}",
-                        wall,
-                    ),
-                )
-        if top > rec.epoch:
-            lay = g.layout_of(top)
-            if lay is not None:
-                self._adopt(g, top, lay, wall, "ranks report it")
-            else:
-                if top > rec.max_epoch:
-                    rec.max_epoch = top
-                if not g.layout_unknown:
-                    log.warning(
-                        "ranks serve an epoch whose layout is unknown",
-                        group=g.name,
-                        epoch=top,
-                        known=rec.epoch,
-                    )
-                g.layout_unknown = True
-                self._persist(g)
-        elif g.layout_unknown and all(rk.epoch <= rec.epoch for rk in present):
-            g.layout_unknown = False
-        return out
-
-    def _adopt(self, g: GroupState, epoch: int, layout: Layout, wall: float, why: str) -> None:
-        rec = g.record
-        rec.layouts[epoch] = layout
-        rec.layout_times.setdefault(epoch, wall)
-        rec.epoch = epoch
-        rec.max_epoch = max(rec.max_epoch, epoch)
-        g.layout_unknown = False
-        self._prune_layouts(g)
-        self._persist(g)
-        log.info("epoch adopted", group=g.name, epoch=epoch, why=why)
-        if self.metrics is not None:
-            self.metrics.epoch(g.name, epoch)
-
-    def _prune_layouts(self, g: GroupState) -> None:
-        keep = self.store.keep_layouts if self.store is not None else 16
-        rec = g.record
-        for e in sorted(rec.layouts)[:-keep]:
-            if e != rec.epoch:
-                rec.layouts.pop(e, None)
-                rec.layout_times.pop(e, None)
-
-    def _on_layout(
-        self, identity: bytes, b: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> list[Outbound]:
-        """An agent tells us a committed layout (protocol addition: agent -> planner)."""
-        g = self.groups.get(b["group"])
-        if g is None or g.shape is None:
-            raise WireError("bad_field", f"layout for unknown group {b['group']!r}")
-        epoch = b["epoch"]
-        if epoch in g.record.layouts or epoch == 0:
-            return []
-        try:
-            lay = Layout.from_phy2log(
-                tensors["phy2log"],
-                g.shape.num_logical_experts,
-                num_gpus=g.ep_size or None,
-                num_layers=g.shape.num_layers,
-                num_physical_experts=g.shape.num_physical_experts,
-            )
-        except LayoutError as e:
-            raise WireError("bad_layout", str(e)) from None
-        a = g.recent.get(epoch)
-        if a is not None and not torch.equal(a.layout.phy2log, lay.phy2log):
-            raise WireError("bad_layout", f"layout of epoch {epoch} differs from the one prepared")
-        wall = self.clock.time()
-        top = max((rk.epoch for rk in g.ranks.values() if rk.present), default=0)
-        if a is None and epoch > top:
-            # no rank says it serves this epoch and we never prepared it: do not believe it
-            g.count("layout_not_served")
-            return []
-        if epoch > g.record.epoch:
-            self._adopt(g, epoch, lay, wall, "an agent reported it")
-        else:
-            g.record.layouts[epoch] = lay
-            self._prune_layouts(g)
-            self._persist(g)
-        return []
-
-    # --- two-phase commit ------------------------------------------------------------------
-
-    def _attempt_for(self, b: dict[str, Any]) -> tuple[GroupState, Attempt] | None:
-        g = self.groups.get(b["group"])
-        if g is None:
-            return None
-        a = g.recent.get(b["epoch"])
-        if a is None:
-            g.count("unknown_attempt")
-            return None
-        rank = g.ranks.get(b["ep_rank"])
-        if rank is not None and rank.worker != b["worker"]:
-            g.count("wrong_worker")
-            return None
-        return g, a
-
-    def _on_staged(self, b: dict[str, Any]) -> list[Outbound]:
-        found = self._attempt_for(b)
-        if found is None:
-            return []
-        g, a = found
-        now, wall = self.clock.monotonic(), self.clock.time()
-        return self._effects(
-            g, a, a.on_staged(b["ep_rank"], b["ok"], b["reason"], b["staged_bytes"], now, wall)
-        )
-
-    def _on_committed(self, b: dict[str, Any]) -> list[Outbound]:
-        g = self.groups.get(b["group"])
-        if g is not None and b["ep_rank"] in g.ranks:
-            rk = g.ranks[b["ep_rank"]]
-            if rk.worker == b["worker"]:
-                rk.epoch = max(rk.epoch, b["epoch"])
-        found = self._attempt_for(b)
-        if found is None:
-            return []
-        g, a = found
-        now, wall = self.clock.monotonic(), self.clock.time()
-        return self._effects(g, a, a.on_committed(b["ep_rank"], b["step"], now, wall))
-
-    def _on_aborted(self, b: dict[str, Any]) -> list[Outbound]:
-        found = self._attempt_for(b)
-        if found is None:
-            return []
-        g, a = found
-        now, wall = self.clock.monotonic(), self.clock.time()
-        return self._effects(g, a, a.on_aborted(b["ep_rank"], b["reason"], now, wall))
-
-    def _effects(self, g: GroupState, a: Attempt, effects: list[Effect]) -> list[Outbound]:
-        out: list[Outbound] = []
-        now, wall = self.clock.monotonic(), self.clock.time()
-        for eff in effects:
-            if eff.kind == "send_abort":
-                body = {"group": g.name, "epoch": a.epoch, "reason": eff.detail[:4000]}
-                out += [Outbound(i, ABORT, dict(body)) for i in self._agents_of(g)]
-                log.warning("commit aborted", group=g.name, epoch=a.epoch, reason=eff.detail)
-            elif eff.kind == "applied":
-                if a.epoch > g.record.epoch:
-                    self._adopt(g, a.epoch, a.layout, wall, "committed")
-                g.record.last_rebalance_wall = wall
-                g.last_rebalance_mono = now
-                if g.record.pending is a and a.finished:
-                    g.record.pending = None
-                self._persist(g)
-                out += self._layout_to(g, self._agents_of(g))
-                log.info(
-                    "commit applied",
-                    group=g.name,
-                    epoch=a.epoch,
-                    latency_s=_round(a.commit_latency_s, 4),
-                )
-                if self.metrics is not None:
-                    self.metrics.commit(g.name, a.commit_latency_s, int(a.decision.get("moves", 0)))
-            elif eff.kind == "finished":
-                g.last_rebalance_mono = now
-                g.record.last_rebalance_wall = wall
-                if g.record.pending is a:
-                    g.record.pending = None
-                entry = a.to_dict(with_layout=False)
-                g.record.history = [h for h in g.record.history if h.get("epoch") != a.epoch] + [
-                    entry
-                ]
-                keep = self.store.keep_history if self.store is not None else 256
-                del g.record.history[:-keep]
-                self._persist(g)
-                log.info(
-                    "commit finished",
-                    group=g.name,
-                    epoch=a.epoch,
-                    outcome=a.state,
-                    reason=a.reason,
-                    flags=a.flags,
-                )
-                if self.metrics is not None:
-                    self.metrics.outcome(g.name, a.state)
-        return out
-
-    def _start_attempt(self, g: GroupState, d: Decision) -> tuple[list[Outbound], str | None]:
-        """Persist the attempt, then prepare it on every agent of the group."""
-        assert d.layout is not None and g.ep_size
-        rec = g.record
-        now, wall = self.clock.monotonic(), self.clock.time()
-        reported = max((rk.epoch for rk in g.ranks.values()), default=0)
-        epoch = max(rec.max_epoch, rec.epoch, reported) + 1
-        a = Attempt(
-            group=g.name,
-            epoch=epoch,
-            previous_epoch=rec.epoch,
-            ranks=tuple(range(g.ep_size)),
-            layout=d.layout,
-            trigger=d.trigger,
-            started_at=now,
-            started_wall=wall,
-            timeout_s=self.config.prepare_timeout_s,
-            commit_timeout_s=self.config.commit_timeout_s,
-        )
-        d.epoch = epoch
-        a.decision = d.to_dict(with_layers=True)
-        prev_max, prev_pending = rec.max_epoch, rec.pending
-        rec.max_epoch = epoch
-        rec.pending = a
-        if not self._persist(g):
-            rec.max_epoch, rec.pending = prev_max, prev_pending
-            return [], "the state directory cannot be written; nothing was prepared"
-        g.attempt = a
-        g.recent[epoch] = a
-        for e in sorted(g.recent)[:-8]:
-            g.recent.pop(e, None)
-        body = {"group": g.name, "epoch": epoch, "timeout_s": float(self.config.prepare_timeout_s)}
-        out = [
-            Outbound(i, PREPARE, dict(body), {"phy2log": d.layout.phy2log})
-            for i in self._agents_of(g)
-        ]
-        log.info(
-            "prepare",
-            group=g.name,
-            epoch=epoch,
-            trigger=d.trigger,
-            layers=d.changed_layers,
-            moves=d.moves,
-            balance_now=_round(d.balance_now, 4),
-            balance_after=_round(d.balance_after, 4),
-        )
-        if self.metrics is not None:
-            self.metrics.prepared(g.name)
-        return out, None
 
     # --- snapshots -------------------------------------------------------------------------
 
@@ -1020,8 +344,13 @@ class PlannerCore:
         for g in list(self.groups.values()):
             if g.attempt is not None and not g.attempt.finished:
                 out += self._effects(g, g.attempt, g.attempt.tick(now, wall))
-            if g.window is not None and g.window.roll(now):
-                out += self.evaluate(g)
+            if g.window is not None:
+                g.window.roll(now)
+                # a window may also close when a snapshot arrives after its end: act on
+                # every closed window once, wherever it closed
+                if g.window.closed != g.windows_closed:
+                    g.windows_closed = g.window.closed
+                    out += self._window_closed(g, now, wall)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_s
             body = {"sender": "planner", "incarnation": self.incarnation}
@@ -1034,6 +363,23 @@ class PlannerCore:
             self.metrics.peers(self)
         return out
 
+    def _window_closed(self, g: GroupState, now: float, wall: float) -> list[Outbound]:
+        """A window closed: save the windows when due (at most once per window_save_s),
+        then run the trigger."""
+        g.window_closed_wall = wall
+        g.windows_dirty = True
+        last = g.windows_saved_mono
+        if last is None or now - last >= self.config.window_save_s:
+            self._save_windows(g)
+        return self.evaluate(g)
+
+    def save_windows(self) -> None:
+        """Write the load windows of every group that closed one since the last write (at a
+        clean stop: nothing a restart could use is lost)."""
+        for g in self.groups.values():
+            if g.windows_dirty:
+                self._save_windows(g)
+
     def next_deadline(self) -> float | None:
         """The earliest monotonic time at which tick() has something to do (for poll timeouts)."""
         times = [self._next_heartbeat]
@@ -1045,15 +391,6 @@ class PlannerCore:
         return min(times)
 
     # --- the trigger -----------------------------------------------------------------------
-
-    def _blocked(self, g: GroupState) -> str | None:
-        if g.attempt is not None and not g.attempt.finished:
-            return "pending_commit"
-        if not self.complete(g):
-            return "group_incomplete"
-        if g.layout_unknown or g.current_layout is None:
-            return "layout_unknown"
-        return None
 
     def decide(
         self,
@@ -1099,7 +436,12 @@ class PlannerCore:
         )
 
     def _record_decision(self, g: GroupState, d: Decision) -> None:
-        g.last_decision = d
+        """Keep ``d`` in the group's decisions. Only the planner's own evaluations and the
+        commands that started an attempt become ``last_decision``, what status and top show
+        as the planner's intention: a refused command or a dry run must not replace it."""
+        intention = d.trigger == "auto" or d.action == "prepare"
+        if intention:
+            g.last_decision = d
         entry = d.to_dict(with_layers=True)
         last = g.decisions[-1] if g.decisions else None
         if (
@@ -1117,7 +459,7 @@ class PlannerCore:
             entry["first_at"] = d.at
             g.decisions.append(entry)
         if self.metrics is not None:
-            self.metrics.decision(g.name, d)
+            self.metrics.decision(g.name, d, intention=intention)
 
     def evaluate(self, g: GroupState) -> list[Outbound]:
         """The automatic trigger, run when a window closes."""
@@ -1266,271 +608,15 @@ class PlannerCore:
                     },
                 )
             ]
-        return [Outbound(identity, STATUS_REPLY, {"data": self.status(what, gname)})]
+        data = self.status(what, gname, epoch=b.get("epoch"))
+        return [Outbound(identity, STATUS_REPLY, {"data": data})]
 
-    def status(self, what: str = "status", group: str | None = None) -> dict[str, Any]:
-        """The ``data`` map of a status_reply (schemas in docs/daemons.md)."""
-        groups = (
-            [self.groups[group]]
-            if group is not None
-            else [self.groups[k] for k in sorted(self.groups)]
-        )
-        data: dict[str, Any] = {
-            "schema_version": STATUS_SCHEMA_VERSION,
-            "what": what,
-            "at": self.clock.time(),
-        }
-        if what == "status":
-            data["planner"] = self._planner_info()
-            data["agents"] = self._agents_info()
-            data["groups"] = [self._group_status(g) for g in groups]
-        elif what == "history":
-            data["groups"] = [
-                {
-                    "group": g.name,
-                    "epoch": g.record.epoch,
-                    "attempts": list(g.record.history)
-                    + (
-                        [g.attempt.to_dict(with_layout=False)]
-                        if g.attempt is not None and not g.attempt.finished
-                        else []
-                    ),
-                    "decisions": list(g.decisions),
-                }
-                for g in groups
-            ]
-        elif what == "top":
-            data["groups"] = [self._group_top(g) for g in groups]
-        elif what == "heatmap":
-            data["groups"] = [self._group_heatmap(g) for g in groups]
-        return data
-
-    def _planner_info(self) -> dict[str, Any]:
-        now = self.clock.monotonic()
-        return {
-            "incarnation": self.incarnation,
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_s": round(now - self.started_mono, 3),
-            "started_at": self.started_wall,
-            "state_dir": None if self.store is None else str(self.store.state_dir),
-            "endpoints": dict(self.endpoints),
-            "counters": {
-                "bad": dict(self.counters.bad),
-                "received": dict(self.counters.received),
-                "missing": dict(self.counters.missing),
-                "store_errors": self.store_errors,
-            },
-            "notes": list(self.notes),
-        }
-
-    def _agents_info(self) -> list[dict[str, Any]]:
-        now = self.clock.monotonic()
-        peers = self.liveness.peers()
-        out = []
-        for name in sorted(self.agents):
-            a = self.agents[name]
-            p = peers.get(name)
-            out.append(
-                {
-                    "agent": name,
-                    "node": a.node,
-                    "incarnation": a.incarnation,
-                    "software_version": a.software_version,
-                    "state": self.liveness.state(name) or DEAD,
-                    "last_seen_s": None if p is None else round(now - p.last_seen, 3),
-                    "restarts": 0 if p is None else p.restarts,
-                    "ranks": [{"group": gg, "ep_rank": r} for gg, r in sorted(a.ranks)],
-                }
-            )
-        return out
-
-    def _estimate(self, g: GroupState) -> tuple[torch.Tensor | None, str]:
-        if g.window is None:
-            return None, "none"
-        f = g.window.forecast()
-        if f is not None:
-            return f, "forecast"
-        f = g.window.best_estimate()
-        return (f, "open_window") if f is not None else (None, "none")
-
-    def _group_status(self, g: GroupState) -> dict[str, Any]:
-        now = self.clock.monotonic()
-        rec = g.record
-        s = g.shape
-        load, source = self._estimate(g)
-        cur = g.current_layout
-        bal_now = bal_window = lb = None
-        if load is not None and cur is not None and g.ep_size:
-            gl = gpu_loads(load, cur.phy2log, g.ep_size)
-            bal_now = total_balance(gl)
-            if g.window is not None and g.window.windows:
-                bal_window = total_balance(gpu_loads(g.window.window_sum(), cur.phy2log, g.ep_size))
-            lbv = lower_bound_balance(load, g.ep_size, cur.num_physical)
-            mean = load.sum(dim=1)
-            lb = float((lbv * mean).sum() / mean.sum()) if float(mean.sum()) > 0 else 1.0
-        d = g.last_decision
-        last = rec.history[-1] if rec.history else None
-        blocked = self._blocked(g)
-        nxt: dict[str, Any] = {"blocked_by": blocked, "earliest_in_s": None}
-        if rec.frozen:
-            nxt["blocked_by"] = nxt["blocked_by"] or "frozen"
-        if g.last_rebalance_mono is not None:
-            left = g.last_rebalance_mono + self.config.policy.cooldown_s - now
-            nxt["earliest_in_s"] = round(max(0.0, left), 3)
-        if g.window is not None and (t := g.window.next_close()) is not None:
-            nxt["next_evaluation_in_s"] = round(max(0.0, t - now), 3)
-        pending = None
-        a = g.attempt
-        if a is not None and not a.finished:
-            pending = {
-                "epoch": a.epoch,
-                "state": a.state,
-                "trigger": a.trigger,
-                "started_at": a.started_wall,
-                "deadline_in_s": round(a.deadline - now, 3),
-                "staged": sorted(a.staged),
-                "committed": sorted(a.committed),
-                "waiting_for": a.waiting_for(),
-                "restored": a.restored,
-            }
-        ranks = []
-        for r in range(g.ep_size or 0):
-            rk = g.ranks.get(r)
-            ranks.append(
-                {
-                    "ep_rank": r,
-                    "state": self.rank_state(g, r),
-                    "worker": None if rk is None else rk.worker,
-                    "incarnation": None if rk is None else rk.incarnation,
-                    "agent": None if rk is None else rk.agent,
-                    "node": None if rk is None else rk.node,
-                    "epoch": None if rk is None else rk.epoch,
-                    "left_reason": None if rk is None or rk.present else rk.left_reason,
-                }
-            )
-        return {
-            "group": g.name,
-            "ep_size": g.ep_size,
-            "num_layers": None if s is None else s.num_layers,
-            "num_logical_experts": None if s is None else s.num_logical_experts,
-            "num_physical_experts": None if s is None else s.num_physical_experts,
-            "num_nodes": self._num_nodes(g),
-            "complete": self.complete(g),
-            "epoch": rec.epoch,
-            "max_epoch": rec.max_epoch,
-            "layout_known": not g.layout_unknown and cur is not None,
-            "frozen": rec.frozen,
-            "frozen_layers": list(rec.frozen_layers),
-            "ranks": ranks,
-            "data": {
-                "source": source,
-                "windows": 0 if g.window is None else g.window.windows,
-                "tokens": 0 if g.window is None else g.window.tokens,
-                "open_tokens": 0 if g.window is None else g.window.open_tokens,
-                "snapshots": g.snapshots,
-                "window_s": self.config.window_s,
-                "last_snapshot_s": None
-                if g.last_snapshot_mono is None
-                else round(now - g.last_snapshot_mono, 3),
-            },
-            "balance_now": _round(bal_now),
-            "balance_window": _round(bal_window),
-            "balance_forecast": None if d is None else _round(d.balance_planned),
-            "balance_planned": None if d is None else _round(d.balance_planned),
-            "balance_after": None if d is None else _round(d.balance_after),
-            "lower_bound": _round(lb),
-            "last_rebalance": None
-            if last is None
-            else {
-                "epoch": last.get("epoch"),
-                "outcome": last.get("state"),
-                "trigger": last.get("trigger"),
-                "at": last.get("finished_at") or last.get("started_at"),
-                "moves": (last.get("decision") or {}).get("moves"),
-                "reason": last.get("reason"),
-            },
-            "next_rebalance": nxt,
-            "pending": pending,
-            "last_decision": None if d is None else d.to_dict(with_layers=False),
-            "drops": dict(g.drops),
-        }
-
-    def _group_top(self, g: GroupState) -> dict[str, Any]:
-        load, source = self._estimate(g)
-        cur = g.current_layout
-        out: dict[str, Any] = {
-            "group": g.name,
-            "epoch": g.record.epoch,
-            "source": source,
-            "balance_now": None,
-            "balance_planned": None,
-            "lower_bound": None,
-            "layers": [],
-        }
-        if load is None or cur is None or not g.ep_size:
-            return out
-        gl = gpu_loads(load, cur.phy2log, g.ep_size)
-        b = balance(gl)
-        lbv = lower_bound_balance(load, g.ep_size, cur.num_physical)
-        mean = load.sum(dim=1)
-        out["balance_now"] = _round(total_balance(gl))
-        out["lower_bound"] = (
-            _round(float((lbv * mean).sum() / mean.sum())) if float(mean.sum()) > 0 else 1.0
-        )
-        d = g.last_decision
-        planned = {f.layer: f for f in d.layers} if d is not None else {}
-        if d is not None:
-            out["balance_planned"] = _round(d.balance_planned)
-            out["decided_at"] = d.at
-        k = min(self.config.hot_experts, cur.num_logical)
-        totals = load.sum(dim=1, keepdim=True).clamp(min=1e-300)
-        share = load / totals
-        vals, idx = torch.topk(load, k, dim=1)
-        frozen = set(g.record.frozen_layers)
-        for i in range(cur.num_layers):
-            f = planned.get(i)
-            out["layers"].append(
-                {
-                    "layer": i,
-                    "balance_now": _round(float(b[i])),
-                    "balance_planned": None if f is None else _round(f.balance_planned),
-                    "lower_bound": _round(float(lbv[i])),
-                    "moves": None if f is None else f.moves,
-                    "why": None if f is None else f.why,
-                    "frozen": i in frozen or g.record.frozen,
-                    "hot": [
-                        {
-                            "expert": int(idx[i, j]),
-                            "load": _round(float(vals[i, j]), 3),
-                            "share": _round(float(share[i, idx[i, j]]), 6),
-                            "replicas": int(cur.logcnt[i, idx[i, j]]),
-                        }
-                        for j in range(k)
-                    ],
-                }
-            )
-        return out
-
-    def _group_heatmap(self, g: GroupState) -> dict[str, Any]:
-        load, source = self._estimate(g)
-        cur = g.current_layout
-        out: dict[str, Any] = {
-            "group": g.name,
-            "epoch": g.record.epoch,
-            "source": source,
-            "num_gpus": g.ep_size,
-            "by_gpu": None,
-            "by_expert": None,
-            "replicas": None,
-        }
-        if load is None or cur is None or not g.ep_size:
-            return out
-        gl = gpu_loads(load, cur.phy2log, g.ep_size)
-        out["by_gpu"] = [[round(float(x), 3) for x in row] for row in gl.tolist()]
-        out["by_expert"] = [[round(float(x), 3) for x in row] for row in load.tolist()]
-        out["replicas"] = cur.logcnt.tolist()
-        return out
+    def status(
+        self, what: str = "status", group: str | None = None, *, epoch: int | None = None
+    ) -> dict[str, Any]:
+        """The ``data`` map of a status_reply (schemas in docs/daemons.md); ``epoch``: the
+        layout asked for by ``what="layout"`` (default: the one in service)."""
+        return status_data(self, what, group, epoch=epoch)
 
     # --- embedding helpers -----------------------------------------------------------------
 
@@ -1538,5 +624,7 @@ class PlannerCore:
         return sorted(self.groups)
 
     def close(self) -> None:
+        """Save what a restart could use (:meth:`save_windows`), release the store."""
         if self.store is not None:
+            self.save_windows()
             self.store.close()

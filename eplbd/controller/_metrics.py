@@ -13,7 +13,11 @@ Series (labels in braces):
 - ``eplbd_planner_snapshots_total{group}``: snapshots accepted;
 - ``eplbd_planner_dropped_total{reason}``: messages dropped (wire reasons, unknown_epoch...);
 - ``eplbd_planner_peers{kind,state}``: agents and ranks by liveness;
-- ``eplbd_planner_pending{group}``: 1 while a commit is in flight.
+- ``eplbd_planner_pending{group}``: 1 while a commit is in flight;
+- ``eplbd_planner_store_writable``: 0 while the state directory refuses writes;
+- ``eplbd_planner_store_errors_total``: failed writes of the state directory;
+- ``eplbd_planner_curve_reloads_total{outcome}``: allow-list reloads (ok / refused);
+- ``eplbd_planner_curve_allowed_keys``: client keys the allow-list holds.
 """
 
 from __future__ import annotations
@@ -73,6 +77,22 @@ class PlannerMetrics:
         self.peers_g = r.gauge(
             "eplbd_planner_peers", "Agents and ranks by liveness.", labels=("kind", "state")
         )
+        self.store_writable = r.gauge(
+            "eplbd_planner_store_writable",
+            "0 while the state directory refuses writes (no layout change is durable), else 1.",
+        )
+        self.store_writable.set(1)
+        self.store_errors = r.counter(
+            "eplbd_planner_store_errors_total", "Writes of the state directory that failed."
+        )
+        self.curve_reloads = r.counter(
+            "eplbd_planner_curve_reloads_total",
+            "CURVE allow-list reloads (SIGHUP) by outcome: ok, or refused (the old list stays).",
+            labels=("outcome",),
+        )
+        self.curve_allowed = r.gauge(
+            "eplbd_planner_curve_allowed_keys", "Client public keys the CURVE allow-list holds."
+        )
         self.pending = r.gauge(
             "eplbd_planner_pending", "1 while a two-phase commit is in flight.", labels=("group",)
         )
@@ -98,11 +118,26 @@ class PlannerMetrics:
         self.attempts.inc(group=group, outcome=state)
         self.pending.set(0, group=group)
 
+    def curve_reload(self, outcome: str) -> None:
+        self.curve_reloads.inc(outcome=outcome)
+
+    def curve_keys(self, n: int) -> None:
+        self.curve_allowed.set(n)
+
+    def store_write(self, ok: bool) -> None:
+        self.store_writable.set(1 if ok else 0)
+        if not ok:
+            self.store_errors.inc()
+
     def snapshot(self, group: str) -> None:
         self.snapshots.inc(group=group)
 
-    def decision(self, group: str, d: Decision) -> None:
+    def decision(self, group: str, d: Decision, *, intention: bool = True) -> None:
+        """Count ``d``; its balances become the group's gauges only when it is the planner's
+        intention (not a refused command or a dry run)."""
         self.decisions.inc(group=group, reason=d.reason)
+        if not intention:
+            return
         for kind, value in (
             ("now", d.balance_now),
             ("after", d.balance_after),

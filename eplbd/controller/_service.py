@@ -9,7 +9,8 @@ fed only from this loop, after an iteration completes, so a wedged loop stops th
 Two ways to run it:
 
 - the daemon (``eplbd planner``): ``PlannerService(settings, notify=True).run()`` in the main
-  thread; SIGTERM/SIGINT call :meth:`PlannerService.request_stop`;
+  thread; SIGTERM/SIGINT call :meth:`PlannerService.request_stop`, SIGHUP
+  :meth:`PlannerService.request_reload` (the CURVE allow-list);
 - embedded (the agent's ``--embedded-planner``)::
 
       svc = PlannerService(PlannerSettings.embedded(runtime_dir, state_dir)).run_in_thread()
@@ -44,6 +45,8 @@ from eplbd.wire import (
     WireSocket,
     control_server,
     load_server_keys,
+    read_allow_list,
+    reload_allow_list,
     snapshot_receiver,
 )
 
@@ -96,6 +99,8 @@ class PlannerService:
         self.loops = 0
         self._opened = False
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._ctx: zmq.Context[Any] | None = None
         self._ready = threading.Event()
         self._done = threading.Event()
         self._error: BaseException | None = None
@@ -130,9 +135,14 @@ class PlannerService:
         """Ask the loop to finish (safe from a signal handler or another thread)."""
         self._stop.set()
 
+    def request_reload(self) -> None:
+        """Ask the loop to re-read the CURVE allow-list (SIGHUP; safe from a signal handler)."""
+        self._reload.set()
+
     def run(self) -> None:
         """Open, bind, serve until :meth:`request_stop`, then close everything."""
         ctx: zmq.Context[Any] = zmq.Context()
+        self._ctx = ctx
         ctrl: WireSocket | None = None
         snap: WireSocket | None = None
         try:
@@ -140,6 +150,15 @@ class PlannerService:
             curve = None
             if (paths := self.settings.curve_paths) is not None:
                 curve = load_server_keys(*paths)
+                # a broken key file stops the start (ValueError: exit 78) before any bind
+                allowed = len(read_allow_list(curve.allow_dir, allow_empty=True))
+                self.metrics.curve_keys(allowed)
+                if not allowed:
+                    log.warning(
+                        "the CURVE allow-list is empty: every client is refused until keys "
+                        "are added (then systemctl reload)",
+                        allow_dir=str(curve.allow_dir),
+                    )
             ctrl = control_server(
                 ctx,
                 self.settings.listen,
@@ -185,6 +204,8 @@ class PlannerService:
                     s.close()
             if self.metrics_server is not None:
                 self.metrics_server.close()
+            if self._opened:
+                self.core.save_windows()
             self.store.close()
             ctx.term()
             self._done.set()
@@ -243,6 +264,9 @@ class PlannerService:
             if wd is not None:
                 wait = wd.poll_interval(wait)
             events = dict(poller.poll(int(wait * 1000)))
+            if self._reload.is_set():
+                self._reload.clear()
+                self._reload_allow_list()
             if ctrl.socket in events:
                 self._drain_control(ctrl)
             if snap.socket in events:
@@ -259,6 +283,25 @@ class PlannerService:
             if self.notify and time.monotonic() >= next_status:
                 next_status = time.monotonic() + _STATUS_EVERY_S
                 sdnotify.status(self._status_line())
+
+    def _reload_allow_list(self) -> None:
+        """Re-read the CURVE allow-list in the loop's thread (its context's authenticator); a
+        broken list is refused and the one in force stays. Logged and counted either way."""
+        if self.settings.curve_paths is None:
+            log.info("reload requested: nothing to reload (no CURVE keys)")
+            return
+        assert self._ctx is not None  # the loop runs inside run()
+        try:
+            done = reload_allow_list(self._ctx)
+        except ValueError as e:
+            log.error("allow-list reload refused; the previous list stays", error=str(e))
+            self.metrics.curve_reload("refused")
+            return
+        if done is None:  # pragma: no cover - CURVE sockets always start an authenticator
+            return
+        log.info("allow-list reloaded", keys=done.keys, added=done.added, removed=done.removed)
+        self.metrics.curve_reload("ok")
+        self.metrics.curve_keys(done.keys)
 
     def _drain_control(self, ctrl: WireSocket) -> None:
         for _ in range(_DRAIN):

@@ -113,6 +113,12 @@ class PlannerSettings:
     ewma_alpha: float = cfg.setting(
         0.3, help="weight of the newest window in the forecast", min=0.001, max=1.0
     )
+    window_save_s: float = cfg.setting(
+        60.0,
+        help="seconds between writes of the load windows and forecast to the state directory "
+        "(restored at start; also written at a clean stop; 0: at every closed window)",
+        min=0.0,
+    )
     min_gain: float = cfg.setting(
         0.05,
         help="per-layer balance gain (max/mean GPU load, e.g. 1.30 -> 1.25) worth a move",
@@ -137,7 +143,10 @@ class PlannerSettings:
         min=0,
     )
     expert_bytes: int = cfg.setting(
-        0, help="bytes of one expert's weights in one layer (for staging_bytes)", min=0
+        0,
+        help="bytes of one expert's weights in one layer (for staging_bytes, and the bytes "
+        "eplbd layout diff reports)",
+        min=0,
     )
     prepare_timeout_s: float = cfg.setting(
         60.0, help="seconds for every rank to stage a prepared layout", min=0.01, max=1e6
@@ -147,12 +156,6 @@ class PlannerSettings:
         help="seconds for the flip to be reported once every rank staged",
         min=0.01,
         max=1e6,
-    )
-    window_steps: int = cfg.setting(
-        256, help="recording schedule sent to agents: steps per window", min=1
-    )
-    record_steps: int = cfg.setting(
-        64, help="recording schedule: steps recorded per window (<= window_steps)", min=0
     )
     keep_layouts: int = cfg.setting(
         16, help="committed layouts kept per group (rollback targets)", min=1, max=4096
@@ -177,6 +180,7 @@ class PlannerSettings:
             window_s=self.window_s,
             num_windows=self.windows,
             ewma_alpha=self.ewma_alpha,
+            window_save_s=self.window_save_s,
             policy=TriggerPolicy(
                 min_gain=self.min_gain,
                 cooldown_s=self.cooldown_s,
@@ -188,8 +192,7 @@ class PlannerSettings:
             prepare_timeout_s=self.prepare_timeout_s,
             commit_timeout_s=self.commit_timeout_s,
             heartbeat_s=self.heartbeat_s,
-            window_steps=self.window_steps,
-            record_steps=min(self.record_steps, self.window_steps),
+            expert_bytes=self.expert_bytes,
         )
 
     @property
@@ -253,8 +256,6 @@ def _is_loopback(host: str) -> bool:
 def check_planner_settings(s: PlannerSettings) -> None:
     """Rules across fields (raise :class:`eplbd.ops.ConfigError` naming the field)."""
     cfg.validate(s)
-    if s.record_steps > s.window_steps:
-        raise cfg.ConfigError("record_steps", f"{s.record_steps} > window_steps {s.window_steps}")
     try:
         snap = s.snapshot_endpoint
     except ValueError as e:

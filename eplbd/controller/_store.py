@@ -5,6 +5,7 @@ Layout of the state directory::
 
     <state_dir>/planner.lock          flock: one planner per state directory
     <state_dir>/groups/<group>.json   one file per EP group (name percent-encoded)
+    <state_dir>/windows/<group>.npz   its load windows and forecast (a cache: see below)
 
 Each file is rewritten whole and atomically: written to a temporary file in the same
 directory, fsynced, renamed over the old one, and the directory fsynced. A crash at any point
@@ -17,6 +18,13 @@ never silently replaced: :meth:`StateStore.load` raises :class:`StoreCorrupt` na
 file, and the daemon exits with code 78. ``reset_corrupt=True`` (``--reset-state``) moves
 such a file aside to ``<name>.corrupt-<unix time>`` and starts that group afresh; its epochs
 then restart above the highest epoch the ranks report when they register.
+
+The load windows (closed buckets of logical load, their tokens, the EWMA forecast) are
+written less often (the core decides when: at most once per ``window_save_s``, and at a
+clean stop) to ``windows/<group>.npz``, an ``.npz`` of float64 arrays plus a JSON ``meta``
+(the epoch in service when written, when the newest bucket closed); read with
+``allow_pickle=False``. Losing them costs a restarted planner only its forecast, so an
+unreadable file is reported (:class:`WindowsUnreadable`) and skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from eplbd.controller._commit import Attempt
+from eplbd.controller._window import WindowState
 from eplbd.layout import Layout, LayoutError
 
 __all__ = [
@@ -41,7 +50,11 @@ __all__ = [
     "StateStore",
     "StoreCorrupt",
     "StoreLocked",
+    "StoreUnusable",
+    "WindowsUnreadable",
     "atomic_write",
+    "decode_windows",
+    "encode_windows",
 ]
 
 STATE_SCHEMA_VERSION = 1
@@ -54,13 +67,80 @@ class StoreCorrupt(Exception):
         self.path = path
         self.detail = detail
         super().__init__(
-            f"state file {path} is unusable: {detail} (fix or remove it, or start the planner "
-            "with --reset-state to move it aside)"
+            f"state file {path} is unusable: {detail} (fix or remove it, or start with "
+            "--reset-state to move it aside)"
         )
 
 
 class StoreLocked(Exception):
     """Another planner holds the state directory."""
+
+
+class StoreUnusable(Exception):
+    """The state directory cannot be created, locked or written (read-only, permissions)."""
+
+    def __init__(self, state_dir: Path, err: OSError) -> None:
+        self.state_dir = state_dir
+        where = f" ({err.filename})" if err.filename else ""
+        super().__init__(
+            f"cannot use state directory {state_dir}: {err.strerror or err}{where}; "
+            "it must be a writable directory (the state_dir setting)"
+        )
+
+
+class WindowsUnreadable(ValueError):
+    """A saved load-window file that cannot be used (skipped: the forecast starts empty)."""
+
+
+def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
+    """An ``.npz``: ``buckets`` [n, L, E] and ``forecast`` [L, E] float64 (absent when None),
+    ``bucket_tokens`` [n] int64, ``meta`` (JSON text, as uint8) with ``updates`` added."""
+    import io
+
+    import numpy as np
+
+    doc = dict(meta, schema_version=STATE_SCHEMA_VERSION, updates=state.updates)
+    arrays: dict[str, Any] = {
+        "meta": np.frombuffer(json.dumps(doc, allow_nan=False).encode(), dtype=np.uint8),
+        "bucket_tokens": np.asarray(state.bucket_tokens, dtype=np.int64),
+    }
+    if state.buckets:
+        arrays["buckets"] = np.stack([b.to("cpu").double().numpy() for b in state.buckets])
+    if state.forecast is not None:
+        arrays["forecast"] = state.forecast.to("cpu").double().numpy()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
+    """The inverse of :func:`encode_windows`. Raises :class:`WindowsUnreadable`."""
+    import io
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            tokens = [int(x) for x in z["bucket_tokens"]]
+            buckets = z["buckets"] if "buckets" in z.files else np.zeros((0, 0, 0))
+            forecast = z["forecast"] if "forecast" in z.files else None
+            if not isinstance(meta, dict) or meta.get("schema_version") != STATE_SCHEMA_VERSION:
+                raise ValueError(f"schema_version {meta.get('schema_version')!r}")
+            state = WindowState(
+                buckets=[torch.from_numpy(np.array(b, dtype=np.float64)) for b in buckets],
+                bucket_tokens=tokens,
+                forecast=None if forecast is None else torch.from_numpy(np.array(forecast)),
+                updates=int(meta.get("updates", 0)),
+            )
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        raise WindowsUnreadable(f"{type(e).__name__}: {e}") from None
+    tensors = [*state.buckets, *([] if state.forecast is None else [state.forecast])]
+    if any(not bool(torch.isfinite(t).all()) or bool((t < 0).any()) for t in tensors):
+        raise WindowsUnreadable("loads must be finite and >= 0")
+    return meta, state
 
 
 def _fsync_dir(path: Path) -> None:
@@ -201,16 +281,22 @@ class StateStore:
     ) -> None:
         self.state_dir = Path(state_dir)
         self.groups_dir = self.state_dir / "groups"
+        self.windows_dir = self.state_dir / "windows"
         self.keep_layouts = keep_layouts
         self.keep_history = keep_history
         self._replace = replace
         self._lock_fd: int | None = None
         self.writes = 0
+        self.window_writes = 0
 
     def open(self) -> None:
-        """Create the directories and take the lock (raises :class:`StoreLocked`)."""
-        self.groups_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        fd = os.open(self.state_dir / "planner.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        """Create the directories and take the lock (raises :class:`StoreLocked`, or
+        :class:`StoreUnusable` when the directory cannot be created or written)."""
+        try:
+            self.groups_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            fd = os.open(self.state_dir / "planner.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        except OSError as e:
+            raise StoreUnusable(self.state_dir, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -219,9 +305,10 @@ class StateStore:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
-        for tmp in self.groups_dir.glob(".*.tmp-*"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        for d in (self.groups_dir, self.windows_dir):
+            for tmp in d.glob(".*.tmp-*"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -273,3 +360,28 @@ class StateStore:
         data = rec.to_json(self.keep_layouts, self.keep_history)
         atomic_write(self.path_of(rec.group), data, replace=self._replace)
         self.writes += 1
+
+    def windows_path_of(self, group: str) -> Path:
+        return self.windows_dir / (quote(group, safe="") + ".npz")
+
+    def save_windows(self, group: str, meta: dict[str, Any], state: WindowState) -> None:
+        """Atomically write one group's load windows (:func:`encode_windows`)."""
+        self.windows_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        data = encode_windows(meta, state)
+        atomic_write(self.windows_path_of(group), data, replace=self._replace)
+        self.window_writes += 1
+
+    def load_windows(self, group: str) -> tuple[dict[str, Any], WindowState] | None:
+        """One group's saved load windows, None if there are none. Raises
+        :class:`WindowsUnreadable` (with the file named) if the file cannot be used."""
+        path = self.windows_path_of(group)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise WindowsUnreadable(f"{path}: cannot read: {e.strerror}") from None
+        try:
+            return decode_windows(raw)
+        except WindowsUnreadable as e:
+            raise WindowsUnreadable(f"{path}: {e}") from None

@@ -10,20 +10,23 @@ Time is cut into buckets of ``window_s`` seconds (by the caller's clock). A buck
 with data joins the sliding window (the last ``num_windows`` non-empty buckets) and updates
 the exponentially weighted forecast ``f = alpha * bucket + (1 - alpha) * f``. Empty buckets
 (no traffic, or no snapshot arrived) are skipped: they say nothing about the load's shape.
-The ring and the average are :class:`eplbd.planner.SlidingWindow` and
-:class:`eplbd.planner.Ewma`; this class adds the time buckets and the token counts.
-Pure: no clock is read here, every method takes ``now``.
+The average is :class:`eplbd.planner.Ewma`; this class adds the time buckets, the ring of
+closed buckets and the token counts. Pure: no clock is read here, every method takes
+``now``. :meth:`LoadWindow.state` and :meth:`LoadWindow.restore` carry the closed buckets and
+the forecast over a planner restart (:class:`WindowState`; the store writes it to disk).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from eplbd.planner import Ewma, SlidingWindow
+from eplbd.planner import Ewma
 
-__all__ = ["LoadWindow", "logical_load"]
+__all__ = ["LoadWindow", "WindowState", "logical_load"]
 
 
 def logical_load(counts: torch.Tensor, phy2log: torch.Tensor, num_logical: int) -> torch.Tensor:
@@ -91,7 +94,7 @@ class LoadWindow:
         self.num_logical = num_logical
         self.window_s = float(window_s)
         self.alpha = float(alpha)
-        self._ring = SlidingWindow(num_windows)
+        self._ring: deque[torch.Tensor] = deque(maxlen=num_windows)  # closed buckets, [L, E]
         self._ewma = Ewma(alpha)
         self._bucket_tokens: deque[int] = deque(maxlen=num_windows)
         self._open = torch.zeros(num_layers, num_logical, dtype=torch.float64)
@@ -117,10 +120,12 @@ class LoadWindow:
         self.snapshots += 1
 
     def add_counts(
-        self, epoch: int, phy2log: torch.Tensor, counts: torch.Tensor, tokens: int, now: float
+        self, epoch: int, phy2log: torch.Tensor, counts: Any, tokens: int, now: float
     ) -> None:
-        """Add one snapshot's physical counts ``[L, P]`` recorded under ``epoch`` (whose layout
-        is ``phy2log [L, P]``) to the open bucket."""
+        """Add one snapshot's physical counts ``[L, P]`` (a tensor, or the numpy array the wire
+        codec decodes) recorded under ``epoch`` (whose layout is ``phy2log [L, P]``) to the
+        open bucket."""
+        counts = torch.as_tensor(counts)
         if counts.shape != phy2log.shape or counts.shape[0] != self.num_layers:
             raise ValueError(
                 f"counts {tuple(counts.shape)} and phy2log {tuple(phy2log.shape)} do not fit"
@@ -157,7 +162,7 @@ class LoadWindow:
         self._open_start = None
         if float(bucket.sum()) <= 0.0:
             return 0
-        self._ring.push(bucket)
+        self._ring.append(bucket)
         self._bucket_tokens.append(tokens)
         self._ewma.update(bucket)
         self.closed += 1
@@ -185,7 +190,7 @@ class LoadWindow:
         """Sum of the closed buckets in the window ``[L, E]`` (zeros if none)."""
         if len(self._ring) == 0:
             return torch.zeros(self.num_layers, self.num_logical, dtype=torch.float64)
-        return self._ring.sum()
+        return torch.stack(list(self._ring)).sum(dim=0)
 
     def best_estimate(self) -> torch.Tensor | None:
         """The forecast, or, before any bucket closed, the open bucket (None if empty).
@@ -201,3 +206,46 @@ class LoadWindow:
     def next_close(self) -> float | None:
         """When the open bucket closes (None if it holds nothing yet)."""
         return None if self._open_start is None else self._open_start + self.window_s
+
+    def state(self) -> WindowState:
+        """What a restarted planner needs to forecast as before: the closed buckets, their
+        tokens and the forecast (the open bucket is left out: it is partial)."""
+        return WindowState(
+            buckets=[b.clone() for b in self._ring],
+            bucket_tokens=list(self._bucket_tokens),
+            forecast=self._ewma.value,
+            updates=self._ewma.updates,
+        )
+
+    def restore(self, state: WindowState) -> int:
+        """Take over ``state`` (the newest buckets that fit this window). Returns how many
+        buckets were restored. Raises ValueError if it does not fit this window's shape."""
+        shape = (self.num_layers, self.num_logical)
+        tensors = [*state.buckets, *([] if state.forecast is None else [state.forecast])]
+        if any(tuple(t.shape) != shape for t in tensors):
+            raise ValueError(f"saved load has another shape than [L, E] = {list(shape)}")
+        if len(state.bucket_tokens) != len(state.buckets):
+            raise ValueError("saved buckets and their token counts differ in number")
+        keep = self._ring.maxlen or 0
+        self._ring.clear()
+        self._bucket_tokens.clear()
+        for b, tokens in list(zip(state.buckets, state.bucket_tokens, strict=True))[-keep:]:
+            self._ring.append(b.to(torch.float64).clone())
+            self._bucket_tokens.append(int(tokens))
+        self._ewma.reset()
+        if state.forecast is not None:
+            self._ewma.update(state.forecast)  # the first update sets the value exactly
+            self._ewma.updates = state.updates
+        return len(self._ring)
+
+
+@dataclass
+class WindowState:
+    """A :class:`LoadWindow`'s closed data: ``buckets`` [L, E] float64 each, oldest first,
+    with their ``bucket_tokens``; the EWMA ``forecast`` [L, E] (None before the first bucket)
+    after ``updates`` buckets."""
+
+    buckets: list[torch.Tensor]
+    bucket_tokens: list[int]
+    forecast: torch.Tensor | None
+    updates: int

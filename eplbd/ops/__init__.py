@@ -2,9 +2,9 @@
 
 Settings (defaults < config file < environment < flags), structlog logging, the systemd
 notify protocol and watchdog, Prometheus metrics, clocks and exit codes. Standard library
-plus structlog only, and imported lazily: ``from eplbd.ops.exits import EXIT_CONFIG`` or
-``from eplbd.ops import EXIT_CONFIG`` loads neither structlog (about 100 ms) nor
-``http.server``, so ``eplbd status`` starts fast. Nothing here imports torch, zmq or numpy.
+plus structlog and prometheus_client only, and imported lazily: ``from eplbd.ops.exits import
+EXIT_CONFIG`` or ``from eplbd.ops import EXIT_CONFIG`` loads neither structlog (about 100 ms)
+nor prometheus_client, so ``eplbd status`` starts fast. Nothing here imports torch, zmq or numpy.
 
 Modules: :mod:`~eplbd.ops.settings`, :mod:`~eplbd.ops.logging`, :mod:`~eplbd.ops.sdnotify`,
 :mod:`~eplbd.ops.metrics`, :mod:`~eplbd.ops.clock`, :mod:`~eplbd.ops.exits`.

@@ -44,8 +44,11 @@ Where each value comes from:
 - default: the ``setting(default, ...)`` value (or ``default_factory``);
 - config file: ``--config FILE`` or ``$<PREFIX>CONFIG`` (TOML). Keys are the field names
   (``window_steps``; ``window-steps`` is accepted too). Top-level keys apply to every daemon;
-  a table named ``CONFIG_SECTION`` (``[agent]``) applies to this one and wins. Other tables
-  belong to other daemons and are ignored; an unknown key outside them is an error;
+  a table named ``CONFIG_SECTION`` (``[agent]``) applies to this one and wins. The other
+  tables of :data:`CONFIG_SECTIONS` belong to other programs and are skipped; any other
+  table, and an unknown key outside them, is an error (a typo). A class may read files its
+  own way with a ``values_from_config(data, where) -> dict`` static method (the CLI does:
+  it reads the daemons' files for their addresses);
 - environment: ``<PREFIX><FIELD>`` for each prefix of ``ENV_PREFIXES`` in order (the first
   found wins), e.g. ``EPLBD_AGENT_WINDOW_STEPS`` then ``EPLBD_WINDOW_STEPS``; a field may
   name its own variable with ``env=``. A variable under the daemon's own prefix (the first,
@@ -80,6 +83,7 @@ from typing import Any, TypeVar
 from eplbd.ops.exits import EXIT_CONFIG
 
 __all__ = [
+    "CONFIG_SECTIONS",
     "ConfigError",
     "EXIT_CONFIG",
     "SettingSpec",
@@ -89,6 +93,7 @@ __all__ = [
     "describe",
     "env_names",
     "load",
+    "read_table",
     "reference_markdown",
     "setting",
     "sources",
@@ -98,6 +103,10 @@ __all__ = [
 
 T = TypeVar("T")
 Check = Callable[[Any], None]
+
+#: The tables a config file may hold: one per program (``[agent]``, ``[planner]``, ``[cli]``).
+#: A table named otherwise is a typo, and an error, whichever program reads the file.
+CONFIG_SECTIONS: tuple[str, ...] = ("agent", "cli", "planner")
 
 #: The daemons' own environment prefixes. A shared ``EPLBD_<FIELD>`` name that starts with
 #: one of them is never read (it would be ambiguous in the shared /etc/default/eplbd).
@@ -135,6 +144,7 @@ class SettingSpec:
     choices: tuple[Any, ...] | None
     checks: tuple[Check, ...]
     secret: bool
+    shown_default: str | None = None
 
     @property
     def flag_name(self) -> str:
@@ -153,6 +163,7 @@ def setting(
     choices: Iterable[Any] | None = None,
     check: Check | Sequence[Check] | None = None,
     secret: bool = False,
+    shown_default: str | None = None,
 ) -> Any:
     """Declare a settings field (use as the dataclass field's default).
 
@@ -160,7 +171,8 @@ def setting(
     ``check`` one or more callables that raise ``ValueError`` with a message for a bad value
     (see :func:`check_endpoint`, :func:`check_path`); ``secret`` hides the value in
     :func:`describe`; ``env`` replaces the derived variable name; ``flag`` the derived
-    ``--field-name``.
+    ``--field-name``; ``shown_default`` describes a ``default_factory`` value in help and
+    docs ("the host name") instead of this machine's.
     """
     if default is _MISSING and default_factory is None:
         raise TypeError("a setting needs a default (settings are optional by design)")
@@ -181,6 +193,7 @@ def setting(
             "choices": None if choices is None else tuple(choices),
             "checks": checks,
             "secret": secret,
+            "shown_default": shown_default,
         }
     }
     if default_factory is not None:
@@ -421,6 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     )
     for spec in specs(cls):
         default = "none" if spec.default is None else _show(spec.default)
+        if spec.shown_default is not None:
+            default = spec.shown_default
         extra = f" (default: {'***' if spec.secret and spec.default else default}; "
         extra += f"env {env_names(cls, spec)[0]})"
         tp, _ = _unwrap_optional(spec.type)
@@ -448,26 +463,40 @@ def _read_file(cls: type, path: str, source: str) -> tuple[dict[str, Any], str]:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}", source) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}", source) from None
+    where = f"file {path}"
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in CONFIG_SECTIONS:
+            tables = ", ".join(f"[{t}]" for t in CONFIG_SECTIONS)
+            raise ConfigError(key, f"unknown table [{key}] (tables: {tables})", where)
+    reader = getattr(cls, "values_from_config", None)
+    if reader is not None:  # a program that reads other programs' files its own way
+        values: dict[str, Any] = reader(data, where)
+        return values, where
     section = getattr(cls, "CONFIG_SECTION", None)
+    values = read_table(cls, data, "", where, top_level=True)
+    if section is not None and isinstance(data.get(section), dict):
+        values.update(read_table(cls, data[section], section + ".", where))
+    return values, where
+
+
+def read_table(
+    cls: type, table: Mapping[str, Any], prefix: str, where: str, *, top_level: bool = False
+) -> dict[str, Any]:
+    """The settings of ``cls`` in one table of a config file (``prefix``: ``"agent."`` for
+    error messages). An unknown key, or a table inside a program's table, is a ConfigError;
+    at the top level the programs' tables are skipped."""
     known = {s.name for s in specs(cls)}
     values: dict[str, Any] = {}
-    where = f"file {path}"
-
-    def take(table: Mapping[str, Any], prefix: str) -> None:
-        for key, value in table.items():
-            name = key.replace("-", "_")
-            if isinstance(value, dict):
-                if prefix:
-                    raise ConfigError(prefix + key, "unexpected table", where)
-                continue  # a daemon's table: ours is read below, others are not ours
-            if name not in known:
-                raise ConfigError(prefix + key, "unknown setting", where)
-            values[name] = value
-
-    take(data, "")
-    if section is not None and isinstance(data.get(section), dict):
-        take(data[section], section + ".")
-    return values, where
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if isinstance(value, dict):
+            if not top_level:
+                raise ConfigError(prefix + key, "unexpected table", where)
+            continue  # a program's table: the caller reads its own
+        if name not in known:
+            raise ConfigError(prefix + key, "unknown setting", where)
+        values[name] = value
+    return values
 
 
 def load(
@@ -594,6 +623,8 @@ def reference_markdown(cls: type) -> str:
     for spec in specs(cls):
         tp, _ = _unwrap_optional(spec.type)
         default = "—" if spec.default is None else f"`{_show(spec.default)}`"
+        if spec.shown_default is not None:
+            default = spec.shown_default
         if spec.secret and spec.default:
             default = "(secret)"
         meaning = spec.help

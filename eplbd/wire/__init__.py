@@ -4,11 +4,12 @@ Everything that crosses a process boundary goes through here, so this layer must
 fast and impossible to crash with bad input. The byte-level spec, one table per message type,
 is ``docs/protocol.md``; this package implements it.
 
-Codec (pure, no sockets; torch is imported only when a message carries tensors)::
+Codec (pure, no sockets, no torch: tensors decode to numpy arrays)::
 
     frames = encode(SNAPSHOT, {"worker": "n0-r3", ...}, {"counts": counts})  # -> list[bytes]
     msg = decode(frames, max_bytes=DEFAULT_MAX_BYTES)  # -> Message(type, body, tensors)
     msg = validate(msg, model=ModelShape(58, 256, 288))  # fields, tensors, ranges; defaults
+    torch_tensors(msg)  # -> {name: torch.Tensor}, sharing memory (imports torch)
 
 ``decode`` and ``validate`` raise :class:`WireError` (and nothing else) with a short
 ``.reason`` code (one of :data:`REASONS`) on anything malformed.
@@ -58,16 +59,19 @@ from eplbd.wire._codec import (
     decode,
     encode,
     frame_bytes,
+    torch_tensors,
 )
 from eplbd.wire._counters import (
     WireCounters,
 )
 from eplbd.wire._curve import (
+    AllowListReload,
     CurveClientKeys,
     CurveServerKeys,
     generate_keypair,
     load_client_keys,
     load_server_keys,
+    read_allow_list,
     reload_allow_list,
 )
 from eplbd.wire._errors import (
@@ -120,6 +124,7 @@ __all__ = [
     "AGENT_HELLO",
     "AGENT_SOCKET",
     "ALIVE",
+    "AllowListReload",
     "BindError",
     "COMMAND",
     "COMMAND_OPS",
@@ -179,9 +184,11 @@ __all__ = [
     "load_server_keys",
     "new_incarnation",
     "process_incarnation",
+    "read_allow_list",
     "reload_allow_list",
     "snapshot_receiver",
     "snapshot_sender",
+    "torch_tensors",
     "validate",
     "validate_body",
 ]

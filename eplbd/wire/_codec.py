@@ -12,8 +12,16 @@ before :func:`decode`)::
                                    little-endian; bfloat16 travels as its uint8 view
 
 Why raw frames and not msgpack arrays: a [58, 288] int32 count tensor is 66 KB that
-``torch.frombuffer`` turns into a tensor without parsing or copying. Never pickle: every byte
-that arrives is untrusted.
+``numpy.frombuffer`` turns into an array without parsing or copying. Never pickle: every
+byte that arrives is untrusted.
+
+No torch here: tensors decode to numpy arrays, so the processes that only relay and sum
+counts (the agent, the CLI) never load torch, and numpy is imported only once a message
+carries tensors (``eplbd status`` loads neither). :func:`torch_tensors` gives a message's
+arrays as torch tensors (sharing memory) to the code that has torch (the client, the
+planner). ``encode`` takes numpy arrays or torch tensors. numpy has no bfloat16: such a frame decodes
+to its raw ``uint16`` bits, and ``body["tensors"]`` (or :meth:`Message.wire_dtype`) keeps
+the wire dtype, which :func:`torch_tensors` restores.
 
 Decoding is strict about framing (protocol id, version, type name, body, tensor sizes, the
 size limit) and leaves field-level checks to :func:`eplbd.wire.validate`.
@@ -22,6 +30,7 @@ size limit) and leaves field-level checks to :func:`eplbd.wire.validate`.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +40,7 @@ import msgpack
 from eplbd.wire._errors import WireError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 __all__ = [
@@ -63,6 +73,7 @@ __all__ = [
     "decode",
     "encode",
     "frame_bytes",
+    "torch_tensors",
 ]
 
 PROTOCOL_ID = b"EPLBD"
@@ -133,18 +144,31 @@ DTYPES: dict[str, int] = {
     "float32": 4,
     "float64": 8,
 }
-_TORCH_DTYPES: dict[str, torch.dtype] = {}  # filled on first use: the CLI never imports torch
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
+#: Wire dtype -> the numpy dtype a frame decodes to (bfloat16: its raw bits, as uint16;
+#: bool: bytes, then != 0, since a byte other than 0/1 is no bool). Filled on first use.
+_NP_DTYPES: dict[str, np.dtype[Any]] = {}
+_NP_CODES = {
+    "bool": "u1",
+    "uint8": "u1",
+    "int8": "i1",
+    "int16": "<i2",
+    "int32": "<i4",
+    "int64": "<i8",
+    "float16": "<f2",
+    "bfloat16": "<u2",
+    "float32": "<f4",
+    "float64": "<f8",
+}
+#: numpy dtype name -> wire dtype, for encoding arrays (uint16 is not a wire dtype).
+_WIRE_OF_NP = {n: n for n in DTYPES if n != "bfloat16"}
 
 
-def _torch_dtypes() -> dict[str, torch.dtype]:
-    if not _TORCH_DTYPES:
-        import torch
+def _np_dtypes() -> dict[str, np.dtype[Any]]:
+    if not _NP_DTYPES:
+        import numpy as np
 
-        for name in DTYPES:
-            _TORCH_DTYPES[name] = getattr(torch, name)
-            _DTYPE_NAMES[getattr(torch, name)] = name
-    return _TORCH_DTYPES
+        _NP_DTYPES.update({k: np.dtype(v) for k, v in _NP_CODES.items()})
+    return _NP_DTYPES
 
 
 _MAX_NDIM = 8
@@ -164,19 +188,33 @@ class Message:
         type: one of MESSAGE_TYPES, e.g. ``"snapshot"``;
         body: the msgpack map, string keys, e.g. ``{"schema": 1, "worker": "n0-r3", ...}``
             (it includes ``"schema"`` and, when tensors came with it, ``"tensors"``);
-        tensors: name -> CPU tensor, e.g. ``{"counts": int32 [58, 288]}``. Tensors decoded from
-            writable frames (``zmq.Frame`` from ``recv_multipart(copy=False)``, bytearray) share
-            their memory; frames given as ``bytes`` are copied once.
+        tensors: name -> numpy array, e.g. ``{"counts": int32 [58, 288]}`` (bfloat16 as its
+            uint16 bits; see :meth:`wire_dtype`). Arrays decoded from writable frames
+            (``zmq.Frame`` from ``recv_multipart(copy=False)``, bytearray) share their memory;
+            frames given as ``bytes`` are copied once. Always writable.
     """
 
     type: str
     body: dict[str, Any]
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def schema(self) -> int:
         """The schema version the sender wrote (>= 1)."""
         return int(self.body.get("schema", SCHEMA_VERSION))
+
+    def wire_dtype(self, name: str) -> str:
+        """The dtype tensor ``name`` travelled as (e.g. ``"bfloat16"``), from the body's
+        tensor specs, or from the array itself for a message built by hand."""
+        for spec in self.body.get("tensors") or ():
+            if isinstance(spec, dict) and spec.get("name") == name:
+                return str(spec.get("dtype"))
+        return _dtype_name(self.tensors[name])
+
+
+def _dtype_name(t: Any) -> str:
+    """The wire name of an array's dtype: "int32" for numpy int32 and torch.int32."""
+    return str(t.dtype).removeprefix("torch.")
 
 
 def frame_bytes(frame: Frame) -> bytes | bytearray | memoryview:
@@ -213,13 +251,14 @@ def _check_keys(obj: Any, depth: int = 0) -> None:
 
 
 def encode(
-    msg_type: str, body: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None
+    msg_type: str, body: Mapping[str, Any], tensors: Mapping[str, Any] | None = None
 ) -> list[bytes]:
     """Build the frames of one message (without any ROUTER identity).
 
     ``body`` must hold msgpack-able values with string keys; ``"schema"`` and ``"tensors"``
-    are written by this function. Each tensor is sent contiguous, from the CPU, in C order.
-    Raises :class:`WireError` for an unknown type, a non-string key or an unsupported dtype.
+    are written by this function. ``tensors`` maps names to numpy arrays or torch tensors
+    (any device: copied to the CPU), each sent contiguous in C order. Raises
+    :class:`WireError` for an unknown type, a non-string key or an unsupported dtype.
     """
     if msg_type not in MESSAGE_TYPES:
         raise WireError("unknown_type", f"cannot encode unknown message type {msg_type!r}")
@@ -228,24 +267,35 @@ def encode(
     out_body["schema"] = SCHEMA_VERSION
     frames = [PROTOCOL_ID, _VERSION_FRAME, msg_type.encode("ascii"), b""]
     if tensors:
-        import torch
-
-        _torch_dtypes()
         specs = []
         for name, t in tensors.items():
-            if not isinstance(t, torch.Tensor):
-                raise WireError("bad_tensor_spec", f"tensor {name!r} is a {type(t).__name__}")
-            dt = _DTYPE_NAMES.get(t.dtype)
-            if dt is None:
-                raise WireError("bad_dtype", f"tensor {name!r} has unsupported dtype {t.dtype}")
-            flat = t.detach().to("cpu").contiguous().reshape(-1)
-            specs.append({"name": str(name), "dtype": dt, "shape": list(t.shape)})
-            frames.append(flat.view(torch.uint8).numpy().tobytes())
+            dt, raw, shape = _raw(name, t)
+            specs.append({"name": str(name), "dtype": dt, "shape": shape})
+            frames.append(raw)
         out_body["tensors"] = specs
     else:
         out_body.pop("tensors", None)
     frames[3] = msgpack.packb(out_body, use_bin_type=True)
     return frames
+
+
+def _raw(name: Any, t: Any) -> tuple[str, bytes, list[int]]:
+    """(wire dtype, C-order bytes, shape) of a numpy array or a torch tensor."""
+    np = sys.modules.get("numpy")  # an array implies numpy is imported already
+    if np is not None and isinstance(t, np.ndarray):
+        dt = _WIRE_OF_NP.get(t.dtype.name)
+        if dt is None:
+            raise WireError("bad_dtype", f"tensor {name!r} has unsupported dtype {t.dtype}")
+        a = np.ascontiguousarray(t, dtype=t.dtype.newbyteorder("<"))  # no copy if it is so
+        return dt, a.tobytes(), list(t.shape)
+    torch = sys.modules.get("torch")  # a torch tensor implies torch is imported already
+    if torch is None or not isinstance(t, torch.Tensor):
+        raise WireError("bad_tensor_spec", f"tensor {name!r} is a {type(t).__name__}")
+    dt = _dtype_name(t)
+    if dt not in DTYPES:
+        raise WireError("bad_dtype", f"tensor {name!r} has unsupported dtype {t.dtype}")
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return dt, flat.view(torch.uint8).numpy().tobytes(), list(t.shape)
 
 
 def decode(frames: Sequence[Frame], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
@@ -290,7 +340,7 @@ def decode(frames: Sequence[Frame], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Me
     return Message(msg_type, body, tensors)
 
 
-def _decode_tensors(specs: Any, bufs: list[Any]) -> dict[str, torch.Tensor]:
+def _decode_tensors(specs: Any, bufs: list[Any]) -> dict[str, Any]:
     if specs is None:
         specs = []
     if not isinstance(specs, list) or len(specs) > _MAX_TENSORS:
@@ -299,7 +349,7 @@ def _decode_tensors(specs: Any, bufs: list[Any]) -> dict[str, torch.Tensor]:
         raise WireError(
             "frame_count", f"{len(bufs)} tensor frame(s) for {len(specs)} described tensor(s)"
         )
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for i, (spec, buf) in enumerate(zip(specs, bufs, strict=True)):
         if not isinstance(spec, dict):
             raise WireError("bad_tensor_spec", f"tensor spec {i} is not a map")
@@ -320,20 +370,33 @@ def _decode_tensors(specs: Any, bufs: list[Any]) -> dict[str, torch.Tensor]:
             raise WireError(
                 "tensor_size", f"tensor {name!r}: frame of {have} bytes, {dtn} {shape} needs {want}"
             )
-        out[name] = _tensor_from(buf, _torch_dtypes()[str(dtn)], shape, want)
+        out[name] = _array_from(buf, str(dtn), shape)
     return out
 
 
-def _tensor_from(buf: Any, dtype: torch.dtype, shape: list[int], nbytes: int) -> torch.Tensor:
+def _array_from(buf: Any, dtn: str, shape: list[int]) -> np.ndarray:
+    import numpy as np
+
+    dtype = _np_dtypes()[dtn]
+    if isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly):
+        buf = bytearray(buf)  # arrays are writable: never alias immutable memory
+    a = np.frombuffer(buf, dtype=dtype)
+    if dtn == "bool":
+        a = a != 0  # a byte other than 0/1 is not a valid bool
+    elif not a.flags.aligned:
+        a = a.copy()  # zero-copy receive can leave a frame unaligned
+    return a.reshape(shape)
+
+
+def torch_tensors(msg: Message) -> dict[str, torch.Tensor]:
+    """``msg.tensors`` as CPU torch tensors sharing the arrays' memory, each with the dtype
+    it travelled as (bfloat16 restored). Imports torch: for the code that runs a model."""
     import torch
 
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    if isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly):
-        buf = bytearray(buf)  # torch tensors are writable: never alias immutable memory
-    t = torch.frombuffer(buf, dtype=dtype)
-    if dtype == torch.bool:
-        t = t.view(torch.uint8).ne(0)  # a byte other than 0/1 is not a valid torch bool
-    elif t.data_ptr() % t.element_size():
-        t = t.clone()  # zero-copy receive can leave a frame unaligned
-    return t.view(shape)
+    out = {}
+    for name, a in msg.tensors.items():
+        t = torch.from_numpy(a)
+        if msg.wire_dtype(name) == "bfloat16":
+            t = t.view(torch.bfloat16)
+        out[name] = t
+    return out

@@ -25,11 +25,13 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 __all__ = [
+    "AllowListReload",
     "CurveClientKeys",
     "CurveServerKeys",
     "generate_keypair",
     "load_client_keys",
     "load_server_keys",
+    "read_allow_list",
     "reload_allow_list",
 ]
 
@@ -167,15 +169,55 @@ def release_authenticator(ctx: zmq.Context) -> None:  # type: ignore[type-arg]
     auth.stop()
 
 
-def reload_allow_list(ctx: zmq.Context) -> int:  # type: ignore[type-arg]
-    """Re-read the allow-list directory (after adding or removing a client key).
+def read_allow_list(allow_dir: str | os.PathLike[str], *, allow_empty: bool = False) -> set[bytes]:
+    """The client public keys (Z85) of every ``*.key`` file in ``allow_dir``.
 
-    Returns the number of keys now allowed (0 if no authenticator runs on ``ctx``).
+    Raises ValueError naming the file for anything that would make the list a surprise: a
+    missing directory, a file that is not a ZeroMQ certificate, a file with no public key,
+    or, unless ``allow_empty``, no key at all (an empty list locks every agent and operator
+    out: a reload refuses it; a planner starting before any key was copied accepts it).
+    """
+    d = Path(allow_dir)
+    if not d.is_dir():
+        raise ValueError(f"CURVE allow-list directory {d} not found")
+    keys: set[bytes] = set()
+    for path in sorted(d.glob("*.key")):
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path} is not a ZeroMQ certificate: {e}") from None
+        if public is None or len(public) != 40:
+            raise ValueError(f"{path} holds no public key")
+        keys.add(public)
+    if not keys and not allow_empty:
+        raise ValueError(f"no *.key file in {d}: an empty allow-list would refuse everyone")
+    return keys
+
+
+@dataclass(frozen=True)
+class AllowListReload:
+    """What :func:`reload_allow_list` changed: keys allowed now, added and removed."""
+
+    keys: int
+    added: int
+    removed: int
+
+
+def reload_allow_list(ctx: zmq.Context) -> AllowListReload | None:  # type: ignore[type-arg]
+    """Re-read the allow-list directory of ``ctx``'s authenticator (after adding or removing a
+    client key). The new list is checked whole first (:func:`read_allow_list`): if it is
+    broken, ValueError says why and the old list stays in force. None when no CURVE
+    authenticator runs on ``ctx``. Connections already made are not re-authenticated: a
+    removed key is refused at its next connection.
     """
     with _lock:
         entry = _auths.get(id(ctx))
     if entry is None:
-        return 0
+        return None
     auth, d, _ = entry
-    auth.configure_curve(domain="*", location=str(d))
-    return len(list(d.glob("*.key")))
+    keys = read_allow_list(d)
+    old = set(auth.certs.get("*", {}))
+    # the authenticator's table of allowed keys (pyzmq's Authenticator.certs, per domain);
+    # one assignment, so its ZAP thread sees the old or the new list, never a mix
+    auth.certs["*"] = {k: True for k in keys}
+    return AllowListReload(keys=len(keys), added=len(keys - old), removed=len(old - keys))

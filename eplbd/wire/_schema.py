@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eplbd.wire._codec import (
     ABORT,
@@ -40,9 +40,6 @@ from eplbd.wire._codec import (
 )
 from eplbd.wire._errors import WireError
 
-if TYPE_CHECKING:
-    import torch
-
 __all__ = [
     "COMMAND_OPS",
     "MAX_TOKENS",
@@ -61,7 +58,7 @@ _MAX_TEXT = 4096
 _MAX_LIST = 65536
 COMMAND_OPS: frozenset[str] = frozenset({"rebalance", "freeze", "unfreeze", "rollback"})
 #: The ``what`` values the planner answers; others get an ``error`` reply from the planner.
-STATUS_WHATS: frozenset[str] = frozenset({"status", "history", "top", "heatmap"})
+STATUS_WHATS: frozenset[str] = frozenset({"status", "history", "top", "heatmap", "layout"})
 
 
 @dataclass(frozen=True)
@@ -218,14 +215,12 @@ def _snapshot_extra(b: dict[str, Any], msg: Message, model: ModelShape | None) -
             "missing_field", "snapshot needs (worker, ep_rank) or (agent, ep_ranks), not both"
         )
     counts = _tensor(msg, "counts", ("int32", "int64"), model)
-    if counts.numel():
-        import torch
-
-        lo, hi = torch.aminmax(counts)
-        if int(lo) < 0:
-            raise WireError("bad_count", f"negative count {int(lo)}")
-        if int(hi) > b["tokens"]:
-            raise WireError("bad_count", f"count {int(hi)} exceeds tokens={b['tokens']}")
+    if math.prod(counts.shape):
+        lo, hi = int(counts.min()), int(counts.max())
+        if lo < 0:
+            raise WireError("bad_count", f"negative count {lo}")
+        if hi > b["tokens"]:
+            raise WireError("bad_count", f"count {hi} exceeds tokens={b['tokens']}")
 
 
 def _phy2log_extra(b: dict[str, Any], msg: Message, model: ModelShape | None) -> None:
@@ -238,15 +233,16 @@ def _command_extra(b: dict[str, Any], msg: Message, model: ModelShape | None) ->
         _need(b, b["epoch"] is not None, "epoch", "rollback needs an epoch")
 
 
-def _tensor(
-    msg: Message, name: str, dtypes: tuple[str, ...], model: ModelShape | None
-) -> torch.Tensor:
+def _tensor(msg: Message, name: str, dtypes: tuple[str, ...], model: ModelShape | None) -> Any:
+    """The [L, P] tensor ``name`` (a numpy array, or a torch tensor in a hand-built
+    message: only ``shape``, ``ndim``, ``min`` and ``max`` are used)."""
     t = msg.tensors.get(name)
     if t is None:
         raise WireError("missing_tensor", f"{msg.type} needs tensor {name!r}")
-    if str(t.dtype).removeprefix("torch.") not in dtypes:
-        raise WireError("bad_dtype", f"{name} has dtype {t.dtype}, expected one of {dtypes}")
-    if t.dim() != 2:
+    dt = msg.wire_dtype(name)
+    if dt not in dtypes:
+        raise WireError("bad_dtype", f"{name} has dtype {dt}, expected one of {dtypes}")
+    if t.ndim != 2:
         raise WireError("bad_shape", f"{name} has shape {tuple(t.shape)}, expected [L, P]")
     if model is not None and tuple(t.shape) != model.lp:
         raise WireError("bad_shape", f"{name} has shape {tuple(t.shape)}, model has {model.lp}")
@@ -255,14 +251,12 @@ def _tensor(
 
 def _check_phy2log(msg: Message, model: ModelShape | None) -> None:
     t = _tensor(msg, "phy2log", ("int64",), model)
-    if not t.numel():
+    if not math.prod(t.shape):
         raise WireError("bad_shape", "phy2log is empty")
-    import torch
-
-    lo, hi = torch.aminmax(t)
+    lo, hi = int(t.min()), int(t.max())
     E = model.num_logical_experts if model is not None else _MAX_INT
-    if int(lo) < 0 or int(hi) >= E:
-        bad = int(lo) if int(lo) < 0 else int(hi)
+    if lo < 0 or hi >= E:
+        bad = lo if lo < 0 else hi
         raise WireError("bad_layout", f"phy2log holds expert id {bad}, outside [0, {E})")
 
 
@@ -349,7 +343,9 @@ SCHEMAS: dict[str, _Schema] = {
     ABORTED: _Schema({**_GROUP_RANK, "reason": _text}, {}),
     LAYOUT: _Schema({"group": _ident, "epoch": _uint}, {}, _phy2log_extra),
     HEARTBEAT: _Schema({"sender": _ident, "incarnation": _ident}, {}),
-    STATUS_REQUEST: _Schema({"what": _ident}, {"group": (_opt(_ident), None)}),
+    STATUS_REQUEST: _Schema(
+        {"what": _ident}, {"group": (_opt(_ident), None), "epoch": (_opt(_uint), None)}
+    ),
     STATUS_REPLY: _Schema({"data": _map}, {}),
     COMMAND: _Schema(
         {"op": _ident, "group": _ident},

@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
@@ -48,9 +48,6 @@ from eplbd.wire._curve import (
 )
 from eplbd.wire._errors import WireError
 from eplbd.wire._schema import ModelShape, error_body, validate
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "AGENT_SOCKET",
@@ -210,12 +207,13 @@ class WireSocket:
         self,
         msg_type: str,
         body: Mapping[str, Any],
-        tensors: Mapping[str, torch.Tensor] | None = None,
+        tensors: Mapping[str, Any] | None = None,
         *,
         to: bytes | None = None,
         timeout_ms: int = 0,
     ) -> bool:
-        """Encode and send; ``to`` is the peer identity (ROUTER only).
+        """Encode and send; ``to`` is the peer identity (ROUTER only); ``tensors``: numpy
+        arrays or torch tensors.
 
         Waits at most ``timeout_ms`` for room (0: never blocks). Returns False, counting the
         drop under "would_block" (queue full or, with IMMEDIATE, no connected peer),
