@@ -26,7 +26,7 @@ every 0.3 R steps from the last 0.1 R, SGLang's every 0.1 R from the last 0.1 R.
 shown: every step from the last (the issue's DeepSeek-every-step) and every R steps
 (once per regime).
 
-Reference: **perfect**, per step, the better of DeepSeek's and eplbd's time objective
+Reference: **perfect**, per step and layer, the better of DeepSeek's and eplbd's time objective
 planned on the step's own counts (perfect knowledge, all moves free). *gap closed* vs a
 DeepSeek schedule: (DS - eplbd) / (DS - perfect) in mean MoE time per step; *moves ratio*:
 eplbd's slots rewritten over the run / that schedule's (*steady*: without the first
@@ -230,7 +230,7 @@ def render(res: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"plans every {meta['online']['cadence']} step(s) from an EWMA (half-life "
         f"{meta['online']['half_life_tokens']:g} tokens), move_cost "
         f"{meta['online']['move_cost']}, min_gain {meta['online']['min_gain']}. *perfect*: "
-        "per step the better of DeepSeek and eplbd (time) planned on the step itself. "
+        "per step and layer the better of DeepSeek and eplbd (time) planned on the step itself. "
         "Times: mean MoE compute per step (the slowest rank per layer, summed), us.",
         "",
         "| case | none us | perfect us | DS every step us | DS vLLM us | DS SGLang us "
