@@ -57,6 +57,8 @@ from eplbd.wire import (
     ERROR,
     HEARTBEAT,
     HELLO,
+    PHY2LOG_DTYPES,
+    PHY2LOG_FIELD,
     PREPARE,
     PROTOCOL_ID,
     PROTOCOL_VERSION,
@@ -117,7 +119,9 @@ class SimConfig:
     the schedule arrives, so ranks welcomed at different steps record different windows);
     used to measure the code as it was. ``link_stagger_s``: each rank's link starts at a
     random time within this many seconds while its group already steps (engines start
-    serving before every worker's agent link is welcomed).
+    serving before every worker's agent link is welcomed). ``int64_layouts``: the ranks'
+    hello declares no ``phy2log_dtypes``, as before issue 14 phase 2, so their agent sends
+    every layout as int64 (148 KB a rank at EP 320) instead of int16.
     """
 
     num_layers: int = 58
@@ -132,6 +136,7 @@ class SimConfig:
     seed: int = 0
     legacy_windows: bool = False
     link_stagger_s: float = 0.0  # ranks connect at random times in [0, this) while stepping
+    int64_layouts: bool = False
 
 
 class LoadModel:
@@ -288,6 +293,7 @@ class SimRank:
             "epoch": self.epoch,
             "software_version": "sim",
             "protocol_version": PROTOCOL_VERSION,
+            **({} if c.int64_layouts else {PHY2LOG_FIELD: list(PHY2LOG_DTYPES)}),
         }
 
     def _send(self, msg_type: str, body: dict[str, Any]) -> bool:

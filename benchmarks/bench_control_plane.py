@@ -3,7 +3,7 @@
     python3 -m benchmarks.bench_control_plane [--scenario ep32,ep144,ep320,multi]
         [--faults agent_kill,agent_stop,planner_restart,slow_rank,partition | none]
         [--steps-per-s 20] [--staging-s 0.5] [--stop-s 25] [--steady-s 40]
-        [--label NAME] [--record FILE.jsonl] [--legacy-windows]
+        [--label NAME] [--record FILE.jsonl] [--legacy-windows] [--int64-layouts]
     python3 -m benchmarks.bench_control_plane --render benchmarks/results/control_plane.jsonl
 
 What runs (all on this machine, loopback TCP and ipc):
@@ -377,7 +377,14 @@ class FaultResult:
 class Bench:
     """One scenario's processes, simulator and measurements."""
 
-    def __init__(self, sc: Scenario, t: Timing, legacy_windows: bool, log: Callable[[str], None]):
+    def __init__(
+        self,
+        sc: Scenario,
+        t: Timing,
+        legacy_windows: bool,
+        log: Callable[[str], None],
+        int64_layouts: bool = False,
+    ):
         self.sc, self.t, self.log = sc, t, log
         self.dir = Path(tempfile.mkdtemp(prefix="cp", dir="/tmp"))
         ports = _free_ports(4)
@@ -400,6 +407,7 @@ class Bench:
                 drift_every_s=t.drift_every_s,
                 legacy_windows=legacy_windows,
                 link_stagger_s=t.link_stagger_s,
+                int64_layouts=int64_layouts,
             ),
             run_id=self.dir.name,
         )
@@ -898,9 +906,10 @@ def run_scenario(
     t: Timing,
     faults: tuple[str, ...],
     legacy_windows: bool = False,
+    int64_layouts: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    b = Bench(sc, t, legacy_windows, log)
+    b = Bench(sc, t, legacy_windows, log, int64_layouts)
     try:
         return {"scenario": sc.name, "ranks": sc.ranks, "nodes": sc.nodes, **b.run(faults)}
     finally:
@@ -929,7 +938,17 @@ def _f(x: Any, nd: int = 1) -> str:
     return str(x)
 
 
-_LABELS = ("baseline", "no-torch", "stalls", "aligned")
+_LABELS = (
+    "baseline",
+    "no-torch",
+    "stalls",
+    "aligned",
+    "int64-layouts-1",
+    "int16-layouts-1",
+    "int64-layouts-2",
+    "int16-layouts-2",
+    "phase2",
+)
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -960,7 +979,12 @@ def render(rows: list[dict[str, Any]]) -> str:
         "Labels: `baseline` = the code before issue 14 (the ranks follow the client's old "
         "window rule); `no-torch` = agent without torch; `stalls` = plus the agent's stall, "
         "lost-report and disconnect handling; `aligned` = plus the client's windows aligned on "
-        "the group's step count (the ranks follow the new rule).",
+        "the group's step count (the ranks follow the new rule); `int64-layouts-N` / "
+        "`int16-layouts-N` (issue 14 phase 2, no faults, run back to back in that order on the "
+        "same code): the ranks get each layout as int64 (`--int64-layouts`, the form before) or "
+        "in the compact int16 form (the planner sends the agents int16 in both); `phase2` = "
+        "all of issue 14 phase 2 (compact layouts, rejoin grace, hello-storm answers, the "
+        "planner's stall detection) with every fault.",
         "",
         "Machine, every row: "
         + (rows[0]["machine"].split(";")[0] if rows else "-")
@@ -1003,10 +1027,11 @@ def render(rows: list[dict[str, Any]]) -> str:
         "to the first `committed`. Plan: round trip of the `rebalance` command (plan, persist, "
         "PREPARE sent). Per commit: PREPAREs and MB received by the ranks, `committed` sent "
         "by them, `committed` received by the planner; the planner sends one PREPARE and one "
-        "`layout` per agent of the group.",
+        "`layout` per agent of the group. Fan-out: from the attempt's start (the PREPAREs "
+        "leave) to the PREPARE's receipt by the last rank.",
         "",
-        "| label | scenario | commits | plan ms p50 / max | PREPARE→COMMITTED s p50 / p99 | beyond s p50 / p99 | first s p50 | consensus wait s p50 | ranks: PREPAREs, MB | committed ranks→planner | status ms p50 / max | `eplbd status` CLI s |",
-        "|---|---|---:|---|---|---|---:|---:|---|---|---|---:|",
+        "| label | scenario | commits | plan ms p50 / max | PREPARE→COMMITTED s p50 / p99 | beyond s p50 / p99 | first s p50 | fan-out s p50 / p99 | consensus wait s p50 | ranks: PREPAREs, MB | committed ranks→planner | status ms p50 / max | `eplbd status` CLI s |",
+        "|---|---|---:|---|---|---|---:|---|---:|---|---|---|---:|",
     ]
     for r in rows:
         s, c, m = r["steady"], r["commits"], r["per_commit"]
@@ -1014,6 +1039,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"| {r['label']} | {r['scenario']} | {c['n']} | {_f(s['plan_rtt_ms_p50'])} / "
             f"{_f(s['plan_rtt_ms_max'])} | {_f(c['total_s_p50'], 2)} / {_f(c['total_s_p99'], 2)} | "
             f"{_f(c['beyond_s_p50'], 2)} / {_f(c['beyond_s_p99'], 2)} | {_f(c['first_s_p50'], 2)} | "
+            f"{_f(c['fanout_s_p50'], 2)} / {_f(c['fanout_s_p99'], 2)} | "
             f"{_f(c['consensus_s_p50'], 2)} | {_f(m['ranks_rx_prepare'], 0)}, "
             f"{_f(m['ranks_rx_prepare_mb'])} | {_f(m['ranks_tx_committed'], 0)} → "
             f"{_f(m['planner_rx_committed'], 0)} | {_f(s['status_rtt_ms_p50'])} / "
@@ -1059,6 +1085,11 @@ def main(argv: list[str] | None = None) -> int:
         "--legacy-windows", action="store_true", help="the client's window rule before issue 14"
     )
     ap.add_argument(
+        "--int64-layouts",
+        action="store_true",
+        help="the ranks get layouts as int64, as before the compact form (issue 14 phase 2)",
+    )
+    ap.add_argument(
         "--render",
         type=Path,
         default=None,
@@ -1080,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.scenario.split(","):
         sc = SCENARIOS[name]
         print(f"scenario {name}: {sc.ranks} ranks on {sc.nodes} agents, groups {sc.groups}")
-        r = run_scenario(sc, t, faults, args.legacy_windows)
+        r = run_scenario(sc, t, faults, args.legacy_windows, args.int64_layouts)
         r.update(
             label=args.label, machine=machine, timing=asdict(t), at=time.strftime("%Y-%m-%d %H:%M")
         )

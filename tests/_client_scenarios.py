@@ -14,6 +14,8 @@ several times, prepared on each rank at a different step:
 
 Each rank returns, per step, the epoch it served, the error against the no-EPLB reference and
 the per-slot load it routed, plus everything the client put in its outbox.
+
+``share_changes``: the same stack while the weighted split changes (see its docstring).
 """
 
 from __future__ import annotations
@@ -46,6 +48,25 @@ def layouts(world: int) -> dict[int, torch.Tensor]:
         e: random_layout(CFG.num_layers, CFG.num_experts, NUM_PHYSICAL, generator=g)
         for e in range(1, 8)
     }
+
+
+def random_share(phy2log: torch.Tensor, num_logical: int, seed: int) -> torch.Tensor:
+    """A valid weighted split of ``phy2log`` [L, P]: shares 0-2 per slot, some idle (0),
+    every expert with a positive share, each expert's shares adding up to <= P - E + 1."""
+    g = torch.Generator().manual_seed(seed)
+    L, P = phy2log.shape
+    share = torch.randint(0, 3, (L, P), generator=g)
+    for layer in range(L):
+        for e in range(num_logical):
+            slots = (phy2log[layer] == e).nonzero().flatten()
+            if len(slots) == 1:
+                share[layer, slots[0]] = max(1, int(share[layer, slots[0]]))
+                continue
+            if int(share[layer, slots].sum()) == 0:
+                share[layer, slots[0]] = 1
+            while int(share[layer, slots].sum()) > P - num_logical + 1:
+                share[layer, slots[int(share[layer, slots].argmax())]] -= 1
+    return share
 
 
 def make_pool(tmp: Path) -> None:
@@ -233,4 +254,88 @@ def peer_source_direct(rank: int, world: int, tmp: str, *, backend: str) -> dict
         "rounds": rounds,
         "received": received,
         "errors": errors,
+    }
+
+
+SHARE_STEPS = 100
+
+
+def share_changes(rank: int, world: int, tmp: str, *, backend: str) -> dict[str, Any]:
+    """Weighted splits served through EplbClient, each prepared at a different step per rank,
+    half of them through deliver() with a ``share`` tensor (the agent's path):
+
+        epoch 1  new placement A, split S1                   -> commits
+        epoch 2  A, split S2 (a share-only change)           -> commits, no weights staged
+        epoch 3  rank 0 gets a negative share                -> refused there, dropped everywhere
+        epoch 4  rank 0 gets A with S1, the others A with S2 -> different layouts: dropped
+        epoch 5  A with the equal split (shares only again)  -> commits
+    """
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    client = EplbClient(
+        CFG.num_layers,
+        CFG.num_experts,
+        NUM_PHYSICAL,
+        ep_rank=rank,
+        ep_size=world,
+        group=group,
+        sync_interval=SYNC,
+        weight_source=PeerWeightSource(chunk_bytes=3000),
+        top_k=CFG.top_k,
+        worker=f"w{rank}",
+    )
+    model = MoEModel(CFG)
+    engine = EPMoEEngine(model, client, group)
+    a = layouts(world)[1]
+    s1 = random_share(a, CFG.num_experts, 1)
+    s2 = random_share(a, CFG.num_experts, 2)
+    neg = s2.clone()
+    neg[0, 0] = -1
+    prepares = {
+        3 + 3 * rank: (1, s1),
+        25 + 2 * rank: (2, s2),
+        45 + rank: (3, neg if rank == 0 else s2),
+        60 + 2 * rank: (4, s1 if rank == 0 else s2),
+        78 + 3 * rank: (5, None),
+    }
+    refused: dict[int, str] = {}
+    epochs, errors = [], []
+    loads = torch.zeros(SHARE_STEPS, CFG.num_layers, NUM_PHYSICAL, dtype=torch.int64)
+    sink: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    for step in range(SHARE_STEPS):
+        if step in prepares:
+            e, share = prepares[step]
+            if (e + rank) % 2:
+                body = {"group": "default", "epoch": e, "timeout_s": 1000.0}
+                tensors = {"phy2log": a} if share is None else {"phy2log": a, "share": share}
+                client.deliver("prepare", body, tensors)
+            else:
+                try:
+                    client.prepare(a, e, share=share)
+                except PrepareError as err:
+                    refused[e] = err.reason
+        x = model.tokens(step, rank, 4 + (step * 3 + rank) % 5)
+        epochs.append(client.epoch)
+        out = engine.forward(x, step)
+        errors.append(float((out - model.reference_forward(x, step)).abs().max()))
+        for layer, phys in enumerate(engine.last_phys):
+            if phys.numel():
+                loads[step, layer] = torch.bincount(phys.reshape(-1), minlength=NUM_PHYSICAL)
+        client.step()
+        _drain(client, sink)
+    _drain(client, sink)
+    stats = client.stats
+    client.close()
+    return {
+        "epochs": epochs,
+        "errors": errors,
+        "loads": loads,
+        "msgs": sink,
+        "refused": refused,
+        "stats": stats,
+        "layout": client.layout,
+        "shares": {1: s1, 2: s2},
+        "map_bytes": client._log2phy.numel() * 8 + client._logcnt.numel() * 8,
+        "weights_ok": _weights_match(engine, model, client),
     }

@@ -130,16 +130,27 @@ def check_equal(got: Outputs, want: Outputs, what: str) -> None:
 
 def eplbd_status(runtime_dir: Path) -> dict[str, Any] | None:
     """``eplbd status --runtime-dir DIR --json`` (the operator command), or None if it fails."""
-    r = subprocess.run(
-        [sys.executable, "-m", "eplbd", "status", "--runtime-dir", str(runtime_dir), "--json"],
-        capture_output=True,
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")}
+    env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT below prints where a hung command was
+    with subprocess.Popen(
+        # a generous deadline: the planner shares two cores with vLLM's busy workers
+        [sys.executable, "-m", "eplbd", "status", "--runtime-dir", str(runtime_dir), "--json"]
+        + ["--timeout", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("EPLBD_")},
-    )
-    if r.returncode != 0:
+        env=env,
+    ) as p:
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)
+            out, err = p.communicate(timeout=30)
+            raise AssertionError(f"eplbd status hung for 60 s; its stacks:\n{err}") from None
+    if p.returncode != 0:
+        print(f"eplbd status exited {p.returncode}: {err}", flush=True)  # shown on a failure
         return None
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
+    return json.loads(out)  # type: ignore[no-any-return]
 
 
 def group_status(runtime_dir: Path, group: str) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from eplbd.agent import (
     SnapshotMerger,
 )
 from eplbd.ops import FakeClock
-from eplbd.wire import decode, encode, validate
+from eplbd.wire import decode, encode, layout_digest, validate
 
 L, E, P = 2, 4, 8
 
@@ -143,8 +143,13 @@ def test_agent_hello_lists_workers_with_their_current_epoch(clock: FakeClock) ->
     # only what the planner reads (docs/protocol.md): the layouts go as `layout` messages
     assert set(hello_msg.body) == {
         "schema", "agent", "incarnation", "node", "software_version", "protocol_version",
-        "workers",
+        "workers", "phy2log_dtypes", "layouts",
     }  # fmt: skip
+    assert hello_msg.body["layouts"] == []  # no committed layout held yet
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 4}, {"phy2log": p2l(1)}))
+    (held,) = roundtrip(core.agent_hello()).body["layouts"]
+    assert held == {"group": "g0", "epoch": 4, "digest": layout_digest(p2l(1).numpy())}
+    assert hello_msg.body["phy2log_dtypes"] == ["int16", "int32", "int64"]
 
 
 def test_bad_hellos_are_refused_with_an_error(clock: FakeClock) -> None:
@@ -223,6 +228,80 @@ def test_prepare_abort_down_staged_committed_up_and_commit_kept(clock: FakeClock
         )
     )
     assert out == [] and core.planner_counters.bad["bad_shape"] == 1
+
+
+def test_shares_travel_with_their_layout(clock: FakeClock) -> None:
+    """A layout's weighted split goes down with its prepare, is kept with the committed
+    layout (welcome of a late worker, layouts up to a planner) and replaced by the next one;
+    a bad split is refused like a bad phy2log."""
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    share = torch.ones(L, P, dtype=torch.int64)
+    share[:, 0], share[:, 4] = 0, 2  # expert 1 (slots 0 and 4): all rows to slot 4
+    out = core.on_planner(
+        encode(
+            "prepare",
+            {"group": "g0", "epoch": 1, "timeout_s": 5.0},
+            {"phy2log": p2l(1), "share": share},
+        )
+    )
+    (prep,) = of(out, WORKER, "prepare")
+    assert np.array_equal(roundtrip(prep).tensors["share"], share)
+    committed = {"group": "g0", "epoch": 1, "ep_rank": 0, "worker": "w0", "step": 5}
+    core.on_worker(b"w0", encode("committed", committed))
+    welcome = roundtrip(of(register(core, b"w1", hello("w1", 1)), WORKER, "welcome")[0])
+    assert welcome.body["epoch"] == 1 and np.array_equal(welcome.tensors["share"], share)
+    (up,) = core._layouts_up()
+    assert np.array_equal(roundtrip(up).tensors["share"], share)
+    # the planner's next layout has the equal split: no share travels any more
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 2}, {"phy2log": p2l(1)}))
+    welcome = roundtrip(of(register(core, b"w2", hello("w2", 1)), WORKER, "welcome")[0])
+    assert welcome.body["epoch"] == 2 and "share" not in welcome.tensors
+    bad = share.clone()
+    bad[1, 4] = 0  # expert 1 of layer 1: no replica receives its rows
+    out = core.on_planner(
+        encode(
+            "prepare",
+            {"group": "g0", "epoch": 3, "timeout_s": 5.0},
+            {"phy2log": p2l(1), "share": bad},
+        )
+    )
+    assert out == [] and core.planner_counters.bad["bad_layout"] == 1
+    assert 3 not in core.groups["g0"].pending
+
+
+def test_layouts_go_to_each_worker_in_the_form_it_reads(clock: FakeClock) -> None:
+    """int16 to a worker that declares it (the compact form), int64 to one of an older
+    version (no phy2log_dtypes); a compact prepare from the planner is kept as int64."""
+    core = synced_core(clock)
+    register(core, b"new", hello("new", 0, phy2log_dtypes=["int16", "int32", "int64"]))
+    register(core, b"old", hello("old", 1))
+    share = torch.ones(L, P, dtype=torch.int64)  # another tensor: relayed as it came
+    out = core.on_planner(
+        encode(
+            "prepare",
+            {"group": "g0", "epoch": 1, "timeout_s": 5.0, "extra_field": 1},
+            {"phy2log": p2l(1).to(torch.int16), "share": share},
+        )
+    )
+    down = [roundtrip(s) for s in of(out, WORKER, "prepare")]
+    assert all(np.array_equal(m.tensors["share"], share) for m in down)
+    assert all(m.body["extra_field"] == 1 for m in down)
+    got = {s.identity: roundtrip(s).tensors["phy2log"] for s in of(out, WORKER, "prepare")}
+    assert got[b"new"].dtype == np.int16 and got[b"old"].dtype == np.int64
+    assert all(np.array_equal(t, p2l(1)) for t in got.values())
+    assert core.groups["g0"].pending[1][0].dtype == np.int64
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 1}, {"phy2log": p2l(1).short()}))
+    assert core.groups["g0"].phy2log is not None and core.groups["g0"].phy2log.dtype == np.int64
+    # welcomes too; the layout the agent hands the planner stays int64 (any planner reads it)
+    for ident, dtype in ((b"new2", np.int16), (b"old2", np.int64)):
+        extra = {"phy2log_dtypes": ["int16"]} if dtype == np.int16 else {}
+        w = ident.decode()
+        out = register(core, ident, hello(w, 0, inc=f"{w}-i9", **extra))
+        msg = roundtrip(of(out, WORKER, "welcome")[0])
+        assert msg.tensors["phy2log"].dtype == dtype and msg.body["epoch"] == 1
+    (up,) = core._layouts_up()
+    assert up.tensors["phy2log"].dtype == np.int64
 
 
 def test_merge_complete_window_sums_counts(clock: FakeClock) -> None:

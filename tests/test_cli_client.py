@@ -392,3 +392,27 @@ def test_curve_planner(short_dir: Path, capsys: Any) -> None:
         assert time.monotonic() - t0 < 10  # not the 20 s timeout
     finally:
         svc.stop()
+
+
+_STUCK = """
+import sys, time
+from eplbd.cli._client import hard_deadline
+with hard_deadline(0.5):
+    if sys.argv[1] == "stuck":
+        time.sleep(120)  # in C, the GIL released: as a wait inside libzmq
+time.sleep(1.0)  # past the deadline, but out of the block: no exit 75
+print("done")
+"""
+
+
+@pytest.mark.parametrize("how", ["stuck", "done"])
+def test_a_request_stuck_past_its_deadline_exits_75_with_the_stacks(how: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", _STUCK, how], capture_output=True, text=True, timeout=60
+    )
+    if how == "stuck":
+        assert r.returncode == 75, r
+        assert "is stuck" in r.stderr and "time.sleep" not in r.stdout
+        assert 'File "<string>", line 6' in r.stderr, r.stderr  # where it waited
+    else:
+        assert (r.returncode, r.stdout.strip()) == (0, "done"), r

@@ -556,3 +556,30 @@ def test_status_answer_without_torch(planner: str) -> None:
     )
     assert p.returncode == 0, p.stderr
     assert "alive" in p.stdout
+
+
+def test_layout_files_with_shares_are_read_shown_and_diffed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Schema 2 layouts (a weighted split): diff reads them, reports a change of the split
+    alone as no slot move, and refuses a malformed split (exit 78)."""
+    p2l = [[0, 1, 2, 3, 0, 1]] * 2
+    equal = Layout.from_phy2log(p2l, 4)
+    split = equal.with_share([[1, 1, 1, 1, 0, 2]] * 2)
+    a, b, torn = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "torn.json"
+    a.write_text(equal.to_json())
+    b.write_text(split.to_json())
+    rc, out, err = cli(capsys, "layout", "diff", str(a), str(b), "--gpus", "2", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["slots_moved"] == 0 and doc["layers_resplit"] == [0, 1]
+    rc, out, err = cli(capsys, "layout", "diff", str(a), str(b), "--gpus", "2")
+    assert rc == 0 and "split (shares) changes in 2 layer(s)" in out, out
+    bad = json.loads(split.to_json())
+    bad["share"][1][0] = 0  # expert 0 of layer 1 has no replica with a share
+    torn.write_text(json.dumps(bad))
+    rc, out, err = cli(capsys, "layout", "diff", str(a), str(torn), "--gpus", "2")
+    assert rc == 78 and "torn.json" in err and "share" in err
+    from eplbd.cli.layout import _slot_text  # eplbd layout show: e:s where the share is not 1
+
+    assert [_slot_text(3, s) for s in (None, 1, 0, 2)] == ["3", "3", "3:0", "3:2"]

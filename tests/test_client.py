@@ -30,6 +30,7 @@ from eplbd_client import (
 from eplbd.kernels import map_and_record
 from eplbd.layout import Layout
 from eplbd.testing import EPMoEEngine, MoEConfig, MoEModel, random_layout
+from eplbd.wire import PHY2LOG_DTYPES
 
 L, E, P = 2, 8, 12
 CFG = MoEConfig(num_layers=L, num_experts=E, top_k=2, hidden=16, ffn=32, seed=5)
@@ -294,6 +295,82 @@ def test_bad_layouts_are_refused_and_never_staged() -> None:
     _wait(lambda: client.epoch == 12, client)
 
 
+def test_bad_shares_are_refused_and_never_applied() -> None:
+    from _client_scenarios import random_share
+
+    p2l = _layouts(1, seed=21)[0]
+    share = random_share(p2l, E, 3)
+    model = MoEModel(CFG)
+    client = EplbClient(L, E, P, top_k=CFG.top_k)
+    engine = EPMoEEngine(model, client)
+    client.prepare(p2l, 1, share=share)
+    _wait(lambda: client.epoch == 1, client)
+    assert client.layout.share is not None and torch.equal(client.layout.share, share)
+    table, count = client.layout.dispatch(width=P - E + 1)
+    assert torch.equal(client._log2phy.cpu(), table) and torch.equal(client._logcnt.cpu(), count)
+    maps = client._log2phy.clone(), client._logcnt.clone()
+    w_before = [w.clone() for w in engine.w13]
+    idle = share.clone()
+    e0 = int(p2l[1, 0])
+    idle[1][p2l[1] == e0] = 0
+    wide = share.clone()
+    wide[0, 0] = P
+    bad = [
+        ("negative", share - 3, "negative"),
+        ("expert without a share", idle, "no replica with a share"),
+        ("too wide", wide, "add up to more than"),
+        ("wrong shape", share[:, :-1], "shape"),
+        ("float", share.double(), "integers"),
+    ]
+    for i, (what, sh, needle) in enumerate(bad):
+        with pytest.raises(PrepareError) as ei:
+            client.prepare(p2l, 2 + i, share=sh)
+        assert needle in str(ei.value), (what, str(ei.value))
+        assert client.pending_epoch is None, what
+    # through the agent's path: a malformed tensor is dropped, bad values refused
+    body = {"group": "default", "epoch": 9, "timeout_s": 30.0}
+    client.deliver("prepare", body, {"phy2log": p2l, "share": share[:1]})
+    client.deliver("prepare", {**body, "epoch": 10}, {"phy2log": p2l, "share": share - 3})
+    _wait(lambda: client.stats.get("refused", 0) == len(bad) + 1, client)
+    for _ in range(20):
+        client.step()
+    assert client.epoch == 1 and torch.equal(client.layout.share, share)
+    assert torch.equal(client._log2phy, maps[0]) and torch.equal(client._logcnt, maps[1])
+    assert all(torch.equal(a, b) for a, b in zip(engine.w13, w_before, strict=True))
+    assert client.stats["dropped_bad_tensor"] == 1
+    # the consensus digest covers the split, and an equal split keeps the digest of a
+    # client that knows no shares (mixed versions agree on layouts without shares)
+    import zlib
+
+    from eplbd_client._client import _digest
+
+    plain = Layout.from_phy2log(p2l, E)
+    assert _digest(plain) == zlib.crc32(p2l.numpy().tobytes()) & 0x7FFFFFFF
+    assert _digest(plain.with_share(share)) != _digest(plain)
+    assert _digest(plain.with_share(share)) != _digest(plain.with_share(random_share(p2l, E, 4)))
+    # a late joiner's welcome carries the committed layout's split
+    late = EplbClient(L, E, P, require_weights=False)
+    sched = {"window_steps": 4, "record_steps": 2, "enabled": True}
+    body = {"incarnation": "x", "epoch": 3, "schedule": sched}
+    late.deliver("welcome", body, {"phy2log": p2l, "share": share})
+    _wait(lambda: late.epoch == 3, late)
+    assert torch.equal(late.layout.share, share) and torch.equal(late._log2phy, table)
+    # a client whose maps are narrower than a split needs refuses it
+    narrow = EplbClient(L, E, P, max_replicas=2, require_weights=False)
+    lay = random_layout(L, E, P, generator=torch.Generator().manual_seed(2), max_replicas=2)
+    with pytest.raises(PrepareError, match="dispatch entries"):
+        narrow.prepare(lay, 1, share=_split_all_on_first(lay, 3))
+
+
+def _split_all_on_first(p2l: torch.Tensor, n: int) -> torch.Tensor:
+    """Each expert's rows all on its first slot, with share ``n``."""
+    share = torch.zeros_like(p2l)
+    for layer in range(p2l.shape[0]):
+        for e in range(E):
+            share[layer, int((p2l[layer] == e).nonzero()[0])] = n
+    return share
+
+
 def test_refused_without_weights_over_budget_or_replicas() -> None:
     p2l = _layouts(1, seed=13)[0]
     client = EplbClient(L, E, P)
@@ -407,6 +484,18 @@ def test_deliver_drops_malformed_messages_without_raising() -> None:
             {"phy2log": p2l[:, :5]},
             "bad_tensor",
         ),
+        (  # only int16, int32, int64 are phy2log forms
+            "prepare",
+            {"group": "default", "epoch": 1, "timeout_s": 1.0},
+            {"phy2log": p2l.to(torch.int8)},
+            "bad_tensor",
+        ),
+        (
+            "prepare",
+            {"group": "default", "epoch": 1, "timeout_s": 1.0},
+            {"phy2log": p2l.double()},
+            "bad_tensor",
+        ),
         (
             "prepare",
             {"group": "other", "epoch": 1, "timeout_s": 1.0},
@@ -435,9 +524,9 @@ def test_agent_prepare_welcome_schedule_flow() -> None:
     client.deliver("welcome", {"incarnation": "x", "epoch": 3, "schedule": sched}, {"phy2log": a})
     _wait(lambda: client.epoch == 3, client)
     assert int(client.layer_state(0).should_record) in (0, 1)
-    client.deliver(*_prepare_msg(b, 4))
+    client.deliver(*_prepare_msg(b.short(), 4))  # the compact wire form
     _wait(lambda: client.epoch == 4, client)
-    assert torch.equal(client.layout.phy2log, b)
+    assert torch.equal(client.layout.phy2log, b) and client.layout.phy2log.dtype == torch.int64
     client.deliver(*_prepare_msg(a, 4))  # conflicting layout for a known epoch: refused
     client.deliver(*_prepare_msg(a, 2))  # stale
     _wait(lambda: client.stats.get("refused", 0) == 2, client)
@@ -464,7 +553,9 @@ def test_hello_body() -> None:
         "epoch",
         "software_version",
         "protocol_version",
+        "phy2log_dtypes",
     }
+    assert h["phy2log_dtypes"] == list(PHY2LOG_DTYPES)  # the compact layouts it reads
     assert (h["worker"], h["group"], h["num_physical_experts"], h["protocol_version"]) == (
         "w",
         "g1",

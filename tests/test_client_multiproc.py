@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from _client_scenarios import NUM_PHYSICAL, STEPS, SYNC, layouts, make_pool
+from _client_scenarios import NUM_PHYSICAL, SHARE_STEPS, STEPS, SYNC, layouts, make_pool
 from _mp import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -139,3 +139,43 @@ def test_peer_source_transfers_and_gives_up_together(tmp_path: Path) -> None:
     for r in res:
         assert "could not set up" in r["errors"][0], r["errors"]
         assert r["errors"][1] == ""  # second attempt: transfers nothing, succeeds on every rank
+
+
+@pytest.mark.timeout(120)
+def test_weighted_splits_keep_outputs_and_flip_every_rank_at_one_step(tmp_path: Path) -> None:
+    world = 2
+    res = run_ranks("share_changes", world, tmp_path, timeout_s=100)
+    a = layouts(world)[1]
+    for r, out in enumerate(res):
+        worst = max(out["errors"])
+        assert worst < 1e-10, f"rank {r}: output differs from the reference by {worst}"
+    served = res[0]["epochs"]
+    for r in range(1, world):
+        diff = [s for s in range(SHARE_STEPS) if res[r]["epochs"][s] != served[s]]
+        assert not diff, f"rank {r} served another epoch than rank 0 at steps {diff[:5]}"
+    assert sorted(set(served)) == [0, 1, 2, 5], served
+    switches = [s for s in range(1, SHARE_STEPS) if served[s] != served[s - 1]]
+    assert len(switches) == 3 and all(s % SYNC == 0 for s in switches), switches
+    for r, out in enumerate(res):
+        committed = _by_type(out["msgs"], "committed")
+        assert [b["epoch"] for b in committed] == [1, 2, 5]
+        assert [b["step"] for b in committed] == switches
+        lay = out["layout"]
+        assert torch.equal(lay.phy2log, a) and lay.share is None and out["weights_ok"]
+        # a share-only change stages the maps and nothing else
+        staged = {b["epoch"]: b["staged_bytes"] for b in _by_type(out["msgs"], "staged")}
+        assert staged[1] > out["map_bytes"]
+        assert staged[2] == out["map_bytes"] and staged[5] == out["map_bytes"]
+        aborted = {b["epoch"]: b["reason"] for b in _by_type(out["msgs"], "aborted")}
+        assert {3, 4} <= set(aborted), aborted
+        assert "different layouts" in aborted[4], aborted[4]
+        # the split is real: a slot with share 0 receives no rows, and the others do
+        for e, share in out["shares"].items():
+            steps = [s for s in range(SHARE_STEPS) if served[s] == e]
+            routed = out["loads"][steps].sum(dim=0)
+            assert int(routed[share == 0].sum()) == 0, (r, e)
+            assert int((routed[share > 0] > 0).sum()) > 0.8 * int((share > 0).sum()), (r, e)
+    r0 = res[0]
+    assert "negative" in _aborted(r0, 3) and 3 not in {
+        b["epoch"] for b in _by_type(r0["msgs"], "staged")
+    }

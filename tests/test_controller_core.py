@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,7 @@ from eplbd.wire import (
     WORKER_LEFT,
     decode,
     encode,
+    layout_digest,
     validate,
 )
 
@@ -71,7 +73,9 @@ def hello(rank: int, epoch: int = 0, inc: str | None = None) -> dict[str, Any]:
 class Harness:
     """One planner core plus fake agents a0 (rank 0) and a1 (rank 1)."""
 
-    def __init__(self, tmp: Path, clock: FakeClock, **cfg: Any) -> None:
+    def __init__(
+        self, tmp: Path, clock: FakeClock, plan_fn: Any = None, metrics: Any = None, **cfg: Any
+    ) -> None:
         self.tmp = tmp
         self.clock = clock
         policy = cfg.pop(
@@ -88,12 +92,16 @@ class Harness:
             **cfg,
         )
         self.seq = 0
+        self.plan_fn = plan_fn
+        self.metrics = metrics
         self.core = self.new_core()
 
     def new_core(self) -> PlannerCore:
         store = StateStore(self.tmp)
         store.open()
-        core = PlannerCore(self.config, store=store, clock=self.clock)
+        core = PlannerCore(
+            self.config, store=store, clock=self.clock, plan_fn=self.plan_fn, metrics=self.metrics
+        )
         core.restore()
         return core
 
@@ -108,7 +116,9 @@ class Harness:
         check_valid(out)
         return out
 
-    def hello_all(self, epochs: tuple[int, int] = (0, 0)) -> list[Outbound]:
+    def hello_all(
+        self, epochs: tuple[int, int] = (0, 0), extra: tuple[dict[str, Any], ...] = ({}, {})
+    ) -> list[Outbound]:
         out = []
         for r in range(G):
             out += self.send(
@@ -121,6 +131,7 @@ class Harness:
                     "software_version": "test",
                     "protocol_version": 1,
                     "workers": [hello(r, epochs[r])],
+                    **extra[r],
                 },
             )
         return out
@@ -283,6 +294,179 @@ def test_auto_rebalance_prepare_stage_commit(h: Harness) -> None:
     assert st["last_rebalance"]["epoch"] == 1 and st["last_rebalance"]["outcome"] == "committed"
 
 
+def test_layouts_go_to_each_agent_in_the_form_it_reads(h: Harness) -> None:
+    """An agent that declares phy2log_dtypes gets int16 PREPAREs and layouts; one of an
+    older version (no declaration) int64; both carry the same layout."""
+    h.hello_all(extra=({"phy2log_dtypes": ["int16", "int32", "int64"]}, {}))
+    out = h.feed_windows(2)
+    prep = {o.identity: o.tensors["phy2log"] for o in out if o.type == PREPARE}
+    assert prep[b"a0"].dtype == np.int16 and prep[b"a1"].dtype == np.int64
+    assert np.array_equal(prep[b"a0"], prep[b"a1"])
+    h.answer(STAGED, 1, 0, ok=True, reason="", staged_bytes=1)
+    h.answer(STAGED, 1, 1, ok=True, reason="", staged_bytes=1)
+    out = h.answer(COMMITTED, 1, 0, step=5)
+    lay = {o.identity: o.tensors["phy2log"] for o in out if o.type == LAYOUT}
+    assert lay[b"a0"].dtype == np.int16 and lay[b"a1"].dtype == np.int64
+
+
+def _agent_restarts(h: Harness, workers: list[dict[str, Any]]) -> list[Outbound]:
+    """Agent a1 comes back with a new incarnation, listing ``workers`` so far."""
+    body = {
+        "agent": "a1",
+        "incarnation": "ai1-b",
+        "node": "n1",
+        "software_version": "test",
+        "protocol_version": 1,
+        "workers": workers,
+    }
+    return h.send(b"a1", AGENT_HELLO, body)
+
+
+def _beat(h: Harness, seconds: float) -> list[Outbound]:
+    out = []
+    for _ in range(int(seconds)):
+        h.clock.advance(1.0)
+        h.send(b"a0", HEARTBEAT, {"sender": "a0", "incarnation": "ai0"})
+        h.send(b"a1", HEARTBEAT, {"sender": "a1", "incarnation": "ai1-b"})
+        out += h.core.tick()
+    return out
+
+
+def test_ranks_of_a_restarted_agent_get_a_grace_period_to_rejoin(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    # a1 restarted before its worker said hello to it again: the commit waits for the rank
+    out = _agent_restarts(h, [])
+    assert ABORT not in [o.type for o in out]
+    g = h.core.groups["g"]
+    assert g.attempt.in_flight and h.core.rank_state(g, 1) == "rejoining"
+    assert not h.core.complete(g)  # nothing new is prepared meanwhile
+    assert ABORT not in [o.type for o in _beat(h, 5)]
+    # the worker (same process, still staging) re-registers through the new agent
+    out = h.send(
+        b"a1",
+        WORKER_JOINED,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1",
+         "hello": hello(1, 0)},
+    )  # fmt: skip
+    assert h.core.rank_state(g, 1) == "alive" and g.attempt.in_flight
+    h.answer(STAGED, e, 0, ok=True, reason="", staged_bytes=1)
+    h.answer(STAGED, e, 1, ok=True, reason="", staged_bytes=1)
+    h.answer(COMMITTED, e, 0, step=9)
+    h.answer(COMMITTED, e, 1, step=9)
+    assert h.state_file()["history"][-1]["state"] == "committed"
+    assert _beat(h, 15) == [] or g.ranks[1].present  # the grace lapsed harmlessly
+
+
+def test_a_rank_that_does_not_rejoin_in_time_is_lost(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeClock(), rejoin_grace_s=6.0)
+    h.hello_all()
+    e = _prepare_epoch(h)
+    _agent_restarts(h, [])
+    assert ABORT not in [o.type for o in _beat(h, 5)]
+    out = _beat(h, 1)
+    assert [(o.identity, o.body["epoch"]) for o in out if o.type == ABORT] == [(b"a0", e)]
+    g = h.core.groups["g"]
+    assert "not re-registered within 6 s" in g.attempt.reason
+    assert h.core.rank_state(g, 1) == "left"
+    # with no grace, the rank is lost at once (the behaviour before the setting)
+    h2 = Harness(tmp_path / "b", FakeClock(), rejoin_grace_s=0.0)
+    h2.hello_all()
+    _prepare_epoch(h2)
+    assert ABORT in [o.type for o in _agent_restarts(h2, [])]
+
+
+def test_a_ranks_epoch_never_goes_back_for_the_same_incarnation(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    for r in (0, 1):
+        h.answer(STAGED, e, r, ok=True, reason="", staged_bytes=1)
+    h.answer(COMMITTED, e, 1, step=3)
+    g = h.core.groups["g"]
+    assert g.ranks[1].epoch == e
+    # an older hello of the same process (re-sent by its agent, overtaken by the report)
+    h.send(
+        b"a1",
+        WORKER_JOINED,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1",
+         "hello": hello(1, 0)},
+    )  # fmt: skip
+    assert g.ranks[1].epoch == e
+    # a new process of that rank starts over from what it says
+    h.send(
+        b"a1",
+        WORKER_JOINED,
+        {"agent": "a1", "group": "g", "ep_rank": 1, "worker": "w1", "incarnation": "wi1-c",
+         "hello": hello(1, 0, inc="wi1-c")},
+    )  # fmt: skip
+    assert g.ranks[1].epoch == 0
+
+
+def test_a_hello_storm_is_answered_with_welcomes_and_the_layout_once(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    for r in (0, 1):
+        h.answer(STAGED, e, r, ok=True, reason="", staged_bytes=1)
+        h.answer(COMMITTED, e, r, step=3)
+    digest = layout_digest(h.core.groups["g"].record.layouts[e].phy2log.numpy())
+
+    def hello_a1(inc: str, layouts: Any = None) -> list[str]:
+        body = {
+            "agent": "a1", "incarnation": inc, "node": "n1", "software_version": "test",
+            "protocol_version": 1, "workers": [hello(1, e)],
+        }  # fmt: skip
+        if layouts is not None:
+            body["layouts"] = layouts
+        return [o.type for o in h.send(b"a1", AGENT_HELLO, body)]
+
+    # an agent that holds the layout gets the welcome alone, however often it asks
+    held = [{"group": "g", "epoch": e, "digest": digest}]
+    assert hello_a1("ai1", held) == [WELCOME]
+    assert hello_a1("ai1", held) == [WELCOME]
+    # another digest, an older epoch or a malformed list: the layout follows
+    assert hello_a1("ai1", [{"group": "g", "epoch": e, "digest": digest ^ 1}]) == [WELCOME, LAYOUT]
+    h.clock.advance(1.0)
+    assert hello_a1("ai1", [{"group": "g", "epoch": e - 1, "digest": 5}]) == [WELCOME, LAYOUT]
+    h.clock.advance(1.0)
+    assert hello_a1("ai1", "garbage") == [WELCOME, LAYOUT]
+    # a restarted agent holding nothing (or of an older version) gets it once per heartbeat
+    # interval while it repeats its agent_hello
+    assert hello_a1("ai1-b") == [WELCOME, LAYOUT]
+    assert hello_a1("ai1-b") == [WELCOME]
+    h.clock.advance(0.5)
+    assert hello_a1("ai1-b") == [WELCOME]
+    h.clock.advance(0.6)
+    assert hello_a1("ai1-b") == [WELCOME, LAYOUT]
+    assert hello_a1("ai1-c") == [WELCOME, LAYOUT]  # a new process: at once
+
+
+def test_the_planners_own_stall_is_not_its_agents_silence(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    core, g = h.core, h.core.groups["g"]
+    assert core.loop_turn(0.1) == 0.0  # the first turn
+    h.clock.advance(0.3)
+    assert core.loop_turn(0.1) == 0.0  # a normal turn: 0.1 s poll plus some work
+    deadline = g.attempt.deadline
+    h.clock.advance(30.0)  # stopped: past the prepare deadline (20 s), agents dead after 5 s
+    assert core.loop_turn(0.1) == pytest.approx(29.9)
+    assert g.attempt.deadline == pytest.approx(deadline + 29.9)
+    assert [o for o in core.tick() if o.type == ABORT] == []
+    assert g.attempt.in_flight and core.complete(g)
+    st = core.status()
+    assert st["planner"]["counters"]["stalls"] == 1 and [
+        r["state"] for r in st["groups"][0]["ranks"]
+    ] == ["alive", "alive"]
+    # time it runs still counts: agents silent for 5 heartbeat intervals of it are dead
+    out = []
+    for _ in range(6):
+        h.clock.advance(1.0)
+        assert core.loop_turn(1.0) == 0.0
+        out += core.tick()
+    assert [o.type for o in out if o.type == ABORT] and "dead" in g.attempt.reason
+    assert e == g.attempt.epoch
+
+
 def _prepare_epoch(h: Harness) -> int:
     out = h.feed_windows(2)
     (p, *_) = [o for o in out if o.type == PREPARE]
@@ -424,6 +608,45 @@ def test_unknown_epoch_is_adopted_from_an_agent_layout(h: Harness) -> None:
         {"phy2log": torch.full((L, P), E, dtype=torch.int64)},
     )
     assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
+
+
+SPLIT = Layout.from_phy2log(
+    [[0, 1, 2, 3, 2, 2]] * L, E, share=[[1, 1, 2, 1, 1, 0]] * L
+)  # expert 2's rows 2 : 1 : 0 over its slots 2, 4, 5
+
+
+def test_a_weighted_split_is_prepared_committed_kept_and_sent_down(tmp_path: Path) -> None:
+    h = Harness(tmp_path, FakeClock(), plan_fn=lambda load, **kw: SPLIT)
+    h.hello_all()
+    prepares = [o for o in h.feed_windows(2) if o.type == PREPARE]
+    assert prepares and all(torch.equal(o.tensors["share"], SPLIT.share) for o in prepares)
+    epoch = int(prepares[0].body["epoch"])
+    # an agent's report of this epoch with another split is refused
+    equal = {"phy2log": SPLIT.phy2log}
+    out = h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": epoch}, equal)
+    assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
+    for r in range(G):
+        h.answer(STAGED, epoch, r, ok=True, reason="", staged_bytes=1)
+    out = h.answer(COMMITTED, epoch, 0, step=16)
+    layouts = [o for o in out if o.type == LAYOUT]
+    assert len(layouts) == G and all(torch.equal(o.tensors["share"], SPLIT.share) for o in layouts)
+    assert h.state_file()["layouts"][-1]["layout"]["share"] == SPLIT.share.tolist()
+    h.restart()
+    assert h.core.groups["g"].current_layout == SPLIT
+
+
+def test_an_agent_layout_keeps_its_split(h: Harness) -> None:
+    h.hello_all(epochs=(9, 9))
+    tensors = {"phy2log": SPLIT.phy2log, "share": SPLIT.share}
+    assert h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": 9}, tensors) == []
+    assert h.core.groups["g"].current_layout == SPLIT
+    bad = SPLIT.share.clone()
+    bad[0, 0] = 0  # expert 0 has no replica with a share
+    tensors = {"phy2log": SPLIT.phy2log, "share": bad}
+    h.core.groups["g"].ranks[0].epoch = 10
+    out = h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": 10}, tensors)
+    assert out[0].type == ERROR and out[0].body["code"] == "bad_layout"
+    assert h.core.groups["g"].record.epoch == 9
 
 
 def test_operator_commands(h: Harness) -> None:
@@ -645,3 +868,85 @@ def test_load_windows_survive_a_restart_at_a_bounded_write_cost(tmp_path: Path) 
     h.restart()
     assert h.core.groups["g"].window.windows == 0
     assert any("not restored" in n and "g.npz" in n for n in h.core.notes), h.core.notes
+
+
+def test_time_objective_plans_rows_per_step_from_the_snapshots(tmp_path: Path) -> None:
+    """With objective "time" the trigger's figures are modelled times of the forecast
+    divided by the forward steps the snapshots recorded (10 per window here)."""
+    from eplbd.controller import TimeModel
+    from eplbd.planner import default_cost_model
+
+    cm = default_cost_model(2048, 1408)
+    with pytest.raises(ValueError, match="cost_model"):
+        CoreConfig(objective="time")
+    h = Harness(tmp_path, FakeClock(), objective="time", cost_model=cm)
+    h.hello_all()
+    out = h.feed_windows(2)
+    g = h.core.groups["g"]
+    assert g.window.steps_per_window() == 10.0
+    d = g.last_decision
+    assert d is not None and d.objective == "time"
+    tm = TimeModel(cm, 10.0)
+    forecast = g.window.forecast()
+    cur = Layout.default(L, E, P)
+    t_now = tm.gpu_times(forecast, cur, G)
+    assert d.balance_now == pytest.approx(
+        float(t_now.max(dim=1).values.sum() / tm.ideal(forecast, G).sum())
+    )
+    prepares = [o for o in out if o.type == PREPARE]
+    assert d.reason == "changed" and prepares
+    assert d.balance_after < d.balance_now
+
+
+def test_modelled_time_metrics_beside_token_balance(tmp_path: Path) -> None:
+    """With a cost model (token objective) status, top and the Prometheus aggregates show
+    the modelled time balance and the activated slots per GPU of the layout in service."""
+    from eplbd.controller import PlannerMetrics, TimeFigures, TimeModel
+    from eplbd.planner import activated_slots, default_cost_model, time_balance
+
+    cm = default_cost_model(2048, 1408)
+    metrics = PlannerMetrics()
+    h = Harness(tmp_path, FakeClock(), metrics=metrics, cost_model=cm)
+    h.hello_all()
+    g = h.core.groups["g"]
+    assert h.core.status()["groups"][0]["time"] is None  # no window counted its steps yet
+    h.feed_windows(2)
+    cur = g.current_layout
+    forecast = g.window.forecast()
+    st = h.core.status()["groups"][0]
+    assert st["objective"] == "tokens" and g.last_decision.objective == "tokens"
+    t = st["time"]
+    assert t["time_balance"] == pytest.approx(time_balance(forecast, cur, G, cm, steps=10.0))
+    act = activated_slots(forecast, cur, G, steps=10.0)
+    assert t["activated_slots_max"] == pytest.approx(float(act.max()), abs=1e-4)
+    assert t["activated_slots_mean"] == pytest.approx(float(act.mean()), abs=1e-4)
+    tf = TimeFigures.of(TimeModel(cm, 10.0), forecast, cur, G)
+    top = h.core.status("top")["groups"][0]
+    assert top["time"] == t
+    assert [row["time_balance"] for row in top["layers"]] == pytest.approx(tf.layer_balance)
+    assert [row["activated_slots"] for row in top["layers"]] == pytest.approx(
+        tf.layer_activated, abs=1e-4
+    )
+    series = dict(
+        line.rsplit(" ", 1) for line in metrics.render().splitlines() if not line.startswith("#")
+    )
+    assert float(series['eplbd_planner_time_balance{group="g"}']) == pytest.approx(tf.balance)
+    assert float(series['eplbd_planner_step_seconds{group="g"}']) == pytest.approx(tf.step_us / 1e6)
+    max_series = series['eplbd_planner_activated_slots{group="g",kind="max"}']
+    assert float(max_series) == pytest.approx(tf.activated_max)
+    # the tables show them (eplbd status, eplbd top)
+    import io
+
+    from eplbd.cli import status as status_cmd
+    from eplbd.cli import top as top_cmd
+    from eplbd.cli._output import Output
+
+    buf = io.StringIO()
+    status_cmd.render(Output(buf, color=False), h.core.status())
+    text = buf.getvalue()
+    assert "TIME BAL" in text and "ACTIVE/GPU" in text
+    assert f"{t['activated_slots_mean']:.1f}/{t['activated_slots_max']:.1f}" in text
+    buf = io.StringIO()
+    top_cmd.render(Output(buf, color=False), h.core.status("top"))
+    text = buf.getvalue()
+    assert "TIME BAL" in text and f"{t['step_us']:.0f} us/step" in text

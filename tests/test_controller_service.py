@@ -412,6 +412,60 @@ def test_planner_process_survives_sigkill_mid_commit(tmp_path: Path, ctx: Any) -
                 p.wait(10)
 
 
+def test_a_stopped_planner_does_not_blame_its_agents_for_its_own_stall(
+    tmp_path: Path, ctx: Any
+) -> None:
+    """SIGSTOP the planner mid-commit for longer than the prepare deadline and the agents'
+    dead time, with the agent silent meanwhile (a ZMTP heartbeat timeout drops what it sends
+    to a stopped peer): after SIGCONT the commit goes on and commits, nobody is dead."""
+    sock_dir = Path(tmp_path) / "s"
+    sock_dir.mkdir()
+    control, snaps = f"ipc://{sock_dir}/p.sock", f"ipc://{sock_dir}/planner-snapshots.sock"
+    proc = _start_planner(tmp_path, sock_dir, "planner.log", "--prepare-timeout-s", "4")
+    agent = None
+    default = Layout.default(L, E, P)
+    try:
+        agent = FakeAgent(ctx, control, snaps)
+        agent.register()
+
+        def feed() -> None:
+            agent.snapshot(skewed_counts(default), 0)
+            agent.heartbeat()
+
+        epoch = agent.expect(PREPARE, timeout_s=20, while_waiting=feed).body["epoch"]
+        proc.send_signal(signal.SIGSTOP)  # dead after 5 x 0.5 s; the deadline is 4 s
+        try:
+            time.sleep(5.0)
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.6)  # the ranks are still staging; the planner runs on its own meanwhile
+        for r in range(G):
+            agent.answer(STAGED, epoch, r, ok=True, reason="", staged_bytes=1)
+        for r in range(G):
+            agent.answer(COMMITTED, epoch, r, step=50)
+        wait_for(lambda: status(ctx, control)["groups"][0]["epoch"] == epoch, 20, agent.heartbeat)
+        lines = (tmp_path / "planner.log").read_text().splitlines()
+        events = [json.loads(x) for x in lines if x.startswith("{")]
+        assert not [e for e in events if e.get("event") == "commit aborted"]
+        assert not [
+            e for e in events if e.get("event") == "agent liveness" and e["state"] == "dead"
+        ]
+        (attempt,) = status(ctx, control, "history")["groups"][0]["attempts"]
+        assert (attempt["epoch"], attempt["state"], attempt["flags"]) == (epoch, "committed", [])
+        st = status(ctx, control)
+        assert st["groups"][0]["max_epoch"] == epoch  # nothing was prepared in its place
+        assert [a["state"] for a in st["agents"]] == ["alive"]
+        assert st["planner"]["counters"]["stalls"] >= 1
+        assert st["planner"]["counters"]["stalled_s"] >= 4.0
+    finally:
+        if agent is not None:
+            agent.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(10)
+
+
 def test_bad_configuration_and_corrupt_state_exit_78(tmp_path: Path) -> None:
     env = dict(os.environ, EPLBD_PLANNER_WINDOW_S="-1")
     p = subprocess.run(
@@ -675,3 +729,46 @@ def test_a_broken_allow_list_stops_the_start_an_empty_one_does_not(tmp_path: Pat
     (keys / "allowed" / "torn.key").write_text("not a certificate")
     with pytest.raises(ValueError, match="torn.key"):  # eplbd planner: exit 78, file named
         service().run_in_thread()
+
+
+def test_time_objective_settings(tmp_path: Path) -> None:
+    """objective = "time" needs a cost model (expert_shape or a cost_model file); a bad
+    value fails at start naming its setting (exit 78), and a good one reaches the core."""
+    from eplbd.controller import check_planner_settings
+    from eplbd.ops import ConfigError, load
+    from eplbd.planner import default_cost_model
+
+    def field(**kw: Any) -> str:
+        with pytest.raises(ConfigError) as e:
+            check_planner_settings(load(PlannerSettings, kw, environ={}))
+        return e.value.field
+
+    assert field(objective="time") == "objective"
+    assert field(objective="speed") == "objective"
+    assert field(objective="time", expert_shape="7168") == "expert_shape"
+    assert field(expert_shape="7168,-2") == "expert_shape"
+    assert field(expert_shape="7168,2048", expert_dtype="int4") == "expert_dtype"
+    assert field(cost_model=str(tmp_path / "missing.json")) == "cost_model"
+    torn = tmp_path / "torn.json"
+    torn.write_text("{torn")
+    assert field(objective="time", cost_model=str(torn)) == "cost_model"
+    calib = tmp_path / "h100.json"
+    calib.write_text(default_cost_model(2048, 1408).to_json())
+    assert field(objective="time", cost_model=str(calib), expert_shape="7168,2048") == (
+        "expert_shape"
+    )
+    s = load(PlannerSettings, {"objective": "time", "cost_model": str(calib)}, environ={})
+    check_planner_settings(s)
+    core = s.core_config()
+    assert core.objective == "time" and core.cost_model == default_cost_model(2048, 1408)
+    s = load(PlannerSettings, {"expert_shape": "7168,2048"}, environ={})
+    assert s.core_config().objective == "tokens"  # the model only adds the time metrics
+    assert s.core_config().cost_model == default_cost_model(7168, 2048)
+    env = dict(os.environ, EPLBD_PLANNER_OBJECTIVE="time")
+    p = subprocess.run(
+        [sys.executable, "-m", "eplbd", "planner", "--state-dir", str(tmp_path)],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert p.returncode == 78 and b"objective" in p.stderr and b"expert_shape" in p.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from eplbd.controller import TriggerPolicy, decide, gpu_loads, rollback_decision, total_balance
@@ -203,3 +204,47 @@ def test_rollback_decision() -> None:
     )
     assert same.action == "none" and same.reason == "same_layout"
     assert same.layers[0].balance_now is None
+
+
+def test_time_objective_measures_modelled_time_and_may_change_only_the_split() -> None:
+    """Decode-like steps (a few rows per expert): in rows every GPU already has half of
+    every expert, so the token objective sees nothing to gain; in time every GPU reads all
+    four experts' weights each step, and idling one replica of each (no weights move)
+    halves the reads. The gain, the figures and the bound are in time."""
+    from eplbd.controller import TimeModel
+    from eplbd.planner import default_cost_model, gpu_times, plan
+
+    Lx, Ex, Px, Gx = 2, 4, 8, 2
+    cur = Layout.default(Lx, Ex, Px)  # every expert once on each GPU
+    load = torch.tensor([[40.0, 40, 40, 40], [80, 10, 10, 10]])  # rows over 10 steps
+    tm = TimeModel(default_cost_model(2048, 1408), 10.0)
+    args = dict(
+        group="g", now=0.0, wall=0.0, policy=TriggerPolicy(min_gain=0.01, min_windows=1),
+        plan_fn=plan, current=cur, forecast=load, windows=3, tokens=1000, num_gpus=Gx,
+    )  # fmt: skip
+    d = decide(**args)  # type: ignore[arg-type]
+    assert d.objective == "tokens" and d.reason == "no_gain"
+    d = decide(**args, time=tm)  # type: ignore[arg-type]
+    assert d.objective == "time" and d.reason == "changed" and d.action == "prepare"
+    assert d.moves == 0 and d.layout is not None and d.layout.share is not None
+    assert torch.equal(d.layout.phy2log, cur.phy2log)
+    assert all(f.changed and f.moves == 0 for f in d.layers)
+    # the figures are the modelled times over the ideal mean time
+    t_now = gpu_times(load, cur, Gx, tm.cost_model, steps=10.0)
+    t_new = gpu_times(load, d.layout, Gx, tm.cost_model, steps=10.0)
+    ideal = tm.ideal(load, Gx)
+    assert d.balance_now == pytest.approx(float(t_now.max(dim=1).values.sum() / ideal.sum()))
+    assert d.balance_after == pytest.approx(float(t_new.max(dim=1).values.sum() / ideal.sum()))
+    assert d.balance_after < d.balance_now - 0.3
+    assert 1.0 <= d.lower_bound <= d.balance_after + 1e-9  # type: ignore[operator]
+    # a higher threshold than the modelled gain holds the layout
+    args["policy"] = TriggerPolicy(min_gain=0.9, min_windows=1)
+    assert decide(**args, time=tm).reason == "no_gain"  # type: ignore[arg-type]
+    # rolling the split back is a change (no slot moves) measured in time too
+    back = rollback_decision(
+        group="g", wall=0.0, current=d.layout, target=cur, target_epoch=0,
+        forecast=load, num_gpus=Gx, time=tm,
+    )  # fmt: skip
+    assert back.reason == "rollback" and back.moves == 0 and back.objective == "time"
+    assert back.balance_after == pytest.approx(d.balance_now)
+    assert back.balance_now == pytest.approx(d.balance_after)

@@ -774,3 +774,44 @@ def test_planner_survives_a_peer_that_disconnects_while_its_loop_stalls() -> Non
                 proc.kill()
             out = proc.communicate(timeout=10)[0].decode(errors="replace")
             print(out[-2000:])
+
+
+@pytest.mark.timeout(120)
+def test_time_objective_commits_a_weighted_split_on_every_rank() -> None:
+    """The planner with objective = "time" (the default cost model of a DeepSeek-V2-Lite
+    expert) on decode-like steps: reading an expert's weights costs more than its few rows,
+    so it leaves replicas idle (a weighted split, shares 0 and 1) and prepares it through
+    the real agent; both ranks switch at the same step, every output equals the no-EPLB
+    reference, and status shows the time figures. (That idle replicas receive no rows is
+    checked per slot in test_client_multiproc.py.)"""
+    with Stack() as st:
+        st.start_planner(
+            min_windows=2, cooldown_s=600.0, objective="time", expert_shape="2048,1408"
+        )
+        agent = st.start_agent("n0")
+        specs = st.start_group("g", [agent, agent], sync_interval=8, tokens=4)
+        names = [s.name for s in specs]
+        st.wait_until(
+            lambda: [a["state"] for a in st.attempts("g")] == ["committed"],
+            60,
+            "an automatic rebalance committed",
+        )
+        st.wait_until(
+            lambda: all(epoch_switches(st.records(n)) for n in names),
+            10,
+            "the workers serve the new epoch",
+        )
+        st.wait_steps(names, 40)
+        grp = st.group("g")
+        layout = st.group("g", "layout")["layout"]
+        st.stop_group("g")
+        recs = _check_served(st, names)
+        ((first_new, epoch),) = epoch_switches(recs[names[0]])
+        assert all(epoch_switches(recs[n]) == [(first_new, epoch)] for n in names)
+        (att,) = st.attempts("g")
+        assert att["decision"]["objective"] == "time", att["decision"]
+        assert att["committed"] == {"0": first_new, "1": first_new}, att
+        share = layout.get("share")
+        assert share is not None and any(0 in row for row in share), layout  # idle replicas
+        assert att["decision"]["balance_after"] < att["decision"]["balance_now"]
+        assert grp["objective"] == "time" and grp["time"]["activated_slots_max"] > 0, grp

@@ -162,7 +162,7 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
                 f"a layout that replicates phase {phase}'s hot experts {HOT[phase]}",
             )
             mark(f"phase {phase} replicated, epoch {driver.rounds()[-1]['workers'][0]['epoch']}")
-            assert epoch_at_least(1)
+            wait_for(lambda: epoch_at_least(1), 120, "`eplbd status` to show epoch >= 1")
 
         # The planner (embedded in the agent) dies mid-generation: vLLM goes on, on the
         # layout it served.
@@ -193,8 +193,8 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
 
         new = wait_for(committed_by_the_restarted_planner, 180, "a commit after the restart")
         mark(f"epoch {new}")
-        g = group_status(agent.runtime_dir, group)
-        assert g is not None and g["complete"]
+        g = wait_for(lambda: group_status(agent.runtime_dir, group), 60, "the group's status")
+        assert g["complete"]
         assert [r["state"] for r in g["ranks"]] == ["alive"] * G
         driver.wait_rounds(
             lambda rs: any(all(w["epoch"] >= new for w in r["workers"]) for r in rs),
@@ -304,8 +304,7 @@ def test_vllm_serve_answers_over_http_while_eplbd_commits(
 
         wait_for(answered_after_commit, 300, "a commit while vllm serve answers", every_s=0)
         check_equal(complete(url, ref["prompts"], 8), ref["outputs"], "answer after the commit")
-    st = eplbd_status(agent.runtime_dir)
-    assert st is not None
+    st = wait_for(lambda: eplbd_status(agent.runtime_dir), 60, "`eplbd status`")
     g = next(g for g in st["groups"] if g["group"] == group)
     assert g["epoch"] >= 1 and g["last_rebalance"]["outcome"] == "committed", g
     assert answers >= 2, "no answer came before the commit"

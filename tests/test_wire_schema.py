@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from wire_peers.samples import MODEL, E, L, P, hello, phy2log, samples
 
 from eplbd.wire import (
     MESSAGE_TYPES,
+    PHY2LOG_DTYPES,
+    PHY2LOG_FIELD,
     Message,
     ModelShape,
     WireError,
+    accepted_phy2log_dtypes,
     decode,
     encode,
     error_body,
+    narrow_phy2log,
     validate,
     validate_body,
 )
@@ -166,13 +171,71 @@ def test_phy2log_checks(msg_type: str) -> None:
     assert reason(msg_type, b, {"phy2log": out}) == "bad_layout"
     out[1, 2] = -1
     assert reason(msg_type, b, {"phy2log": out}) == "bad_layout"
-    assert reason(msg_type, b, {"phy2log": p.int()}) == "bad_dtype"
+    # the compact forms (int16, int32) are read; other dtypes are refused
+    assert check(msg_type, b, {"phy2log": p.int()})
+    assert check(msg_type, b, {"phy2log": p.short()})
+    assert reason(msg_type, b, {"phy2log": out.short()}) == "bad_layout"
+    assert reason(msg_type, b, {"phy2log": p.to(torch.int8)}) == "bad_dtype"
+    assert reason(msg_type, b, {"phy2log": p.to(torch.uint8)}) == "bad_dtype"
     assert reason(msg_type, b, {"phy2log": p.double()}) == "bad_dtype"
     assert reason(msg_type, b, {"phy2log": p[:, :-1]}) == "bad_shape"
     assert reason(msg_type, b, {}) == "missing_tensor"
     big = p.clone()
     big[0, 0] = E + 5  # without a model only negatives are refused
     assert check(msg_type, b, {"phy2log": big}, model=None)
+
+
+@pytest.mark.parametrize("msg_type", ["prepare", "layout", "welcome"])
+def test_share_checks(msg_type: str) -> None:
+    """The optional weighted split: absent is the equal split; a bad one is refused."""
+    b, _ = samples()[msg_type]
+    p = phy2log()  # experts 0-3 in slots e and e + 8, experts 4-7 once
+    share = torch.ones(L, P, dtype=torch.int64)
+    share[:, 8] = 0  # expert 0's rows all to slot 0
+    share[:, 1] = 3  # expert 1's rows 3 : 1 to slots 1 and 9
+    msg = check(msg_type, b, {"phy2log": p, "share": share})
+    assert torch.equal(torch.from_numpy(msg.tensors["share"]), share)
+    assert reason(msg_type, b, {"phy2log": p, "share": share.double()}) == "bad_dtype"
+    nan = share.double()
+    nan[0, 0] = float("nan")
+    assert reason(msg_type, b, {"phy2log": p, "share": nan}) == "bad_dtype"
+    assert reason(msg_type, b, {"phy2log": p, "share": share[:, :-1]}) == "bad_shape"
+    neg = share.clone()
+    neg[2, 3] = -1
+    assert reason(msg_type, b, {"phy2log": p, "share": neg}) == "bad_layout"
+    idle = share.clone()
+    idle[3, 0] = 0  # expert 0 of layer 3: both replicas idle
+    assert reason(msg_type, b, {"phy2log": p, "share": idle}) == "bad_layout"
+    wide = share.clone()
+    wide[1, 4] = P - E + 2  # more than the engines' maps hold
+    assert reason(msg_type, b, {"phy2log": p, "share": wide}) == "bad_layout"
+    # without a model, the shape against phy2log and the sign are still checked
+    assert reason(msg_type, b, {"phy2log": p, "share": neg}, model=None) == "bad_layout"
+    assert reason(msg_type, b, {"phy2log": p, "share": share[1:]}, model=None) == "bad_shape"
+    assert check(msg_type, b, {"phy2log": p, "share": idle}, model=None)
+
+
+def test_phy2log_compact_form() -> None:
+    """A sender narrows phy2log to what the receiver declared; an old peer gets int64."""
+    p = phy2log().numpy()
+    assert accepted_phy2log_dtypes({}) == ("int64",)  # an older peer declares nothing
+    assert accepted_phy2log_dtypes({PHY2LOG_FIELD: "int16"}) == ("int64",)  # malformed
+    new = accepted_phy2log_dtypes({PHY2LOG_FIELD: ["int16", "int32", "int64", "int4"]})
+    assert new == PHY2LOG_DTYPES
+    assert accepted_phy2log_dtypes({PHY2LOG_FIELD: ["int32", 7]}) == ("int32", "int64")
+    assert narrow_phy2log(p, ("int64",)).dtype == np.int64
+    small = narrow_phy2log(p, new)
+    assert small.dtype == np.int16 and small.flags.c_contiguous
+    assert np.array_equal(small, p)
+    wide = p.copy()
+    wide[0, 0] = 40000  # does not fit int16: the next accepted type
+    assert narrow_phy2log(wide, new).dtype == np.int32
+    assert narrow_phy2log(wide, ("int16", "int64")).dtype == np.int64
+    # a narrowed frame decodes and validates like the int64 one
+    frames = encode("prepare", samples()["prepare"][0], {"phy2log": small})
+    msg = validate(decode(frames), model=MODEL)
+    assert msg.tensors["phy2log"].dtype == np.int16
+    assert np.array_equal(msg.tensors["phy2log"], p)
 
 
 def test_prepare_epoch_and_timeout() -> None:

@@ -22,6 +22,7 @@ import torch
 from eplbd.kernels import map_and_record as _map_and_record
 from eplbd.layout import Layout, LayoutError
 from eplbd_client._messages import (
+    PHY2LOG_DTYPES,
     PROTOCOL_VERSION,
     AbortMsg,
     BadMessage,
@@ -57,8 +58,11 @@ class LayerState(NamedTuple):
     """The four routing tensors of one MoE layer, at fixed addresses (vLLM's
     ``set_layer_state`` shape). Views into the client's [L, ...] tensors on its device.
 
-    logical_to_physical_map: [E, R] int64, slots of each expert ascending, padded with -1;
-    logical_replica_count: [E] int64;
+    logical_to_physical_map: [E, R] int64, the dispatch table (:meth:`Layout.dispatch`):
+        the slots of each expert ascending, each listed as often as its share (once with
+        the equal split), padded with -1;
+    logical_replica_count: [E] int64, the entries of each expert's row (its replica count
+        with the equal split);
     expert_load: [P] int32, tokens per physical slot while recording;
     should_record: [1] int32, shared by all layers (non-zero: count).
     """
@@ -89,8 +93,13 @@ class _Pending:
     event: Any = None
 
 
-def _digest(phy2log: torch.Tensor) -> int:
-    return zlib.crc32(phy2log.contiguous().numpy().tobytes()) & 0x7FFFFFFF
+def _digest(layout: Layout) -> int:
+    """31 bits of CRC32 over phy2log, then the shares when the split is weighted (an
+    equal-split layout keeps the digest of a client that knows no shares)."""
+    crc = zlib.crc32(layout.phy2log.contiguous().numpy().tobytes())
+    if layout.share is not None:
+        crc = zlib.crc32(layout.share.contiguous().numpy().tobytes(), crc)
+    return crc & 0x7FFFFFFF
 
 
 class EplbClient:
@@ -204,9 +213,9 @@ class EplbClient:
         self._layout = layout
         self._epoch = int(initial_epoch)
         dev = self._device
-        self._log2phy = torch.full((L, E, R), -1, dtype=torch.int64, device=dev)
-        self._log2phy[:, :, : layout.max_replicas].copy_(layout.log2phy)
-        self._logcnt = layout.logcnt.to(dev, torch.int64).clone()
+        table, count = layout.dispatch(width=R)
+        self._log2phy = table.to(dev, torch.int64).clone()
+        self._logcnt = count.to(dev, torch.int64).clone()
         self._load = torch.zeros(L, P, dtype=torch.int32, device=dev)
         self._should_record = torch.zeros(1, dtype=torch.int32, device=dev)
         self._states = [
@@ -268,12 +277,17 @@ class EplbClient:
     def _initial_layout(self, initial: torch.Tensor | Layout | None) -> Layout:
         L, E, P = self.num_layers, self.num_logical_experts, self.num_physical_experts
         layout = Layout.default(L, E, P) if initial is None else self._validate(initial)
-        if layout.max_replicas > self.max_replicas:
+        self._check_width(layout)
+        return layout
+
+    def _check_width(self, layout: Layout) -> None:
+        """The layout's dispatch table must fit the routing maps (R entries per expert)."""
+        if layout.dispatch_width > self.max_replicas:
+            what = "replicas" if layout.share is None else "dispatch entries (shares)"
             raise LayoutError(
-                f"initial layout has {layout.max_replicas} replicas of one expert, more than "
+                f"an expert has {layout.dispatch_width} {what}, more than "
                 f"max_replicas={self.max_replicas}"
             )
-        return layout
 
     def _check_group(self, group: Any) -> None:
         import torch.distributed as dist
@@ -365,16 +379,25 @@ class EplbClient:
         self._weights[layer] = ts
 
     def prepare(
-        self, phy2log: torch.Tensor | Layout, epoch: int, timeout_s: float | None = None
+        self,
+        phy2log: torch.Tensor | Layout,
+        epoch: int,
+        timeout_s: float | None = None,
+        *,
+        share: torch.Tensor | None = None,
     ) -> None:
         """Validate the layout of ``epoch`` and start staging it (what the agent's PREPARE
         does). Call it on every rank, at any step: the consensus flips all ranks together.
 
+        ``phy2log`` [L, P] or a :class:`Layout`; ``share`` [L, P] (or the Layout's own
+        ``share``): the weighted split of each expert's rows over its replicas (None: equal).
+        A layout that changes only the shares moves no weights: nothing is staged but the
+        maps, and it is applied at the same step on every rank like any other.
         ``timeout_s``: from now; None means the client's ``prepare_timeout_s``. Raises
-        :class:`PrepareError` if refused (bad layout, epoch not newer, over the staging budget);
-        the refusal is also reported (``aborted``) and nothing is staged."""
+        :class:`PrepareError` if refused (bad layout or shares, epoch not newer, over the
+        staging budget); the refusal is also reported (``aborted``) and nothing is staged."""
         t = self._prepare_timeout_s if timeout_s is None else float(timeout_s)
-        err = self._prepare(phy2log, epoch, self._clock() + t)
+        err = self._prepare(phy2log, epoch, self._clock() + t, share)
         if err is not None:
             raise PrepareError(int(epoch) if isinstance(epoch, int) else -1, err)
 
@@ -447,6 +470,7 @@ class EplbClient:
             "epoch": self._epoch,
             "software_version": __version__,
             "protocol_version": PROTOCOL_VERSION,
+            "phy2log_dtypes": list(PHY2LOG_DTYPES),
         }
 
     # --- introspection -------------------------------------------------------------------------
@@ -547,21 +571,25 @@ class EplbClient:
 
     # --- internals: prepare / stage / apply ----------------------------------------------------
 
-    def _validate(self, phy2log: torch.Tensor | Layout) -> Layout:
+    def _validate(self, phy2log: torch.Tensor | Layout, share: Any = None) -> Layout:
         L, E, P = self.num_layers, self.num_logical_experts, self.num_physical_experts
         if isinstance(phy2log, Layout):
             phy2log.validate_consistent()
             t: Any = phy2log.phy2log
+            if share is None:
+                share = phy2log.share
         else:
             t = phy2log
         layout = Layout.from_phy2log(
-            t, E, num_gpus=self.ep_size, num_layers=L, num_physical_experts=P
+            t, E, num_gpus=self.ep_size, num_layers=L, num_physical_experts=P, share=share
         )
         if isinstance(phy2log, Layout) and phy2log.logcnt.shape != layout.logcnt.shape:
             raise LayoutError("logcnt shape does not match phy2log")
         return layout
 
-    def _prepare(self, phy2log: torch.Tensor | Layout, epoch: Any, deadline: float) -> str | None:
+    def _prepare(
+        self, phy2log: torch.Tensor | Layout, epoch: Any, deadline: float, share: Any = None
+    ) -> str | None:
         """Validate and install a pending layout. Returns the refusal reason, or None."""
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
             return self._refuse(-1, f"epoch {epoch!r} is not an integer >= 1", poison=False)
@@ -570,15 +598,11 @@ class EplbClient:
         if self.ep_size > 1 and self._cgroup is None:
             return self._refuse(epoch, "layout changes are off (sync_interval=0)", poison=False)
         try:
-            layout = self._validate(phy2log)
-            if layout.max_replicas > self.max_replicas:
-                raise LayoutError(
-                    f"an expert has {layout.max_replicas} replicas, more than max_replicas="
-                    f"{self.max_replicas}"
-                )
+            layout = self._validate(phy2log, share)
+            self._check_width(layout)
         except LayoutError as e:
             return self._refuse(epoch, f"invalid layout: {e}")
-        digest = _digest(layout.phy2log)
+        digest = _digest(layout)
         while True:
             base = self._layout
             with self._lock:
@@ -763,11 +787,9 @@ class EplbClient:
                 if kind == "dup":
                     for b in bufs:
                         b[i].copy_(b[arg])
-        L, E, R = self._log2phy.shape
-        l2p = torch.full((L, E, R), -1, dtype=torch.int64)
-        l2p[:, :, : p.layout.max_replicas] = p.layout.log2phy
+        table, count = p.layout.dispatch(width=self._log2phy.shape[2])
         nb = self._cuda
-        p.maps = (l2p.to(dev, non_blocking=nb), p.layout.logcnt.to(dev, non_blocking=nb))
+        p.maps = (table.to(dev, non_blocking=nb), count.to(dev, non_blocking=nb))
 
     def _drop(self, p: _Pending, reason: str) -> None:
         """Forget p (lock held): keep serving the old layout, report why."""
@@ -844,13 +866,15 @@ class EplbClient:
                 self._recorder.set_schedule(item.schedule, self._step, self._epoch)
             if item.epoch > self._epoch and item.phy2log is not None:
                 deadline = self._clock() + self._prepare_timeout_s
-                msg = PrepareMsg(self.group_name, item.epoch, self._prepare_timeout_s, item.phy2log)
+                msg = PrepareMsg(
+                    self.group_name, item.epoch, self._prepare_timeout_s, item.phy2log, item.share
+                )
                 self._submit(functools.partial(self._prepare_from_agent, msg, deadline))
         elif isinstance(item, AbortMsg):
             self.abort(item.epoch, item.reason or "aborted by the planner")
 
     def _prepare_from_agent(self, msg: PrepareMsg, deadline: float) -> None:
-        self._prepare(msg.phy2log, msg.epoch, deadline)
+        self._prepare(msg.phy2log, msg.epoch, deadline, msg.share)
 
     def _consensus(self) -> None:
         with self._lock:

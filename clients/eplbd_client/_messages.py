@@ -22,6 +22,9 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+#: The phy2log dtypes this client reads (eplbd.wire.PHY2LOG_DTYPES; the hello declares them
+#: under ``phy2log_dtypes``); not imported from eplbd.wire, which would load pyzmq.
+PHY2LOG_DTYPES = ("int16", "int32", "int64")
 
 
 class BadMessage(ValueError):
@@ -47,14 +50,19 @@ class WelcomeMsg:
     epoch: int
     schedule: Schedule | None
     phy2log: torch.Tensor | None
+    share: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class PrepareMsg:
+    """share: the layout's weighted split [L, P], None for the equal split (an older
+    planner or agent never sends one)."""
+
     group: str
     epoch: int
     timeout_s: float
     phy2log: torch.Tensor
+    share: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -78,15 +86,28 @@ def _str(body: dict[str, Any], key: str) -> str:
     return v
 
 
-def _phy2log(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:
-    t = tensors.get("phy2log")
+def _layout_tensor(tensors: dict[str, Any], name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """An [L, P] integer tensor of a layout (``phy2log``, ``share``); its values are checked
+    with the layout (:meth:`Layout.from_phy2log`)."""
+    t = tensors.get(name)
     if not isinstance(t, torch.Tensor):
-        raise BadMessage("missing_tensor", "phy2log tensor missing")
-    if t.dtype not in (torch.int32, torch.int64) or tuple(t.shape) != shape:
+        raise BadMessage("missing_tensor", f"{name} tensor missing")
+    if str(t.dtype).removeprefix("torch.") not in PHY2LOG_DTYPES or tuple(t.shape) != shape:
         raise BadMessage(
-            "bad_tensor", f"phy2log must be int64 {list(shape)}, got {t.dtype} {list(t.shape)}"
+            "bad_tensor",
+            f"{name} must be {'/'.join(PHY2LOG_DTYPES)} {list(shape)}, "
+            f"got {t.dtype} {list(t.shape)}",
         )
-    return t
+    return t.to(torch.int64)  # the compact wire form widened: the digest is over int64
+
+
+def _phy2log(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:
+    return _layout_tensor(tensors, "phy2log", shape)
+
+
+def _share(tensors: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor | None:
+    """The optional weighted split (None: the equal split)."""
+    return None if tensors.get("share") is None else _layout_tensor(tensors, "share", shape)
 
 
 def parse_schedule(body: Any) -> Schedule:
@@ -123,13 +144,18 @@ def parse_incoming(
             epoch,
             parse_schedule(sched) if sched is not None else None,
             _phy2log(tensors, shape) if epoch > 0 else None,
+            _share(tensors, shape) if epoch > 0 else None,
         )
     if msg_type == "prepare":
         t = body.get("timeout_s")
         if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
             raise BadMessage("bad_field", f"timeout_s={t!r} must be a finite number > 0")
         return PrepareMsg(
-            _str(body, "group"), _int(body, "epoch", 1), float(t), _phy2log(tensors, shape)
+            _str(body, "group"),
+            _int(body, "epoch", 1),
+            float(t),
+            _phy2log(tensors, shape),
+            _share(tensors, shape),
         )
     if msg_type == "abort":
         return AbortMsg(_str(body, "group"), _int(body, "epoch"), str(body.get("reason", "")))

@@ -66,6 +66,8 @@ from eplbd.wire import (
     HEARTBEAT,
     HELLO,
     LAYOUT,
+    PHY2LOG_DTYPES,
+    PHY2LOG_FIELD,
     PREPARE,
     PROTOCOL_VERSION,
     SCHEDULE,
@@ -77,8 +79,11 @@ from eplbd.wire import (
     Message,
     ModelShape,
     WireError,
+    accepted_phy2log_dtypes,
     decode,
     error_body,
+    layout_digest,
+    narrow_phy2log,
     validate,
 )
 from eplbd.wire._counters import WireCounters
@@ -198,6 +203,10 @@ class _Worker:
     def ep_rank(self) -> int:
         return int(self.hello["ep_rank"])
 
+    @property
+    def phy2log_dtypes(self) -> tuple[str, ...]:
+        return accepted_phy2log_dtypes(self.hello)
+
 
 @dataclass
 class _Group:
@@ -205,7 +214,10 @@ class _Group:
     ep_size: int = 0
     epoch: int = 0  # last committed epoch known (0: the initial layout)
     phy2log: np.ndarray | None = None  # its layout [L, P] int64, None for epoch 0
-    pending: OrderedDict[int, np.ndarray] = field(default_factory=OrderedDict)
+    share: np.ndarray | None = None  # its weighted split [L, P] int64, None: equal split
+    pending: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = field(
+        default_factory=OrderedDict
+    )
     held: deque[Merged] = field(default_factory=deque)
 
 
@@ -414,7 +426,7 @@ class AgentCore:
                 log.warning(
                     "group model changed", group=group_name, old=str(g.model), new=str(model)
                 )
-                g.epoch, g.phy2log = 0, None
+                g.epoch, g.phy2log, g.share = 0, None, None
                 g.pending.clear()
                 self.merger.drop_groups([group_name])
             g.model = model
@@ -452,7 +464,8 @@ class AgentCore:
         p2l, model = g.phy2log, g.model
         if g.epoch > 0 and p2l is not None and model is not None and tuple(p2l.shape) == model.lp:
             body["epoch"] = g.epoch
-            tensors["phy2log"] = p2l
+            tensors.update(_layout_tensors(p2l, g.share))
+            tensors["phy2log"] = narrow_phy2log(p2l, rec.phy2log_dtypes)
         return Send(WORKER, WELCOME, body, tensors, identity=rec.identity)
 
     def _member_body(self, rec: _Worker, reason: str | None = None) -> dict[str, Any]:
@@ -529,10 +542,10 @@ class AgentCore:
         g = self.groups.get(group)
         if g is None or epoch <= g.epoch:
             return
-        p2l = g.pending.get(epoch)
-        if p2l is None:
+        lay = g.pending.get(epoch)
+        if lay is None:
             return  # committed an epoch we never relayed: wait for the planner's layout
-        g.epoch, g.phy2log = epoch, p2l
+        g.epoch, (g.phy2log, g.share) = epoch, lay
         for e in [e for e in g.pending if e <= epoch]:
             del g.pending[e]
         log.info("epoch committed", group=group, epoch=epoch)
@@ -632,6 +645,14 @@ class AgentCore:
             "software_version": __version__,
             "protocol_version": PROTOCOL_VERSION,
             "workers": workers,
+            PHY2LOG_FIELD: list(PHY2LOG_DTYPES),
+            # the layouts it holds: the planner sends only those that differ (a hello storm
+            # then costs welcomes, not a layout per group each time)
+            "layouts": [
+                {"group": n, "epoch": g.epoch, "digest": layout_digest(g.phy2log)}
+                for n, g in self.groups.items()
+                if g.epoch > 0 and g.phy2log is not None
+            ],
         }
         return Send(PLANNER, AGENT_HELLO, body)
 
@@ -719,7 +740,7 @@ class AgentCore:
                 return self._resync("hello_required")
             return []
         if msg.type == LAYOUT:
-            return self._on_layout(body, msg.tensors["phy2log"])
+            return self._on_layout(body, msg.tensors["phy2log"], msg.tensors.get("share"))
         if msg.type == PREPARE:
             return self._on_prepare(msg)
         if msg.type == ABORT:
@@ -761,7 +782,7 @@ class AgentCore:
                 PLANNER,
                 LAYOUT,
                 {"agent": self.cfg.agent_id, "group": n, "epoch": g.epoch},
-                {"phy2log": g.phy2log},
+                _layout_tensors(g.phy2log, g.share),
             )
             for n, g in self.groups.items()
             if g.epoch > 0 and g.phy2log is not None and self.local_ranks(n)
@@ -774,13 +795,16 @@ class AgentCore:
                 out.append(self._snapshot_send(g.held.popleft()))
         return out
 
-    def _on_layout(self, body: dict[str, Any], phy2log: np.ndarray) -> list[Send]:
+    def _on_layout(
+        self, body: dict[str, Any], phy2log: np.ndarray, share: np.ndarray | None
+    ) -> list[Send]:
         name, epoch = str(body["group"]), int(body["epoch"])
         g = self._group(name)
         if g is None:
             return []
         if epoch > g.epoch or (epoch == g.epoch and g.phy2log is None and epoch > 0):
             g.epoch, g.phy2log = epoch, np.ascontiguousarray(phy2log, dtype=np.int64)
+            g.share = None if share is None else np.ascontiguousarray(share, dtype=np.int64)
             for e in [e for e in g.pending if e <= epoch]:
                 del g.pending[e]
             log.info("layout from the planner", group=name, epoch=epoch)
@@ -799,15 +823,23 @@ class AgentCore:
             err = WireError("stale_epoch", f"prepare epoch {epoch} <= committed {g.epoch}")
             self._bad(self.planner_counters, err, "planner", PREPARE)
             return []
-        p2l = msg.tensors["phy2log"]
-        g.pending[epoch] = p2l
+        p2l = np.ascontiguousarray(msg.tensors["phy2log"], dtype=np.int64)
+        g.pending[epoch] = (p2l, msg.tensors.get("share"))
         while len(g.pending) > _MAX_PENDING:
             g.pending.popitem(last=False)
         out_body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
         self._bump(self.relayed, f"{PREPARE}:down", len(targets))
-        return [
-            Send(WORKER, PREPARE, out_body, {"phy2log": p2l}, identity=w.identity) for w in targets
-        ]
+        # other tensors (the optional `share`, or fields of a later version) go down unchanged
+        others = {k: v for k, v in msg.tensors.items() if k != "phy2log"}
+        forms: dict[tuple[str, ...], np.ndarray] = {}  # one narrowed copy per dtype list
+        out = []
+        for w in targets:
+            accepts = w.phy2log_dtypes
+            if accepts not in forms:
+                forms[accepts] = narrow_phy2log(p2l, accepts)
+            tensors = {**others, "phy2log": forms[accepts]}
+            out.append(Send(WORKER, PREPARE, out_body, tensors, identity=w.identity))
+        return out
 
     def _on_abort(self, msg: Message) -> list[Send]:
         body = msg.body
@@ -945,3 +977,8 @@ class AgentCore:
             "bad_worker": dict(self.worker_counters.bad),
             "bad_planner": dict(self.planner_counters.bad),
         }
+
+
+def _layout_tensors(phy2log: np.ndarray, share: np.ndarray | None) -> dict[str, np.ndarray]:
+    """A layout's tensors as they travel: phy2log, plus the weighted split if it has one."""
+    return {"phy2log": phy2log} if share is None else {"phy2log": phy2log, "share": share}

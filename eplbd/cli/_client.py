@@ -59,6 +59,7 @@ from eplbd.ops.exits import (
 __all__ = [
     "DEFAULT_RUNTIME_DIR",
     "DEFAULT_TCP",
+    "HANG_GRACE_S",
     "CliError",
     "CliSettings",
     "PlannerClient",
@@ -66,6 +67,7 @@ __all__ = [
     "check_layers",
     "check_watch",
     "fail",
+    "hard_deadline",
     "layer_list",
     "load_settings",
     "open_client",
@@ -322,6 +324,41 @@ def zmtp_mechanism(endpoint: str, timeout_s: float) -> str:
     return data[12:32].rstrip(b"\0").decode("ascii", "replace") or HUNG_UP
 
 
+#: A request this long past its own deadline is stuck outside the code that keeps the
+#: deadline (e.g. in libzmq, a context that never terminates): better a stack trace and exit
+#: 75 than an operator's shell or a monitoring script that hangs.
+HANG_GRACE_S = 10.0
+
+
+@contextlib.contextmanager
+def hard_deadline(seconds: float) -> Iterator[None]:
+    """Print every thread's stack and exit 75 if the block runs ``seconds`` past its start.
+
+    A timer thread, so it fires while the main thread waits in C code with the GIL released
+    (libzmq, sockets)."""
+    import faulthandler
+    import threading
+
+    def fire() -> None:
+        print(
+            f"eplbd: internal error: a planner request is stuck {seconds:g} s after it "
+            "started, past its own deadline; the stacks (please report them):",
+            file=sys.stderr,
+            flush=True,
+        )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(EXIT_TIMEOUT)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 class PlannerClient:
     """Requests to one planner endpoint, each on a fresh DEALER with a deadline.
 
@@ -354,7 +391,8 @@ class PlannerClient:
 
     def close(self) -> None:
         if self._ctx is not None:
-            self._ctx.term()
+            with hard_deadline(HANG_GRACE_S):
+                self._ctx.term()
             self._ctx = None
 
     def __enter__(self) -> PlannerClient:
@@ -408,6 +446,12 @@ class PlannerClient:
         return self._unreachable(why, hint=False)
 
     def request(self, msg_type: str, body: Mapping[str, Any]) -> Any:
+        """Send one message and return the validated reply (a ``Message``): see
+        :meth:`_request`; never hangs past the deadline plus :data:`HANG_GRACE_S`."""
+        with hard_deadline(self.timeout_s + HANG_GRACE_S):
+            return self._request(msg_type, body)
+
+    def _request(self, msg_type: str, body: Mapping[str, Any]) -> Any:
         """Send one message and return the validated reply (a ``Message``).
 
         69: nothing accepts the connection (refused, no socket file, no route within the

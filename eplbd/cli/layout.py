@@ -41,7 +41,7 @@ from eplbd.ops.exits import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 __all__ = ["add_arguments", "diff_layouts", "read_layout_file", "run"]
 
-_LAYOUT_SCHEMA_VERSION = 1  # eplbd.layout's JSON form (not imported: it needs torch)
+_LAYOUT_SCHEMAS = (1, 2)  # eplbd.layout's JSON forms (not imported: it needs torch); 2: shares
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,12 +152,21 @@ def _show(args: argparse.Namespace, out: Output) -> None:
         + f"{lay['num_logical_experts']} experts in {len(p2l[0])} slots on {gpus} GPUs"
         + f"; kept epochs: {fmt_ranks(g.get('kept') or [])}"
     )
+    share = lay.get("share")
     rows = [
-        [layer, gpu, " ".join(str(e) for e in row[gpu * per : (gpu + 1) * per])]
+        [
+            layer,
+            gpu,
+            " ".join(
+                _slot_text(row[p], None if share is None else share[layer][p])
+                for p in range(gpu * per, (gpu + 1) * per)
+            ),
+        ]
         for layer, row in enumerate(p2l)
         for gpu in range(gpus)
     ]
-    out.table(["LAYER", "GPU", "EXPERTS (slot order)"], rows, align=">><")
+    head = "EXPERTS (slot order)" if share is None else "EXPERTS (slot order; e:s = share s)"
+    out.table(["LAYER", "GPU", head], rows, align=">><")
     if args.output:
         out.line(f"written to {args.output} (eplbd plan --previous {args.output} reads it)")
 
@@ -178,8 +187,9 @@ def read_layout_file(path: str) -> dict[str, Any]:
         raise bad("no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"not a layout JSON file ({e})") from None
-    if not isinstance(doc, dict) or doc.get("schema_version") != _LAYOUT_SCHEMA_VERSION:
-        raise bad(f"not a layout JSON file (schema_version {_LAYOUT_SCHEMA_VERSION} expected)")
+    ver = doc.get("schema_version") if isinstance(doc, dict) else None
+    if isinstance(ver, bool) or ver not in _LAYOUT_SCHEMAS:
+        raise bad("not a layout JSON file (schema_version 1 or 2 expected)")
     n_exp, p2l = doc.get("num_logical_experts"), doc.get("phy2log")
     if not isinstance(n_exp, int) or isinstance(n_exp, bool) or n_exp < 1:
         raise bad("num_logical_experts must be a positive integer")
@@ -192,7 +202,22 @@ def read_layout_file(path: str) -> dict[str, Any]:
             raise bad(f"layer {layer} holds an expert id outside [0, {n_exp})")
         if len(set(row)) != n_exp:
             raise bad(f"layer {layer} leaves an expert without a replica")
+    share = doc.get("share")
+    if share is not None:
+        if ver != 2 or not isinstance(share, list) or len(share) != len(p2l):
+            raise bad("share must be [layers][slots] like phy2log (schema_version 2)")
+        for layer, (row, sh) in enumerate(zip(p2l, share, strict=True)):
+            ok = isinstance(sh, list) and len(sh) == len(row)
+            if not ok or not all(isinstance(x, int) and not isinstance(x, bool) for x in sh):
+                raise bad(f"share of layer {layer} is not a list of {len(row)} integers")
+            if min(sh) < 0 or {e for e, x in zip(row, sh, strict=True) if x > 0} != set(row):
+                raise bad(f"share of layer {layer}: negative, or an expert with no share > 0")
     return doc
+
+
+def _slot_text(expert: int, share: int | None) -> str:
+    """A slot in ``eplbd layout show``: its expert, and its share when not 1 (0: idle)."""
+    return str(expert) if share is None or share == 1 else f"{expert}:{share}"
 
 
 def diff_layouts(a: list[list[int]], b: list[list[int]], num_gpus: int) -> dict[str, Any]:
@@ -270,6 +295,9 @@ def _diff(args: argparse.Namespace, out: Output) -> None:
     if shape_a[1] % gpus:
         raise CliError(f"{shape_a[1]} slots do not split over {gpus} GPUs", EXIT_CONFIG)
     d = diff_layouts(pa, pb, int(gpus))
+    ones = [[1] * shape_a[1]] * shape_a[0]
+    sa, sb = la.get("share") or ones, lb.get("share") or ones
+    resplit = [i for i in range(shape_a[0]) if sa[i] != sb[i]]
     if args.expert_bytes:
         size, source = args.expert_bytes, "--expert-bytes"
     elif a.get("expert_bytes") or b.get("expert_bytes"):
@@ -284,6 +312,7 @@ def _diff(args: argparse.Namespace, out: Output) -> None:
         "num_physical_experts": shape_a[1],
         "num_gpus": int(gpus),
         "layers_changed": [x["layer"] for x in d["layers"]],
+        "layers_resplit": resplit,  # layers whose split (shares) changes: no bytes move
         "slots_moved": len(d["moves"]),
         "layers": d["layers"],
         "moves": d["moves"],
@@ -315,6 +344,12 @@ def _render_diff(out: Output, doc: dict[str, Any]) -> None:
         out.line(
             f"bytes moved: {n} x {_fmt_bytes(doc['expert_bytes'])} = "
             f"{_fmt_bytes(doc['bytes_moved'])} (expert size from {doc['expert_bytes_source']})"
+        )
+    if doc["layers_resplit"]:
+        out.line(
+            f"split (shares) changes in {len(doc['layers_resplit'])} layer(s): "
+            + fmt_ranks(doc["layers_resplit"])
+            + " (no weights move for it)"
         )
     if not n:
         out.line(out.style("no slot changes", "dim"))

@@ -143,10 +143,15 @@ def render(out: Output, data: dict[str, Any]) -> None:
         out.line(out.style("no EP groups yet (no worker has registered)", "dim"))
         return
     rows = []
+    # with a cost model (planner settings expert_shape / cost_model) the modelled time
+    # columns follow the token balance: TIME BAL (Σ max / Σ mean of modelled GPU time)
+    # and ACTIVE/GPU (slots per GPU read in a step: mean / max)
+    timed = any(g.get("time") for g in groups)
     for g in groups:
         group_ranks = g.get("ranks") or []
         alive = sum(1 for r in group_ranks if r.get("state") in ("alive", "stale"))
         planned = g.get("balance_planned", g.get("balance_forecast"))
+        t = g.get("time") or {}
         rows.append(
             [
                 g.get("group"),
@@ -154,6 +159,7 @@ def render(out: Output, data: dict[str, Any]) -> None:
                 g.get("epoch"),
                 _model(g),
                 fmt_balance(out, g.get("balance_now")),
+                *([fmt_balance(out, t.get("time_balance")), _active(t)] if timed else []),
                 fmt_balance(out, g.get("balance_window")),
                 fmt_balance(out, planned),
                 fmt_balance(out, g.get("lower_bound")),
@@ -168,6 +174,7 @@ def render(out: Output, data: dict[str, Any]) -> None:
             "EPOCH",
             "L x E->P",
             "BALANCE",
+            *(["TIME BAL", "ACTIVE/GPU"] if timed else []),
             "MEASURED",
             "PLANNED",
             "LOWER BOUND",
@@ -175,11 +182,17 @@ def render(out: Output, data: dict[str, Any]) -> None:
             "NEXT",
         ],
         rows,
-        align="<>><>>>><<",
+        align="<>><>" + (">>" if timed else "") + ">>><<",
     )
     for g in groups:
         out.line()
         _render_group(out, g)
+
+
+def _active(t: dict[str, Any]) -> str:
+    """Activated slots per GPU in a step: "mean/max", "-" when unknown."""
+    mean, mx = t.get("activated_slots_mean"), t.get("activated_slots_max")
+    return "-" if mean is None or mx is None else f"{mean:.1f}/{mx:.1f}"
 
 
 def _render_group(out: Output, g: dict[str, Any]) -> None:

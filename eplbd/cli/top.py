@@ -109,6 +109,7 @@ def render(out: Output, data: dict[str, Any], *, sort: str = "layer", hot: int =
             + fmt_balance(out, g.get("balance_planned"))
             + "  lower bound "
             + fmt_balance(out, g.get("lower_bound"))
+            + _time_header(out, g.get("time"))
         )
         out.line("  " + render_pending(out, g.get("pending")))
         rows_in = list(g.get("layers") or [])
@@ -127,12 +128,22 @@ def render(out: Output, data: dict[str, Any], *, sort: str = "layer", hot: int =
         elif sort == "gain":
             rows_in.sort(key=lambda r: -_gain(r))
         rows = []
+        timed = bool(g.get("time"))
         for r in rows_in:
             why = r.get("why") or "-"
+            act = r.get("activated_slots")
             rows.append(
                 [
                     r.get("layer"),
                     fmt_balance(out, r.get("balance_now")),
+                    *(
+                        [
+                            fmt_balance(out, r.get("time_balance")),
+                            "-" if act is None else f"{act:.1f}",
+                        ]
+                        if timed
+                        else []
+                    ),
                     fmt_balance(out, r.get("balance_planned")),
                     fmt_balance(out, r.get("lower_bound")),
                     "-" if r.get("moves") is None else r.get("moves"),
@@ -144,6 +155,7 @@ def render(out: Output, data: dict[str, Any], *, sort: str = "layer", hot: int =
             [
                 "LAYER",
                 "BALANCE",
+                *(["TIME BAL", "ACTIVE"] if timed else []),
                 "PLANNED",
                 "LOWER BOUND",
                 "MOVES",
@@ -151,8 +163,21 @@ def render(out: Output, data: dict[str, Any], *, sort: str = "layer", hot: int =
                 "HOT EXPERTS (share x replicas)",
             ],
             rows,
-            align=">>>>><<",
+            align=">>" + (">>" if timed else "") + ">>><<",
         )
+
+
+def _time_header(out: Output, t: dict[str, Any] | None) -> str:
+    """The modelled time of the layout in service, when the planner has a cost model."""
+    if not t:
+        return ""
+    return (
+        "  time balance "
+        + fmt_balance(out, t.get("time_balance"))
+        + f"  {t.get('step_us', 0.0):.0f} us/step"
+        + f"  active slots/GPU {t.get('activated_slots_mean', 0.0):.1f}"
+        + f" (max {t.get('activated_slots_max', 0.0):.1f})"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

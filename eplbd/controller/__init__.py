@@ -5,7 +5,7 @@ Pure core, thin plumbing:
 - :class:`LoadWindow` / :func:`logical_load` (``_window``): physical counts [L, P] -> logical
   load [L, E] with the phy2log of the snapshot's epoch; sliding windows and an EWMA forecast;
 - :func:`decide` / :class:`TriggerPolicy` / :class:`Decision` (``_trigger``): when and where a
-  new placement pays for itself (threshold, cooldown, move budget, freeze, force, rollback),
+  new placement pays for itself (in rows, or in modelled time with a :class:`TimeModel`) (threshold, cooldown, move budget, freeze, force, rollback),
   with the reason and per-layer figures of every decision;
 - :class:`Attempt` (``_commit``): the two-phase commit of one epoch as a state machine;
 - :class:`StateStore` / :class:`GroupRecord` (``_store``): atomic per-group state files;
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
         PlannerCore,
     )
     from eplbd.controller._figures import (
+        TimeFigures,
+        TimeModel,
         balance,
         gpu_loads,
         lower_bound_balance,
@@ -78,6 +80,8 @@ _EXPORTS: dict[str, str] = {
     "Outbound": "_core",
     "PlannerCore": "_core",
     "STATUS_SCHEMA_VERSION": "_core",
+    "TimeFigures": "_figures",
+    "TimeModel": "_figures",
     "balance": "_figures",
     "gpu_loads": "_figures",
     "lower_bound_balance": "_figures",
@@ -130,6 +134,8 @@ __all__ = [
     "StoreCorrupt",
     "StoreLocked",
     "StoreUnusable",
+    "TimeFigures",
+    "TimeModel",
     "TriggerPolicy",
     "atomic_write",
     "balance",

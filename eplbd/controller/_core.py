@@ -45,7 +45,7 @@ from eplbd.controller._state import (
 )
 from eplbd.controller._store import WindowsUnreadable
 from eplbd.controller._trigger import Decision, decide, rollback_decision
-from eplbd.controller._views import status_data
+from eplbd.controller._views import status_data, time_figures
 from eplbd.wire import (
     ABORTED,
     AGENT_HELLO,
@@ -299,7 +299,14 @@ class PlannerCore(Registration, CommitOrchestration):
         if b["agent"] is not None and b["agent"] in self.agents:
             self.liveness.seen(b["agent"])
         now = self.clock.monotonic()
-        g.window.add_counts(b["epoch"], lay.phy2log, msg.tensors["counts"], b["tokens"], now)
+        g.window.add_counts(
+            b["epoch"],
+            lay.phy2log,
+            msg.tensors["counts"],
+            b["tokens"],
+            now,
+            (b["step_start"], b["step_end"]),
+        )
         g.snapshots += 1
         g.last_snapshot_mono = now
         self.counters.received[SNAPSHOT] += 1
@@ -324,9 +331,47 @@ class PlannerCore(Registration, CommitOrchestration):
 
     # --- the clock -------------------------------------------------------------------------
 
+    def loop_turn(self, waited_s: float) -> float:
+        """The service loop came out of a poll that was asked to wait up to ``waited_s``:
+        call it before anything is read. Time since the previous turn beyond that wait is
+        time the planner did not run (SIGSTOP, a long GC pause, a starved host; its last turn
+        of work included). When it reaches ``heartbeat_s`` it is the planner's own stall, not
+        its peers' silence: the agents' liveness, the commit deadlines and the rejoin grace
+        periods move forward by it, so nothing is aborted or declared dead for time the
+        planner was not running (what the peers did meanwhile is read next; the workers keep
+        their own deadlines). :meth:`tick` checks the time since the turn began the same way
+        (a stall while the turn's messages were read). Returns the time excused (0.0 for
+        none)."""
+        return self._excuse_stall(self.clock.monotonic(), waited_s)
+
+    def _excuse_stall(self, now: float, allowed_s: float) -> float:
+        last, self._last_turn = self._last_turn, now
+        if last is None:
+            return 0.0
+        gap = now - last - max(0.0, allowed_s)
+        if gap < self.config.heartbeat_s:
+            return 0.0
+        self.liveness.excuse(gap)
+        for g in self.groups.values():
+            a = g.attempt
+            if a is not None and not a.finished:
+                a.deadline += gap
+            for rk in g.ranks.values():
+                if rk.rejoin_by is not None:
+                    rk.rejoin_by += gap
+        self.stalls += 1
+        self.stalled_s += gap
+        log.warning(
+            "planner stalled: its peers' silence and the deadlines are moved by the stall",
+            stalled_s=round(gap, 3),
+        )
+        return gap
+
     def tick(self) -> list[Outbound]:
         """Liveness, deadlines, windows and the trigger; heartbeats to agents. Call often."""
         now, wall = self.clock.monotonic(), self.clock.time()
+        if self._last_turn is not None:  # driven by a loop that calls loop_turn()
+            self._excuse_stall(now, 0.0)
         out: list[Outbound] = []
         for agent, state in self.liveness.sweep():
             info = self.agents.get(agent)
@@ -341,6 +386,7 @@ class PlannerCore(Registration, CommitOrchestration):
                         out += self._effects(
                             g, a, a.on_rank_lost(r, f"agent {agent} is dead", now, wall)
                         )
+        out += self._rejoin_lapsed(now)
         for g in list(self.groups.values()):
             if g.attempt is not None and not g.attempt.finished:
                 out += self._effects(g, g.attempt, g.attempt.tick(now, wall))
@@ -388,6 +434,7 @@ class PlannerCore(Registration, CommitOrchestration):
                 times.append(g.attempt.deadline)
             if g.window is not None and (t := g.window.next_close()) is not None:
                 times.append(t)
+            times += [rk.rejoin_by for rk in g.ranks.values() if rk.rejoin_by is not None]
         return min(times)
 
     # --- the trigger -----------------------------------------------------------------------
@@ -411,10 +458,26 @@ class PlannerCore(Registration, CommitOrchestration):
                 action="none",
                 reason=self._blocked(g) or "layout_unknown",
                 message="the group has no known layout or shape yet",
+                objective=self.config.objective,
             )
             return d
         forecast = g.window.forecast() if not force else g.window.best_estimate()
-        return decide(
+        time = None
+        if self.config.objective == "time":
+            time = self.time_model(g)
+            if time is None and forecast is not None:
+                return Decision(
+                    group=g.name,
+                    at=wall,
+                    trigger="force" if force else "auto",
+                    action="none",
+                    reason="insufficient_data",
+                    message="no closed window says how many forward steps it recorded yet "
+                    "(the time objective plans rows per step)",
+                    objective="time",
+                )
+        d = decide(
+            time=time,
             group=g.name,
             now=now,
             wall=wall,
@@ -434,6 +497,8 @@ class PlannerCore(Registration, CommitOrchestration):
             layers=layers,
             dry_run=dry_run,
         )
+        d.objective = self.config.objective  # also where no figures were computed
+        return d
 
     def _record_decision(self, g: GroupState, d: Decision) -> None:
         """Keep ``d`` in the group's decisions. Only the planner's own evaluations and the
@@ -460,6 +525,9 @@ class PlannerCore(Registration, CommitOrchestration):
             g.decisions.append(entry)
         if self.metrics is not None:
             self.metrics.decision(g.name, d, intention=intention)
+            tf = time_figures(self, g) if intention else None
+            if tf is not None:
+                self.metrics.time(g.name, tf)
 
     def evaluate(self, g: GroupState) -> list[Outbound]:
         """The automatic trigger, run when a window closes."""
@@ -560,6 +628,7 @@ class PlannerCore(Registration, CommitOrchestration):
                 forecast=g.window.best_estimate() if g.window is not None else None,
                 num_gpus=g.ep_size,
                 dry_run=dry,
+                time=self.time_model(g) if self.config.objective == "time" else None,
             )
             blocked = self._blocked(g)
             if blocked is not None and d.action == "prepare":

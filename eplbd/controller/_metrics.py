@@ -4,6 +4,13 @@ Series (labels in braces):
 
 - ``eplbd_planner_balance{group,kind}``: Σ max / Σ mean GPU load on the forecast; kind
   ``now`` (layout in service), ``after`` (what the last decision would give), ``bound``;
+- ``eplbd_planner_time_balance{group}``: Σ max / Σ mean of the GPUs' modelled expert time
+  per step, layout in service on the forecast (with a cost model: ``expert_shape`` or
+  ``cost_model``);
+- ``eplbd_planner_step_seconds{group}``: the modelled expert time of a step (Σ over layers
+  of the slowest GPU);
+- ``eplbd_planner_activated_slots{group,kind}``: slots per GPU that receive rows in a step
+  (each a weight read), kind ``mean`` (over layers and GPUs) or ``max``;
 - ``eplbd_planner_epoch{group}``: committed epoch in service;
 - ``eplbd_planner_attempts_total{group,outcome}``: finished attempts (committed / aborted);
 - ``eplbd_planner_prepares_total{group}``: attempts started;
@@ -28,6 +35,7 @@ from eplbd.ops.metrics import Registry
 
 if TYPE_CHECKING:
     from eplbd.controller._core import PlannerCore
+    from eplbd.controller._figures import TimeFigures
     from eplbd.controller._trigger import Decision
 
 __all__ = ["PlannerMetrics"]
@@ -42,6 +50,21 @@ class PlannerMetrics:
         self.balance = r.gauge(
             "eplbd_planner_balance",
             "Sum max / sum mean GPU load on the forecast (1.0 is perfect).",
+            labels=("group", "kind"),
+        )
+        self.time_balance = r.gauge(
+            "eplbd_planner_time_balance",
+            "Sum max / sum mean of the GPUs' modelled expert time per step, layout in service.",
+            labels=("group",),
+        )
+        self.step_seconds = r.gauge(
+            "eplbd_planner_step_seconds",
+            "Modelled expert time of a step (sum over layers of the slowest GPU), in seconds.",
+            labels=("group",),
+        )
+        self.activated = r.gauge(
+            "eplbd_planner_activated_slots",
+            "Slots per GPU that receive rows in a step (weight reads): mean or max.",
             labels=("group", "kind"),
         )
         self.epoch_g = r.gauge(
@@ -146,6 +169,13 @@ class PlannerMetrics:
             if value is not None:
                 self.balance.set(value, group=group, kind=kind)
 
+    def time(self, group: str, tf: TimeFigures) -> None:
+        """The modelled time figures of the layout in service."""
+        self.time_balance.set(tf.balance, group=group)
+        self.step_seconds.set(tf.step_us * 1e-6, group=group)
+        self.activated.set(tf.activated_mean, group=group, kind="mean")
+        self.activated.set(tf.activated_max, group=group, kind="max")
+
     def peers(self, core: PlannerCore) -> None:
         counts: dict[tuple[str, str], int] = {}
         for name in core.agents:
@@ -156,8 +186,8 @@ class PlannerMetrics:
                 st = core.rank_state(g, r)
                 counts[("rank", st)] = counts.get(("rank", st), 0) + 1
         for kind in ("agent", "rank"):
-            for st in ("alive", "stale", "dead", "left", "missing"):
-                if kind == "agent" and st in ("left", "missing"):
+            for st in ("alive", "stale", "dead", "left", "rejoining", "missing"):
+                if kind == "agent" and st in ("left", "rejoining", "missing"):
                     continue
                 self.peers_g.set(counts.get((kind, st), 0), kind=kind, state=st)
 

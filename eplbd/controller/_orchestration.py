@@ -12,7 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from eplbd.controller._commit import Attempt, Effect
-from eplbd.controller._state import CoreBase, GroupState, Outbound, log, round_or_none
+from eplbd.controller._state import (
+    CoreBase,
+    GroupState,
+    Outbound,
+    layout_tensors,
+    log,
+    round_or_none,
+)
 from eplbd.controller._trigger import Decision
 from eplbd.wire import ABORT, PREPARE
 
@@ -148,9 +155,10 @@ class CommitOrchestration(CoreBase):
         for e in sorted(g.recent)[:-8]:
             g.recent.pop(e, None)
         body = {"group": g.name, "epoch": epoch, "timeout_s": float(self.config.prepare_timeout_s)}
+        tensors = layout_tensors(d.layout)
         out = [
-            Outbound(i, PREPARE, dict(body), {"phy2log": d.layout.phy2log})
-            for i in self._agents_of(g)
+            Outbound(i, PREPARE, dict(body), {**tensors, "phy2log": form})
+            for i, form in self._phy2log_forms(d.layout.phy2log, self._agents_of(g))
         ]
         log.info(
             "prepare",

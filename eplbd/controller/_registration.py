@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from eplbd.controller._state import AgentInfo, CoreBase, GroupState, Outbound, RankInfo, log
 from eplbd.layout import Layout, LayoutError
 from eplbd.wire import (
@@ -23,7 +21,9 @@ from eplbd.wire import (
     WELCOME,
     ModelShape,
     WireError,
+    accepted_phy2log_dtypes,
     error_body,
+    held_layouts,
     validate_body,
 )
 
@@ -71,7 +71,10 @@ class Registration(CoreBase):
             incarnation=b["incarnation"],
             node=b["node"],
             software_version=b["software_version"],
+            phy2log_dtypes=accepted_phy2log_dtypes(b),
         )
+        if old is not None and old.incarnation == info.incarnation:
+            info.layouts_sent = old.layouts_sent
         self.agents[name] = info
         self._identity_agent[identity] = name
         verdict = self.liveness.seen(name, b["incarnation"])
@@ -83,11 +86,23 @@ class Registration(CoreBase):
             if key is not None:
                 info.ranks.add(key)
                 touched.add(key[0])
+        # a restarted agent lists only the workers that said hello to it so far; the others
+        # are reconnecting: they get rejoin_grace_s before a commit in flight loses them
+        restarted = old is not None and old.incarnation != info.incarnation
+        now = self.clock.monotonic()
         for gname, r in previous - info.ranks:
             g = self.groups.get(gname)
-            if g is not None and r in g.ranks and g.ranks[r].agent == name:
-                out += self._rank_gone(g, r, "no longer listed by its agent")
-                touched.add(gname)
+            if g is None or r not in g.ranks or g.ranks[r].agent != name:
+                continue
+            rank = g.ranks[r]
+            grace = self.config.rejoin_grace_s
+            if rank.present and rank.rejoin_by is None and restarted and grace > 0:
+                rank.rejoin_by = now + grace
+            if rank.present and rank.rejoin_by is not None and now < rank.rejoin_by:
+                info.ranks.add((gname, r))  # still this agent's (its death still counts)
+                continue
+            out += self._rank_gone(g, r, "no longer listed by its agent")
+            touched.add(gname)
         log.info(
             "agent registered",
             agent=name,
@@ -103,11 +118,33 @@ class Registration(CoreBase):
                 {"incarnation": self.incarnation, "epoch": 0, "schedule": dict(WELCOME_SCHEDULE)},
             )
         )
+        held = held_layouts(b)
         for gname in sorted(touched):
             g = self.groups[gname]
-            out += self._layout_to(g, [identity])
+            if self._layout_wanted(g, info, held.get(gname), now):
+                out += self._layout_to(g, [identity])
             out += self._reconcile(g)
         return out
+
+    def _layout_wanted(
+        self, g: GroupState, info: AgentInfo, held: tuple[int, int] | None, now: float
+    ) -> bool:
+        """Whether an agent_hello (or a worker_joined) is answered with the group's layout:
+        not when the agent says it holds that layout already, nor when the same agent
+        process was sent it less than a heartbeat interval ago (a hello storm: agents re-send
+        agent_hello until the welcome arrives; the workers of a restarted agent rejoin one by
+        one). A layout lost with a dropped connection goes again with the next agent_hello
+        or worker_joined after that interval, or with the next commit."""
+        rec = g.record
+        if rec.epoch <= 0 or rec.epoch not in rec.layouts:
+            return False
+        if held is not None and held == (rec.epoch, g.digest_of(rec.epoch)):
+            return False
+        sent = info.layouts_sent.get(g.name)
+        if sent is not None and sent[0] == rec.epoch and now - sent[1] < self.config.heartbeat_s:
+            return False
+        info.layouts_sent[g.name] = (rec.epoch, now)
+        return True
 
     def _register_rank(
         self, agent: str, hello: dict[str, Any], out: list[Outbound], identity: bytes
@@ -139,7 +176,12 @@ class Registration(CoreBase):
             g.record.shape["ep_size"] = int(hello["ep_size"])
         r = hello["ep_rank"]
         prev = g.ranks.get(r)
-        if prev is not None and prev.present and prev.incarnation != hello["incarnation"]:
+        epoch = hello["epoch"]
+        if prev is not None and prev.incarnation == hello["incarnation"]:
+            # the same process: what it serves only grows (a hello that was overtaken by a
+            # committed report, or re-sent by an agent that did not hear of it, is older)
+            epoch = max(epoch, prev.epoch)
+        elif prev is not None and prev.present:
             out += self._rank_gone(g, r, f"restarted (incarnation {hello['incarnation']})")
         g.ranks[r] = RankInfo(
             ep_rank=r,
@@ -147,7 +189,7 @@ class Registration(CoreBase):
             incarnation=hello["incarnation"],
             agent=agent,
             node=hello["node"],
-            epoch=hello["epoch"],
+            epoch=epoch,
         )
         return (gname, r)
 
@@ -189,7 +231,10 @@ class Registration(CoreBase):
         self.agents[agent].ranks.add(key)
         g = self.groups[key[0]]
         log.info("worker joined", group=g.name, ep_rank=key[1], worker=hello["worker"])
-        out += self._layout_to(g, [identity])
+        # the workers of a restarted agent rejoin one by one: one layout per heartbeat
+        # interval to that agent process, not one per worker
+        if self._layout_wanted(g, self.agents[agent], None, self.clock.monotonic()):
+            out += self._layout_to(g, [identity])
         out += self._reconcile(g)
         return out
 
@@ -204,10 +249,24 @@ class Registration(CoreBase):
         log.warning("worker left", group=g.name, ep_rank=r, reason=b["reason"])
         return self._rank_gone(g, r, f"left: {b['reason'] or 'no reason given'}")
 
+    def _rejoin_lapsed(self, now: float) -> list[Outbound]:
+        """Ranks of a restarted agent that did not re-register within rejoin_grace_s."""
+        out: list[Outbound] = []
+        for g in self.groups.values():
+            for r, rank in sorted(g.ranks.items()):
+                if rank.present and rank.rejoin_by is not None and now >= rank.rejoin_by:
+                    grace = self.config.rejoin_grace_s
+                    log.warning("rank did not re-register", group=g.name, ep_rank=r, grace_s=grace)
+                    out += self._rank_gone(
+                        g, r, f"not re-registered within {grace:g} s of its agent's restart"
+                    )
+        return out
+
     def _rank_gone(self, g: GroupState, r: int, why: str) -> list[Outbound]:
         rank = g.ranks.get(r)
         if rank is not None:
             rank.present = False
+            rank.rejoin_by = None
             rank.left_reason = why
         a = g.attempt
         if a is None:
@@ -279,11 +338,12 @@ class Registration(CoreBase):
                 num_gpus=g.ep_size or None,
                 num_layers=g.shape.num_layers,
                 num_physical_experts=g.shape.num_physical_experts,
+                share=tensors.get("share"),
             )
         except LayoutError as e:
             raise WireError("bad_layout", str(e)) from None
         a = g.recent.get(epoch)
-        if a is not None and not torch.equal(a.layout.phy2log, lay.phy2log):
+        if a is not None and a.layout != lay:
             raise WireError("bad_layout", f"layout of epoch {epoch} differs from the one prepared")
         wall = self.clock.time()
         top = max((rk.epoch for rk in g.ranks.values() if rk.present), default=0)

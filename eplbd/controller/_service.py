@@ -264,6 +264,7 @@ class PlannerService:
             if wd is not None:
                 wait = wd.poll_interval(wait)
             events = dict(poller.poll(int(wait * 1000)))
+            self.core.loop_turn(wait)
             if self._reload.is_set():
                 self._reload.clear()
                 self._reload_allow_list()

@@ -20,6 +20,7 @@ from eplbd.ops import settings as cfg
 
 if TYPE_CHECKING:
     from eplbd.controller._core import CoreConfig
+    from eplbd.planner import CostModel
 
 __all__ = [
     "EMBEDDED_CONTROL_SOCKET",
@@ -31,6 +32,26 @@ __all__ = [
 
 EMBEDDED_CONTROL_SOCKET = "planner.sock"
 EMBEDDED_SNAPSHOT_SOCKET = "planner-snapshots.sock"
+
+
+_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")  # eplbd.planner's cost model
+
+
+def parse_expert_shape(value: Any) -> tuple[int, int] | None:
+    """``"H,F"`` (hidden size, expert intermediate size) -> (H, F); None or "" -> None.
+    Raises ValueError with the expected form."""
+    if value is None or value == "":
+        return None
+    parts = str(value).replace(" ", "").split(",")
+    if len(parts) == 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[1])
+    raise ValueError(
+        f"{value!r}: expected HIDDEN,INTERMEDIATE (two positive integers, e.g. 7168,2048)"
+    )
+
+
+def _check_expert_shape(value: Any) -> None:
+    parse_expert_shape(value)
 
 
 def _check_metrics(value: Any) -> None:
@@ -121,7 +142,8 @@ class PlannerSettings:
     )
     min_gain: float = cfg.setting(
         0.05,
-        help="per-layer balance gain (max/mean GPU load, e.g. 1.30 -> 1.25) worth a move",
+        help="per-layer balance gain (max/mean GPU load, e.g. 1.30 -> 1.25) worth a move; "
+        "with objective time, in modelled time over the ideal mean (0.05: 5% of a step)",
         min=0.0,
     )
     cooldown_s: float = cfg.setting(
@@ -157,14 +179,67 @@ class PlannerSettings:
         min=0.01,
         max=1e6,
     )
+    rejoin_grace_s: float = cfg.setting(
+        10.0,
+        help="seconds the workers of a restarted agent have to re-register before a commit in "
+        "flight counts them lost (0: at once)",
+        min=0.0,
+        max=1e6,
+    )
     keep_layouts: int = cfg.setting(
         16, help="committed layouts kept per group (rollback targets)", min=1, max=4096
     )
     keep_history: int = cfg.setting(
         256, help="attempts kept in each group's history", min=1, max=1_000_000
     )
+    objective: str = cfg.setting(
+        "tokens",
+        help="what the planner balances: tokens (rows per GPU) or time (modelled GPU time "
+        "per step, from the cost model: needs expert_shape or cost_model)",
+        choices=("tokens", "time"),
+    )
+    expert_shape: str | None = cfg.setting(
+        None,
+        help="HIDDEN,INTERMEDIATE of one expert (e.g. 7168,2048): the default cost model "
+        "(weights read at memory bandwidth, tiles of rows at peak FLOP/s) when no "
+        "cost_model file is given; with one, must match it",
+        check=_check_expert_shape,
+    )
+    expert_dtype: str = cfg.setting(
+        "bfloat16", help="dtype of the expert weights (default cost model)", choices=_DTYPES
+    )
+    cost_model: Path | None = cfg.setting(
+        None,
+        help="cost model JSON measured by benchmarks/bench_cost_model.py on the serving GPUs "
+        "(time objective and the modelled time metrics)",
+        check=cfg.check_path(exists=True),
+    )
 
     # --- derived ---------------------------------------------------------------------------
+
+    def load_cost_model(self) -> CostModel | None:
+        """The cost model these settings describe: the ``cost_model`` file, else the default
+        model of ``expert_shape``, else None. Raises :class:`eplbd.ops.ConfigError` naming
+        the setting at fault."""
+        from eplbd.planner import CostModel, default_cost_model
+
+        shape = parse_expert_shape(self.expert_shape)
+        if self.cost_model is not None:
+            try:
+                model = CostModel.from_json(self.cost_model.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                raise cfg.ConfigError("cost_model", f"{self.cost_model}: {e}") from None
+            measured = (model.hidden, model.ffn)
+            if shape is not None and None not in measured and measured != shape:
+                raise cfg.ConfigError(
+                    "expert_shape",
+                    f"{shape[0]},{shape[1]} but {self.cost_model} was measured for "
+                    f"{model.hidden},{model.ffn}",
+                )
+            return model
+        if shape is None:
+            return None
+        return default_cost_model(shape[0], shape[1], self.expert_dtype)
 
     def core_config(self) -> CoreConfig:
         """The core's rules from these settings (imports torch: the core needs it)."""
@@ -177,6 +252,8 @@ class PlannerSettings:
             per_rank = fit if per_rank == 0 else min(per_rank, fit)
             per_rank = max(per_rank, 1)
         return CoreConfig(
+            objective=self.objective,
+            cost_model=self.load_cost_model(),
             window_s=self.window_s,
             num_windows=self.windows,
             ewma_alpha=self.ewma_alpha,
@@ -193,6 +270,7 @@ class PlannerSettings:
             commit_timeout_s=self.commit_timeout_s,
             heartbeat_s=self.heartbeat_s,
             expert_bytes=self.expert_bytes,
+            rejoin_grace_s=self.rejoin_grace_s,
         )
 
     @property
@@ -262,6 +340,13 @@ def check_planner_settings(s: PlannerSettings) -> None:
         raise cfg.ConfigError("snapshot_listen", str(e)) from None
     if snap == s.listen and not s.listen.endswith((":0", ":*")):
         raise cfg.ConfigError("snapshot_listen", f"same endpoint as listen ({snap})")
+    if s.objective == "time" and s.expert_shape in (None, "") and s.cost_model is None:
+        raise cfg.ConfigError(
+            "objective",
+            "time needs a cost model: set expert_shape (HIDDEN,INTERMEDIATE) or cost_model",
+        )
+    if s.cost_model is not None or s.expert_shape not in (None, ""):
+        s.load_cost_model()  # a bad file or a shape that contradicts it fails at start
     paths = s.curve_paths
     if paths is not None:
         secret, allow = paths

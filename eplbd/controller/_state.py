@@ -16,15 +16,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from eplbd.controller._commit import Attempt, Effect
+from eplbd.controller._figures import TimeModel
 from eplbd.controller._store import GroupRecord, StateStore
 from eplbd.controller._trigger import Decision, PlanFn, TriggerPolicy
 from eplbd.controller._window import LoadWindow
 from eplbd.layout import Layout
 from eplbd.ops.clock import SYSTEM_CLOCK, Clock
 from eplbd.ops.logging import get_logger
+from eplbd.planner import CostModel
 from eplbd.wire import (
     DEAD,
     LAYOUT,
@@ -34,6 +37,8 @@ from eplbd.wire import (
     SequenceTracker,
     WireCounters,
     WireError,
+    layout_digest,
+    narrow_phy2log,
     new_incarnation,
 )
 
@@ -45,6 +50,7 @@ __all__ = [
     "GroupState",
     "Outbound",
     "RankInfo",
+    "layout_tensors",
     "round_or_none",
 ]
 
@@ -61,7 +67,7 @@ class Outbound:
     identity: bytes
     type: str
     body: dict[str, Any]
-    tensors: dict[str, torch.Tensor] | None = None
+    tensors: dict[str, torch.Tensor | np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,10 +80,14 @@ class CoreConfig:
     policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
     commit_timeout_s: time for the flip to be reported once all staged (and for the last
     reports after the first); heartbeat_s: the agents' heartbeat interval (stale after 3,
-    dead after 5 missed) and the planner's own heartbeat to agents; expert_bytes: one
+    dead after 5 missed) and the planner's own heartbeat to agents; rejoin_grace_s: how long
+    the ranks of a restarted agent that its first ``agent_hello`` does not list yet may take
+    to re-register before a commit in flight counts them lost (0: at once); expert_bytes: one
     expert's weights in one layer (0: unknown; shown by ``eplbd layout diff``); hot_experts:
     experts per layer listed by ``top``; decisions_kept: decisions remembered per group (in
-    memory); max_bytes: message limit.
+    memory); max_bytes: message limit; objective: "tokens" or "time" (what the trigger
+    and the planner balance); cost_model: the modelled GPU time (needed for "time"; with
+    "tokens" it only adds the time figures to status and metrics).
     """
 
     window_s: float = 10.0
@@ -90,9 +100,18 @@ class CoreConfig:
     commit_timeout_s: float = 60.0
     heartbeat_s: float = 1.0
     expert_bytes: int = 0
+    rejoin_grace_s: float = 10.0
     hot_experts: int = 5
     decisions_kept: int = 64
     max_bytes: int = 16 * 1024 * 1024
+    objective: str = "tokens"
+    cost_model: CostModel | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("tokens", "time"):
+            raise ValueError(f"objective must be tokens or time, got {self.objective!r}")
+        if self.objective == "time" and self.cost_model is None:
+            raise ValueError("the time objective needs a cost_model")
 
 
 @dataclass
@@ -107,6 +126,9 @@ class RankInfo:
     epoch: int
     present: bool = True
     left_reason: str = ""
+    #: its agent restarted and has not listed it yet: it counts as lost only after this
+    #: (monotonic) time, if it has not re-registered by then (``rejoin_grace_s``)
+    rejoin_by: float | None = None
 
 
 @dataclass
@@ -117,6 +139,10 @@ class AgentInfo:
     node: str
     software_version: str
     ranks: set[tuple[str, int]] = field(default_factory=set)
+    #: the phy2log dtypes it accepts (int64 only: an agent before the compact form)
+    phy2log_dtypes: tuple[str, ...] = ("int64",)
+    #: group -> (epoch, monotonic time) of the last layout sent in answer to its agent_hello
+    layouts_sent: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +170,18 @@ class GroupState:
     windows_dirty: bool = False  # windows closed since the last save
     restored: dict[str, Any] | None = None  # windows restored at start (see views)
     _default: Layout | None = None
+    _digests: dict[int, int] = field(default_factory=dict)  # epoch -> layout_digest
+
+    def digest_of(self, epoch: int) -> int | None:
+        """layout_digest of a committed epoch's layout (computed once), None if unknown."""
+        lay = self.record.layouts.get(epoch)
+        if lay is None:
+            return None
+        if epoch not in self._digests:
+            if len(self._digests) > 64:
+                self._digests.clear()
+            self._digests[epoch] = layout_digest(lay.phy2log.numpy())
+        return self._digests[epoch]
 
     @property
     def current_layout(self) -> Layout | None:
@@ -175,6 +213,15 @@ class GroupState:
 
     def count(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+def layout_tensors(layout: Layout) -> dict[str, torch.Tensor]:
+    """The tensors of a ``prepare`` or ``layout`` message: phy2log, and ``share`` when the
+    layout splits rows unequally (docs/protocol.md)."""
+    t = {"phy2log": layout.phy2log}
+    if layout.share is not None:
+        t["share"] = layout.share
+    return t
 
 
 def round_or_none(x: float | None, nd: int = 6) -> float | None:
@@ -218,6 +265,9 @@ class CoreBase:
         self.started_mono = clock.monotonic()
         self.started_wall = clock.time()
         self._next_heartbeat = self.started_mono
+        self._last_turn: float | None = None  # when the service loop last came out of its poll
+        self.stalls = 0  # turns of the loop after which the planner excused its own stall
+        self.stalled_s = 0.0  # the time excused, in all
         self.store_errors = 0
         self.store_writable = True  # False from a failed write to the next good one
         self.store_last_error: str | None = None
@@ -330,11 +380,26 @@ class CoreBase:
         rec = g.record
         if rec.epoch <= 0 or rec.epoch not in rec.layouts:
             return []
-        p2l = rec.layouts[rec.epoch].phy2log
+        tensors = layout_tensors(rec.layouts[rec.epoch])
         return [
-            Outbound(i, LAYOUT, {"group": g.name, "epoch": rec.epoch}, {"phy2log": p2l})
-            for i in identities
+            Outbound(i, LAYOUT, {"group": g.name, "epoch": rec.epoch}, {**tensors, "phy2log": form})
+            for i, form in self._phy2log_forms(tensors["phy2log"], identities)
         ]
+
+    def _phy2log_forms(
+        self, phy2log: torch.Tensor, identities: Iterable[bytes]
+    ) -> list[tuple[bytes, np.ndarray]]:
+        """``phy2log`` in the wire form each agent accepts (one narrowed copy per form)."""
+        forms: dict[tuple[str, ...], np.ndarray] = {}
+        out = []
+        for i in identities:
+            name = self._identity_agent.get(i)
+            info = self.agents.get(name) if name is not None else None
+            accepts = info.phy2log_dtypes if info is not None else ("int64",)
+            if accepts not in forms:
+                forms[accepts] = narrow_phy2log(phy2log.numpy(), accepts)
+            out.append((i, forms[accepts]))
+        return out
 
     def _adopt(self, g: GroupState, epoch: int, layout: Layout, wall: float, why: str) -> None:
         rec = g.record
@@ -359,13 +424,24 @@ class CoreBase:
 
     # --- what the state says ------------------------------------------------------------
 
+    def time_model(self, g: GroupState) -> TimeModel | None:
+        """The cost model and the steps per window of ``g``'s forecast (None: no cost model,
+        or no window that counted its steps yet)."""
+        cm = self.config.cost_model
+        steps = g.window.steps_per_window() if g.window is not None else None
+        if cm is None or steps is None:
+            return None
+        return TimeModel(cm, steps)
+
     def rank_state(self, g: GroupState, r: int) -> str:
-        """alive | stale | dead | left | missing."""
+        """alive | stale | dead | left | rejoining | missing."""
         rank = g.ranks.get(r)
         if rank is None:
             return "missing"
         if not rank.present:
             return "left"
+        if rank.rejoin_by is not None:
+            return "rejoining"
         st = self.liveness.state(rank.agent)
         return st if st is not None else DEAD
 

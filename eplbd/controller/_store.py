@@ -94,7 +94,8 @@ class WindowsUnreadable(ValueError):
 
 def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
     """An ``.npz``: ``buckets`` [n, L, E] and ``forecast`` [L, E] float64 (absent when None),
-    ``bucket_tokens`` [n] int64, ``meta`` (JSON text, as uint8) with ``updates`` added."""
+    ``bucket_tokens`` and ``bucket_steps`` [n] int64, ``meta`` (JSON text, as uint8) with
+    ``updates`` added."""
     import io
 
     import numpy as np
@@ -103,6 +104,7 @@ def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
     arrays: dict[str, Any] = {
         "meta": np.frombuffer(json.dumps(doc, allow_nan=False).encode(), dtype=np.uint8),
         "bucket_tokens": np.asarray(state.bucket_tokens, dtype=np.int64),
+        "bucket_steps": np.asarray(state.bucket_steps, dtype=np.int64),
     }
     if state.buckets:
         arrays["buckets"] = np.stack([b.to("cpu").double().numpy() for b in state.buckets])
@@ -125,6 +127,7 @@ def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             tokens = [int(x) for x in z["bucket_tokens"]]
+            steps = [int(x) for x in z["bucket_steps"]] if "bucket_steps" in z.files else []
             buckets = z["buckets"] if "buckets" in z.files else np.zeros((0, 0, 0))
             forecast = z["forecast"] if "forecast" in z.files else None
             if not isinstance(meta, dict) or meta.get("schema_version") != STATE_SCHEMA_VERSION:
@@ -134,6 +137,7 @@ def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
                 bucket_tokens=tokens,
                 forecast=None if forecast is None else torch.from_numpy(np.array(forecast)),
                 updates=int(meta.get("updates", 0)),
+                bucket_steps=steps,
             )
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise WindowsUnreadable(f"{type(e).__name__}: {e}") from None

@@ -9,6 +9,14 @@ and changes the layer only where the gain ``balance_now - balance_planned`` reac
 group, too little data, and the cooldown since the last rebalance. Then the per-rank move
 budget (what a rank can stage at once) picks the best layers by gain until it is spent.
 
+Two objectives (``objective`` of the planner's settings). "tokens" (the default): a GPU's
+load is the rows it computes, balances are max / mean GPU load. "time": a GPU's load is
+its modelled time per step (:class:`~eplbd.controller._figures.TimeModel`: the cost model of
+the settings, the forecast divided by the steps its windows recorded), balances are max /
+the ideal mean time, so the gain compared with ``min_gain`` is the fraction of a step's
+ideal expert time the new layout saves; the planner plans for time too, and may change a
+layer's split alone (idle replicas become active or the reverse), which moves no weights.
+
 Every call returns a :class:`Decision`, acted on or not, with its reason and the per-layer
 figures, so the status API and the history can say why each layer did or did not change.
 
@@ -23,7 +31,13 @@ from typing import Any
 
 import torch
 
-from eplbd.controller._figures import balance, gpu_loads, lower_bound_balance, total_balance
+from eplbd.controller._figures import (
+    TimeModel,
+    balance,
+    gpu_loads,
+    lower_bound_balance,
+    total_balance,
+)
 from eplbd.layout import Layout
 
 __all__ = [
@@ -35,7 +49,8 @@ __all__ = [
     "rollback_decision",
 ]
 
-#: ``plan(load [L, E], *, num_gpus, num_physical_experts, num_nodes, previous) -> Layout``
+#: ``plan(load [L, E], *, num_gpus, num_physical_experts, num_nodes, previous) -> Layout``;
+#: with the time objective also ``objective="time", cost_model=..., steps=...``
 PlanFn = Callable[..., Layout]
 
 # Reason codes (Decision.reason); the message says the figures in words.
@@ -57,7 +72,7 @@ REASONS = (
 LAYER_REASONS = (
     "changed",
     "frozen",
-    "no_moves",
+    "no_moves",  # the planned layout equals the current one in this layer
     "gain_below_threshold",
     "over_move_budget",
     "not_requested",
@@ -137,6 +152,7 @@ class Decision:
     layout: Layout | None = None
     epoch: int | None = None  # the epoch prepared for it, once the driver allocates one
     target_epoch: int | None = None  # rollback: the epoch whose layout is restored
+    objective: str = "tokens"  # what the balances measure: "tokens" or "time"
 
     @property
     def changed_layers(self) -> list[int]:
@@ -160,6 +176,7 @@ class Decision:
             "changed_layers": self.changed_layers,
             "epoch": self.epoch,
             "target_epoch": self.target_epoch,
+            "objective": self.objective,
         }
         if with_layers:
             d["layers"] = [f.to_dict() for f in self.layers]
@@ -170,8 +187,8 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 6)
 
 
-def _totals_lb(load: torch.Tensor, lb: torch.Tensor) -> float:
-    mean = load.to(torch.float64).sum(dim=1)
+def _totals_lb(mean: torch.Tensor, lb: torch.Tensor) -> float:
+    """Σ bound / Σ mean from per-layer bound balances ``lb`` and means ``mean`` [L]."""
     m = float(mean.sum())
     return float((lb * mean).sum()) / m if m > 0 else 1.0
 
@@ -180,6 +197,20 @@ def _gain(f: LayerFigures) -> float:
     if f.balance_now is None or f.balance_planned is None:
         return 0.0
     return f.balance_now - f.balance_planned
+
+
+def _measure(
+    load: torch.Tensor, a: Layout, b: Layout, num_gpus: int, time: TimeModel | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-GPU loads of layouts ``a`` and ``b`` [L, G], the mean they are measured against
+    and the lower bound as a balance [L], in rows or (``time``) modelled time."""
+    P = a.num_physical
+    if time is None:
+        g_a, g_b = gpu_loads(load, a, num_gpus), gpu_loads(load, b, num_gpus)
+        return g_a, g_b, g_a.mean(dim=1), lower_bound_balance(load, num_gpus, P)
+    mean = time.ideal(load, num_gpus)  # the same for every layout (module docstring)
+    lb = balance(time.bound(load, num_gpus, P).unsqueeze(1), mean)
+    return time.gpu_times(load, a, num_gpus), time.gpu_times(load, b, num_gpus), mean, lb
 
 
 def _rank_moves(old: torch.Tensor, new: torch.Tensor, num_gpus: int) -> torch.Tensor:
@@ -208,6 +239,7 @@ def decide(
     force: bool = False,
     layers: Iterable[int] | None = None,
     dry_run: bool = False,
+    time: TimeModel | None = None,
 ) -> Decision:
     """Evaluate the trigger for one group (see the module docstring).
 
@@ -215,10 +247,12 @@ def decide(
     the timestamp recorded; ``blocked`` a group-level reason the caller found ("pending_commit",
     "group_incomplete", "layout_unknown"); ``force`` (operator): skips the cooldown, the data
     minimum and the threshold (any positive gain), but not freezes, the move budget or
-    ``blocked``; ``layers`` limits the layers considered; ``dry_run``: decide, never act.
+    ``blocked``; ``layers`` limits the layers considered; ``dry_run``: decide, never act;
+    ``time``: plan and measure in modelled time (the "time" objective), None for tokens.
     """
     trigger = "force" if force else "auto"
     d = Decision(group=group, at=wall, trigger=trigger, action="none", reason="", message="")
+    d.objective = "tokens" if time is None else "time"
 
     def stop(reason: str, message: str) -> Decision:
         d.reason, d.message = reason, message
@@ -233,28 +267,31 @@ def decide(
     E = current.num_logical
     P = current.num_physical
     load = forecast.to(torch.float64)
+    extra: dict[str, Any] = {}
+    if time is not None:
+        extra = {"objective": "time", "cost_model": time.cost_model, "steps": time.steps}
     planned = plan_fn(
         load,
         num_gpus=num_gpus,
         num_physical_experts=P,
         num_nodes=num_nodes,
         previous=current,
+        **extra,
     )
     if tuple(planned.phy2log.shape) != (L, P) or planned.num_logical != E:
         raise ValueError("the planner returned a layout of another shape")
     old = current.phy2log
     new_all = planned.phy2log
-    g_now = gpu_loads(load, old, num_gpus)
-    g_plan = gpu_loads(load, new_all, num_gpus)
-    b_now = balance(g_now)
-    b_plan = balance(g_plan)
-    lb = lower_bound_balance(load, num_gpus, P)
+    g_now, g_plan, mean, lb = _measure(load, current, planned, num_gpus, time)
+    b_now = balance(g_now, mean)
+    b_plan = balance(g_plan, mean)
     rank_moves = _rank_moves(old, new_all, num_gpus)  # [L, G]
     layer_moves = rank_moves.sum(dim=1)
-    d.balance_now = total_balance(g_now)
-    d.balance_planned = total_balance(g_plan)
+    resplit = (current.shares != planned.shares).any(dim=1)  # [L]: the split changes
+    d.balance_now = total_balance(g_now, mean)
+    d.balance_planned = total_balance(g_plan, mean)
     d.balance_after = d.balance_now
-    d.lower_bound = _totals_lb(load, lb)
+    d.lower_bound = _totals_lb(mean, lb)
     figs = [
         LayerFigures(
             layer=i,
@@ -293,7 +330,7 @@ def decide(
             f.why = "not_requested"
         elif f.layer in frozen_set:
             f.why = "frozen"
-        elif f.moves == 0:
+        elif f.moves == 0 and not bool(resplit[f.layer]):
             f.why = "no_moves"
         elif _gain(f) < threshold:
             f.why = "gain_below_threshold"
@@ -333,8 +370,12 @@ def decide(
     new = old.clone()
     idx = torch.tensor(sorted(chosen), dtype=torch.long)
     new[idx] = new_all[idx]
-    d.layout = Layout.from_phy2log(new, E, num_gpus=num_gpus)
-    d.balance_after = total_balance(gpu_loads(load, new, num_gpus))
+    share = current.shares.clone()  # unchanged layers keep their split too
+    share[idx] = planned.shares[idx]
+    d.layout = Layout.from_phy2log(new, E, num_gpus=num_gpus, share=share)
+    g_after = g_now.clone()  # layers are independent: the chosen ones as planned
+    g_after[idx] = g_plan[idx]
+    d.balance_after = total_balance(g_after, mean)
     d.moves = total
     d.max_rank_moves = int(per_rank.max()) if per_rank.numel() else 0
     d.action = "dry_run" if dry_run else "prepare"
@@ -355,11 +396,13 @@ def rollback_decision(
     forecast: torch.Tensor | None,
     num_gpus: int,
     dry_run: bool = False,
+    time: TimeModel | None = None,
 ) -> Decision:
     """A decision to serve ``target`` (an earlier epoch's layout) again, as a new epoch.
 
     The operator asked for it, so no gate applies except that the layouts must differ; the
-    figures (if a forecast exists) show what the rollback does to balance.
+    figures (if a forecast exists) show what the rollback does to balance (in modelled time
+    with ``time``).
     """
     d = Decision(
         group=group,
@@ -369,6 +412,7 @@ def rollback_decision(
         reason="",
         message="",
         target_epoch=target_epoch,
+        objective="tokens" if time is None else "time",
     )
     old, new = current.phy2log, target.phy2log
     L = current.num_layers
@@ -381,23 +425,24 @@ def rollback_decision(
     lbl: list[float | None]
     if forecast is not None:
         load = forecast.to(torch.float64)
-        g_now, g_new = gpu_loads(load, old, num_gpus), gpu_loads(load, new, num_gpus)
-        b_now, b_new = list(balance(g_now).tolist()), list(balance(g_new).tolist())
-        lb = lower_bound_balance(load, num_gpus, current.num_physical)
+        g_now, g_new, mean, lb = _measure(load, current, target, num_gpus, time)
+        b_now, b_new = list(balance(g_now, mean).tolist()), list(balance(g_new, mean).tolist())
         lbl = list(lb.tolist())
-        d.balance_now, d.balance_after = total_balance(g_now), total_balance(g_new)
+        d.balance_now, d.balance_after = total_balance(g_now, mean), total_balance(g_new, mean)
         d.balance_planned = d.balance_after
-        d.lower_bound = _totals_lb(load, lb)
+        d.lower_bound = _totals_lb(mean, lb)
     else:
         b_now, b_new, lbl = [None] * L, [None] * L, [None] * L
+    resplit = (current.shares != target.shares).any(dim=1)
     for i in range(L):
         m = int(moves[i])
+        ch = m > 0 or bool(resplit[i])
         d.layers.append(
-            LayerFigures(i, b_now[i], b_new[i], lbl[i], m, m > 0, "rollback" if m else "no_moves")
+            LayerFigures(i, b_now[i], b_new[i], lbl[i], m, ch, "rollback" if ch else "no_moves")
         )
     d.moves = int(moves.sum())
     d.max_rank_moves = int(rank_moves.sum(dim=0).max()) if rank_moves.numel() else 0
-    if d.moves == 0:
+    if d.moves == 0 and not bool(resplit.any()):
         d.reason, d.message = "same_layout", f"epoch {target_epoch}'s layout is already served"
         return d
     d.layout = target

@@ -13,7 +13,13 @@ from typing import Any
 import torch
 
 from eplbd import __version__
-from eplbd.controller._figures import balance, gpu_loads, lower_bound_balance, total_balance
+from eplbd.controller._figures import (
+    TimeFigures,
+    balance,
+    gpu_loads,
+    lower_bound_balance,
+    total_balance,
+)
 from eplbd.controller._state import STATUS_SCHEMA_VERSION, CoreBase, GroupState, round_or_none
 from eplbd.wire import DEAD
 
@@ -75,6 +81,8 @@ def planner_info(core: CoreBase) -> dict[str, Any]:
             "received": dict(core.counters.received),
             "missing": dict(core.counters.missing),
             "store_errors": core.store_errors,
+            "stalls": core.stalls,
+            "stalled_s": round(core.stalled_s, 3),
         },
         "store": {
             "writable": core.store_writable,
@@ -118,6 +126,17 @@ def estimate(g: GroupState) -> tuple[torch.Tensor | None, str]:
     return (f, "open_window") if f is not None else (None, "none")
 
 
+def time_figures(core: CoreBase, g: GroupState) -> TimeFigures | None:
+    """The modelled time of the layout in service on the group's estimate (None without a
+    cost model, a load, or a window that counted its steps)."""
+    load, _ = estimate(g)
+    cur = g.current_layout
+    tm = core.time_model(g)
+    if tm is None or load is None or cur is None or not g.ep_size:
+        return None
+    return TimeFigures.of(tm, load, cur, g.ep_size)
+
+
 def group_status(core: CoreBase, g: GroupState) -> dict[str, Any]:
     now = core.clock.monotonic()
     rec = g.record
@@ -126,10 +145,10 @@ def group_status(core: CoreBase, g: GroupState) -> dict[str, Any]:
     cur = g.current_layout
     bal_now = bal_window = lb = None
     if load is not None and cur is not None and g.ep_size:
-        gl = gpu_loads(load, cur.phy2log, g.ep_size)
+        gl = gpu_loads(load, cur, g.ep_size)
         bal_now = total_balance(gl)
         if g.window is not None and g.window.windows:
-            bal_window = total_balance(gpu_loads(g.window.window_sum(), cur.phy2log, g.ep_size))
+            bal_window = total_balance(gpu_loads(g.window.window_sum(), cur, g.ep_size))
         lbv = lower_bound_balance(load, g.ep_size, cur.num_physical)
         mean = load.sum(dim=1)
         lb = float((lbv * mean).sum() / mean.sum()) if float(mean.sum()) > 0 else 1.0
@@ -204,7 +223,9 @@ def group_status(core: CoreBase, g: GroupState) -> dict[str, Any]:
             else round(now - g.last_snapshot_mono, 3),
             "restored": restored_view(g, core.clock.time()),
         },
+        "objective": core.config.objective,
         "balance_now": round_or_none(bal_now),
+        "time": None if (tf := time_figures(core, g)) is None else tf.to_dict(),
         "balance_window": round_or_none(bal_window),
         "balance_forecast": None if d is None else round_or_none(d.balance_planned),
         "balance_planned": None if d is None else round_or_none(d.balance_planned),
@@ -234,14 +255,19 @@ def group_top(core: CoreBase, g: GroupState) -> dict[str, Any]:
         "group": g.name,
         "epoch": g.record.epoch,
         "source": source,
+        "objective": core.config.objective,
         "balance_now": None,
         "balance_planned": None,
         "lower_bound": None,
+        "time": None,
         "layers": [],
     }
     if load is None or cur is None or not g.ep_size:
         return out
-    gl = gpu_loads(load, cur.phy2log, g.ep_size)
+    tf = time_figures(core, g)
+    if tf is not None:
+        out["time"] = tf.to_dict()
+    gl = gpu_loads(load, cur, g.ep_size)
     b = balance(gl)
     lbv = lower_bound_balance(load, g.ep_size, cur.num_physical)
     mean = load.sum(dim=1)
@@ -265,6 +291,8 @@ def group_top(core: CoreBase, g: GroupState) -> dict[str, Any]:
             {
                 "layer": i,
                 "balance_now": round_or_none(float(b[i])),
+                "time_balance": None if tf is None else round_or_none(tf.layer_balance[i]),
+                "activated_slots": None if tf is None else round_or_none(tf.layer_activated[i], 4),
                 "balance_planned": None if f is None else round_or_none(f.balance_planned),
                 "lower_bound": round_or_none(float(lbv[i])),
                 "moves": None if f is None else f.moves,
@@ -298,7 +326,7 @@ def group_heatmap(core: CoreBase, g: GroupState) -> dict[str, Any]:
     }
     if load is None or cur is None or not g.ep_size:
         return out
-    gl = gpu_loads(load, cur.phy2log, g.ep_size)
+    gl = gpu_loads(load, cur, g.ep_size)
     out["by_gpu"] = [[round(float(x), 3) for x in row] for row in gl.tolist()]
     out["by_expert"] = [[round(float(x), 3) for x in row] for row in load.tolist()]
     out["replicas"] = cur.logcnt.tolist()

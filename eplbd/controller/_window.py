@@ -14,12 +14,17 @@ The average is :class:`eplbd.planner.Ewma`; this class adds the time buckets, th
 closed buckets and the token counts. Pure: no clock is read here, every method takes
 ``now``. :meth:`LoadWindow.state` and :meth:`LoadWindow.restore` carry the closed buckets and
 the forecast over a planner restart (:class:`WindowState`; the store writes it to disk).
+
+Each bucket also counts the forward steps its snapshots recorded (the distinct
+``[step_start, step_end)`` ranges: the agents of a group report the same windows for their
+ranks), so the time objective can turn the forecast into rows per step
+(:meth:`LoadWindow.steps_per_window`).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -97,6 +102,8 @@ class LoadWindow:
         self._ring: deque[torch.Tensor] = deque(maxlen=num_windows)  # closed buckets, [L, E]
         self._ewma = Ewma(alpha)
         self._bucket_tokens: deque[int] = deque(maxlen=num_windows)
+        self._bucket_steps: deque[int] = deque(maxlen=num_windows)  # 0: unknown
+        self._open_ranges: set[tuple[int, int]] = set()
         self._open = torch.zeros(num_layers, num_logical, dtype=torch.float64)
         self._open_phys: dict[int, _PhysicalAccumulator] = {}  # by epoch
         self._open_tokens = 0
@@ -120,11 +127,17 @@ class LoadWindow:
         self.snapshots += 1
 
     def add_counts(
-        self, epoch: int, phy2log: torch.Tensor, counts: Any, tokens: int, now: float
+        self,
+        epoch: int,
+        phy2log: torch.Tensor,
+        counts: Any,
+        tokens: int,
+        now: float,
+        steps: tuple[int, int] | None = None,
     ) -> None:
         """Add one snapshot's physical counts ``[L, P]`` (a tensor, or the numpy array the wire
-        codec decodes) recorded under ``epoch`` (whose layout is ``phy2log [L, P]``) to the
-        open bucket."""
+        codec decodes) recorded under ``epoch`` (whose layout is ``phy2log [L, P]``) over the
+        forward steps ``steps`` = (step_start, step_end) to the open bucket."""
         counts = torch.as_tensor(counts)
         if counts.shape != phy2log.shape or counts.shape[0] != self.num_layers:
             raise ValueError(
@@ -140,6 +153,8 @@ class LoadWindow:
             entry = _PhysicalAccumulator(phy2log)
             self._open_phys[epoch] = entry
         entry.add(counts, int(tokens))
+        if steps is not None and steps[1] > steps[0] and len(self._open_ranges) < 65536:
+            self._open_ranges.add((int(steps[0]), int(steps[1])))
         self._open_tokens += int(tokens)
         self._open_snapshots += 1
         self.snapshots += 1
@@ -158,12 +173,15 @@ class LoadWindow:
         self._open = torch.zeros_like(bucket)
         self._open_phys = {}
         tokens, self._open_tokens = self._open_tokens, 0
+        steps = sum(e - s for s, e in self._open_ranges)
+        self._open_ranges = set()
         self._open_snapshots = 0
         self._open_start = None
         if float(bucket.sum()) <= 0.0:
             return 0
         self._ring.append(bucket)
         self._bucket_tokens.append(tokens)
+        self._bucket_steps.append(steps)
         self._ewma.update(bucket)
         self.closed += 1
         return 1
@@ -177,6 +195,12 @@ class LoadWindow:
     def tokens(self) -> int:
         """Tokens counted in the sliding window (closed buckets)."""
         return sum(self._bucket_tokens)
+
+    def steps_per_window(self) -> float | None:
+        """Mean forward steps recorded per closed bucket (the forecast is a bucket's rows, so
+        forecast / this = rows per step), None while no bucket says."""
+        known = [s for s in self._bucket_steps if s > 0]
+        return sum(known) / len(known) if known else None
 
     @property
     def open_tokens(self) -> int:
@@ -215,6 +239,7 @@ class LoadWindow:
             bucket_tokens=list(self._bucket_tokens),
             forecast=self._ewma.value,
             updates=self._ewma.updates,
+            bucket_steps=list(self._bucket_steps),
         )
 
     def restore(self, state: WindowState) -> int:
@@ -229,9 +254,15 @@ class LoadWindow:
         keep = self._ring.maxlen or 0
         self._ring.clear()
         self._bucket_tokens.clear()
-        for b, tokens in list(zip(state.buckets, state.bucket_tokens, strict=True))[-keep:]:
+        self._bucket_steps.clear()
+        steps = state.bucket_steps
+        if len(steps) != len(state.buckets):  # saved by a version that did not count them
+            steps = [0] * len(state.buckets)
+        saved = list(zip(state.buckets, state.bucket_tokens, steps, strict=True))
+        for b, tokens, n in saved[-keep:]:
             self._ring.append(b.to(torch.float64).clone())
             self._bucket_tokens.append(int(tokens))
+            self._bucket_steps.append(max(int(n), 0))
         self._ewma.reset()
         if state.forecast is not None:
             self._ewma.update(state.forecast)  # the first update sets the value exactly
@@ -243,9 +274,11 @@ class LoadWindow:
 class WindowState:
     """A :class:`LoadWindow`'s closed data: ``buckets`` [L, E] float64 each, oldest first,
     with their ``bucket_tokens``; the EWMA ``forecast`` [L, E] (None before the first bucket)
-    after ``updates`` buckets."""
+    after ``updates`` buckets; ``bucket_steps``: the forward steps each bucket recorded (0:
+    unknown; empty from a file of an earlier version)."""
 
     buckets: list[torch.Tensor]
     bucket_tokens: list[int]
     forecast: torch.Tensor | None
     updates: int
+    bucket_steps: list[int] = field(default_factory=list)

@@ -127,6 +127,15 @@ class LivenessTracker:
                 changed.append((info.peer, st))
         return changed
 
+    def excuse(self, seconds: float) -> None:
+        """The tracker's owner did not run for ``seconds`` (it was stopped, starved, paused
+        by a long GC): its peers' messages of that time may be lost or not read yet, so that
+        time does not count as their silence. Peers already dead stay dead."""
+        now = self._clock()
+        for info in self._peers.values():
+            if info.state != DEAD:
+                info.last_seen = min(now, info.last_seen + max(0.0, seconds))
+
     def incarnation(self, peer: str) -> str | None:
         info = self._peers.get(peer)
         return info.incarnation if info is not None else None

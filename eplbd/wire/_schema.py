@@ -4,8 +4,9 @@
 required fields present with the right types and in range, optional fields filled with their
 defaults (so receivers can index ``body[...]`` without ``KeyError``), tensors with the right
 names, dtypes and shapes (against the registered model when given), counts non-negative and
-not larger than the token count, phy2log ids inside [0, E). Unknown fields are kept and
-ignored. Everything here is pure: no sockets, no clocks.
+not larger than the token count, phy2log ids inside [0, E), a layout's optional ``share``
+(the weighted split) of the layout's shape, non-negative, every expert's shares adding up to
+between 1 and P - E + 1. Unknown fields are kept and ignored. Everything here is pure: no sockets, no clocks.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from eplbd.wire._codec import (
     Message,
 )
 from eplbd.wire._errors import WireError
+from eplbd.wire._phy2log import PHY2LOG_DTYPES
 
 __all__ = [
     "COMMAND_OPS",
@@ -250,7 +252,7 @@ def _tensor(msg: Message, name: str, dtypes: tuple[str, ...], model: ModelShape 
 
 
 def _check_phy2log(msg: Message, model: ModelShape | None) -> None:
-    t = _tensor(msg, "phy2log", ("int64",), model)
+    t = _tensor(msg, "phy2log", PHY2LOG_DTYPES, model)
     if not math.prod(t.shape):
         raise WireError("bad_shape", "phy2log is empty")
     lo, hi = int(t.min()), int(t.max())
@@ -258,6 +260,38 @@ def _check_phy2log(msg: Message, model: ModelShape | None) -> None:
     if lo < 0 or hi >= E:
         bad = lo if lo < 0 else hi
         raise WireError("bad_layout", f"phy2log holds expert id {bad}, outside [0, {E})")
+    if "share" in msg.tensors:
+        _check_share(msg, t, model)
+
+
+def _check_share(msg: Message, phy2log: Any, model: ModelShape | None) -> None:
+    """The optional weighted split of a layout: ``share`` [L, P] int64 like phy2log, >= 0;
+    with the model known, every expert's shares add up to between 1 (some replica gets its
+    rows) and P - E + 1 (the dispatch table fits the engines' maps)."""
+    sh = _tensor(msg, "share", ("int64",), model)
+    if tuple(sh.shape) != tuple(phy2log.shape):
+        raise WireError(
+            "bad_shape", f"share has shape {tuple(sh.shape)}, phy2log {tuple(phy2log.shape)}"
+        )
+    if int(sh.min()) < 0:
+        raise WireError("bad_layout", f"share holds a negative value {int(sh.min())}")
+    if model is None:
+        return
+    import numpy as np
+
+    L, P = model.lp
+    E = model.num_logical_experts
+    idx = np.asarray(phy2log, dtype=np.int64) + np.arange(L, dtype=np.int64)[:, None] * E
+    per = np.asarray(sh, dtype=np.int64).clip(max=P)
+    total = np.bincount(idx.ravel(), weights=per.ravel(), minlength=L * E).reshape(L, E)
+    lo, hi = float(total.min()), float(total.max())
+    if lo < 1:
+        layer, expert = (int(v[0]) for v in np.nonzero(total < 1))
+        raise WireError(
+            "bad_layout", f"share: expert {expert} of layer {layer} has no replica with a share > 0"
+        )
+    if hi > P - E + 1:
+        raise WireError("bad_layout", f"share: an expert's shares add up to {hi:g} > P - E + 1")
 
 
 _GROUP_RANK = {"group": _ident, "epoch": _uint, "ep_rank": _uint, "worker": _ident}
