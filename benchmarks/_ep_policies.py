@@ -8,7 +8,8 @@ before (except the two "perfect knowledge" references, which plan on the step it
 - ``deepseek-every-N``: DeepSeek's EPLB recomputed every N steps from the last N steps'
   load (vLLM's and SGLang's schedule: a window of steps, a fixed interval);
   ``deepseek-every-step``: the same with N = 1 (the issue's measurement: replanned every
-  step from the step before);
+  step from the step before); ``deepseek-every-<n>`` and ``deepseek-every-<n>-window-<w>``:
+  every n steps from the last w (default n) steps, n and w given in the name;
 - ``eplbd-tokens``: ``eplbd.planner.plan`` from the layout it serves, every ``cadence``
   steps, on an EWMA forecast of the per-step load (half-life in tokens: a step of many
   tokens is a better estimate than one of few), token objective;
@@ -29,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._ep_trace import Stream, dispatch_counts, step_ids
+from benchmarks._ep_trace import RegimeSource, Stream, dispatch_counts, step_ids
 from eplbd.layout import Layout
 from eplbd.planner import CostModel, Ewma, plan_with_report, rebalance_experts
 
-__all__ = ["POLICIES", "Replay", "Schedule", "replay"]
+__all__ = ["POLICIES", "Replay", "Schedule", "deepseek_interval", "replay"]
 
 POLICIES = (
     "none",
@@ -85,7 +86,7 @@ def _deepseek(load: np.ndarray, P: int, G: int, E: int) -> Layout:
 
 
 def replay(
-    stream: Stream,
+    stream: Stream | RegimeSource,
     ranks: int,
     num_physical: int,
     tokens: int,
@@ -150,12 +151,28 @@ def replay(
     return out
 
 
-def _ids(stream: Stream, s: int, step_tokens: int, G: int, tokens: int) -> np.ndarray:
+def _ids(
+    stream: Stream | RegimeSource, s: int, step_tokens: int, G: int, tokens: int
+) -> np.ndarray:
+    if isinstance(stream, RegimeSource):
+        return stream.ids(s, G, tokens)
     if step_tokens == G * tokens:
         return step_ids(stream, s, G, tokens)
     n = stream.ids.shape[0]
     idx = (np.arange(G * tokens) + s * step_tokens) % n
     return stream.ids[idx].reshape(G, tokens, stream.num_layers, stream.top_k)
+
+
+def deepseek_interval(policy: str, every: int) -> tuple[int, int]:
+    """(interval n, window w) in steps of a ``deepseek-every-...`` policy (``every``: the
+    schedule's N)."""
+    spec = policy.removeprefix("deepseek-every-")
+    if spec == "N":
+        return every, every
+    if spec == "step":
+        return 1, 1
+    n, _, w = spec.partition("-window-")
+    return int(n), int(w or n)
 
 
 def _decide(
@@ -168,10 +185,10 @@ def _decide(
         return None
     if p == "deepseek-once":
         return _deepseek(loads[:W].sum(axis=0), P, G, E) if s == W else None
-    if p in ("deepseek-every-N", "deepseek-every-step"):
-        n = sched.every if p == "deepseek-every-N" else 1
+    if p.startswith("deepseek-every-"):
+        n, window = deepseek_interval(p, sched.every)
         if s >= W and (s - W) % n == 0:
-            return _deepseek(loads[s - n : s].sum(axis=0), P, G, E)
+            return _deepseek(loads[max(0, s - window) : s].sum(axis=0), P, G, E)
         return None
     if p in ("eplbd-tokens", "eplbd-time"):
         if s < W or (s - W) % sched.cadence != 0 or ewma.value is None:

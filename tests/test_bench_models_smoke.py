@@ -4,7 +4,9 @@
   called on each rank's own tokens;
 - the calibration's fit recovers a model's constants from times it made;
 - both benchmarks run end to end on the CPU with tiny sizes and write their JSON (the
-  emulation also through a saved replay), leaving the docs alone.
+  emulation also through a saved replay), leaving the docs alone; so do the long runs
+  scored by the cost model (``bench_ep_regimes``), whose routing source cycles through
+  its regimes.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_cost_model, bench_ep_emulation  # noqa: E402
-from benchmarks._ep_policies import POLICIES  # noqa: E402
-from benchmarks._ep_trace import dispatch_counts, esft_stream, step_ids  # noqa: E402
+from benchmarks import bench_cost_model, bench_ep_emulation, bench_ep_regimes  # noqa: E402
+from benchmarks._ep_policies import POLICIES, deepseek_interval  # noqa: E402
+from benchmarks._ep_trace import (  # noqa: E402
+    RegimeSource,
+    dispatch_counts,
+    esft_stream,
+    step_ids,
+)
 from eplbd.kernels import map_and_record  # noqa: E402
 from eplbd.layout import Layout  # noqa: E402
 from eplbd.planner import CostModel  # noqa: E402
@@ -88,4 +95,34 @@ def test_calibration_and_emulation_run_on_the_cpu(tmp_path: Path) -> None:
         assert all(p["ms_mean"] > 0 for p in pol.values())
         assert pol["none"]["moves"] == 0 and pol["deepseek-every-step"]["rebalances"] >= 1
     assert "an emulation" in bench_ep_emulation.render(out)
+    assert (DOC.read_bytes() if DOC.exists() else None) == before
+
+
+def test_regime_source_cycles_and_repeats() -> None:
+    regimes = (np.zeros((50, 1, 2), np.int64), np.ones((50, 1, 2), np.int64))
+    src = RegimeSource("t", regimes, num_experts=4, regime_steps=3, warmup=2, contiguous=False)
+    # warm-up from the last regime, then the regimes in turn
+    assert [src.regime(s) for s in range(10)] == [1, 1, 0, 0, 0, 1, 1, 1, 0, 0]
+    assert (src.ids(2, 2, 5) == 0).all() and (src.ids(5, 2, 5) == 1).all()
+    assert src.ids(7, 4, 3).shape == (4, 3, 1, 2)
+    assert np.array_equal(src.ids(7, 4, 3), src.ids(7, 4, 3))  # every policy sees one step
+    assert deepseek_interval("deepseek-every-19-window-6", 8) == (19, 6)
+    assert deepseek_interval("deepseek-every-N", 8) == (8, 8)
+    assert deepseek_interval("deepseek-every-5", 8) == (5, 5)
+
+
+@pytest.mark.slow
+def test_long_runs_scored_by_the_cost_model_on_the_cpu(tmp_path: Path) -> None:
+    before = DOC.read_bytes() if DOC.exists() else None
+    out = tmp_path / "regimes.json"
+    assert bench_ep_regimes.main(["--tiny", "--workers", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["scored"] == "cost model, CPU" and len(res["cases"]) == 2
+    for case in res["cases"]:
+        s = case["summary"]
+        assert s["moves"]["none"] == 0 and s["moves"]["deepseek-every-1"] > 0
+        assert all(t > 0 for t in s["time_us"].values())
+        # perfect knowledge (plans of the step itself) beats the engines' default layout
+        assert 0 < s["perfect_us"] < s["time_us"]["none"]
+        assert set(s["vs"]) == set(s["schedules"])
     assert (DOC.read_bytes() if DOC.exists() else None) == before

@@ -147,31 +147,49 @@ def test_decode_regime_leaves_replicas_idle_and_beats_token_balance() -> None:
     assert (res.max_after >= res.bound * (1 - 1e-9)).all()
 
 
-def test_prefill_regime_activates_the_replicas() -> None:
+def test_prefill_regime_activates_the_replicas_of_a_hot_expert() -> None:
+    # 8192 tokens per step, one expert taking a fifth of the rows: more compute than one
+    # GPU's share, so its replicas split it
+    load = _skewed(4, 64, 8192 * 6, seed=2)
+    load[:, 5] = load.sum(axis=1) / 4
+    G, P = 8, 72
+    res = plan_with_report(load, num_gpus=G, num_physical_experts=P, cost_model=V2)
+    _check(res.layout, G, 64, P)
+    assert (res.layout.active.sum(dim=1) > 64).all()
+    assert ((res.layout.active & (res.layout.phy2log == 5)).sum(dim=1) > 1).all()
+    tok = plan(load, num_gpus=G, num_physical_experts=P)
+
+    def t(lay: Layout) -> float:
+        return float(gpu_times(load, lay, G, V2).max(dim=1).values.sum())
+
+    assert t(res.layout) <= t(tok) * (1 + 1e-9)
+
+
+def test_prefill_regime_is_no_slower_than_token_balance() -> None:
+    # reads are cheap beside the compute of 768 rows per expert, but still count: the
+    # time plan may leave replicas idle, and is no slower than the rows plan
     load = _skewed(4, 64, 8192 * 6, seed=2)
     G, P = 8, 72
     res = plan_with_report(load, num_gpus=G, num_physical_experts=P, cost_model=V2)
     _check(res.layout, G, 64, P)
-    assert int(res.layout.active.sum()) == 4 * P
     tok = plan(load, num_gpus=G, num_physical_experts=P)
-    t_res = time_balance(load, res.layout, G, V2)
-    assert t_res <= time_balance(load, tok, G, V2) * 1.01
+    t_res = float(gpu_times(load, res.layout, G, V2).max(dim=1).values.sum())
+    assert t_res <= float(gpu_times(load, tok, G, V2).max(dim=1).values.sum())
 
 
 def test_regime_change_toggles_activity_without_moving_weights() -> None:
     G, P = 8, 72
     prefill = _skewed(4, 64, 8192 * 6, seed=3)
-    served = plan(prefill, num_gpus=G, num_physical_experts=P, cost_model=V2)
-    assert served.share is None  # every replica active
+    served = plan(prefill, num_gpus=G, num_physical_experts=P)  # every replica active
+    assert served.share is None
     decode = prefill / 64.0  # the same experts, 64x fewer rows per step
+    # moves priced out: a change of split alone, which moves nothing, still pays
     res = plan_with_report(decode, num_gpus=G, num_physical_experts=P, cost_model=V2,
-                           previous=served, move_cost=1.0)  # fmt: skip
-    assert res.changed.any()
-    # a change of split alone moves nothing
-    moved = res.moves > 0
-    assert (~res.layout.active[~moved]).any()
-    assert torch.equal(res.layout.phy2log[~moved], served.phy2log[~moved])
-    assert float(res.max_after.sum()) < float(res.max_before.sum())
+                           previous=served, move_cost=100.0)  # fmt: skip
+    assert res.changed.all() and res.total_moves == 0
+    assert (~res.layout.active).any(dim=1).all()
+    assert torch.equal(res.layout.phy2log, served.phy2log)
+    assert (res.max_after < res.max_before).all()
 
 
 def test_steps_scale_the_load_to_a_step() -> None:

@@ -319,7 +319,10 @@ def busiest_slots(
         return li, si
     e = flat[li, si]
     # Group by (layer, expert), busiest GPU first (then lower slot); pick the first ones.
-    order = np.lexsort((si, -loads[li, si // S], e, li))
+    by_load = np.argsort(-loads, axis=1, kind="stable")
+    grank = np.empty_like(by_load)
+    grank[np.arange(n)[:, None], by_load] = np.arange(G)
+    order = np.argsort(((li * E + e) * G + grank[li, si // S]) * S + si % S)
     li, si, e = li[order], si[order], e[order]
     key = li * E + e
     first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
@@ -437,6 +440,8 @@ def refine(
     *,
     max_iter: int,
     partners: int,
+    min_step: np.ndarray | None = None,
+    widen: bool = True,
 ) -> None:
     """Swap replicas from GPUs above ``target`` [n] to lighter ones, in place.
 
@@ -445,29 +450,33 @@ def refine(
     target (at most :data:`MAX_PAIRS`), and makes in each pair the swap that most lowers the
     pair's larger load (:func:`_pair_swaps`). Where that does not lower the busiest GPU, the
     busiest GPU tries the other GPUs instead (:func:`_best_swaps`, the ``partners`` lightest
-    first, then all). Costs break near-ties. A layer stops at its target, or when its
-    busiest GPU cannot be lowered by one swap.
+    first, then all unless ``widen`` is False). Costs break near-ties. A layer stops at its
+    target, or when its busiest GPU cannot be lowered by one swap by more than its
+    ``min_step`` [n] (None: by anything).
     """
     n, G, S = pl.shape
     active = rows[pl.loads[rows].max(axis=1) > target[rows]]
     K = min(partners, G)
+    step = np.zeros(n) if min_step is None else min_step
     for _ in range(max_iter):
         if active.size == 0:
             break
-        top_ok = _pair_swaps(pl, active, target, costs)
+        top_ok = _pair_swaps(pl, active, target, costs, step)
         progress = top_ok
-        if not top_ok.all():
+        if K and not top_ok.all():
             stuck = active[~top_ok]
-            ok = _best_swaps(pl, stuck, costs, K)
-            if K < G and not ok.all():
-                ok[~ok] = _best_swaps(pl, stuck[~ok], costs, G)
+            ok = _best_swaps(pl, stuck, costs, K, step)
+            if widen and K < G and not ok.all():
+                ok[~ok] = _best_swaps(pl, stuck[~ok], costs, G, step)
             progress = top_ok.copy()
             progress[~top_ok] = ok
         active = active[progress]
         active = active[pl.loads[active].max(axis=1) > target[active]]
 
 
-def _pair_swaps(pl: Placement, A: np.ndarray, target: np.ndarray, costs: SwapCosts) -> np.ndarray:
+def _pair_swaps(
+    pl: Placement, A: np.ndarray, target: np.ndarray, costs: SwapCosts, step: np.ndarray
+) -> np.ndarray:
     """One swap in each (i-th busiest, i-th lightest) GPU pair whose busy side is above
     target, for the layers A. Returns whether each layer's busiest GPU got lower. [len(A)]
 
@@ -518,7 +527,8 @@ def _pair_swaps(pl: Placement, A: np.ndarray, target: np.ndarray, costs: SwapCos
     sa, sb = best // S, best % S
     moved = wh.reshape(-1, S)[rows, sa] - wq.reshape(-1, S)[rows, sb]
     new_pair = np.maximum(Lh.ravel() - moved, Ll.ravel() + moved)
-    ok = np.isfinite(flat[rows, best]) & (new_pair < Lh.ravel() * (1.0 - 1e-12))
+    lim = Lh * (1.0 - 1e-12) - step[A][:, None]
+    ok = np.isfinite(flat[rows, best]) & (new_pair < lim.ravel())
     ok &= (np.arange(T) < above[:, None]).ravel()  # only busy sides above the target
     k = np.flatnonzero(ok)
     hk, lk = heavy.ravel()[k], light.ravel()[k]
@@ -526,7 +536,9 @@ def _pair_swaps(pl: Placement, A: np.ndarray, target: np.ndarray, costs: SwapCos
     return ok.reshape(m, T)[:, 0]
 
 
-def _best_swaps(pl: Placement, A: np.ndarray, costs: SwapCosts, K: int) -> np.ndarray:
+def _best_swaps(
+    pl: Placement, A: np.ndarray, costs: SwapCosts, K: int, step: np.ndarray
+) -> np.ndarray:
     """The busiest GPU's best swap with any of the K lightest GPUs, in each layer of A.
 
     Same arithmetic as :func:`_pair_swaps`, with one busy GPU and K partners. Returns
@@ -566,6 +578,6 @@ def _best_swaps(pl: Placement, A: np.ndarray, costs: SwapCosts, K: int) -> np.nd
     sa, hi, sb = np.unravel_index(best, (S, K, S))
     moved = wa[ar, sa] - wb[ar, hi, sb]
     new_pair = np.maximum(top - moved, lh[ar, hi] + moved)
-    ok = np.isfinite(flat[ar, best]) & (new_pair < top * (1.0 - 1e-12))
+    ok = np.isfinite(flat[ar, best]) & (new_pair < top * (1.0 - 1e-12) - step[A])
     _swap_many(pl, A[ok], g[ok], sa[ok], hs[ok, hi[ok]], sb[ok])
     return ok

@@ -15,7 +15,8 @@ Policy ``"migration"`` (the default), for each layer (all layers at once, vector
 3. improvement: swaps between busy and idle GPUs (:func:`~eplbd.planner._placement.refine`;
    a swap that changes fewer slots or stays inside a node wins a near tie). From a
    previous layout the layer is refined in steps, to within 8, 4, 2 and 1 times
-   ``tolerance`` of its lower bound, and each step is a candidate;
+   ``tolerance`` of its lower bound (the time objective: 4 and 2), and each step is a
+   candidate;
 4. decision: a layer keeps its layout, or takes the candidate whose gain in balance (max /
    mean GPU load, on this load) minus ``move_cost`` times the share of its slots rewritten
    is largest, if positive and the gain is at least ``min_gain``; when ``max_moves`` caps
@@ -86,13 +87,24 @@ OBJECTIVES = ("tokens", "time")
 #: longer; past 16 rounds they gained nothing measurable in development runs).
 SWAP_PARTNERS = 6
 MAX_SWAP_ITERATIONS = 64
-TIME_SWAP_ITERATIONS = 16
+TIME_SWAP_ITERATIONS = 8
+TIME_MIN_STEP = 1e-3
+TIME_PARTNERS = SWAP_PARTNERS
 #: Without a previous layout nothing can be kept, so every layer is refined to within this
 #: fraction of its bound (``tolerance`` applies to plans from a previous layout).
 SCRATCH_TOLERANCE = 0.002
+#: The time objective computes the plan from scratch (with a price on moves) only where it
+#: could pay for rewriting this share of the slots: aligned with the previous layout it
+#: rewrote 55-80% of them in development runs (ESFT, DeepSeek-V3-size synthetic); half
+#: of them is below what it ever rewrote.
+SCRATCH_MOVES = 0.5
 #: From a previous layout, candidates are refined to within DEPTH * tolerance of the bound
-#: for each depth in turn; each layer then takes the one worth its moves (or none).
+#: for each depth in turn; each layer then takes the one worth its moves (or none). The
+#: time objective's layers took depth 4 or 2 in 85% of the layers it changed in the
+#: planner benchmark's chains (8 and 1 in the rest, for 0.1% of balance): two depths
+#: keep it within 10 ms at DeepSeek-V3 size.
 DEPTHS = (8, 4, 2, 1)
+TIME_DEPTHS = (4, 2)
 #: Near-tie breakers, as fractions of the mean GPU load: a swap between nodes, a new
 #: replica placed on a node without a copy, and each slot a swap changes.
 NODE_PENALTY = 0.005
@@ -439,22 +451,20 @@ def plan_with_report(
         else:
             if tc is None:
                 cands = _migrate(pb, previous, r_star, bound, tolerance, replica_slack)
-                # the plan from scratch, where it may do better: every layer when moves are
-                # free, else where the refinement got stuck above its finest target
-                best = np.min([c.max for c in cands], axis=0)
-                stuck = best > bound * (1.0 + tolerance) * (1.0 + 1e-9)
-                rows = np.flatnonzero((stuck | (move_cost == 0)) & (mean > 0))
-                scratch = _scratch(pb, r_star, bound, None, rows)
+                target = bound
             else:
-                scratch = _scratch(pb, r_star, bound, tc, np.arange(L))
-                cands = _migrate_time(pb, previous, tc, scratch, tolerance)
-                # the token objective's candidates (every replica active), timed: where
-                # compute dominates they are what time wants, and they move little
-                tok = _Problem(pb.w, G, P, N, cap, None)
-                r_tok = apportion(pb.w, P, cap)
-                b_tok = np.maximum(pb.w.sum(axis=1) / G, (pb.w / r_tok).max(axis=1))
-                for c in _migrate(tok, previous, r_tok, b_tok, tolerance, replica_slack):
-                    cands.append(_Cand(c.p2l, None, pb.max_load(c.p2l, None)))
+                cands = _migrate_time(pb, previous, tc, tolerance)
+                target = tc.target
+            # the plan from scratch, where it may do better (every layer when moves are
+            # free, else where the refinement got stuck above its finest target) and
+            # could pay for its moves
+            best = np.min([c.max for c in cands], axis=0)
+            stuck = best > target * (1.0 + tolerance) * (1.0 + 1e-9)
+            floor = SCRATCH_MOVES * P if tc is not None else 0.0
+            may = _scratch_may_win(base_p2l, cands, r_star, previous, mean, max_before,
+                                   target, float(min_gain), float(move_cost), floor)  # fmt: skip
+            rows = np.flatnonzero((stuck | (move_cost == 0)) & may & (mean > 0))
+            scratch = _scratch(pb, r_star, bound, tc, rows)
             if scratch.rows.size:
                 cands.append(_aligned(pb, scratch, previous, base_act))
             new, act, max_after, changed, reasons = _decide(
@@ -520,20 +530,15 @@ def _scratch(
         pl = ldm_pack(pb.w[rows], r_star[rows], G)
         target = bound[rows] * (1.0 + SCRATCH_TOLERANCE)
     else:
-        assert pb.f is not None and n == pb.L
-        items, iw, active, _ = candidate_items(tc, pb.w, pb.f)
-        C, P = items.shape[0], pb.P
-        every = ldm_pack_items(
-            np.ascontiguousarray(items).reshape(C * n, P), iw.reshape(C * n, P), G,
-            active.reshape(C * n, P),
-        )  # fmt: skip
-        mx = every.loads.max(axis=1).reshape(C, n)
-        # the fewest active replicas among the candidates that pack (nearly) best
-        best = (mx <= mx.min(axis=0) * (1.0 + 1e-9)).argmax(axis=0)
-        pl = every.take(best * n + sub)
-        target = tc.target[sub, best] * (1.0 + SCRATCH_TOLERANCE)
-    iters = MAX_SWAP_ITERATIONS if tc is None else TIME_SWAP_ITERATIONS
-    refine(pl, sub, target, costs, max_iter=iters, partners=SWAP_PARTNERS)
+        assert pb.f is not None
+        items, iw, active = candidate_items(tc, pb.w, pb.f, rows)
+        pl = ldm_pack_items(items, iw, G, active)
+        target = tc.target[rows] * (1.0 + SCRATCH_TOLERANCE)
+    if tc is None:
+        refine(pl, sub, target, costs, max_iter=MAX_SWAP_ITERATIONS, partners=SWAP_PARTNERS)
+    else:
+        refine(pl, sub, target, costs, max_iter=TIME_SWAP_ITERATIONS, partners=TIME_PARTNERS,
+               min_step=TIME_MIN_STEP * tc.ideal[rows], widen=False)  # fmt: skip
     if pl.act is not None:
         toggle(pl, sub, pb.P)
     return _Scratch(rows, pl)
@@ -608,92 +613,103 @@ def _refined(pl: Placement, bound: np.ndarray, tolerance: float, costs: SwapCost
 
     cands = [snap()]
     iters = TIME_SWAP_ITERATIONS if time else MAX_SWAP_ITERATIONS
-    for depth in DEPTHS:
-        refine(pl, rows, bound * (1.0 + depth * tolerance), costs,
-               max_iter=iters, partners=SWAP_PARTNERS)  # fmt: skip
-        if time:
-            toggle(pl, rows, pl.p2l.shape[1] * pl.p2l.shape[2])
+    step = TIME_MIN_STEP * bound if time else None
+    depths = TIME_DEPTHS if time else DEPTHS
+    for depth in depths:
+        # (the time objective toggled activity again after each depth's swaps: in the
+        # planner benchmark's chains it never found a toggle there, at 0.5 ms a depth)
+        refine(pl, rows, bound * (1.0 + depth * tolerance), costs, max_iter=iters,
+               partners=TIME_PARTNERS if time else SWAP_PARTNERS, min_step=step,
+               widen=not time)  # fmt: skip
         cands.append(snap())
     return cands
 
 
-def _migrate_time(
-    pb: _Problem, previous: Layout, tc: TimeCounts, scratch: _Scratch, tolerance: float
-) -> list[_Cand]:
-    """Time objective: candidates from ``previous``. Active counts a* are those the plan
-    from scratch chose (per layer); toggling which replicas are active moves nothing, new
-    replicas do.
+def _migrate_time(pb: _Problem, previous: Layout, tc: TimeCounts, tolerance: float) -> list[_Cand]:
+    """Time objective: candidates from ``previous``. Active counts a*: K0 active extras
+    (:func:`~eplbd.planner._timeplan.time_counts`); toggling which replicas are active
+    moves nothing, new replicas do.
 
     First candidate, no moves: the previous placement with up to a* of each expert's
-    replicas active (:func:`_activate`). Then the migration: experts with fewer replicas
-    than a* get new ones, in slots of surplus replicas of the least loaded experts (on the
-    least busy GPUs), heaviest first onto the least busy GPU; surplus replicas go idle on
-    the busiest GPUs; then swaps and toggles to each refinement depth.
+    replicas active, the surplus idle on the busiest GPUs, then toggles. Then the
+    migration, from there: experts with fewer replicas than a* get new ones, in slots of
+    the idle (surplus) replicas of the least loaded experts on the least busy GPUs,
+    heaviest first onto the least busy GPU, then toggles; then swaps to each refinement
+    depth.
     """
     assert pb.f is not None
-    f = pb.f
     mu, G = pb.w, pb.G
     prev = previous.phy2log.numpy()
     L, P = prev.shape
     S = P // G
-    E = pb.E
     rows = np.arange(L)
     sh = (L, G, S)
-    a_star = _active_counts(scratch.p2l, scratch.act, E)
+    a_star = tc.active_counts()
     r_prev = previous.logcnt.numpy()
-    prev_act = None if previous.share is None else previous.share.numpy() > 0
     ideal = tc.ideal
     node_cost = NODE_PENALTY * ideal if pb.N > 1 else None
     costs = SwapCosts(pb.gpu_node, node_cost, MOVE_PENALTY * ideal, prev.reshape(sh))
-    cands = [_activate(pb, prev, np.minimum(a_star, r_prev))]
-    # counts: needy experts get replicas from the surplus of the least loaded ones
-    need = np.maximum(a_star - r_prev, 0)
-    owe = need.sum(axis=1)
-    surplus = np.maximum(r_prev - a_star, 0)
-    order = np.argsort(mu, axis=1, kind="stable")  # least loaded first
-    sur_o = np.take_along_axis(surplus, order, axis=1)
-    before = np.cumsum(sur_o, axis=1) - sur_o
-    give_o = np.clip(owe[:, None] - before, 0, sur_o)
-    give = np.empty_like(give_o)
-    give[rows[:, None], order] = give_o
-    r_new = r_prev + need - give
-    c = f(mu / np.maximum(a_star, 1))  # time of an active replica, per expert
-    p2l = prev.reshape(sh).copy()
-    loads_now = pb.slot_weight(prev, prev_act).reshape(sh).sum(axis=2)
-    li, s = busiest_slots(p2l, -loads_now, give)  # donors' slots on the least busy GPUs
-    p2l[li, s // S, s % S] = -1
-    sw = np.where(p2l >= 0, c[rows[:, None, None], np.maximum(p2l, 0)], 0.0)
-    pl = Placement(p2l, sw, sw.sum(axis=2), act=p2l >= 0)
-    forced = refill(pl, c * r_new, r_prev, r_new, pb.gpu_node, node_cost)
-    pl.holdings(E)
-    if forced or pl.duplicated:
-        fix_duplicates(pl)
-    deactivate_surplus(pl, a_star)
+    # no moves: up to a* active
+    a_now = np.minimum(a_star, r_prev)
+    c = pb.f(mu / np.maximum(a_now, 1))
+    sw = c[rows[:, None], prev].reshape(sh)
+    pl = Placement(prev.reshape(sh).copy(), sw, sw.sum(axis=2), act=np.ones(sh, dtype=bool))
+    deactivate_surplus(pl, a_now)
     toggle(pl, rows, G * S)
-    cands += _refined(pl, tc.bound, tolerance, costs)
-    return cands
+    cands = [_Cand(pl.flat().copy(), pl.flat_act().copy(), pl.loads.max(axis=1))]
+    # counts: needy experts get replicas from the surplus of the least loaded ones (all
+    # idle now: an expert keeps a* active)
+    need = a_star - a_now
+    owe = need.sum(axis=1)
+    needy = np.flatnonzero(owe > 0)
+    if needy.size:
+        surplus = r_prev - a_now
+        order = np.argsort(mu, axis=1, kind="stable")  # least loaded first
+        sur_o = np.take_along_axis(surplus, order, axis=1)
+        before = np.cumsum(sur_o, axis=1) - sur_o
+        give_o = np.clip(owe[:, None] - before, 0, sur_o)
+        give = np.empty_like(give_o)
+        give[rows[:, None], order] = give_o
+        r_new = r_prev + need - give
+        assert pl.act is not None
+        li, s = busiest_slots(pl.p2l, -pl.loads, give, ~pl.act)  # on the least busy GPUs
+        pl.p2l[li, s // S, s % S] = -1
+        # the needy experts' replicas now carry a* shares
+        cn = pb.f(mu / np.maximum(a_star, 1))
+        slot_e = np.maximum(pl.p2l, 0)
+        grow = (need > 0)[rows[:, None, None], slot_e] & (pl.p2l >= 0)
+        pl.sw = np.where(grow, cn[rows[:, None, None], slot_e], pl.sw)
+        pl.loads = pl.sw.sum(axis=2)
+        forced = refill(pl, cn * r_new, r_prev, r_new, pb.gpu_node, node_cost)
+        pl.holdings(pb.E)
+        if forced or pl.duplicated:
+            fix_duplicates(pl)
+        toggle(pl, needy, G * S)
+    return cands + _refined(pl, tc.bound, tolerance, costs)
 
 
-def _active_counts(p2l: np.ndarray, act: np.ndarray | None, E: int) -> np.ndarray:
-    """Active replicas per expert. p2l, act [L, P] -> [L, E] int64."""
-    L = p2l.shape[0]
-    on = np.ones(p2l.shape) if act is None else act.astype(np.float64)
-    idx = (np.arange(L)[:, None] * E + p2l).ravel()
-    return np.bincount(idx, weights=on.ravel(), minlength=L * E).reshape(L, E).astype(np.int64)
-
-
-def _activate(pb: _Problem, p2l: np.ndarray, active_counts: np.ndarray) -> _Cand:
-    """``p2l`` as it is, ``active_counts`` [L, E] of each expert's replicas active: the
-    surplus ones on the busiest GPUs idle, then toggles."""
-    assert pb.f is not None
-    L, G, S = pb.L, pb.G, pb.P // pb.G
-    sh = (L, G, S)
-    c = pb.f(pb.w / np.maximum(active_counts, 1))
-    sw = c[np.arange(L)[:, None], p2l].reshape(sh).copy()
-    pl = Placement(p2l.reshape(sh).copy(), sw, sw.sum(axis=2), act=np.ones(sh, dtype=bool))
-    deactivate_surplus(pl, active_counts)
-    toggle(pl, np.arange(L), G * S)
-    return _Cand(pl.flat().copy(), pl.flat_act().copy(), pl.loads.max(axis=1))
+def _scratch_may_win(
+    prev: np.ndarray, cands: list[_Cand], counts: np.ndarray, previous: Layout,
+    mean: np.ndarray, max_before: np.ndarray, target: np.ndarray, min_gain: float,
+    move_cost: float, floor: float,
+) -> np.ndarray:  # fmt: skip
+    """Layers where the plan from scratch could be :func:`_decide`'s choice: its max is
+    at least ``target`` (its own bound) and its moves at least the replicas its
+    ``counts`` [L, E] add to the previous layout's (and at least ``floor``), so its value
+    is at most (max_before - target) / mean - move_cost * moves / P; where that is no
+    better than keeping the layout or the best candidate, it is not worth computing.
+    [L] bool"""
+    P = prev.shape[1]
+    add = np.maximum(np.maximum(counts - previous.logcnt.numpy(), 0).sum(axis=1), floor)
+    gain_ub = balance_np(max_before, mean) - balance_np(target, mean)
+    value_ub = gain_ub - move_cost * add / P
+    best = np.zeros(prev.shape[0])
+    before = balance_np(max_before, mean)
+    for c in cands:
+        gain = before - balance_np(c.max, mean)
+        v = gain - move_cost * (c.p2l != prev).sum(axis=1) / P
+        best = np.maximum(best, np.where(gain >= min_gain, v, 0.0))
+    return (gain_ub >= min_gain) & (value_ub > best)
 
 
 def _decide(
