@@ -9,6 +9,7 @@ the workers served by epoch. The docs section holds one block per group size, so
 from __future__ import annotations
 
 import re
+import statistics
 from typing import Any
 
 __all__ = [
@@ -99,7 +100,7 @@ def _attempts(history: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def summarise(result: dict[str, Any], history: dict[str, Any]) -> dict[str, Any]:
-    """Per mode: the three runs' headline figures, gains, commits with the planner's view."""
+    """Per mode: every run's headline figures, gains, commits with the planner's view."""
     G = int(result["config"]["world_size"])
     modes = []
     for m in result["modes"]:
@@ -107,8 +108,7 @@ def summarise(result: dict[str, Any], history: dict[str, Any]) -> dict[str, Any]
         base = runs["none"]["moe_ms_median"]
         atts = {int(a.get("epoch", -1)): a for a in _attempts(history.get(m["mode"]))}
         rows = []
-        for name in ("none", "deepseek", "eplbd"):
-            r = runs[name]
+        for name, r in runs.items():
             commits = list(r["commits"])
             for c in commits:
                 a = atts.get(int(c["epoch"]))
@@ -119,20 +119,28 @@ def summarise(result: dict[str, Any], history: dict[str, Any]) -> dict[str, Any]
                     c["planned_balance_before"] = dec.get("balance_now")
                     c["planned_balance_after"] = dec.get("balance_after")
             ins = r.get("install")
-            every = ([ins] if ins else []) + commits
+            rebal = list(r.get("rebalances") or [])
+            every = ([ins] if ins else []) + commits + rebal
             check = r.get("check")
+            stalls = [b["stall_ms"] for b in rebal]
             rows.append(
                 {
                     "run": name,
                     "moe_ms_median": r["moe_ms_median"],
                     "moe_ms_p99": r["moe_ms_p99"],
+                    "serve_ms_mean": r.get("serve_ms_mean"),
                     "speedup_vs_none": base / r["moe_ms_median"]
                     if base and r["moe_ms_median"]
                     else None,
                     "balance": r["balance"],
-                    "commits": len(commits),
+                    "time_balance": r.get("time_balance"),
+                    "modelled_ms_median": r.get("modelled_ms_median"),
+                    "commits": len(commits) + len([b for b in rebal if b["moves"]]),
                     "install": ins,
                     "commit_list": commits,
+                    "rebalances": rebal,
+                    "stall_ms_median": statistics.median(stalls) if stalls else None,
+                    "stall_ms_total": sum(stalls) if stalls else None,
                     "fetched_bytes": sum(c["fetched_bytes"] for c in every),
                     "moves": sum(c["moves"] for c in every),
                     "max_commit_s": max(
@@ -155,19 +163,22 @@ def summarise(result: dict[str, Any], history: dict[str, Any]) -> dict[str, Any]
             for dec in g.get("decisions") or []:
                 key = str(dec.get("reason"))
                 decisions[key] = decisions.get(key, 0) + int(dec.get("repeats") or 1)
-        e = rows[2]["moe_ms_median"]
-        others = [rows[0]["moe_ms_median"], rows[1]["moe_ms_median"]]
-        beats = bool(e is not None and all(o is not None and e < o for o in others))
+        med = {r["run"]: r["moe_ms_median"] for r in rows}
+        e = med.get("eplbd")
+        others = [v for k, v in med.items() if k != "eplbd"]
         modes.append(
             {
                 "mode": m["mode"],
                 "tokens_per_rank": m["tokens_per_rank"],
                 "steps": m["steps"],
+                "every": m.get("every"),
                 "runs": rows,
-                "eplbd_beats_both": beats,
+                "eplbd_beats_both": _beats(e, [med.get("none"), med.get("deepseek")]),
+                "eplbd_beats_all": _beats(e, others),
                 "hardware": m.get("hardware"),
-                "gain_vs_none": _gain(others[0], e),
-                "gain_vs_deepseek": _gain(others[1], e),
+                "gain_vs_none": _gain(med.get("none"), e),
+                "gain_vs_deepseek": _gain(med.get("deepseek"), e),
+                "gain_vs_every": _gain(med.get("deepseek-every-n"), e),
                 "planner_decisions": decisions,
             }
         )
@@ -187,6 +198,10 @@ def summarise(result: dict[str, Any], history: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def _beats(e: float | None, others: list[float | None]) -> bool:
+    return bool(e is not None and others and all(o is not None and e < o for o in others))
+
+
 def _gain(ref: float | None, x: float | None) -> float | None:
     """Fraction of the reference's time saved (0.10: 10% faster)."""
     if ref is None or x is None or ref <= 0:
@@ -198,6 +213,9 @@ def block_key(result: dict[str, Any]) -> str:
     G = int(result["config"]["world_size"])
     dev = str(result["config"]["device"])
     key = f"ws{G}" if dev == "cuda" else f"ws{G}-{dev}"
+    shape = result["config"].get("shape", "v2lite")
+    if shape != "v2lite":
+        key += f"-{shape}"
     if G == 1 and dev == "cuda" and not result.get("graph"):
         key += "-eager"  # the same job without CUDA graphs, beside the graphed one
     return key
@@ -223,9 +241,30 @@ def command_for(cfg: dict[str, Any]) -> str:
             parts.append(f"--{m['name']}-tokens {m['tokens']}")
         if m["steps_per_domain"] != d.steps_per_domain:
             parts.append(f"--{m['name']}-steps {m['steps_per_domain']}")
+    from benchmarks._e2e_config import RUNS, SHAPES
+
+    shape = cfg.get("shape", "v2lite")
+    if shape != "v2lite":
+        parts.append(f"--shape {shape}")
+    preset = SHAPES[shape]
+    if not tiny:
+        for key in ("hidden", "ffn", "experts", "top_k"):
+            if cfg[key] != preset[key]:
+                parts.append(f"--{key.replace('_', '-')} {cfg[key]}")
+    routing = cfg.get("routing", "esft")
+    if routing != preset["routing"]:
+        parts.append(f"--routing {routing}")
+    if cfg.get("objective", "tokens") != "time":
+        parts.append(f"--objective {cfg.get('objective', 'tokens')}")
+    runs = list(cfg.get("runs", ["none", "deepseek", "eplbd"]))
+    if runs != list(RUNS):
+        parts.append("--runs " + ",".join(runs))
+    for key in ("every", "every_window"):
+        if cfg.get(key):
+            parts.append(f"--{key.replace('_', '-')} {cfg[key]}")
     base = E2EConfig()
     if not tiny:
-        if len(cfg["layers"]) != len(base.layers):
+        if len(cfg["layers"]) != preset["layers"]:
             parts.append(f"--layers {len(cfg['layers'])}")
         if cfg["sync_interval"] != base.sync_interval:
             parts.append(f"--sync-interval {cfg['sync_interval']}")
@@ -235,9 +274,31 @@ def command_for(cfg: dict[str, Any]) -> str:
     for key in ("gemm", "weight_source", "graph"):
         if cfg[key] != getattr(base, key):
             parts.append(f"--{key.replace('_', '-')} {cfg[key]}")
-    if tuple(cfg["domains"]) != base.domains:
+    if tuple(cfg["domains"]) != base.domains and routing == "esft":
         parts.append("--domains " + ",".join(cfg["domains"]))
     return " ".join(parts)
+
+
+def _objective_line(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    objective = cfg.get("objective", "tokens")
+    cm = result.get("cost_model") or {}
+    what = cfg.get("cost_model_note") or (
+        f"{cm.get('source', '?')} model of {cm.get('hidden')},{cm.get('ffn')}" if cm else "none"
+    )
+    routing = cfg.get("routing", "esft")
+    trace = (
+        "the ESFT routing trace (DeepSeek-V2-Lite: 64 experts, top-6)"
+        if routing == "esft"
+        else f"synthetic DeepSeek-V3-size routing ({cfg['experts']} experts, top-{cfg['top_k']}: "
+        "the ESFT traces have 64; `benchmarks/_ep_trace.synthetic_stream`, heavy-tailed "
+        "popularity drifting step to step with two regime switches, "
+        f"{cfg.get('synthetic_tokens')} tokens per domain, each domain its own popularity)"
+    )
+    return (
+        f"Online planner objective: **{objective}**; cost model (the planner's and the "
+        f"modelled-time balance below): {what}. Routing: {trace}."
+    )
 
 
 def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
@@ -246,15 +307,20 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
     G = summary["world_size"]
     eager = G == 1 and not summary["graph"] and cfg["device"] == "cuda"
     out = [
-        f"### EP = {G}{', eager' if eager else ''} ({summary['device']})",
+        f"### EP = {G}{', eager' if eager else ''}"
+        f"{', ' + cfg['shape'] if cfg.get('shape', 'v2lite') != 'v2lite' else ''} "
+        f"({summary['device']})",
         "",
         f"Machine: {summary['machine']}. Expert GEMMs: {summary['gemm']} "
         f"({summary['gemm_note']}); forward {'replayed as a CUDA graph' if summary['graph'] else 'launched eagerly'}. Layers {cfg['layers']} of the trace, P = "
         f"{G * cfg['slots_per_gpu']} slots ({cfg['slots_per_gpu']} per GPU), hidden "
-        f"{cfg['hidden']}, ffn {cfg['ffn']}, {cfg['dtype']}; sync_interval "
+        f"{cfg['hidden']}, ffn {cfg['ffn']}, {cfg['experts']} experts, top-{cfg['top_k']}, "
+        f"{cfg['dtype']}; sync_interval "
         f"{cfg['sync_interval']}; planner window {cfg['tuning']['window_s']} s x "
         f"{cfg['tuning']['windows']}, cooldown {cfg['tuning']['cooldown_s']} s, min gain "
         f"{cfg['tuning']['min_gain']}; weights from {cfg['weight_source']}.",
+        "",
+        _objective_line(result),
         "",
         f"Command: `{command_for(cfg)}`"
         + (f" (the job took {result['duration_s']:g} s)." if "duration_s" in result else "."),
@@ -276,10 +342,10 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
             f"**{m['mode']}**: {m['tokens_per_rank']} tokens per rank per step "
             f"({m['tokens_per_rank'] * G} per step), {m['steps']} timed steps per run.",
             "",
-            "| run | MoE ms median | p99 | vs none | GPU max/mean rows | commits | moves "
-            "| fetched MB | max commit s | max stall ms | step() ms (consensus) "
-            "| outputs vs none |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "| run | MoE ms median | p99 | vs none | mean ms/step with stalls | GPU max/mean rows "
+            "| modelled time max/mean | commits | moves | fetched MB | max commit s "
+            "| max stall ms | step() ms (consensus) | outputs vs none |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in m["runs"]:
             c = r["check"]
@@ -295,20 +361,42 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
             ncommit = r["commits"] + (1 if r["install"] else 0)
             out.append(
                 f"| {r['run']} | {_f(r['moe_ms_median'])} | {_f(r['moe_ms_p99'])} | "
-                f"{_f(r['speedup_vs_none'], 3)}x | {_f(r['balance'], 4)} | {ncommit}"
+                f"{_f(r['speedup_vs_none'], 3)}x | {_f(r.get('serve_ms_mean'))} | "
+                f"{_f(r['balance'], 4)} | {_f(r.get('time_balance'), 4)} | {ncommit}"
                 f"{' (before timing)' if r['install'] else ''} | {r['moves']} | "
                 f"{r['fetched_bytes'] / MB:.1f} | {_f(r['max_commit_s'])} | "
                 f"{_f(r['max_stall_ms'])} | {_f(r['host_step_ms_median'], 4)} "
                 f"({_f(r['host_step_ms_consensus_median'])}) | {outs} |"
             )
         out.append("")
-        gn, gd = m["gain_vs_none"], m["gain_vs_deepseek"]
         verdict = "yes" if m["eplbd_beats_both"] else "no"
+        line = (
+            f"eplbd online vs none: {_pct(m['gain_vs_none'])} of the MoE time saved; vs DeepSeek "
+            f"once: {_pct(m['gain_vs_deepseek'])}"
+        )
+        if m.get("gain_vs_every") is not None:
+            line += f"; vs DeepSeek every N: {_pct(m['gain_vs_every'])}"
         out.append(
-            f"eplbd online vs none: {_pct(gn)} of the MoE time saved; vs DeepSeek once: "
-            f"{_pct(gd)}. Beats both: **{verdict}**."
+            line
+            + f". Beats none and DeepSeek once: **{verdict}**"
+            + (
+                f"; beats every other run: **{'yes' if m['eplbd_beats_all'] else 'no'}**"
+                if "eplbd_beats_all" in m
+                else ""
+            )
+            + "."
             + (" (one GPU: expected no)" if summary["degenerate"] else "")
         )
+        ev = m.get("every")
+        dn = next((r for r in m["runs"] if r["run"] == "deepseek-every-n"), None)
+        if ev and dn is not None:
+            out.append(
+                f"DeepSeek every N: recomputed every {ev['n']} steps from the load of the last "
+                f"{ev['window']}, {len(dn['rebalances'])} times, serving stopped on every rank "
+                f"meanwhile: stall median {_f(dn['stall_ms_median'])} ms, max "
+                f"{_f(dn['max_stall_ms'])} ms, total {_f(dn['stall_ms_total'])} ms (in "
+                "'ms/step with stalls': MoE + step() + stalls over the steps)."
+            )
         hw = m.get("hardware")
         if hw:
             ce = hw["ceilings"]
@@ -331,7 +419,9 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
         commits = [
             (r["run"], c)
             for r in m["runs"]
-            for c in ([r["install"]] if r["install"] else []) + r["commit_list"]
+            for c in ([r["install"]] if r["install"] else [])
+            + r["commit_list"]
+            + [b for b in r.get("rebalances") or [] if b["moves"]]
         ]
         if commits:
             out += [
@@ -372,7 +462,7 @@ def doc_section(existing: str | None, key: str | None, block: str | None) -> str
         blocks[key] = block.rstrip() + "\n"
     keys = sorted(blocks, key=lambda k: (int(re.sub(r"\D.*", "", k[2:]) or 0), k))
     measured = [k for k in keys if not k.endswith("-cpu")]
-    want = ["ws2", "ws4"]
+    want = ["ws2", "ws4", "ws8-v3"]
     missing = [k for k in want if k not in blocks]
     status = "Status: "
     if measured:
@@ -384,7 +474,7 @@ def doc_section(existing: str | None, key: str | None, block: str | None) -> str
     if missing:
         status += (
             "Not yet run: "
-            + ", ".join(f"EP = {k[2:]}" for k in missing)
+            + ", ".join(f"EP = {k[2:].replace('-v3', ' (DeepSeek-V3 shapes)')}" for k in missing)
             + " (no machine with that many GPUs was lent so far; "
             "the CPU smoke test runs the whole job with EP = 2 on gloo, tiny dimensions)."
         )
