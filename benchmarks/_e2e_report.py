@@ -434,7 +434,8 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
                 step = "before timing" if run == "deepseek" else str(c.get("step"))
                 out.append(
                     f"| {run} | {c['epoch']} | {step} | {_f(c.get('commit_s'))} | "
-                    f"{_f(c.get('planner_commit_latency_s'))} | {c['moves']} | "
+                    f"{_f(c.get('planner_commit_latency_s'))} | {c['moves']}"
+                    f"{' (split only)' if c.get('split_changed') and not c['moves'] else ''} | "
                     f"{c['fetched_bytes'] / MB:.1f} | "
                     f"{_f(c.get('step_ms', c.get('apply_step_ms')))} | {_f(c['stall_ms'])} |"
                 )

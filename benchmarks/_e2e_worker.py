@@ -533,7 +533,8 @@ class _Worker:
             pe = client.pending_epoch
             if pe is not None and pe not in seen:
                 seen[pe] = (s, clock())
-            old = client.layout.phy2log
+            old_layout = client.layout
+            old = old_layout.phy2log
             if self.cuda:
                 e0, e1, e2 = events[s]
                 e0.record()
@@ -572,6 +573,8 @@ class _Worker:
                         "fetched_bytes": nbytes,
                         "fetch_s": fetch_s,
                         "moves": int(moves_between(old, new).sum()),
+                        # the time objective may change only how rows split over replicas
+                        "split_changed": not torch.equal(client.layout.shares, old_layout.shares),
                     }
                 )
         self.sync()
@@ -691,6 +694,7 @@ def _merge(
                 "fetched_bytes": sum(c["fetched_bytes"] for c in cs),
                 "fetch_s": max(c["fetch_s"] for c in cs),
                 "moves": c0["moves"],
+                "split_changed": c0["split_changed"],
             }
         )
     # modelled GPU time: Σ over steps and layers of the slowest GPU / Σ of the mean GPU

@@ -154,7 +154,7 @@ def build_config(a: argparse.Namespace) -> E2EConfig:
             base,
             hidden=64,
             ffn=32,
-            layers=(0, 25) if routing == "esft" else (0, 1),
+            layers=layers if a.layers else (0, 25) if routing == "esft" else (0, 1),
             synthetic_tokens=4096,
             warmup=2,
             sync_interval=4,
