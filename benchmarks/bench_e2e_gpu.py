@@ -262,7 +262,7 @@ def write_synthetic_trace(path: Path, cfg: E2EConfig) -> None:
 
     from benchmarks._ep_trace import synthetic_stream
 
-    per_step = 1024
+    per_step = 2048
     steps = -(-cfg.synthetic_tokens // per_step)
     arrays = {}
     for i, name in enumerate(cfg.domains):
