@@ -25,51 +25,91 @@ SECTION = "e2e-gpu"
 MB = 1e6
 
 COMMANDS = """\
-Commands. Each run is one call of the device tool (one process per GPU, spawned by the
+Commands. Each line below is one call of the device tool (one process per GPU, spawned by the
 script, NCCL; the agent with its embedded planner beside them on ipc sockets in a temporary
-directory). First, here: `bash ../shared/tools/gpu-wheels` (pyzmq and structlog into `.whl/`),
-then call the tool with carry `[".whl"]` and, on nvidia-h200-x2 and then nvidia-h200-x4:
+directory), each under its 600 s limit (`--timeout-s 540`; decode and prefill are separate
+calls for that reason). First, here, from the repository root:
+`bash /work/shared/tools/gpu-wheels` (pyzmq and structlog into `.whl/`); every call then
+carries `[".whl"]`.
+
+EP = 4 (issue 15), on `nvidia-h100-x4` (or `nvidia-h200-x4`): DeepSeek-V2-Lite shapes, the
+four ESFT domains, decode-like and prefill-like, four runs, the online planner on the time
+objective; then the same with `--weight-source host` (a node-local host pool of every
+expert under /dev/shm instead of peer-to-peer NCCL transfers):
 
 ```
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PWD/clients; export PYTHONUNBUFFERED=1
-python3 -m benchmarks.bench_e2e_gpu --world-size 2 --timeout-s 540 --doc no --out $OUT/e2e-ws2   # on nvidia-h200-x2
-python3 -m benchmarks.bench_e2e_gpu --world-size 4 --timeout-s 540 --doc no --out $OUT/e2e-ws4   # on nvidia-h200-x4
+__SETUP__ python3 -m benchmarks.bench_e2e_gpu --world-size 4 --modes decode --objective time --timeout-s 540 --doc no --out $OUT/ws4-decode
+__SETUP__ python3 -m benchmarks.bench_e2e_gpu --world-size 4 --modes prefill --objective time --timeout-s 540 --doc no --out $OUT/ws4-prefill
+__SETUP__ python3 -m benchmarks.bench_e2e_gpu --world-size 4 --modes decode --objective time --weight-source host --timeout-s 540 --doc no --out $OUT/ws4-host-decode
+__SETUP__ python3 -m benchmarks.bench_e2e_gpu --world-size 4 --modes prefill --objective time --weight-source host --timeout-s 540 --doc no --out $OUT/ws4-host-prefill
 ```
 
-then, back here, for each `e2e.json` that came back, write its block into this section:
-`python3 -m benchmarks.bench_e2e_gpu --render FILES_AT/e2e-ws2/e2e.json`. Expected length:
-3 to 6 minutes per job (4 domains x 1000 decode steps and x 400 prefill steps, three runs
-each). On the CPU (gloo, tiny dimensions, what tests/test_bench_e2e_smoke.py runs):
-`python3 -m benchmarks.bench_e2e_gpu --device cpu --world-size 2 --tiny --doc no`.
+EP = 8 (issue 16), on `nvidia-h100-x8` (or `nvidia-h200-x8`): DeepSeek-V3 expert shapes
+(`--shape v3`: hidden 7168, expert intermediate 2048, 256 routed experts, top-8, P = 288,
+8 layers: about 24 GiB of expert weights per GPU, as much again while a whole new placement is
+staged), synthetic DeepSeek-V3-size routing, four runs, fewer steps per domain (a V3
+prefill step is several times a V2-Lite one):
 
-If the peer-to-peer weight transfers (a second NCCL communicator used from the client's
-staging thread while the serving thread runs all-to-alls) hang on a stack, rerun with
-`--weight-source host` (a node-local host pool of every expert under /dev/shm, no
-coordination between ranks); `--decode-steps / --prefill-steps` set the steps per domain,
+```
+__SETUP__ python3 -m benchmarks.bench_e2e_gpu --world-size 8 --shape v3 --modes decode --decode-steps 500 --objective time --timeout-s 540 --doc no --out $OUT/ws8-v3-decode
+__SETUP__ python3 -m benchmarks.bench_e2e_gpu --world-size 8 --shape v3 --modes prefill --prefill-steps 100 --objective time --timeout-s 540 --doc no --out $OUT/ws8-v3-prefill
+```
+
+Then, back here, write the blocks into this section (jobs
+of one group size, shape and weight source share a block):
+`python3 -m benchmarks.bench_e2e_gpu --render FILES_AT/ws4-decode/e2e.json FILES_AT/ws4-prefill/e2e.json`
+(likewise `ws4-host-*`, `ws8-v3-*`). On the CPU (gloo, tiny dimensions; what
+tests/test_bench_e2e_smoke.py runs): the same lines with `--device cpu --world-size 2 --tiny`.
+
+The time objective uses the calibration of the GPU model and expert shape in
+`benchmarks/calibration` when there is one (today: H200, both shapes), else the planner's
+default model of the shape (H100 bandwidth and FLOP/s); the block says which.
+`--objective tokens` plans rows instead. `--every N` / `--every-window W` set DeepSeek every
+N's interval and window (default: a quarter of a domain's steps, and N / 3); `--runs`
+picks runs (none first); `--decode-steps / --prefill-steps` set the steps per domain,
 `--window-s / --cooldown-s / --min-gain` the online planner's pace.
-"""
+""".replace(
+    "__SETUP__",
+    "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PWD/clients PYTHONUNBUFFERED=1 &&",
+)
 
 METHOD = """\
-What runs: an EP group of G ranks (one process and one GPU each) serving a stack of
-DeepSeek-V2-Lite MoE layers (hidden 2048, expert intermediate 1408, 64 routed experts, top-6,
-8 of its 26 layers picked evenly, bf16, P = 72 slots), replaying the ESFT routing trace
-(`benchmarks/data/esft_routing_ids.npz`, domains intent, law, summary, translation one after
-the other, each domain's tokens wrapping around). Per layer: RMS norm, router softmax at the
-trace's ids, `EplbClient.map_and_record` (the real kernel), dispatch of every (token, k) pair
-to the GPU owning its physical slot with `all_to_all_single`, the slots' expert GEMMs grouped
-by slot (gate/up, SiLU, down), results sent back and combined in k order, a residual add. No
-attention: the MoE time is the whole step. Three runs in one job, same tokens: *none* (slot p
+What runs: an EP group of G ranks (one process and one GPU each) serving a stack of MoE
+layers: by default DeepSeek-V2-Lite's (hidden 2048, expert intermediate 1408, 64 routed
+experts, top-6, 8 of its 26 layers picked evenly, bf16, P = 72 slots) replaying the ESFT
+routing trace (`benchmarks/data/esft_routing_ids.npz`, domains intent, law, summary,
+translation one after the other, each domain's tokens wrapping around); with `--shape v3`
+DeepSeek-V3's (hidden 7168, expert intermediate 2048, 256 routed experts, top-8, P = E + 32,
+8 layers) replaying synthetic routing of that size (the ESFT traces have 64 experts):
+`benchmarks/_ep_trace.synthetic_stream`, the generator of the one-GPU emulation, four
+domains of 65536 tokens, each its own heavy-tailed popularity drifting from step to step with
+two regime switches. Per layer: RMS norm, router softmax at the trace's ids,
+`EplbClient.map_and_record` (the real kernel), dispatch of every (token, k) pair to the GPU
+owning its physical slot with `all_to_all_single`, the slots' expert GEMMs grouped by slot
+(gate/up, SiLU, down), results sent back and combined in k order, a residual add. No
+attention: the MoE time is the whole step. Four runs in one job, same tokens: *none* (slot p
 holds expert p mod E), *deepseek* (DeepSeek's EPLB computed once from the whole trace's load,
-installed with `client.prepare` on every rank before the timed steps), *eplbd* (the client
-connected to `eplbd agent --embedded-planner`, which records, plans and commits while the
-steps run). MoE time: CUDA events around each step's forward, the slowest rank per step.
-Balance: rows (token, k pairs) computed per GPU, Σ over steps and layers of the max over
-GPUs / Σ of the mean. Commit: time from the layout's validation on the ranks to the step that
-serves it (the planner's prepare-to-commit latency beside it); stall: the `step()` that
-applied it minus a median `step()` of the same kind; bytes: expert weights fetched from
-other ranks. Outputs: a per-token fingerprint of every step and the full outputs of sampled
-steps against the *none* run, tolerance |d| <= 2^-3 rms(ref) + 2^-4 |ref| (bf16 GEMMs of
-other batch shapes round differently; a wrong expert moves outputs by tens of percent).
+installed with `client.prepare` on every rank before the timed steps), *deepseek-every-n*
+(DeepSeek's EPLB recomputed every N steps inside the serving loop from the load of the last
+W steps, all-reduced over the ranks, and installed at once: every rank stops serving at the
+same step until the new placement is in, what vLLM's synchronous EPLB does with its defaults
+`step_interval` 3000 and `window_size` 1000; those would fire at most once in these runs, so
+N is a quarter of a domain's steps and W = N / 3, vLLM's ratio; the weights move through the
+same client and weight source as the other runs), *eplbd* (the client connected to
+`eplbd agent --embedded-planner`, which records, plans and commits while the steps run,
+with the objective the block names). MoE time: CUDA events around each step's forward, the
+slowest rank per step; mean ms/step with stalls: MoE + `step()` + the stop-the-world
+rebalances, over the steps. Balance: rows (token, k pairs) computed per GPU, Σ over steps and
+layers of the max over GPUs / Σ of the mean; modelled time: the same with each GPU's
+modelled expert time of the step (the cost model the block names, each slot's exact rows).
+Commit: time from the layout's validation on the ranks to the step that serves it (the
+planner's prepare-to-commit latency beside it); stall: the `step()` that applied it minus a
+median `step()` of the same kind (DeepSeek every N: the whole stop, load all-reduce, plan,
+transfer and apply); bytes: expert weights fetched from other ranks. Outputs: a per-token
+fingerprint of every step and the full outputs of sampled steps against the *none* run,
+tolerance |d| <= 2^-3 rms(ref) + 2^-4 |ref| (bf16 GEMMs of other batch shapes round
+differently; a wrong expert moves outputs by tens of percent). Blocks measured before the
+fourth run and the time objective show three runs and the token objective.
 
 With one rank (EP = 1) and grouped GEMMs the forward has no host synchronisation (every row
 stays on the GPU, T x K of them, known in advance; with EP > 1 the all-to-all needs its
@@ -216,6 +256,8 @@ def block_key(result: dict[str, Any]) -> str:
     shape = result["config"].get("shape", "v2lite")
     if shape != "v2lite":
         key += f"-{shape}"
+    if result["config"].get("weight_source") == "host":
+        key += "-host"
     if G == 1 and dev == "cuda" and not result.get("graph"):
         key += "-eager"  # the same job without CUDA graphs, beside the graphed one
     return key
@@ -387,6 +429,13 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
             + "."
             + (" (one GPU: expected no)" if summary["degenerate"] else "")
         )
+        if all(r.get("modelled_ms_median") is not None for r in m["runs"]):
+            out.append(
+                "Modelled expert time per step (the cost model on each step's rows, slowest GPU "
+                "per layer, summed; what the one-GPU emulation reports), median: "
+                + ", ".join(f"{r['run']} {r['modelled_ms_median']:.3f} ms" for r in m["runs"])
+                + "."
+            )
         ev = m.get("every")
         dn = next((r for r in m["runs"] if r["run"] == "deepseek-every-n"), None)
         if ev and dn is not None:
@@ -452,6 +501,13 @@ def _pct(x: float | None) -> str:
 _BLOCK = re.compile(r"<!-- e2e:(?P<key>[\w-]+) -->\n(?P<body>.*?)<!-- /e2e:(?P=key) -->", re.S)
 
 
+def _key_words(key: str) -> str:
+    """ "ws8-v3-host" -> "8 (DeepSeek-V3 shapes, host pool)"."""
+    n, *rest = key[2:].split("-")
+    words = {"v3": "DeepSeek-V3 shapes", "host": "host pool", "eager": "eager", "cpu": "CPU"}
+    return n + (f" ({', '.join(words.get(r, r) for r in rest)})" if rest else "")
+
+
 def doc_section(existing: str | None, key: str | None, block: str | None) -> str:
     """The whole ``e2e-gpu`` section: header, commands, status, then one block per group
     size (``key`` replaced by ``block``; the others kept from ``existing``)."""
@@ -467,15 +523,11 @@ def doc_section(existing: str | None, key: str | None, block: str | None) -> str
     missing = [k for k in want if k not in blocks]
     status = "Status: "
     if measured:
-        status += (
-            "measured here: "
-            + ", ".join(f"EP = {k[2:].replace('-eager', ' (eager)')}" for k in measured)
-            + ". "
-        )
+        status += "measured here: " + ", ".join(f"EP = {_key_words(k)}" for k in measured) + ". "
     if missing:
         status += (
             "Not yet run: "
-            + ", ".join(f"EP = {k[2:].replace('-v3', ' (DeepSeek-V3 shapes)')}" for k in missing)
+            + ", ".join(f"EP = {_key_words(k)}" for k in missing)
             + " (no machine with that many GPUs was lent so far; "
             "the CPU smoke test runs the whole job with EP = 2 on gloo, tiny dimensions)."
         )
