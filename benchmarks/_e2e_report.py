@@ -433,7 +433,7 @@ def render_result(result: dict[str, Any], summary: dict[str, Any]) -> str:
             out.append(
                 "Modelled expert time per step (the cost model on each step's rows, slowest GPU "
                 "per layer, summed; what the one-GPU emulation reports), median: "
-                + ", ".join(f"{r['run']} {r['modelled_ms_median']:.3f} ms" for r in m["runs"])
+                + ", ".join(f"{r['run']} {r['modelled_ms_median']:.4g} ms" for r in m["runs"])
                 + "."
             )
         ev = m.get("every")
@@ -518,7 +518,7 @@ def doc_section(existing: str | None, key: str | None, block: str | None) -> str
     if key is not None and block is not None:
         blocks[key] = block.rstrip() + "\n"
     keys = sorted(blocks, key=lambda k: (int(re.sub(r"\D.*", "", k[2:]) or 0), k))
-    measured = [k for k in keys if not k.endswith("-cpu")]
+    measured = [k for k in keys if "-cpu" not in k]
     want = ["ws2", "ws4", "ws8-v3"]
     missing = [k for k in want if k not in blocks]
     status = "Status: "

@@ -210,6 +210,8 @@ def test_doc_section_keeps_each_group_size() -> None:
     both = doc_section(first, "ws4", "four GPUs\n")
     assert "two GPUs" in both and "four GPUs" in both and "Not yet run: EP = 8" in both
     assert "EP = 4" not in both.split("Not yet run", 1)[1]
+    cpu = doc_section(both, "ws8-cpu-v3-host", "CPU\n")  # a CPU job is never "measured"
+    assert "CPU" in cpu and "Not yet run: EP = 8 (DeepSeek-V3 shapes)" in cpu
     assert both.index("e2e:ws2") < both.index("e2e:ws4")
     again = doc_section(both, "ws2", "two GPUs, rerun\n")
     assert again.count("<!-- e2e:ws2 -->") == 1 and "two GPUs, rerun" in again
