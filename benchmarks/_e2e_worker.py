@@ -1,7 +1,7 @@
 """One EP rank of the end-to-end benchmark (a process started by ``bench_e2e_gpu``).
 
 Joins the group (NCCL on CUDA, gloo on the CPU; MASTER_ADDR/PORT on loopback), then for each
-mode (decode-like, prefill-like) serves the same replayed trace three times, each time with a
+mode (decode-like, prefill-like) serves the same replayed trace once per run, each time with a
 fresh :class:`~eplbd_client.EplbClient` and weights rebuilt for the default layout:
 
 1. ``none``: no balancing (slot p holds expert p mod E, ``sync_interval=0``). Its outputs are
@@ -9,12 +9,18 @@ fresh :class:`~eplbd_client.EplbClient` and weights rebuilt for the default layo
 2. ``deepseek``: DeepSeek's placement computed once from the whole trace's load
    (:func:`eplbd.planner.rebalance_experts`), installed before the timed steps with
    ``client.prepare`` on every rank (weights staged and swapped by the client);
-3. ``eplbd``: the client connected to the node agent with its embedded planner, which
+3. ``deepseek-every-n``: DeepSeek's placement recomputed every N steps inside the serving
+   loop from the last window's load (each rank counts its tokens' experts per step; the
+   window is all-reduced, as vLLM does), installed at once on every rank before the step
+   goes on: serving stops until every rank applied it (vLLM's synchronous EPLB; the weights
+   move through the same client and weight source as the other runs);
+4. ``eplbd``: the client connected to the node agent with its embedded planner, which
    records, plans and commits while the steps run.
 
 Per step: the MoE stack's time (CUDA events around the forward; wall time on the CPU), the
-time of ``client.step()``, the rows each GPU computed per layer, and whether the step
-applied a layout. Rank 0 gathers everything and writes ``<run_dir>/result.json``.
+time of ``client.step()``, the rows each GPU computed per layer and each slot's rows (for
+the modelled time: ``cfg.load_cost_model()``, exact counts), and whether the step applied a
+layout. Rank 0 gathers everything and writes ``<run_dir>/result.json``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from eplbd_client import (
     WeightSource,
 )
 
-from benchmarks._e2e_config import RUNS, E2EConfig, Mode
+from benchmarks._e2e_config import E2EConfig, Mode
 from benchmarks._e2e_model import (
     Dims,
     EPStack,
@@ -159,6 +165,7 @@ class _Worker:
             getattr(torch, cfg.dtype),
             cfg.seed,
         )
+        self.model = cfg.load_cost_model()
         self.pool: HostExpertPool | None = None
         if cfg.weight_source == "host":
             self.pool = HostExpertPool.open(cfg.pool_dir, pin=self.cuda)
@@ -261,6 +268,7 @@ class _Worker:
                 "deepseek_layout": self.ds_layout.tolist(),
                 "trace_load": load.tolist(),
                 "expert_bytes": self.dims.expert_bytes,
+                "cost_model": self.model.to_dict(),
                 "modes": modes,
             }
             path = os.path.join(cfg.run_dir, "result.json")
@@ -283,7 +291,7 @@ class _Worker:
         steps = mode.steps_per_domain * len(self.ids)
         ref: tuple[torch.Tensor, torch.Tensor] | None = None
         runs = []
-        for kind in RUNS:
+        for kind in self.cfg.runs:
             res, outs = self.run_once(kind, mode, steps, ref)
             if ref is None:
                 ref = outs
@@ -296,6 +304,9 @@ class _Worker:
         if self.cuda:
             torch.cuda.empty_cache()
         out = {"mode": mode.name, "tokens_per_rank": mode.tokens, "steps": steps, "runs": runs}
+        if "deepseek-every-n" in self.cfg.runs:
+            n, window = self.cfg.every_n(mode)
+            out["every"] = {"n": n, "window": window}
         if self.G == 1 and self.cuda:
             out["hardware"] = self.hardware(runs[0])
         for r in runs:
@@ -366,7 +377,7 @@ class _Worker:
             full = torch.empty(
                 len(range(0, steps, every)), T, cfg.hidden, dtype=self.dims.dtype, device=dev
             )
-            timing = self.timed(client, src, stack, mode, steps, fp, full, every)
+            timing = self.timed(client, src, stack, mode, steps, fp, full, every, kind)
             check = None
             if ref is not None:
                 check = compare_outputs(full, ref[1], fp, ref[0])
@@ -377,6 +388,8 @@ class _Worker:
         del stack
         rows = self.gather(timing.pop("rows"))
         slot_rows = timing.pop("slot_rows")
+        # modelled GPU time of each step and layer on this rank (us), exact counts
+        timing["model_us"] = self.model.slot_time(np.asarray(slot_rows), "exact").sum(-1).tolist()
         per_rank = self.gather(
             {
                 **timing,
@@ -442,6 +455,31 @@ class _Worker:
     def _consensus_step(self, client: EplbClient) -> bool:
         return self.G > 1 and client.step_count % self.cfg.sync_interval == 0
 
+    def rebalance(
+        self, client: EplbClient, src: CountingSource, window: torch.Tensor, step: int
+    ) -> dict[str, Any]:
+        """DeepSeek-every-N at ``step``: serving stops on every rank while the window's
+        load is all-reduced, DeepSeek's placement computed and installed. The stall is all
+        of it (this rank's wall time, device work included)."""
+        self.sync()
+        t0 = time.perf_counter()
+        load = window.sum(0, dtype=torch.int64)
+        if self.G > 1:
+            dist.all_reduce(load, group=self.world)
+        L, E = self.cfg.num_layers, self.cfg.experts
+        host = load.view(L, E).double().cpu()
+        t1 = time.perf_counter()
+        new = deepseek_layout(host, self.cfg.num_physical, self.G)
+        plan_ms = (time.perf_counter() - t1) * 1e3
+        rec: dict[str, Any] = {"step": step, "plan_ms": plan_ms, "moves": 0, "fetched_bytes": 0}
+        if torch.equal(new, client.layout.phy2log.cpu()):
+            rec.update(epoch=client.epoch, fetch_s=0.0, commit_s=0.0)
+        else:
+            rec.update(self.install(client, src, new, client.epoch + 1))
+        self.sync()
+        rec["stall_ms"] = (time.perf_counter() - t0) * 1e3
+        return rec
+
     def timed(
         self,
         client: EplbClient,
@@ -452,6 +490,7 @@ class _Worker:
         fp: torch.Tensor,
         full: torch.Tensor,
         every: int,
+        kind: str,
     ) -> dict[str, Any]:
         from eplbd.layout import moves_between
 
@@ -477,14 +516,25 @@ class _Worker:
         seen: dict[int, tuple[int, float]] = {}
         clock = time.perf_counter
         epoch_start = client.epoch
+        rebalances: list[dict[str, Any]] = []
+        L, E = self.cfg.num_layers, self.cfg.experts
+        n_every, n_window = self.cfg.every_n(mode)
+        # DeepSeek-every-N: this rank's logical load of the last n_window steps, a ring
+        ring = None
+        if kind == "deepseek-every-n":
+            ring = torch.zeros(n_window, L * E, dtype=torch.int32, device=dev)
+            offs = (torch.arange(L, device=dev) * E).view(1, L, 1)
         for s in range(steps):
+            if ring is not None and s > 0 and s % n_every == 0:
+                rebalances.append(self.rebalance(client, src, ring, s))
             x = step_inputs(self.dims, s, self.rank, T, dev)
             ids = self.ids_at(s, mode)
             ep = client.epoch
             pe = client.pending_epoch
             if pe is not None and pe not in seen:
                 seen[pe] = (s, clock())
-            old = client.layout.phy2log
+            old_layout = client.layout
+            old = old_layout.phy2log
             if self.cuda:
                 e0, e1, e2 = events[s]
                 e0.record()
@@ -502,6 +552,8 @@ class _Worker:
                 t1 = clock()
                 wall.append((t0 - ta, t1 - t0))
             host_step.append(t1 - t0)
+            if ring is not None:
+                ring[s % n_window] = torch.bincount((ids + offs).view(-1), minlength=L * E)
             consensus.append(self._consensus_step(client))
             rows.append(list(stack.last_rows))
             slot_rows[s].copy_(stack.slot_rows)
@@ -521,6 +573,8 @@ class _Worker:
                         "fetched_bytes": nbytes,
                         "fetch_s": fetch_s,
                         "moves": int(moves_between(old, new).sum()),
+                        # the time objective may change only how rows split over replicas
+                        "split_changed": not torch.equal(client.layout.shares, old_layout.shares),
                     }
                 )
         self.sync()
@@ -537,6 +591,7 @@ class _Worker:
             "consensus": consensus,
             "rows": rows,
             "commits": commits,
+            "rebalances": rebalances,
             "epoch_start": epoch_start,
             "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if self.cuda else None,
             "slot_rows": slot_rows.cpu().tolist(),
@@ -639,8 +694,29 @@ def _merge(
                 "fetched_bytes": sum(c["fetched_bytes"] for c in cs),
                 "fetch_s": max(c["fetch_s"] for c in cs),
                 "moves": c0["moves"],
+                "split_changed": c0["split_changed"],
             }
         )
+    # modelled GPU time: Σ over steps and layers of the slowest GPU / Σ of the mean GPU
+    mt = np.asarray([r["model_us"] for r in per_rank], dtype=np.float64).reshape(G, steps, -1)
+    t_mean = float(mt.mean(axis=0).sum())
+    time_balance = float(mt.max(axis=0).sum()) / t_mean if t_mean > 0 else None
+    rebalances = []
+    for i, b0 in enumerate(per_rank[0]["rebalances"]):
+        bs = [r["rebalances"][i] for r in per_rank]
+        rebalances.append(
+            {
+                "epoch": b0["epoch"],
+                "step": b0["step"],
+                "plan_ms": max(b["plan_ms"] for b in bs),
+                "commit_s": max(b["commit_s"] for b in bs),
+                "stall_ms": max(b["stall_ms"] for b in bs),
+                "fetched_bytes": sum(b["fetched_bytes"] for b in bs),
+                "fetch_s": max(b["fetch_s"] for b in bs),
+                "moves": b0["moves"],
+            }
+        )
+    stalls = sum(b["stall_ms"] for b in rebalances)
     install = None
     if per_rank[0]["install"] is not None:
         ins = [r["install"] for r in per_rank]
@@ -669,6 +745,10 @@ def _merge(
         else None,
         "balance": sum_max / sum_mean if sum_mean else None,
         "balance_per_step": per_step_balance,
+        "time_balance": time_balance,
+        "modelled_ms_median": float(np.median(mt.max(axis=0).sum(axis=1))) / 1e3 if steps else None,
+        "serve_ms_mean": (sum(moe) + sum(stp) + stalls) / steps if steps else None,
+        "rebalances": rebalances,
         "moe_ms": moe,
         "rows_per_gpu": [sum(sum(st) for st in rows[g]) for g in range(G)],
         "commits": commits,

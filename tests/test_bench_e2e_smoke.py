@@ -1,9 +1,11 @@
 """The end-to-end GPU benchmark (benchmarks/bench_e2e_gpu.py) on the CPU.
 
 - the whole job, tiny dimensions, EP = 2 on gloo, with the real agent and embedded planner:
-  three runs per mode, outputs equal to the no-balancing run, DeepSeek's layout installed
-  through the client (weights fetched from the peer), the online client registered and
-  shipping snapshots, the docs left alone;
+  four runs per mode, outputs equal to the no-balancing run, DeepSeek's layout installed
+  through the client (weights fetched from the peer), DeepSeek recomputed every N steps with
+  every rank stopped at the same steps, the online client registered and shipping
+  snapshots to a planner with the time objective, the docs left alone;
+- the DeepSeek-V3 preset: P = 288 at EP = 8, synthetic routing of that size;
 - in one process, one rank: the output check passes for a rebalanced layout and fails for a
   wrong expert (so the job's "equal" means something);
 - the docs section keeps the block of each group size when another one is written;
@@ -42,7 +44,7 @@ TRACE = ROOT / "benchmarks" / "data" / "esft_routing_ids.npz"
 
 @pytest.mark.slow
 @pytest.mark.timeout(170)
-def test_tiny_job_on_cpu_runs_all_three_and_outputs_match(tmp_path: Path) -> None:
+def test_tiny_job_on_cpu_runs_all_four_and_outputs_match(tmp_path: Path) -> None:
     out = tmp_path / "out"
     doc = ROOT / "docs" / "benchmarks.md"
     before = doc.read_bytes() if doc.exists() else None
@@ -82,13 +84,13 @@ def test_tiny_job_on_cpu_runs_all_three_and_outputs_match(tmp_path: Path) -> Non
     assert [m["mode"] for m in result["modes"]] == ["decode", "prefill"]
     for m in result["modes"]:
         runs = {r["run"]: r for r in m["runs"]}
-        assert list(runs) == ["none", "deepseek", "eplbd"]
+        assert list(runs) == ["none", "deepseek", "deepseek-every-n", "eplbd"]
         for r in runs.values():
             assert r["steps"] == m["steps"] and len(r["moe_ms"]) == m["steps"]
-            assert r["moe_ms_median"] > 0 and r["balance"] >= 1.0
+            assert r["moe_ms_median"] > 0 and r["balance"] >= 1.0 and r["time_balance"] >= 1.0
             assert r["commits_agree"] is True
         assert runs["none"]["check"] is None and runs["none"]["epoch_final"] == 0
-        for name in ("deepseek", "eplbd"):
+        for name in ("deepseek", "deepseek-every-n", "eplbd"):
             c = runs[name]["check"]
             assert c["ok"] is True and c["violations"] == 0 and c["fingerprint_violations"] == 0
             assert c["steps_fingerprint"] == m["steps"] and c["steps_full"] >= 1
@@ -96,14 +98,26 @@ def test_tiny_job_on_cpu_runs_all_three_and_outputs_match(tmp_path: Path) -> Non
         assert runs["deepseek"]["epoch_final"] == 1 and ins["epoch"] == 1
         assert ins["moves"] > 0 and ins["fetched_bytes"] > 0  # experts came from the peer
         assert runs["deepseek"]["sync_interval"] > 0 and runs["none"]["sync_interval"] == 0
+        every = runs["deepseek-every-n"]
+        n = m["every"]["n"]
+        assert [b["step"] for b in every["rebalances"]] == list(range(n, m["steps"], n))
+        moved = [b for b in every["rebalances"] if b["moves"]]
+        assert moved and every["epoch_final"] == len(moved)  # one epoch per real change
+        assert all(b["stall_ms"] > 0 and b["fetched_bytes"] > 0 for b in moved)
+        assert every["commits"] == []  # nothing applied outside the stop-the-world steps
         online = runs["eplbd"]
         assert online["client_stats"].get("received_welcome", 0) >= 1
         assert online["client_stats"].get("snapshots", 0) > 0  # recorded and shipped
         assert online["epoch_final"] - online["epoch_start"] == len(online["commits"])
         for c in online["commits"]:  # whatever the planner committed, the ranks agreed
-            assert c["moves"] > 0
-    for name in ("| none |", "| deepseek |", "| eplbd |", "**decode**", "**prefill**"):
+            assert c["moves"] > 0 or c["split_changed"]  # time objective: a new split only
+    for mode in ("decode", "prefill"):  # the embedded planner balanced modelled time
+        decisions = saved["history"][mode]["groups"][0]["decisions"]
+        assert decisions and {d["objective"] for d in decisions} == {"time"}
+    assert result["config"]["objective"] == "time" and "Online planner objective: **time**" in md
+    for name in ("| none |", "| deepseek |", "| deepseek-every-n |", "| eplbd |", "**decode**"):
         assert name in md
+    assert "**prefill**" in md and "stall median" in md
     after = doc.read_bytes() if doc.exists() else None
     assert after == before
 
@@ -167,12 +181,37 @@ def test_output_check_passes_a_rebalanced_layout_and_catches_a_wrong_expert() ->
     assert not check(_outputs(wrong, dims, ids, steps, T), ref)
 
 
+def test_v3_preset_and_synthetic_routing(tmp_path: Path) -> None:
+    from benchmarks.bench_e2e_gpu import _parse, build_config, write_synthetic_trace
+    from eplbd.demo._trace import load_trace
+
+    cfg = build_config(_parse(["--device", "cpu", "--world-size", "8", "--shape", "v3"]))
+    assert (cfg.hidden, cfg.ffn, cfg.experts, cfg.top_k) == (7168, 2048, 256, 8)
+    assert cfg.num_physical == 288 and cfg.routing == "synthetic" and cfg.objective == "time"
+    assert cfg.planner_env()["EPLBD_PLANNER_EXPERT_SHAPE"] == "7168,2048"
+    cfg.check()
+    with pytest.raises(ValueError, match="ESFT"):
+        build_config(_parse(["--device", "cpu", "--shape", "v3", "--routing", "esft"])).check()
+    tiny = build_config(_parse(["--device", "cpu", "--tiny", "--shape", "v3", "--layers", "3"]))
+    write_synthetic_trace(tmp_path / "t.npz", tiny)
+    tr = load_trace(tmp_path / "t.npz")
+    assert tr.domains == tiny.domains and len(tr.domains) == 4
+    assert all(a.shape == (tiny.synthetic_tokens, 3, 8) for a in tr.ids)
+    load = torch.bincount(torch.from_numpy(tr.ids[0][:, 0].ravel()), minlength=256).double()
+    assert int(load.gt(0).sum()) > 200 and load.max() > 3 * load.mean()  # V3-size, skewed
+    assert not (tr.ids[0] == tr.ids[1]).all()  # each domain its own popularity
+
+
 def test_doc_section_keeps_each_group_size() -> None:
     first = doc_section(None, "ws2", "two GPUs\n")
     assert "<!-- e2e:ws2 -->\ntwo GPUs\n<!-- /e2e:ws2 -->" in first
     assert "Not yet run: EP = 4" in first
+    assert "EP = 8 (DeepSeek-V3 shapes)" in first
     both = doc_section(first, "ws4", "four GPUs\n")
-    assert "two GPUs" in both and "four GPUs" in both and "Not yet run" not in both
+    assert "two GPUs" in both and "four GPUs" in both and "Not yet run: EP = 8" in both
+    assert "EP = 4" not in both.split("Not yet run", 1)[1]
+    cpu = doc_section(both, "ws8-cpu-v3-host", "CPU\n")  # a CPU job is never "measured"
+    assert "CPU" in cpu and "Not yet run: EP = 8 (DeepSeek-V3 shapes)" in cpu
     assert both.index("e2e:ws2") < both.index("e2e:ws4")
     again = doc_section(both, "ws2", "two GPUs, rerun\n")
     assert again.count("<!-- e2e:ws2 -->") == 1 and "two GPUs, rerun" in again
