@@ -229,6 +229,22 @@ class VllmProcess:
                 f"vLLM did not exit within {timeout_s} s:\n{self.tail()}"
             ) from None
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """vLLM's whole process tree stopped (SIGSTOP) for the block, then resumed.
+
+        On two cores kept busy by vLLM's workers, a Python process started meanwhile was
+        seen to take minutes to get through its imports (an eplbd agent restarted 270 s
+        late; ``eplbd status`` over 60 s; cause not found: not memory, IO or affinity), so
+        a daemon is restarted with vLLM paused. vLLM's ranks then see a planner and an agent
+        that were down for a while, which is what the test is about."""
+        os.killpg(self.popen.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)

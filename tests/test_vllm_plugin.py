@@ -179,8 +179,9 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
         # hot spot's move back to rank 0 is committed as a new epoch.
         mark("rounds without planner")
         restarted_at = time.time()
-        agent = stack.start_agent("n0", embedded_planner=True, planner=PLANNER, **AGENT)
-        agent.daemon.wait_serving(AGENT_START_S)
+        with driver.proc.paused():
+            agent = stack.start_agent("n0", embedded_planner=True, planner=PLANNER, **AGENT)
+            agent.daemon.wait_serving(AGENT_START_S)
         mark("planner restarted")
 
         def committed_by_the_restarted_planner() -> int | None:
