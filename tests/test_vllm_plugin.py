@@ -156,11 +156,16 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
         # the planner gave the hot experts replicas on the other rank.
         for phase in PHASES:
             driver.phase(phase)
-            driver.wait_rounds(
-                lambda rs, hot=HOT[phase]: rs and _replicated(rs[-1], hot),
-                300,
-                f"a layout that replicates phase {phase}'s hot experts {HOT[phase]}",
-            )
+            try:
+                driver.wait_rounds(
+                    lambda rs, hot=HOT[phase]: rs and _replicated(rs[-1], hot),
+                    300,
+                    f"a layout that replicates phase {phase}'s hot experts {HOT[phase]}",
+                )
+            except AssertionError:  # why not: the planner's view of the group
+                status = group_status(agent.runtime_dir, group)
+                print(f"{len(driver.rounds())} rounds; planner status: {status}", flush=True)
+                raise
             mark(f"phase {phase} replicated, epoch {driver.rounds()[-1]['workers'][0]['epoch']}")
             wait_for(lambda: epoch_at_least(1), 120, "`eplbd status` to show epoch >= 1")
 
