@@ -180,8 +180,10 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
         served = {w["epoch"] for r in driver.rounds()[n:] for w in r["workers"]}
         assert min(served) >= at_kill, f"a rank fell back from epoch {at_kill}: {served}"
 
-        # Restarted on the same state dir, it restores the epoch; the group resumes, and the
-        # hot spot's move back to rank 0 is committed as a new epoch.
+        # Restarted on the same state dir, it restores the epoch and the group resumes: every
+        # rank alive on it, and the planner decides on fresh load. Phase a is hot again: it
+        # commits the move back, unless the served layout already balances phase a (the
+        # planner, planning phase b from phase a's layout, may have kept those replicas).
         mark("rounds without planner")
         restarted_at = time.time()
         with driver.proc.paused():
@@ -189,15 +191,29 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
             agent.daemon.wait_serving(AGENT_START_S)
         mark("planner restarted")
 
-        def committed_by_the_restarted_planner() -> int | None:
+        def resumed() -> int | None:
+            """The epoch the group serves once the restarted planner committed, or judged
+            the live load balanced, with every rank alive."""
             epoch_at_least(0)
-            g = group_status(agent.runtime_dir, group)
-            last = (g or {}).get("last_rebalance") or {}
+            g = group_status(agent.runtime_dir, group) or {}
+            alive = [r.get("state") for r in g.get("ranks", [])] == ["alive"] * G
+            last = g.get("last_rebalance") or {}
+            decision = g.get("last_decision") or {}
+            if not (alive and g.get("complete") and g.get("epoch", 0) >= at_kill):
+                return None
             if last.get("outcome") == "committed" and last.get("at", 0) > restarted_at:
                 return int(last["epoch"])
+            if decision.get("at", 0) > restarted_at and decision.get("reason") == "no_gain":
+                return int(g["epoch"])
             return None
 
-        new = wait_for(committed_by_the_restarted_planner, 180, "a commit after the restart")
+        try:
+            new = wait_for(resumed, 180, "the group to resume after the restart")
+        except AssertionError:
+            print(f"planner status: {group_status(agent.runtime_dir, group)}", flush=True)
+            log = agent.daemon.log.read_text(errors="replace").splitlines()
+            print("agent log:", *[x[:400] for x in log[-60:]], sep="\n", flush=True)
+            raise
         mark(f"epoch {new}")
         g = wait_for(lambda: group_status(agent.runtime_dir, group), 60, "the group's status")
         assert g["complete"]
@@ -213,9 +229,9 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
         driver.proc.kill()
 
     mark(f"{len(rounds)} rounds, every output equal to TP=1")
-    # the planner's status followed the group's epochs: they only grew, through 3 or more;
+    # the planner's status followed the group's epochs: they only grew, through 2 or more;
     # the operator command shows the group on the last of them, every rank alive
-    assert epochs_seen == sorted(epochs_seen) and len(set(epochs_seen)) >= 3, epochs_seen
+    assert epochs_seen == sorted(epochs_seen) and len(set(epochs_seen)) >= 2, epochs_seen
     st = eplbd_status(agent.runtime_dir, cli=True)
     assert st is not None
     g = next(g for g in st["groups"] if g["group"] == group)
