@@ -239,9 +239,14 @@ def calibrate(
 # --- the report ----------------------------------------------------------------------------
 
 
+def section(res: dict[str, Any]) -> str:
+    """One docs section per card: a calibration on another GPU does not replace this one's."""
+    return f"{SECTION}-{device_slug(res['shapes'][0]['model']['device'])}"
+
+
 def render(res: dict[str, Any]) -> str:
     lines = [
-        "## Cost model of expert GEMMs (`bench_cost_model`)",
+        f"## Cost model of expert GEMMs (`bench_cost_model`), {res['shapes'][0]['model']['device']}",
         "",
         f"Machine: {res['machine']}.",
         "",
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.render:
         res = json.loads(Path(a.render).read_text())
         store(res)
-        write_section(SECTION, render(res))
+        write_section(section(res), render(res))
         print(render(res))
         return 0
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -336,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         (d / "cost_model.json").write_text(json.dumps(res))
     if a.doc == "yes" or (a.doc == "auto" and device == "cuda" and not a.tiny):
         store(res)
-        write_section(SECTION, md)
+        write_section(section(res), md)
     return 0
 
 

@@ -58,6 +58,7 @@ from benchmarks.bench_ep_emulation import ESFT_LAYERS, Case, _pc, _r
 from eplbd.planner import CostModel
 
 SECTION = "ep-regimes"
+CALIBRATED_ON = "nvidia-h200"  # the card whose calibration plans and scores by default
 DOMAINS = {
     "tune": ("intent", "law"),
     "report": ("summary", "translation"),
@@ -104,15 +105,20 @@ def cases(domains: str, tiny: bool, R: int) -> list[Case]:
     return [Case(r, G, P, t, sh, n[r] * R, WARMUP) for r, G, P, t, sh in groups]
 
 
-def stored_models() -> dict[str, CostModel]:
-    """The calibrated cost models stored in benchmarks/calibration (any GPU), per shape."""
+def stored_models(device: str = CALIBRATED_ON) -> dict[str, CostModel]:
+    """The cost models calibrated on ``device`` (a slug, e.g. nvidia-h200) and stored in
+    benchmarks/calibration, per shape. One card for every shape, named in the docs: the
+    CPU sections stay reproducible when another card's calibration is added."""
     from benchmarks._gemm_timer import SHAPES
 
     out = {}
     for key, sh in SHAPES.items():
-        found = sorted(CALIBRATION.glob(f"*-{device_slug(sh.name)}-{sh.dtype}.json"))
-        if found:
-            out[key] = CostModel.from_json(found[0].read_text())
+        path = CALIBRATION / f"{device}-{device_slug(sh.name)}-{sh.dtype}.json"
+        if path.exists():
+            out[key] = CostModel.from_json(path.read_text())
+    if not out:
+        have = sorted({f.name.split("-deepseek")[0] for f in CALIBRATION.glob("*.json")})
+        raise SystemExit(f"no calibration for {device!r} in {CALIBRATION}; stored: {have}")
     return out
 
 
@@ -195,9 +201,9 @@ def summarise(rep: Replay, ds: dict[str, str], slowest: dict[str, np.ndarray]) -
 
 def run(domains: str, R: int, engine_steps: int, online: dict[str, Any], tiny: bool,
         workers: int, pool: int, only: dict[str, set[Any]] | None = None,
-        ) -> list[dict[str, Any]]:  # fmt: skip
+        calibration: str = CALIBRATED_ON) -> list[dict[str, Any]]:  # fmt: skip
     """``only``: Case field -> the values to keep (not with ``tiny``)."""
-    models = stored_models()
+    models = stored_models(calibration)
     cs = [
         c for c in cases(domains, tiny, R)
         if tiny or not only or all(getattr(c, k) in v for k, v in only.items())
@@ -221,7 +227,8 @@ def render(res: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Machine: {meta['machine']} (emulation, {meta['scored']}). Command: "
         f"`{meta['command']}` ({meta['duration_s']:.0f} s). Planning and scoring cost models: "
-        "the stored H200 calibrations (benchmarks/calibration), GEMMs only; "
+        f"the {meta.get('calibration', CALIBRATED_ON)} calibrations stored in "
+        "benchmarks/calibration, GEMMs only; "
         f"{meta['how']}. Run: {meta['R']} steps per regime after 8 "
         f"warm-up steps; ESFT (EP 8, 16): one regime per domain, "
         f"{', '.join(meta['domain_names'])}; synthetic (EP 32, 64): 4 regimes; a "
@@ -354,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ep", default=None, help="only these EP sizes, e.g. 16,32")
     ap.add_argument("--shapes", default=None, help="only these expert shapes, e.g. v3")
     ap.add_argument("--tokens", default=None, help="only these tokens per rank, e.g. 64,2048")
+    ap.add_argument("--calibration", default=CALIBRATED_ON,
+                    help="plan and score with the cost models calibrated on this card "
+                         "(benchmarks/calibration/CARD-SHAPE-DTYPE.json), e.g. nvidia-h200")  # fmt: skip
     a = ap.parse_args(argv)
     R = 4 if a.tiny else a.regime_steps
     if a.tune:
@@ -372,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.tokens:
         only["tokens"] = {int(x) for x in a.tokens.split(",")}
     res = run(a.domains, R, a.regime_engine_steps, online, a.tiny, a.workers,
-              256 if a.tiny else a.pool, only)  # fmt: skip
+              256 if a.tiny else a.pool, only, a.calibration)  # fmt: skip
     print(f"simulated {len(res)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
     scored, how = "cost model, CPU", "every rank's time modelled (exact counts, base included)"
     if a.measure:
@@ -383,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "machine": machine_line(), "domains": a.domains, "R": R,
         "domain_names": DOMAINS[a.domains], "engine_steps": a.regime_engine_steps,
-        "online": online, "duration_s": time.perf_counter() - t0, "scored": scored, "how": how,
+        "online": online, "calibration": a.calibration, "duration_s": time.perf_counter() - t0, "scored": scored, "how": how,
         "command": "python3 -m benchmarks.bench_ep_regimes "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip

@@ -126,3 +126,16 @@ def test_long_runs_scored_by_the_cost_model_on_the_cpu(tmp_path: Path) -> None:
         assert 0 < s["perfect_us"] < s["time_us"]["none"]
         assert set(s["vs"]) == set(s["schedules"])
     assert (DOC.read_bytes() if DOC.exists() else None) == before
+
+
+def test_long_runs_plan_with_the_named_cards_calibration() -> None:
+    """Each stored card's calibration can plan and score; a card with none is refused with the
+    cards that have one, never silently replaced by another's."""
+    cards = {f.name.split("-deepseek")[0] for f in bench_cost_model.CALIBRATION.glob("*.json")}
+    assert bench_ep_regimes.CALIBRATED_ON in cards
+    for card in cards:
+        models = bench_ep_regimes.stored_models(card)
+        assert {m.device for m in models.values()} == {models["v3"].device}
+        assert bench_cost_model.device_slug(models["v3"].device) == card
+    with pytest.raises(SystemExit, match="no calibration for 'nvidia-b300'.*nvidia-h200"):
+        bench_ep_regimes.stored_models("nvidia-b300")
