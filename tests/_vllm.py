@@ -192,8 +192,16 @@ def _nice() -> None:
 
 @dataclass
 class VllmProcess:
-    """A vLLM process tree (offline driver or ``vllm serve``) in its own session, at a lower
-    CPU priority than the eplbd daemons (on two cores, vLLM would otherwise starve them)."""
+    """A vLLM process tree (offline driver or ``vllm serve``) in its own process group (so it
+    is signalled as one) at a lower CPU priority than the eplbd daemons (on two cores, vLLM
+    would otherwise starve them).
+
+    Not in its own session: with the kernel's autogroup scheduling (on here and in CI), a new
+    session is a new scheduling group that competes with the test's session as a whole, and
+    nice then only ranks tasks inside a group. So placed, vLLM's two busy workers left the
+    test's session almost no CPU for minutes (a fresh ``import torch`` waited 872 s on the run
+    queue; an agent took 270 s to restart; a SIGKILLed one was not reaped in 10 s). In the
+    test's session, at nice 10, the same import took 1.2 s beside running vLLM."""
 
     popen: subprocess.Popen[bytes]
     log: Path
@@ -208,7 +216,7 @@ class VllmProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=str(log.parent),
-                start_new_session=True,
+                process_group=0,
                 preexec_fn=_nice,
             )
         return cls(p, log)
@@ -228,22 +236,6 @@ class VllmProcess:
             raise AssertionError(
                 f"vLLM did not exit within {timeout_s} s:\n{self.tail()}"
             ) from None
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """vLLM's whole process tree stopped (SIGSTOP) for the block, then resumed.
-
-        On two cores kept busy by vLLM's workers, a Python process started meanwhile was
-        seen to take minutes to get through its imports (an eplbd agent restarted 270 s
-        late; ``eplbd status`` over 60 s; cause not found: not memory, IO or affinity), so
-        a daemon is restarted with vLLM paused. vLLM's ranks then see a planner and an agent
-        that were down for a while, which is what the test is about."""
-        os.killpg(self.popen.pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -186,14 +186,13 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
         # planner, planning phase b from phase a's layout, may have kept those replicas).
         mark("rounds without planner")
         restarted_at = time.time()
-        with driver.proc.paused():
-            agent = stack.start_agent("n0", embedded_planner=True, planner=PLANNER, **AGENT)
-            agent.daemon.wait_serving(AGENT_START_S)
+        agent = stack.start_agent("n0", embedded_planner=True, planner=PLANNER, **AGENT)
+        agent.daemon.wait_serving(AGENT_START_S)
         mark("planner restarted")
 
-        def resumed() -> int | None:
-            """The epoch the group serves once the restarted planner committed, or judged
-            the live load balanced, with every rank alive."""
+        def resumed() -> tuple[int, bool] | None:
+            """(The epoch the group serves, whether the restarted planner committed it) once
+            it committed, or judged the live load balanced, with every rank alive."""
             epoch_at_least(0)
             g = group_status(agent.runtime_dir, group) or {}
             alive = [r.get("state") for r in g.get("ranks", [])] == ["alive"] * G
@@ -202,19 +201,19 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
             if not (alive and g.get("complete") and g.get("epoch", 0) >= at_kill):
                 return None
             if last.get("outcome") == "committed" and last.get("at", 0) > restarted_at:
-                return int(last["epoch"])
+                return int(last["epoch"]), True
             if decision.get("at", 0) > restarted_at and decision.get("reason") == "no_gain":
-                return int(g["epoch"])
+                return int(g["epoch"]), False
             return None
 
         try:
-            new = wait_for(resumed, 180, "the group to resume after the restart")
+            new, recommitted = wait_for(resumed, 180, "the group to resume after the restart")
         except AssertionError:
             print(f"planner status: {group_status(agent.runtime_dir, group)}", flush=True)
             log = agent.daemon.log.read_text(errors="replace").splitlines()
             print("agent log:", *[x[:400] for x in log[-60:]], sep="\n", flush=True)
             raise
-        mark(f"epoch {new}")
+        mark(f"epoch {new} ({'committed' if recommitted else 'no gain'} after the restart)")
         g = wait_for(lambda: group_status(agent.runtime_dir, group), 60, "the group's status")
         assert g["complete"]
         assert [r["state"] for r in g["ranks"]] == ["alive"] * G
@@ -243,14 +242,15 @@ def test_plugin_rebalances_vllm_and_outputs_stay_equal_through_a_planner_kill(
     for r in rounds:
         layouts.setdefault(r["workers"][0]["epoch"], r["workers"][0]["phy2log"])
     committed = sorted(layouts)
-    assert len(committed) >= 4, f"epochs served: {committed}"
+    # the initial layout, phase a's and phase b's, and the restarted planner's if it committed
+    assert len(committed) >= 3 + recommitted, f"epochs served: {committed}"
     changes = [
         _moves_across_ranks_and_adds_replicas(layouts[a], layouts[b])
         for a, b in zip(committed, committed[1:], strict=False)
     ]
     assert sum(changes) >= 2, f"layout changes that move experts and add replicas: {changes}"
     w = rounds[-1]["workers"][0]
-    assert w["eplbd"] and w["stats"].get("commits", 0) >= 3, w["stats"]
+    assert w["eplbd"] and w["stats"].get("commits", 0) >= 2 + recommitted, w["stats"]
     assert w["step_impl"].endswith("eplb_state_step"), w["step_impl"]
     assert w["map_impl"] == "eplbd_client.vllm._patches.eplb_map_to_physical_and_record"
     log = driver.proc.log.read_text(errors="replace")
