@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=16384, help="synthetic tokens per regime")
     ap.add_argument("--move-cost", type=float, default=ONLINE["move_cost"])
     ap.add_argument("--half-life", type=float, default=ONLINE["half_life_tokens"])
+    ap.add_argument("--min-gain", type=float, default=ONLINE["min_gain"])
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU smoke test)")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
@@ -372,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.doc == "yes":
             write_section(SECTION + "-tuning", md)
         return 0
-    online = {**ONLINE, "move_cost": a.move_cost, "half_life_tokens": a.half_life}
+    online = {**ONLINE, "move_cost": a.move_cost, "half_life_tokens": a.half_life,
+              "min_gain": a.min_gain}  # fmt: skip
     t0 = time.perf_counter()
     only: dict[str, set[Any]] = {}
     if a.ep:
