@@ -33,6 +33,7 @@ import torch
 from benchmarks._ep_trace import RegimeSource, Stream, dispatch_counts, step_ids
 from eplbd.layout import Layout
 from eplbd.planner import CostModel, Ewma, plan_with_report, rebalance_experts
+from eplbd.planner._metrics import slot_rows_np
 
 __all__ = ["POLICIES", "Replay", "Schedule", "deepseek_interval", "replay"]
 
@@ -62,10 +63,14 @@ class Schedule:
     half_life_tokens: float = 512.0
     min_gain: float = 0.005
     move_cost: float = 0.35
+    # An experiment (benchmarks only, not in the planner): keep a layer of eplbd's plan only
+    # where it also beats the served layer, by min_gain plus its move price, on a slower
+    # EWMA of this half-life; None: off. A plan that only fits the fast forecast's noise fails.
+    confirm_half_life_tokens: float | None = None
 
-    def alpha(self, step_tokens: int) -> float:
+    def alpha(self, step_tokens: int, half_life: float | None = None) -> float:
         """EWMA weight of one step of ``step_tokens`` tokens."""
-        return 1.0 - 0.5 ** (step_tokens / self.half_life_tokens)
+        return 1.0 - 0.5 ** (step_tokens / (half_life or self.half_life_tokens))
 
 
 @dataclass
@@ -115,6 +120,7 @@ def replay(
     default = Layout.default(L, E, P)
     cur = {p: default for p in policies}
     ewma = Ewma(sched.alpha(G * tokens))
+    slow = Ewma(sched.alpha(G * tokens, sched.confirm_half_life_tokens))
     spent = {p: 0.0 for p in policies}
     for p in policies:
         out.rows[p] = np.zeros((sched.steps, L, G, S), dtype=np.int32)
@@ -125,9 +131,12 @@ def replay(
         timed = s - sched.warmup
         if s > 0:
             ewma.update(loads[s - 1])
+            slow.update(loads[s - 1])
         for p in policies:
             t0 = time.perf_counter()
             new = _decide(p, s, timed, cur[p], loads, ewma, sched, model, G, P, E)
+            if new is not None and p.startswith("eplbd") and sched.confirm_half_life_tokens:
+                new = _confirmed(cur[p], new, slow.value, model, sched, G)
             spent[p] += time.perf_counter() - t0
             if new is not None and timed >= 0:
                 moves = int(new.moves_from(cur[p]).sum())
@@ -173,6 +182,34 @@ def deepseek_interval(policy: str, every: int) -> tuple[int, int]:
         return 1, 1
     n, _, w = spec.partition("-window-")
     return int(n), int(w or n)
+
+
+def _confirmed(
+    cur: Layout, new: Layout, slow: Any, model: CostModel, sched: Schedule, G: int
+) -> Layout | None:
+    """``new`` with each layer that does not beat ``cur``'s on the slow forecast put back."""
+    w = np.asarray(slow, dtype=np.float64)
+    L, P = cur.phy2log.shape
+
+    def layer_time(lay: Layout) -> np.ndarray:
+        rows = slot_rows_np(w, lay.phy2log.numpy(), lay.shares.numpy())
+        return model.slot_time(rows, "poisson").reshape(L, G, P // G).sum(axis=2).max(axis=1)
+
+    t_cur, t_new = layer_time(cur), layer_time(new)
+    moves = new.moves_from(cur).numpy()
+    keep = (t_cur - t_new) / np.maximum(
+        t_cur, 1e-12
+    ) >= sched.min_gain + sched.move_cost * moves / P
+    if keep.all():
+        return new
+    if not keep.any():
+        return None
+    k = torch.from_numpy(keep)[:, None]
+    share = None if cur.share is None and new.share is None else torch.where(
+        k, new.shares, cur.shares)  # fmt: skip
+    return Layout.from_phy2log(
+        torch.where(k, new.phy2log, cur.phy2log), cur.num_logical, num_gpus=G, share=share
+    )
 
 
 def _decide(

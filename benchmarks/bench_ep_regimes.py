@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--move-cost", type=float, default=ONLINE["move_cost"])
     ap.add_argument("--half-life", type=float, default=ONLINE["half_life_tokens"])
     ap.add_argument("--min-gain", type=float, default=ONLINE["min_gain"])
+    ap.add_argument("--confirm-half-life", type=float, default=None,
+                    help="an experiment: keep only the layers of eplbd's plans that also win "
+                         "on an EWMA of this half-life (tokens)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU smoke test)")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
@@ -375,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     online = {**ONLINE, "move_cost": a.move_cost, "half_life_tokens": a.half_life,
               "min_gain": a.min_gain}  # fmt: skip
+    if a.confirm_half_life:
+        online["confirm_half_life_tokens"] = a.confirm_half_life
     t0 = time.perf_counter()
     only: dict[str, set[Any]] = {}
     if a.ep:

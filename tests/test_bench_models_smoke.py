@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not an inst
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_cost_model, bench_ep_emulation, bench_ep_regimes  # noqa: E402
-from benchmarks._ep_policies import POLICIES, deepseek_interval  # noqa: E402
+from benchmarks._ep_policies import POLICIES, Schedule, _confirmed, deepseek_interval  # noqa: E402
 from benchmarks._ep_trace import (  # noqa: E402
     RegimeSource,
     dispatch_counts,
@@ -33,7 +33,7 @@ from benchmarks._ep_trace import (  # noqa: E402
 )
 from eplbd.kernels import map_and_record  # noqa: E402
 from eplbd.layout import Layout  # noqa: E402
-from eplbd.planner import CostModel  # noqa: E402
+from eplbd.planner import CostModel, plan_with_report  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -139,3 +139,23 @@ def test_long_runs_plan_with_the_named_cards_calibration() -> None:
         assert bench_cost_model.device_slug(models["v3"].device) == card
     with pytest.raises(SystemExit, match="no calibration for 'nvidia-b300'.*nvidia-h200"):
         bench_ep_regimes.stored_models("nvidia-b300")
+
+
+def test_the_confirmation_experiment_keeps_only_layers_that_win_on_the_slow_forecast() -> None:
+    """bench_ep_regimes --confirm-half-life: a plan for a hot expert is kept where the slow
+    forecast sees that expert hot too, and dropped where it sees the load even (where the
+    served layout is already balanced)."""
+    model = CostModel(fixed_us=1.0, tile_us=4.0, tile_rows=16)
+    sched = Schedule(min_gain=0.005, move_cost=0.35)
+    cur = Layout.default(2, 4, 6)  # GPU 0: experts 0 1 2, GPU 1: 3 0 1
+    hot = np.array([[10.0, 10.0, 400.0, 10.0]] * 2)
+    even = np.array([[64.0, 64.0, 128.0, 128.0]] * 2)  # 192 rows on each GPU as served
+    new = plan_with_report(torch.from_numpy(hot), num_gpus=2, num_physical_experts=6,
+                           previous=cur, cost_model=model, min_gain=0.0, move_cost=0.0).layout  # fmt: skip
+    assert not torch.equal(new.phy2log, cur.phy2log)
+    assert _confirmed(cur, new, hot, model, sched, 2) is new
+    assert _confirmed(cur, new, even, model, sched, 2) is None
+    mixed = _confirmed(cur, new, np.stack([hot[0], even[1]]), model, sched, 2)
+    assert mixed is not None
+    assert torch.equal(mixed.phy2log[0], new.phy2log[0])
+    assert torch.equal(mixed.phy2log[1], cur.phy2log[1])
