@@ -84,6 +84,7 @@ from eplbd.wire import (
     error_body,
     layout_digest,
     narrow_phy2log,
+    narrow_phy2log_each,
     validate,
 )
 from eplbd.wire._counters import WireCounters
@@ -464,8 +465,7 @@ class AgentCore:
         p2l, model = g.phy2log, g.model
         if g.epoch > 0 and p2l is not None and model is not None and tuple(p2l.shape) == model.lp:
             body["epoch"] = g.epoch
-            tensors.update(_layout_tensors(p2l, g.share))
-            tensors["phy2log"] = narrow_phy2log(p2l, rec.phy2log_dtypes)
+            tensors.update(_layout_tensors(narrow_phy2log(p2l, rec.phy2log_dtypes), g.share))
         return Send(WORKER, WELCOME, body, tensors, identity=rec.identity)
 
     def _member_body(self, rec: _Worker, reason: str | None = None) -> dict[str, Any]:
@@ -831,15 +831,11 @@ class AgentCore:
         self._bump(self.relayed, f"{PREPARE}:down", len(targets))
         # other tensors (the optional `share`, or fields of a later version) go down unchanged
         others = {k: v for k, v in msg.tensors.items() if k != "phy2log"}
-        forms: dict[tuple[str, ...], np.ndarray] = {}  # one narrowed copy per dtype list
-        out = []
-        for w in targets:
-            accepts = w.phy2log_dtypes
-            if accepts not in forms:
-                forms[accepts] = narrow_phy2log(p2l, accepts)
-            tensors = {**others, "phy2log": forms[accepts]}
-            out.append(Send(WORKER, PREPARE, out_body, tensors, identity=w.identity))
-        return out
+        forms = narrow_phy2log_each(p2l, [w.phy2log_dtypes for w in targets])
+        return [
+            Send(WORKER, PREPARE, out_body, {**others, "phy2log": form}, identity=w.identity)
+            for w, form in zip(targets, forms, strict=True)
+        ]
 
     def _on_abort(self, msg: Message) -> list[Send]:
         body = msg.body

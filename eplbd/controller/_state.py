@@ -38,7 +38,7 @@ from eplbd.wire import (
     WireCounters,
     WireError,
     layout_digest,
-    narrow_phy2log,
+    narrow_phy2log_each,
     new_incarnation,
 )
 
@@ -390,16 +390,13 @@ class CoreBase:
         self, phy2log: torch.Tensor, identities: Iterable[bytes]
     ) -> list[tuple[bytes, np.ndarray]]:
         """``phy2log`` in the wire form each agent accepts (one narrowed copy per form)."""
-        forms: dict[tuple[str, ...], np.ndarray] = {}
-        out = []
-        for i in identities:
+        ids = list(identities)
+        accepts = []
+        for i in ids:
             name = self._identity_agent.get(i)
             info = self.agents.get(name) if name is not None else None
-            accepts = info.phy2log_dtypes if info is not None else ("int64",)
-            if accepts not in forms:
-                forms[accepts] = narrow_phy2log(phy2log.numpy(), accepts)
-            out.append((i, forms[accepts]))
-        return out
+            accepts.append(info.phy2log_dtypes if info is not None else ("int64",))
+        return list(zip(ids, narrow_phy2log_each(phy2log.numpy(), accepts), strict=True))
 
     def _adopt(self, g: GroupState, epoch: int, layout: Layout, wall: float, why: str) -> None:
         rec = g.record

@@ -99,6 +99,7 @@ from eplbd.wire._phy2log import (
     held_layouts,
     layout_digest,
     narrow_phy2log,
+    narrow_phy2log_each,
 )
 from eplbd.wire._schema import (
     COMMAND_OPS,
@@ -196,6 +197,7 @@ __all__ = [
     "load_client_keys",
     "load_server_keys",
     "narrow_phy2log",
+    "narrow_phy2log_each",
     "new_incarnation",
     "process_incarnation",
     "read_allow_list",

@@ -25,6 +25,7 @@ __all__ = [
     "held_layouts",
     "layout_digest",
     "narrow_phy2log",
+    "narrow_phy2log_each",
 ]
 
 #: The dtypes a receiver of this version accepts for ``phy2log``, narrowest first.
@@ -61,9 +62,22 @@ def narrow_phy2log(phy2log: Any, accepts: Iterable[str]) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+def narrow_phy2log_each(phy2log: Any, accepts: Iterable[tuple[str, ...]]) -> list[np.ndarray]:
+    """``phy2log`` narrowed for each receiver's ``accepts`` in turn (:func:`narrow_phy2log`),
+    one copy per distinct list: a group's receivers mostly share one."""
+    forms: dict[tuple[str, ...], np.ndarray] = {}
+    out = []
+    for a in accepts:
+        if a not in forms:
+            forms[a] = narrow_phy2log(phy2log, a)
+        out.append(forms[a])
+    return out
+
+
 def layout_digest(phy2log: Any) -> int:
-    """CRC32 (31 bits) of the int64 form of ``phy2log``: the digest the client's consensus
-    compares, and the one an ``agent_hello`` lists for the layouts its agent holds."""
+    """CRC32 (31 bits) of the int64 form of ``phy2log``: the digest an ``agent_hello`` lists
+    for the layouts its agent holds (with its epoch). It equals the client's consensus
+    digest for an equal-split layout; the client's also covers the shares of a weighted one."""
     import numpy as np
 
     return zlib.crc32(np.ascontiguousarray(np.asarray(phy2log), dtype=np.int64).tobytes()) & (
