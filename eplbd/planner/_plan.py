@@ -89,7 +89,6 @@ SWAP_PARTNERS = 6
 MAX_SWAP_ITERATIONS = 64
 TIME_SWAP_ITERATIONS = 8
 TIME_MIN_STEP = 1e-3
-TIME_PARTNERS = SWAP_PARTNERS
 #: Without a previous layout nothing can be kept, so every layer is refined to within this
 #: fraction of its bound (``tolerance`` applies to plans from a previous layout).
 SCRATCH_TOLERANCE = 0.002
@@ -537,7 +536,7 @@ def _scratch(
     if tc is None:
         refine(pl, sub, target, costs, max_iter=MAX_SWAP_ITERATIONS, partners=SWAP_PARTNERS)
     else:
-        refine(pl, sub, target, costs, max_iter=TIME_SWAP_ITERATIONS, partners=TIME_PARTNERS,
+        refine(pl, sub, target, costs, max_iter=TIME_SWAP_ITERATIONS, partners=SWAP_PARTNERS,
                min_step=TIME_MIN_STEP * tc.ideal[rows], widen=False)  # fmt: skip
     if pl.act is not None:
         toggle(pl, sub, pb.P)
@@ -619,8 +618,7 @@ def _refined(pl: Placement, bound: np.ndarray, tolerance: float, costs: SwapCost
         # (the time objective toggled activity again after each depth's swaps: in the
         # planner benchmark's chains it never found a toggle there, at 0.5 ms a depth)
         refine(pl, rows, bound * (1.0 + depth * tolerance), costs, max_iter=iters,
-               partners=TIME_PARTNERS if time else SWAP_PARTNERS, min_step=step,
-               widen=not time)  # fmt: skip
+               partners=SWAP_PARTNERS, min_step=step, widen=not time)  # fmt: skip
         cands.append(snap())
     return cands
 

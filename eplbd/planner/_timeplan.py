@@ -72,7 +72,7 @@ def time_counts(mu: np.ndarray, f: Cost, num_physical: int, num_gpus: int, cap: 
     replicas: taking extras by falling priority gives, for every K, the counts with the
     lowest peak (the largest per-replica time) that K extras can reach. The total time
     grows with K (every active replica is read), so the bound of a layer with K active
-    extras is max(total(K) / G, peak(K)); the K with the lowest, K0 (ties: the fewest), is
+    extras is max(total(K) / G, peak(K)); the K with the lowest, K0 (ties: the most), is
     the plan's. (Packing several K and keeping the one that packed best chose by the
     packing before its refinement, which is where K0 gains: the busiest GPUs shed their
     small replicas onto the idle slots of others.)
