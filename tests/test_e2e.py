@@ -43,6 +43,21 @@ pytestmark = pytest.mark.slow
 TOL = 1e-9  # float64 outputs equal the reference up to summation order (about 1e-15 here)
 
 
+def _wait_first_commit_served(st: Stack, names: list[str], commit_s: float) -> None:
+    """Wait for group g's first automatic rebalance to commit (``commit_s``), then for every
+    worker of ``names`` to serve the new epoch."""
+    st.wait_until(
+        lambda: [a["state"] for a in st.attempts("g")] == ["committed"],
+        commit_s,
+        "an automatic rebalance committed",
+    )
+    st.wait_until(
+        lambda: all(epoch_switches(st.records(n)) for n in names),
+        10,
+        "the workers serve the new epoch",
+    )
+
+
 def _check_served(stack: Stack, names: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Every output equals the reference; every rank served the same epoch at every step."""
     recs = {n: stack.records(n) for n in names}
@@ -70,16 +85,7 @@ def test_skewed_load_is_rebalanced_and_committed_on_every_rank() -> None:
         agent = st.start_agent("n0")
         specs = st.start_group("g", [agent, agent], sync_interval=8)
         names = [s.name for s in specs]
-        st.wait_until(
-            lambda: [a["state"] for a in st.attempts("g")] == ["committed"],
-            40,
-            "an automatic rebalance committed",
-        )
-        st.wait_until(
-            lambda: all(epoch_switches(st.records(n)) for n in names),
-            10,
-            "the workers serve the new epoch",
-        )
+        _wait_first_commit_served(st, names, 40)
         st.wait_steps(names, 80)
         st.stop_group("g")
         recs = _check_served(st, names)
@@ -791,16 +797,7 @@ def test_time_objective_commits_a_weighted_split_on_every_rank() -> None:
         agent = st.start_agent("n0")
         specs = st.start_group("g", [agent, agent], sync_interval=8, tokens=4)
         names = [s.name for s in specs]
-        st.wait_until(
-            lambda: [a["state"] for a in st.attempts("g")] == ["committed"],
-            60,
-            "an automatic rebalance committed",
-        )
-        st.wait_until(
-            lambda: all(epoch_switches(st.records(n)) for n in names),
-            10,
-            "the workers serve the new epoch",
-        )
+        _wait_first_commit_served(st, names, 60)
         st.wait_steps(names, 40)
         grp = st.group("g")
         layout = st.group("g", "layout")["layout"]
