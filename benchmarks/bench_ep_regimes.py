@@ -105,6 +105,11 @@ def cases(domains: str, tiny: bool, R: int) -> list[Case]:
     return [Case(r, G, P, t, sh, n[r] * R, WARMUP) for r, G, P, t, sh in groups]
 
 
+def calibrated_cards() -> list[str]:
+    """The cards (slugs) with a calibration stored in benchmarks/calibration."""
+    return sorted({f.name.split("-deepseek")[0] for f in CALIBRATION.glob("*.json")})
+
+
 def stored_models(device: str = CALIBRATED_ON) -> dict[str, CostModel]:
     """The cost models calibrated on ``device`` (a slug, e.g. nvidia-h200) and stored in
     benchmarks/calibration, per shape. One card for every shape, named in the docs: the
@@ -117,8 +122,9 @@ def stored_models(device: str = CALIBRATED_ON) -> dict[str, CostModel]:
         if path.exists():
             out[key] = CostModel.from_json(path.read_text())
     if not out:
-        have = sorted({f.name.split("-deepseek")[0] for f in CALIBRATION.glob("*.json")})
-        raise SystemExit(f"no calibration for {device!r} in {CALIBRATION}; stored: {have}")
+        raise SystemExit(
+            f"no calibration for {device!r} in {CALIBRATION}; stored: {calibrated_cards()}"
+        )
     return out
 
 

@@ -131,7 +131,7 @@ def test_long_runs_scored_by_the_cost_model_on_the_cpu(tmp_path: Path) -> None:
 def test_long_runs_plan_with_the_named_cards_calibration() -> None:
     """Each stored card's calibration can plan and score; a card with none is refused with the
     cards that have one, never silently replaced by another's."""
-    cards = {f.name.split("-deepseek")[0] for f in bench_cost_model.CALIBRATION.glob("*.json")}
+    cards = bench_ep_regimes.calibrated_cards()
     assert bench_ep_regimes.CALIBRATED_ON in cards
     for card in cards:
         models = bench_ep_regimes.stored_models(card)
