@@ -186,22 +186,18 @@ def wait_for(pred: Callable[[], Any], timeout_s: float, what: str, every_s: floa
         time.sleep(every_s)
 
 
-def _nice() -> None:
-    os.nice(10)
-
-
 @dataclass
 class VllmProcess:
-    """A vLLM process tree (offline driver or ``vllm serve``) in its own process group (so it
-    is signalled as one) at a lower CPU priority than the eplbd daemons (on two cores, vLLM
-    would otherwise starve them).
+    """A vLLM process tree (offline driver or ``vllm serve``) in its own process group, so
+    it is signalled as one, in the test's session, at the test's priority.
 
     Not in its own session: with the kernel's autogroup scheduling (on here and in CI), a new
     session is a new scheduling group that competes with the test's session as a whole, and
     nice then only ranks tasks inside a group. So placed, vLLM's two busy workers left the
     test's session almost no CPU for minutes (a fresh ``import torch`` waited 872 s on the run
     queue; an agent took 270 s to restart; a SIGKILLed one was not reaped in 10 s). In the
-    test's session, at nice 10, the same import took 1.2 s beside running vLLM."""
+    test's session the same import took 1.2 s beside running vLLM. Not niced either: at nice
+    10 beside two busy loops vLLM got about 10% of a core and served no round in 300 s."""
 
     popen: subprocess.Popen[bytes]
     log: Path
@@ -217,7 +213,6 @@ class VllmProcess:
                 env=env,
                 cwd=str(log.parent),
                 process_group=0,
-                preexec_fn=_nice,
             )
         return cls(p, log)
 
