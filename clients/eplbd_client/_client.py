@@ -672,10 +672,11 @@ class EplbClient:
             return self._refuse_locked(epoch, reason)
 
     def _refuse_locked(self, epoch: int, reason: str) -> str:
-        self._count("refused")
         _log.warning("eplbd_client: rank %d refused epoch %d: %s", self.ep_rank, epoch, reason)
         if epoch >= 0:
             self._send("aborted", {**self._ids(epoch), "reason": reason})
+        # counted once the abort is on its way: whoever sees the count sees the abort sent
+        self._count("refused")
         return reason
 
     def _check_stageable(
