@@ -526,6 +526,7 @@ class EplbClient:
     # --- internals: messages and threads -------------------------------------------------------
 
     def _count(self, key: str, n: int = 1) -> None:
+        # a report's counter moves after its _send: whoever sees the count sees it queued
         with self._stats_lock:
             self._stats[key] += n
 
@@ -675,7 +676,6 @@ class EplbClient:
         _log.warning("eplbd_client: rank %d refused epoch %d: %s", self.ep_rank, epoch, reason)
         if epoch >= 0:
             self._send("aborted", {**self._ids(epoch), "reason": reason})
-        # counted once the abort is on its way: whoever sees the count sees the abort sent
         self._count("refused")
         return reason
 
@@ -733,11 +733,11 @@ class EplbClient:
                 p.buffers.clear()
                 return
             p.state = _STAGED
-        self._count("staged")
         self._send(
             "staged",
             {**self._ids(p.epoch), "ok": True, "reason": "", "staged_bytes": p.staged_bytes},
         )
+        self._count("staged")
         self._wake()
 
     def _fill(self, p: _Pending) -> None:
@@ -800,9 +800,9 @@ class EplbClient:
         if p.state != _STAGING:
             p.buffers.clear()
         p.maps = None
-        self._count("aborted")
         _log.info("eplbd_client: rank %d dropped epoch %d: %s", self.ep_rank, p.epoch, reason)
         self._send("aborted", {**self._ids(p.epoch), "reason": reason})
+        self._count("aborted")
 
     def _apply(self, p: _Pending) -> None:
         """Switch to p's layout before the next forward (serving thread, lock held)."""
@@ -833,8 +833,8 @@ class EplbClient:
         self._pending = None
         p.buffers = {}
         p.maps = None
-        self._count("commits")
         self._send("committed", {**self._ids(p.epoch), "step": self._step})
+        self._count("commits")
         self._recorder.open(self._step, mid_window=True)
 
     # --- internals: the step slow path ---------------------------------------------------------
@@ -956,5 +956,5 @@ class EplbClient:
             "tokens": -(-total // k),
         }
         self._seq += 1
-        self._count("snapshots")
         self._send("snapshot", body, {"counts": counts})
+        self._count("snapshots")
