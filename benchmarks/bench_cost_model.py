@@ -6,6 +6,7 @@ GPU as the reference; report its error.
 
     python3 -m benchmarks.bench_cost_model [--shapes v2lite,v3] [--out DIR] [--doc auto|yes|no]
     python3 -m benchmarks.bench_cost_model --render DIR/cost_model.json   # docs from a saved run
+    python3 -m benchmarks.bench_cost_model --forms DIR/cost_model.json    # other model forms
 
 For each expert shape (DeepSeek-V2-Lite: hidden 2048, ffn 1408; DeepSeek-V3: 7168, 2048;
 bf16) it times one rank's grouped expert GEMMs (``benchmarks/_gemm_timer.py``) for
@@ -236,6 +237,68 @@ def calibrate(
     }
 
 
+#: other forms of the model, fitted the same way to a saved run's points (``--forms``):
+#: name -> the features of a workload besides the constant and the active slots
+FORMS = {
+    "tiles of 128 (the model)": lambda w: [np.ceil(w / 128).sum()],
+    "tiles of 64 and of 128": lambda w: [np.ceil(w / 128).sum(), np.ceil(w / 64).sum()],
+    "tiles of 128 and of 256": lambda w: [np.ceil(w / 128).sum(), np.ceil(w / 256).sum()],
+    "tiles of 128 and the fullest slot's": lambda w: [
+        np.ceil(w / 128).sum(), np.ceil(w.max() / 128)],
+    "rows (no tiles)": lambda w: [w.sum()],
+}  # fmt: skip
+
+
+def forms(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each form of :data:`FORMS` fitted (least squares on the relative error) to the fit
+    workloads of a saved shape's run ``r``; its median error on the fit, random held-out and
+    trace workloads, and its p90 on the traces."""
+    wl = [np.asarray(w, dtype=np.float64) for w in r["points"]["workloads"]]
+    t = np.asarray(r["points"]["us"], dtype=np.float64)
+    nf = r["sets"]["fit (uniform and random)"]["calibrated"]["n"]
+    nh = r["sets"]["held out: random"]["calibrated"]["n"]
+    out = []
+    for name, feat in FORMS.items():
+        X = np.array([[1.0, float((w > 0).sum()), *feat(w)] for w in wl])
+        c, *_ = np.linalg.lstsq(X[:nf] / t[:nf, None], np.ones(nf), rcond=None)
+        rel = np.abs(X @ c - t) / t
+        tr = rel[nf + nh :]
+        out.append({
+            "form": name, "coef_us": [float(x) for x in c],
+            "fit": float(np.median(rel[:nf])), "held_random": float(np.median(rel[nf : nf + nh])),
+            "traces": float(np.median(tr)), "traces_p90": float(np.quantile(tr, 0.9)),
+        })  # fmt: skip
+    return out
+
+
+def render_forms(res: dict[str, Any]) -> str:
+    dev = res["shapes"][0]["model"]["device"]
+    lines = [
+        f"## Other forms of the cost model (`bench_cost_model --forms`), {dev}",
+        "",
+        f"Machine: {res['machine']}. Each form (base + fixed x active slots + the features "
+        "named) fitted like the model to the fit workloads of one calibration run, then its "
+        "median error (|model - measured| / measured) on each set. Coefficients in us: base, "
+        "per active slot, then per feature.",
+        "",
+    ]
+    for r in res["shapes"]:
+        lines += [
+            f"### {r['shape']['name']}",
+            "",
+            "| form | coefficients us | fit | held out: random | held out: traces | traces p90 |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for f in forms(r):
+            lines.append(
+                f"| {f['form']} | {', '.join(f'{x:.2f}' for x in f['coef_us'])} | "
+                f"{100 * f['fit']:.1f}% | {100 * f['held_random']:.1f}% | "
+                f"{100 * f['traces']:.1f}% | {100 * f['traces_p90']:.1f}% |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 # --- the report ----------------------------------------------------------------------------
 
 
@@ -313,7 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--doc", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--render", default=None, help="write the docs and calibrations of a saved run")
+    ap.add_argument("--forms", default=None, help="fit other model forms to a saved run's points")
     a = ap.parse_args(argv)
+    if a.forms:
+        res = json.loads(Path(a.forms).read_text())
+        md = render_forms(res)
+        if a.doc == "yes":
+            write_section(f"{section(res)}-forms", md)
+        print(md)
+        return 0
     if a.render:
         res = json.loads(Path(a.render).read_text())
         store(res)

@@ -23,7 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_cost_model, bench_ep_emulation, bench_ep_regimes  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_cost_model,
+    bench_ep_emulation,
+    bench_ep_regimes,
+    bench_slot_curve,
+)
 from benchmarks._ep_policies import POLICIES, Schedule, _confirmed, deepseek_interval  # noqa: E402
 from benchmarks._ep_trace import (  # noqa: E402
     RegimeSource,
@@ -79,6 +84,10 @@ def test_calibration_and_emulation_run_on_the_cpu(tmp_path: Path) -> None:
         model = CostModel.from_dict(r["model"])
         assert model.source == "calibrated" and model.tile_rows in bench_cost_model.TILES
         assert any(k.startswith("held out: ESFT") for k in r["sets"])
+        fitted = bench_cost_model.forms(r)
+        assert [f["form"] for f in fitted] == list(bench_cost_model.FORMS)
+        assert all(np.isfinite(f["traces"]) and f["fit"] >= 0 for f in fitted)
+    assert bench_cost_model.main(["--forms", str(cm / "cost_model.json"), "--doc", "no"]) == 0
     emu = tmp_path / "emu"
     rep = tmp_path / "replays.npz"
     args = ["--tiny", "--device", "cpu", "--models", str(cm / "cost_model.json")]
@@ -95,6 +104,20 @@ def test_calibration_and_emulation_run_on_the_cpu(tmp_path: Path) -> None:
         assert all(p["ms_mean"] > 0 for p in pol.values())
         assert pol["none"]["moves"] == 0 and pol["deepseek-every-step"]["rebalances"] >= 1
     assert "an emulation" in bench_ep_emulation.render(out)
+    assert (DOC.read_bytes() if DOC.exists() else None) == before
+
+
+def test_slot_curve_runs_on_the_cpu(tmp_path: Path) -> None:
+    before = DOC.read_bytes() if DOC.exists() else None
+    argv = ["--tiny", "--device", "cpu", "--reps", "1", "--shapes", "v3", "--out", str(tmp_path)]
+    assert bench_slot_curve.main(argv) == 0
+    res = json.loads((tmp_path / "slot_curve.json").read_text())
+    (r,) = res["shapes"]
+    assert len(r["us"]) == len(r["tags"]) == len(r["us_again"]) and min(r["us"]) > 0
+    spread = bench_slot_curve.rank_spread(r, CostModel.from_dict(r["model"]))
+    assert spread and all(0 < s["picked_over_slowest"] <= 1.0 for s in spread)
+    assert all(s["measured_max_over_mean"] >= 1.0 for s in spread)
+    assert "| 5 of 5 |" in bench_slot_curve.render(res)
     assert (DOC.read_bytes() if DOC.exists() else None) == before
 
 
