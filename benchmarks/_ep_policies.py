@@ -17,6 +17,11 @@ before (except the two "perfect knowledge" references, which plan on the step it
   leave replicas idle: a weighted split through the dispatch table);
 - ``perfect-deepseek`` / ``perfect-eplbd``: DeepSeek's EPLB / eplbd's time objective (from
   scratch, exact counts) planned on each step's own load: what perfect knowledge reaches.
+- ``oracle-regime`` (a :class:`RegimeSource` only): from each regime's first step, the layout
+  planned on the regime's own mean load (its whole pool, scaled to a step), per layer the
+  better in expected modelled time of DeepSeek's and eplbd's time objective. A regime's steps
+  are independent draws from its pool, so no policy that sees only past steps can expect to
+  beat it: what *perfect* gains beyond it is each step's draw, which no forecast can know.
 
 Each step's rows per slot come from the step's token ids through the dispatch table of
 the policy's layout (``_ep_trace.dispatch_counts``, the kernel's semantics).
@@ -127,6 +132,7 @@ def replay(
         out.changes[p] = []
         out.modelled[p] = np.zeros((sched.steps, L))
     act_sum = {p: 0.0 for p in policies}
+    oracle: dict[int, Layout] = {}
     for s in range(total):
         timed = s - sched.warmup
         if s > 0:
@@ -134,7 +140,10 @@ def replay(
             slow.update(loads[s - 1])
         for p in policies:
             t0 = time.perf_counter()
-            new = _decide(p, s, timed, cur[p], loads, ewma, sched, model, G, P, E)
+            if p == "oracle-regime":
+                new = _oracle(stream, s, oracle, step_tokens, model, G, P)
+            else:
+                new = _decide(p, s, timed, cur[p], loads, ewma, sched, model, G, P, E)
             if new is not None and p.startswith("eplbd") and sched.confirm_half_life_tokens:
                 new = _confirmed(cur[p], new, slow.value, model, sched, G)
             spent[p] += time.perf_counter() - t0
@@ -172,6 +181,40 @@ def _ids(
     return stream.ids[idx].reshape(G, tokens, stream.num_layers, stream.top_k)
 
 
+def _oracle(
+    stream: Stream | RegimeSource, s: int, cache: dict[int, Layout], step_tokens: int,
+    model: CostModel, G: int, P: int,
+) -> Layout:  # fmt: skip
+    """The ``oracle-regime`` layout of step ``s`` (see the module docstring)."""
+    if not isinstance(stream, RegimeSource):
+        raise ValueError("oracle-regime needs a RegimeSource (regimes with known pools)")
+    r = stream.regime(s)
+    if r not in cache:
+        pool = stream.regimes[r]
+        E, L = stream.num_experts, stream.num_layers
+        mean = np.stack(
+            [np.bincount(pool[:, layer].ravel(), minlength=E) for layer in range(L)]
+        ).astype(np.float64) * (step_tokens / pool.shape[0])
+        ds = _deepseek(mean, P, G, E)
+        ep = plan_with_report(
+            mean, num_gpus=G, num_physical_experts=P, cost_model=model, sampling="poisson"
+        ).layout
+        t_ds, t_ep = (_expected_max(lay, mean, model, G) for lay in (ds, ep))
+        k = torch.from_numpy(t_ep < t_ds)[:, None]
+        cache[r] = Layout.from_phy2log(
+            torch.where(k, ep.phy2log, ds.phy2log), E, num_gpus=G,
+            share=torch.where(k, ep.shares, ds.shares),
+        )  # fmt: skip
+    return cache[r]
+
+
+def _expected_max(lay: Layout, load: np.ndarray, model: CostModel, G: int) -> np.ndarray:
+    """Per layer, the slowest GPU's expected modelled time on ``load`` [L, E]. -> [L]"""
+    L, P = lay.phy2log.shape
+    rows = slot_rows_np(load, lay.phy2log.numpy(), lay.shares.numpy())
+    return model.slot_time(rows, "poisson").reshape(L, G, P // G).sum(axis=2).max(axis=1)
+
+
 def deepseek_interval(policy: str, every: int) -> tuple[int, int]:
     """(interval n, window w) in steps of a ``deepseek-every-...`` policy (``every``: the
     schedule's N)."""
@@ -189,13 +232,8 @@ def _confirmed(
 ) -> Layout | None:
     """``new`` with each layer that does not beat ``cur``'s on the slow forecast put back."""
     w = np.asarray(slow, dtype=np.float64)
-    L, P = cur.phy2log.shape
-
-    def layer_time(lay: Layout) -> np.ndarray:
-        rows = slot_rows_np(w, lay.phy2log.numpy(), lay.shares.numpy())
-        return model.slot_time(rows, "poisson").reshape(L, G, P // G).sum(axis=2).max(axis=1)
-
-    t_cur, t_new = layer_time(cur), layer_time(new)
+    P = cur.num_physical
+    t_cur, t_new = _expected_max(cur, w, model, G), _expected_max(new, w, model, G)
     moves = new.moves_from(cur).numpy()
     keep = (t_cur - t_new) / np.maximum(
         t_cur, 1e-12

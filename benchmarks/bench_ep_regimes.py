@@ -28,7 +28,11 @@ shown: every step from the last (the issue's DeepSeek-every-step) and every R st
 
 Reference: **perfect**, per step and layer, the better of DeepSeek's and eplbd's time objective
 planned on the step's own counts (perfect knowledge, all moves free). *gap closed* vs a
-DeepSeek schedule: (DS - eplbd) / (DS - perfect) in mean MoE time per step; *moves ratio*:
+DeepSeek schedule: (DS - eplbd) / (DS - perfect) in mean MoE time per step. A second
+reference, **regime oracle**: from each regime's first step, the layout planned on the
+regime's own mean load (``oracle-regime`` in ``_ep_policies``): a step is an independent
+draw from its regime, so this is what any policy that sees only past steps can expect at
+best; *of the reachable gap*: (DS - eplbd) / (DS - regime oracle). *moves ratio*:
 eplbd's slots rewritten over the run / that schedule's (*steady*: without the first
 placement from the default layout, which every policy makes at the run's first step).
 
@@ -149,7 +153,7 @@ def run_case(args: tuple[Case, str, int, int, dict[str, Any], dict[str, Any], in
     sched = Schedule(warmup=case.warmup, steps=case.steps, **online)
     ds = deepseek_schedules(R, engine_steps)
     pols = ("none", *ds.values(), "eplbd-tokens", "eplbd-time", "perfect-deepseek",
-            "perfect-eplbd")  # fmt: skip
+            "perfect-eplbd", "oracle-regime")  # fmt: skip
     t0 = time.perf_counter()
     rep = replay(src, case.G, case.P, case.tokens, model, sched, policies=pols)
     # modelled: every rank's time from the cost model, its fixed base included
@@ -191,10 +195,14 @@ def summarise(rep: Replay, ds: dict[str, str], slowest: dict[str, np.ndarray]) -
     steady = {p: sum(m for st, m in c if st > 0) for p, c in rep.changes.items()}
     out: dict[str, Any] = {"time_us": t, "perfect_us": perfect, "moves": moves,
                            "steady_moves": steady, "vs": {}, "schedules": ds}  # fmt: skip
+    oracle = t.get("oracle-regime")
     for label, p in ds.items():
         out["vs"][label] = {
             p2: {
                 "closed": (t[p] - t[p2]) / (t[p] - perfect) if t[p] > perfect else None,
+                "closed_reachable": (t[p] - t[p2]) / (t[p] - oracle)
+                if oracle is not None and t[p] > oracle
+                else None,
                 "moves_ratio": moves[p2] / moves[p] if moves[p] else None,
                 "steady_moves_ratio": steady[p2] / steady[p] if steady[p] else None,
             }
@@ -249,8 +257,9 @@ def render(res: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "| case | none us | perfect us | DS every step us | DS vLLM us | DS SGLang us "
         "| eplbd time us | eplbd tokens us | time / none | gap closed vs vLLM | vs SGLang "
         "| vs every step | moves eplbd time | moves DS vLLM | DS SGLang | DS every step "
-        "| ratio vs vLLM | vs SGLang | steady ratio vs vLLM | vs SGLang |",
-        "|---|" + "---:|" * 19,
+        "| ratio vs vLLM | vs SGLang | steady ratio vs vLLM | vs SGLang "
+        "| regime oracle us | of the reachable gap vs vLLM | vs SGLang |",
+        "|---|" + "---:|" * 22,
     ]
     for r in res:
         c, s = r["case"], r["summary"]
@@ -267,10 +276,17 @@ def render(res: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {_r(vs[vll]['eplbd-time']['moves_ratio'])} "
             f"| {_r(vs[sgl]['eplbd-time']['moves_ratio'])} "
             f"| {_r(vs[vll]['eplbd-time']['steady_moves_ratio'])} "
-            f"| {_r(vs[sgl]['eplbd-time']['steady_moves_ratio'])} |"
+            f"| {_r(vs[sgl]['eplbd-time']['steady_moves_ratio'])} "
+            f"| {_us(t.get('oracle-regime'))} "
+            f"| {_pc(vs[vll]['eplbd-time'].get('closed_reachable'))} "
+            f"| {_pc(vs[sgl]['eplbd-time'].get('closed_reachable'))} |"
         )
     lines += ["", *verdict(res, vll, sgl)]
     return "\n".join(lines)
+
+
+def _us(x: float | None) -> str:
+    return "" if x is None else f"{x:.0f}"
 
 
 def verdict(res: list[dict[str, Any]], vll: str, sgl: str) -> list[str]:
@@ -283,6 +299,8 @@ def verdict(res: list[dict[str, Any]], vll: str, sgl: str) -> list[str]:
         steady = [r["summary"]["vs"][lab]["eplbd-time"]["steady_moves_ratio"] for r in big]
         st = [x for x in steady if x is not None]
         c = [x for x in closed if x is not None]
+        reach = [r["summary"]["vs"][lab]["eplbd-time"].get("closed_reachable") for r in big]
+        cr = [x for x in reach if x is not None]
         m = [x for x in ratio if x is not None]
         if c:
             out.append(
@@ -292,7 +310,9 @@ def verdict(res: list[dict[str, Any]], vll: str, sgl: str) -> list[str]:
                 f"{_r(max(m) if m else None)} (target <= 0.10: "
                 f"{'met' if m and max(m) <= 0.10 else 'not met'}); without the first "
                 f"placement max {_r(max(st) if st else None)}"
-            )
+                + (f"; of the gap to the regime oracle (reachable online) median "
+                   f"{_pc(statistics.median(cr))} (worst {_pc(min(cr))})" if cr else "")
+            )  # fmt: skip
     worst = max(r["summary"]["time_us"]["eplbd-time"] / r["summary"]["time_us"]["none"]
                 for r in res)  # fmt: skip
     out.append(

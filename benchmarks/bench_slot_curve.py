@@ -14,7 +14,10 @@ cannot see:
 - *the ranks of a step*: every rank's workload of the ESFT and synthetic steps of
   ``bench_cost_model`` (default and DeepSeek layouts), grouped per step and layer: the
   measured spread between ranks (max / mean) against the model's, and how close the rank
-  the model calls slowest is to the measured slowest.
+  the model calls slowest is to the measured slowest;
+- *two layouts of the same steps*: DeepSeek's layout and eplbd's time objective, both
+  planned on the steps' own mean load, and the same steps' slowest rank per layer under
+  each, measured and modelled: whether the model's preference between them holds on the GPU.
 
     python3 -m benchmarks.bench_slot_curve [--shapes v3,v2lite] [--out DIR] [--doc auto|yes|no]
     python3 -m benchmarks.bench_slot_curve --render DIR/slot_curve.json   # docs from a saved run
@@ -33,10 +36,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks._ep_trace import dispatch_counts, esft_stream, step_ids, synthetic_stream
 from benchmarks._gemm_timer import SHAPES, ExpertShape, GemmTimer
 from benchmarks._report import machine_line, write_section
 from benchmarks.bench_cost_model import calibration_path, device_slug, trace_workloads
-from eplbd.planner import CostModel
+from eplbd.layout import Layout
+from eplbd.planner import CostModel, plan_with_report, rebalance_experts
 
 SECTION = "slot-curve"
 GRID = (1, 8, 16, 32, 48, 64, 80, 96, 112, 128, 129, 144, 160, 192, 224, 256, 257, 288,
@@ -70,10 +75,54 @@ def workloads(tiny: bool) -> tuple[list[list[int]], list[list[Any]]]:
     return wl, tags
 
 
-def measure(shape: ExpertShape, device: str, tiny: bool, reps: int) -> dict[str, Any]:
+def layout_pairs(tiny: bool, model: CostModel, steps: int = 8) -> dict[str, dict[str, Any]]:
+    """Per case, every rank's workload of ``steps`` steps and every layer under DeepSeek's
+    layout and under eplbd's time objective (``model``), both planned on the mean load of
+    those steps (the same information for both). -> key -> {"G", layout -> workloads}"""
+    esft = esft_stream([3] if tiny else [3, 9, 15, 21])
+    cases: list[tuple[str, Any, int, int, int]] = [("ESFT", esft, 16, 80, 64 if tiny else 64)]
+    if not tiny:
+        cases += [("ESFT", esft, 16, 80, 2048)]
+        syn = synthetic_stream(4, 64 * 64, num_layers=2, seed=1)
+        cases += [("synthetic V3", syn, 32, 288, 64), ("synthetic V3", syn, 64, 320, 64)]
+    out = {}
+    for name, stream, G, P, tokens in cases:
+        E, L = stream.num_experts, stream.num_layers
+        n = 2 if tiny else steps
+        ids = [step_ids(stream, 1000 + 7 * s, G, tokens) for s in range(n)]
+        load = np.stack([
+            sum(np.bincount(x[:, :, layer].ravel(), minlength=E) for x in ids)
+            for layer in range(L)
+        ]).astype(np.float64) / n  # mean rows of a step, [L, E]  # fmt: skip
+        lays = {
+            "DeepSeek": Layout.from_phy2log(rebalance_experts(load, P, 1, 1, G)[0], E),
+            "eplbd time": plan_with_report(
+                load, num_gpus=G, num_physical_experts=P, cost_model=model
+            ).layout,
+        }
+        entry: dict[str, Any] = {"G": G}
+        for lname, lay in lays.items():
+            table, count = (t.numpy() for t in lay.dispatch())
+            entry[lname] = [
+                list(map(int, r))
+                for x in ids
+                for layer in range(L)
+                for r in dispatch_counts(x[:, :, layer], table[layer], count[layer], P).reshape(
+                    G, P // G
+                )
+            ]
+        out[f"{name}, EP {G}, {tokens} tokens/rank"] = entry
+    return out
+
+
+def measure(
+    shape: ExpertShape, device: str, tiny: bool, reps: int, model: CostModel
+) -> dict[str, Any]:
     wl, tags = workloads(tiny)
     traces = trace_workloads(tiny)
-    every = wl + [w for v in traces.values() for w in v]
+    pairs = layout_pairs(tiny, model)
+    pair_wl = [w for v in pairs.values() for k, ws in v.items() if k != "G" for w in ws]
+    every = wl + [w for v in traces.values() for w in v] + pair_wl
     timer = GemmTimer(shape, max(len(w) for w in every), max(sum(w) for w in every), device)
     t0 = time.perf_counter()
     us = timer.time(every, reps=reps, warmup=2)
@@ -82,7 +131,15 @@ def measure(shape: ExpertShape, device: str, tiny: bool, reps: int) -> dict[str,
     for key, w in traces.items():
         out_traces[key] = {"workloads": w, "us": us[at : at + len(w)]}
         at += len(w)
+    out_pairs: dict[str, Any] = {}
+    for key, v in pairs.items():
+        out_pairs[key] = {"G": v["G"]}
+        for lname, ws in v.items():
+            if lname != "G":
+                out_pairs[key][lname] = {"workloads": ws, "us": us[at : at + len(ws)]}
+                at += len(ws)
     return {
+        "pairs": out_pairs,
         "shape": shape.__dict__,
         "workloads": wl,
         "tags": tags,
@@ -119,6 +176,23 @@ def rank_spread(r: dict[str, Any], model: CostModel) -> list[dict[str, Any]]:
             "max_error": float(np.median(np.abs(m.max(axis=1) - t.max(axis=1)) / t.max(axis=1))),
             "picked_over_slowest": float(picked.mean()),
         })  # fmt: skip
+    return out
+
+
+def pair_compare(r: dict[str, Any], model: CostModel) -> list[dict[str, Any]]:
+    """Per case of ``layout_pairs``: the mean slowest rank, measured and modelled, under
+    DeepSeek's layout and eplbd's time objective."""
+    out = []
+    for key, v in r.get("pairs", {}).items():
+        G = v["G"]
+        row: dict[str, Any] = {"case": key}
+        for lname, tag in (("DeepSeek", "ds"), ("eplbd time", "ep")):
+            ws, us = v[lname]["workloads"], np.asarray(v[lname]["us"], dtype=np.float64)
+            m = np.array([model.gemm_time(w) for w in ws])
+            row[f"{tag}_us"] = float(us.reshape(-1, G).max(axis=1).mean())
+            row[f"{tag}_model_us"] = float(m.reshape(-1, G).max(axis=1).mean())
+            row[f"{tag}_active"] = float(np.mean([sum(1 for x in w if x > 0) for w in ws]))
+        out.append(row)
     return out
 
 
@@ -207,6 +281,26 @@ def render(res: dict[str, Any]) -> str:
                 f"{s['modelled_max_over_mean']:.3f} | {100 * s['max_error']:.1f}% | "
                 f"{s['picked_over_slowest']:.3f} |"
             )
+        pc = pair_compare(r, model)
+        if pc:
+            lines += [
+                "",
+                "Two layouts of the same steps, both planned on those steps' mean load: the "
+                "slowest rank's time per step and layer (mean, us), measured and modelled, and "
+                "active slots per GPU:",
+                "",
+                "| steps | DeepSeek measured | eplbd time measured | eplbd / DeepSeek measured "
+                "| DeepSeek modelled | eplbd time modelled | eplbd / DeepSeek modelled "
+                "| active slots DeepSeek | eplbd |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for c in pc:
+                lines.append(
+                    f"| {c['case']} | {c['ds_us']:.0f} | {c['ep_us']:.0f} | "
+                    f"{c['ep_us'] / c['ds_us']:.3f} | {c['ds_model_us']:.0f} | "
+                    f"{c['ep_model_us']:.0f} | {c['ep_model_us'] / c['ds_model_us']:.3f} | "
+                    f"{c['ds_active']:.2f} | {c['ep_active']:.2f} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -240,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             if not path.exists():
                 raise SystemExit(f"no calibration of {shape.name} for {name} ({path.name})")
             model = CostModel.from_json(path.read_text())
-        r = measure(shape, device, a.tiny, a.reps)
+        r = measure(shape, device, a.tiny, a.reps, model)
         r["model"] = model.to_dict()
         res["shapes"].append(r)
         print(f"{shape.name}: {len(r['us'])} workloads, {r['seconds']:.1f} s", flush=True)

@@ -29,7 +29,15 @@ from benchmarks import (  # noqa: E402
     bench_ep_regimes,
     bench_slot_curve,
 )
-from benchmarks._ep_policies import POLICIES, Schedule, _confirmed, deepseek_interval  # noqa: E402
+from benchmarks._ep_policies import (  # noqa: E402
+    POLICIES,
+    Schedule,
+    _confirmed,
+    _deepseek,
+    _expected_max,
+    _oracle,
+    deepseek_interval,
+)
 from benchmarks._ep_trace import (  # noqa: E402
     RegimeSource,
     dispatch_counts,
@@ -148,7 +156,38 @@ def test_long_runs_scored_by_the_cost_model_on_the_cpu(tmp_path: Path) -> None:
         # perfect knowledge (plans of the step itself) beats the engines' default layout
         assert 0 < s["perfect_us"] < s["time_us"]["none"]
         assert set(s["vs"]) == set(s["schedules"])
+        t, oracle = s["time_us"], s["time_us"]["oracle-regime"]
+        for label, p in s["schedules"].items():
+            got = s["vs"][label]["eplbd-time"]["closed_reachable"]
+            if t[p] > oracle:
+                assert got == pytest.approx((t[p] - t["eplbd-time"]) / (t[p] - oracle))
     assert (DOC.read_bytes() if DOC.exists() else None) == before
+
+
+def test_regime_oracle_plans_each_regime_on_its_own_mean() -> None:
+    """The oracle serves one layout per regime (changing at the boundary, warm-up steps in
+    the last regime), each layer no slower in expectation on the regime's mean than either
+    DeepSeek's or eplbd's plan of that mean."""
+    rng = np.random.default_rng(0)
+    hot = [np.minimum(rng.zipf(1.6, (400, 1, 2)) - 1, 15) for _ in range(2)]
+    regimes = (hot[0], 15 - hot[1])  # the popular experts differ between the regimes
+    src = RegimeSource("t", regimes, num_experts=16, regime_steps=3, warmup=2, contiguous=False)
+    model = CostModel(fixed_us=5.0, tile_us=2.0, tile_rows=16)
+    G, P, step_tokens, cache = 4, 24, 4 * 32, {}
+    lay = [_oracle(src, s, cache, step_tokens, model, G, P) for s in range(8)]
+    assert lay[0] is lay[1] and lay[1] is lay[5] and lay[2] is lay[4] and lay[2] is not lay[1]
+    assert not torch.equal(lay[2].phy2log, lay[5].phy2log)
+    for r, pool in enumerate(regimes):
+        mean = np.bincount(pool[:, 0].ravel(), minlength=16)[None] * (step_tokens / len(pool))
+        ds = _deepseek(mean.astype(float), P, G, 16)
+        ep = plan_with_report(
+            mean.astype(float), num_gpus=G, num_physical_experts=P, cost_model=model
+        ).layout
+        mine = _expected_max(cache[r], mean.astype(float), model, G)
+        best = np.minimum(_expected_max(ds, mean, model, G), _expected_max(ep, mean, model, G))
+        assert mine == pytest.approx(best)
+    with pytest.raises(ValueError, match="RegimeSource"):
+        _oracle(esft_stream([3]), 0, {}, step_tokens, model, G, P)
 
 
 def test_long_runs_plan_with_the_named_cards_calibration() -> None:
