@@ -20,8 +20,9 @@ before (except the two "perfect knowledge" references, which plan on the step it
 - ``oracle-regime`` (a :class:`RegimeSource` only): from each regime's first step, the layout
   planned on the regime's own mean load (its whole pool, scaled to a step), per layer the
   better in expected modelled time of DeepSeek's and eplbd's time objective. A regime's steps
-  are independent draws from its pool, so no policy that sees only past steps can expect to
-  beat it: what *perfect* gains beyond it is each step's draw, which no forecast can know.
+  are independent draws from its pool, so a policy that sees only past steps should not
+  expect to beat it (both planners are heuristics: an online plan may, by a little): what
+  *perfect* gains beyond it is each step's draw, which no forecast can know.
 
 Each step's rows per slot come from the step's token ids through the dispatch table of
 the policy's layout (``_ep_trace.dispatch_counts``, the kernel's semantics).

@@ -31,8 +31,9 @@ planned on the step's own counts (perfect knowledge, all moves free). *gap close
 DeepSeek schedule: (DS - eplbd) / (DS - perfect) in mean MoE time per step. A second
 reference, **regime oracle**: from each regime's first step, the layout planned on the
 regime's own mean load (``oracle-regime`` in ``_ep_policies``): a step is an independent
-draw from its regime, so this is what any policy that sees only past steps can expect at
-best; *of the reachable gap*: (DS - eplbd) / (DS - regime oracle). *moves ratio*:
+draw from its regime, so this is about the best a policy that sees only past steps can
+expect (both planners are heuristics, so an online plan may beat it by a little); *of the
+reachable gap*: (DS - eplbd) / (DS - regime oracle). *moves ratio*:
 eplbd's slots rewritten over the run / that schedule's (*steady*: without the first
 placement from the default layout, which every policy makes at the run's first step).
 
