@@ -80,7 +80,7 @@ def layout_pairs(tiny: bool, model: CostModel, steps: int = 8) -> dict[str, dict
     layout and under eplbd's time objective (``model``), both planned on the mean load of
     those steps (the same information for both). -> key -> {"G", layout -> workloads}"""
     esft = esft_stream([3] if tiny else [3, 9, 15, 21])
-    cases: list[tuple[str, Any, int, int, int]] = [("ESFT", esft, 16, 80, 64 if tiny else 64)]
+    cases: list[tuple[str, Any, int, int, int]] = [("ESFT", esft, 16, 80, 64)]
     if not tiny:
         cases += [("ESFT", esft, 16, 80, 2048)]
         syn = synthetic_stream(4, 64 * 64, num_layers=2, seed=1)
