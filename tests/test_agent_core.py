@@ -572,3 +572,25 @@ def test_public_surface_is_sorted_and_importable() -> None:
     assert agent.__all__ == sorted(agent.__all__)
     for name in agent.__all__:
         assert getattr(agent, name) is not None
+
+
+def test_snapshots_the_loop_could_not_send_wait_in_order_bounded(clock: FakeClock) -> None:
+    """What the planner's snapshot socket could not take yet is kept in order (each keeps
+    its seq), counted as held in the status, and bounded like the held snapshots."""
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0, ep_size=1, num_physical_experts=P))
+    sends = []
+    for seq in range(1, 6):
+        c = torch.full((L, P), seq, dtype=torch.int32)
+        sends += of(core.on_snapshot(snap("w0", 0, seq, c, s0=8 * seq)), PLANNER_SNAPSHOTS)
+    assert len(sends) == 5 and not core.has_unsent_snapshots
+    for s in sends:  # the loop found the socket not writable
+        core.snapshot_unsent(s)
+    assert core.has_unsent_snapshots
+    assert core.status()["groups"]["g0"]["held_snapshots"] == 3  # held_per_group=3, 1 group
+    assert core.dropped["snapshot:held_evicted"] == 2
+    kept = [roundtrip(s) for s in core.take_unsent_snapshots()]
+    assert [int(m.tensors["counts"][0, 0]) for m in kept] == [3, 4, 5]
+    assert [m.body["seq"] for m in kept] == [s.body["seq"] for s in sends[2:]]
+    assert not core.has_unsent_snapshots
+    assert core.status()["groups"]["g0"]["held_snapshots"] == 0

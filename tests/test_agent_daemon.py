@@ -87,12 +87,16 @@ class FakePlanner:
         self,
         ctx: zmq.Context[Any],
         control: str = "tcp://127.0.0.1:*",
-        snapshots: str = "tcp://127.0.0.1:*",
+        snapshots: str | None = "tcp://127.0.0.1:*",
         incarnation: str = "pl-1",
         curve: CurveServerKeys | None = None,
     ) -> None:
         self.ctrl: WireSocket = control_server(ctx, control, curve=curve)
-        self.pull: WireSocket = snapshot_receiver(ctx, snapshots, curve=curve)
+        # None: no snapshot socket yet (bind_snapshots later)
+        self.pull: WireSocket | None = (
+            None if snapshots is None else snapshot_receiver(ctx, snapshots, curve=curve)
+        )
+        self._ctx, self._curve = ctx, curve
         self.incarnation = incarnation
         self.control: list[Message] = []
         self.snapshots: list[Message] = []
@@ -103,7 +107,12 @@ class FakePlanner:
 
     @property
     def endpoints(self) -> tuple[str, str]:
+        assert self.pull is not None
         return self.ctrl.endpoint, self.pull.endpoint
+
+    def bind_snapshots(self, endpoint: str) -> None:
+        assert self.pull is None
+        self.pull = snapshot_receiver(self._ctx, endpoint, curve=self._curve)
 
     def send(self, msg_type: str, body: dict, tensors: dict | None = None) -> None:
         assert self.agent is not None
@@ -123,7 +132,7 @@ class FakePlanner:
                         "schedule": {"window_steps": 8, "record_steps": 4, "enabled": True},
                     }
                     self.ctrl.send("welcome", body, to=got.peer)
-            snap = self.pull.recv(0)
+            snap = None if self.pull is None else self.pull.recv(0)
             if snap is not None:
                 self.snapshots.append(snap.message)
             if self.agent is not None and time.monotonic() >= self._next_hb:
@@ -152,7 +161,8 @@ class FakePlanner:
 
     def close(self) -> None:
         self.ctrl.close()
-        self.pull.close()
+        if self.pull is not None:
+            self.pull.close()
 
 
 class FakeWorker:
@@ -335,6 +345,56 @@ def test_planner_outage_agent_reconnects_and_workers_unaffected(
         assert [w["worker"] for w in ah.body["workers"]] == ["w0"]
         assert [int(m.tensors["counts"][0, 0]) for m in fp.snapshots] == [1, 2, 3]
         wait_for(lambda: agent.status()["planner"]["synced"], 5, "resynced")
+    finally:
+        agent.stop()
+        w0.close()
+        fp.close()
+
+
+def test_held_snapshots_wait_for_the_planners_snapshot_socket(
+    ctx: zmq.Context[Any], rundir: Path
+) -> None:
+    """After a planner restart the control connection can come back before the snapshot
+    one: the held snapshots, flushed when the session comes up, must wait for it, in order,
+    rather than be dropped by the PUSH (IMMEDIATE: it queues nothing for a missing peer)."""
+    fp = FakePlanner(ctx)
+    ctl, snap = fp.endpoints
+    agent = start_agent(settings_for(rundir, fp))
+    w0 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w0", 0, ep_size=1)
+    try:
+        fp.pump(lambda p: p.agent)
+        fp.keepalive = [w0]
+        w0.say_hello()
+        fp.pump(lambda p: p.told())
+        fp.close()
+
+        def away() -> bool:
+            ev = agent.status()["events"]
+            return bool(ev.get("planner_resync:disconnected") or ev.get("planner_lost"))
+
+        wait_for(away, 10, "planner away", [w0])
+        for i in range(3):
+            w0.heartbeat()
+            w0.snapshot(torch.full((L, P), i + 1, dtype=torch.int32), s0=8 * i)
+        wait_for(lambda: agent.status()["groups"]["g0"]["held_snapshots"] == 3, 10, "held", [w0])
+        # the new planner's control socket only: the session comes up, the flush finds no
+        # snapshot peer
+        fp = FakePlanner(ctx, ctl, None, incarnation="pl-2")
+        fp.keepalive = [w0]
+        fp.pump(lambda p: p.agent, timeout=10)
+        wait_for(lambda: agent.status()["planner"]["synced"], 10, "session up", [w0])
+        st = agent.status()
+        assert st["groups"]["g0"]["held_snapshots"] == 3  # kept, not dropped
+        assert st["dropped"].get("snapshot:held_evicted") is None
+        # one more while it waits: it queues behind the three
+        w0.snapshot(torch.full((L, P), 4, dtype=torch.int32), s0=24)
+        wait_for(lambda: agent.status()["groups"]["g0"]["held_snapshots"] == 4, 10, "4th", [w0])
+        fp.bind_snapshots(snap)
+        fp.pump(lambda p: len(p.snapshots) == 4, timeout=20)
+        assert [int(m.tensors["counts"][0, 0]) for m in fp.snapshots] == [1, 2, 3, 4]
+        seqs = [m.body["seq"] for m in fp.snapshots]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 4
+        wait_for(lambda: agent.status()["groups"]["g0"]["held_snapshots"] == 0, 10, "sent")
     finally:
         agent.stop()
         w0.close()

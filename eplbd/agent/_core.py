@@ -258,6 +258,7 @@ class AgentCore:
         self._hello_members: dict[tuple[str, str], int] = {}
         self._gone: dict[tuple[str, str], dict[str, Any]] = {}  # recent worker_left bodies
         self._pending_up: deque[Send] = deque()  # answers for a planner that is away
+        self._unsent: deque[Send] = deque()  # snapshots the planner's socket could not take yet
         self._backoff = config.hello_backoff_s
         self._next_hello = now
         self._next_planner_hb = now
@@ -314,6 +315,25 @@ class AgentCore:
         if msg_type in (STAGED, ABORTED, COMMITTED):
             self._hold_up(Send(PLANNER, msg_type, body))
         return []  # membership: the next agent_hello carries it
+
+    def snapshot_unsent(self, s: Send) -> None:
+        """The loop could not queue snapshot ``s`` for the planner (its snapshot connection
+        not up yet, as right after a planner restart when the control connection came back
+        first, or its queue full): keep it, in order, for :meth:`take_unsent_snapshots`.
+        Bounded like the held snapshots; the oldest goes first."""
+        if len(self._unsent) >= self.cfg.held_per_group * max(1, len(self.groups)):
+            self._unsent.popleft()
+            self._bump(self.dropped, "snapshot:held_evicted")
+        self._unsent.append(s)
+
+    @property
+    def has_unsent_snapshots(self) -> bool:
+        return bool(self._unsent)
+
+    def take_unsent_snapshots(self) -> list[Send]:
+        """The kept snapshots, oldest first (each keeps its seq: resent, they stay in order)."""
+        out, self._unsent = list(self._unsent), deque()
+        return out
 
     def _hold_up(self, s: Send) -> None:
         if len(self._pending_up) >= _MAX_PENDING_UP:
@@ -959,7 +979,8 @@ class AgentCore:
                     "epoch": g.epoch,
                     "has_layout": g.phy2log is not None,
                     "pending": list(g.pending),
-                    "held_snapshots": len(g.held),
+                    "held_snapshots": len(g.held)
+                    + sum(1 for u in self._unsent if u.body.get("group") == n),
                     "local_ranks": sorted(self.local_ranks(n)),
                 }
                 for n, g in self.groups.items()

@@ -7,7 +7,10 @@ One thread owns all four sockets (one socket, one thread):
   so a second agent on the same runtime directory is refused (:class:`~eplbd.wire.BindError`)
   instead of silently stealing the sockets;
 - DEALER to the planner's control endpoint and PUSH to its snapshot endpoint
-  (``IMMEDIATE``: nothing queues for a planner that is not there; reconnect with backoff).
+  (``IMMEDIATE``: nothing queues in ZeroMQ for a planner that is not there; reconnect with
+  backoff). A snapshot the PUSH cannot take yet waits in the core (bounded, in order, its
+  seq kept) and goes out once the PUSH is writable: after a planner restart the control
+  connection may come back, and the held snapshots be flushed, before the snapshot one.
 
 Every send is non-blocking: a full queue or a vanished peer is a counted drop, so neither a
 slow planner nor a stuck worker can stall the loop, and the loop never waits on anything but
@@ -311,6 +314,7 @@ class AgentDaemon:
                 for fn in calls:
                     self._send(fn(self.core))
             self._send(self.core.tick())
+            self._send_unsent_snapshots()
             self.loops += 1
             self._publish()
             if self.watchdog is not None:
@@ -353,6 +357,10 @@ class AgentDaemon:
                 sock, to = self._dealer, None
             elif s.to == PLANNER_SNAPSHOTS:
                 sock, to = self._push, None
+                # behind the ones already waiting (seq order), or not connected yet: keep it
+                if sock is not None and (self.core.has_unsent_snapshots or not sock.writable()):
+                    self.core.snapshot_unsent(s)
+                    continue
             else:  # pragma: no cover - the core only makes these three
                 raise ValueError(s.to)
             if sock is None:
@@ -364,6 +372,15 @@ class AgentDaemon:
                 continue
             if not ok and s.to == PLANNER:  # counted by the socket; the core keeps what matters
                 self._send(self.core.planner_send_failed(s))
+            elif not ok and s.to == PLANNER_SNAPSHOTS:  # the queue filled meanwhile
+                self.core.snapshot_unsent(s)
+
+    def _send_unsent_snapshots(self) -> None:
+        """The snapshots kept while the planner's snapshot socket could not take them, once
+        it can (in order: whatever it cannot take again is kept again)."""
+        push = self._push
+        if push is not None and self.core.has_unsent_snapshots and push.writable():
+            self._send(self.core.take_unsent_snapshots())
 
     def _publish(self, force: bool = False) -> None:
         now = self.clock.monotonic()

@@ -203,6 +203,16 @@ class WireSocket:
 
     # --- sending --------------------------------------------------------------------------
 
+    def writable(self) -> bool:
+        """Whether a send would be queued now: a peer is connected (with ``IMMEDIATE``) and
+        its queue has room. Never blocks."""
+        if self._closed:
+            return False
+        try:
+            return bool(self.socket.poll(0, zmq.POLLOUT))
+        except zmq.ZMQError:
+            return False
+
     def send(
         self,
         msg_type: str,
