@@ -332,6 +332,24 @@ def epoch_switches(recs: list[dict[str, Any]]) -> list[tuple[int, int]]:
 # --- processes ---------------------------------------------------------------------------
 
 
+def _threads_of(pid: int) -> dict[str, str]:
+    """Each thread's name, state (R, S, D: uninterruptible, Z...) and kernel wait channel."""
+    out: dict[str, str] = {}
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return {"-": "gone"}
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            wchan = Path(f"/proc/{pid}/task/{tid}/wchan").read_text()
+        except OSError:
+            continue
+        end = stat.rfind(")")
+        out[tid] = f"{stat[stat.find('(') + 1 : end]} {stat[end + 2]} {wchan or '-'}"
+    return out
+
+
 @dataclass
 class Daemon:
     """One ``eplbd planner`` / ``eplbd agent`` process and its JSON log."""
@@ -374,9 +392,23 @@ class Daemon:
             self.popen.send_signal(sig)
 
     def kill(self) -> None:
+        """SIGKILL, then wait for the exit: a deadline, not a speed limit (beside vLLM and two
+        busy loops on 2 cores a killed agent once took over 10 s to be reaped). A slow death
+        is printed with what its threads were doing, to find out why."""
         self.expect_dead = True
         self.signal(signal.SIGKILL)
-        self.popen.wait(10)
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            seen = _threads_of(self.popen.pid)
+            print(f"{self.name} not reaped 10 s after SIGKILL; threads: {seen}", flush=True)
+            try:
+                self.popen.wait(110)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"{self.name} not reaped 120 s after SIGKILL; threads then: {seen}, now: "
+                    f"{_threads_of(self.popen.pid)}"
+                ) from None
 
     def stop(self) -> int | None:
         """SIGCONT + SIGTERM, then SIGKILL after 5 s; the exit code."""
