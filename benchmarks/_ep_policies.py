@@ -23,6 +23,10 @@ before (except the two "perfect knowledge" references, which plan on the step it
   are independent draws from its pool, so a policy that sees only past steps should not
   expect to beat it (both planners are heuristics: an online plan may, by a little): what
   *perfect* gains beyond it is each step's draw, which no forecast can know.
+- ``oracle-regime-incremental``: the same knowledge, planned the way eplbd plans: at each
+  regime's first step, eplbd's time objective on the regime's mean from the layout it
+  serves (min_gain and move_cost of the schedule): how few moves reaching the regime's
+  layout takes when only what pays moves.
 
 Each step's rows per slot come from the step's token ids through the dispatch table of
 the policy's layout (``_ep_trace.dispatch_counts``, the kernel's semantics).
@@ -143,6 +147,8 @@ def replay(
             t0 = time.perf_counter()
             if p == "oracle-regime":
                 new = _oracle(stream, s, oracle, step_tokens, model, G, P)
+            elif p == "oracle-regime-incremental":
+                new = _oracle_incremental(stream, s, cur[p], step_tokens, model, sched, G, P)
             else:
                 new = _decide(p, s, timed, cur[p], loads, ewma, sched, model, G, P, E)
             if new is not None and p.startswith("eplbd") and sched.confirm_half_life_tokens:
@@ -191,11 +197,8 @@ def _oracle(
         raise ValueError("oracle-regime needs a RegimeSource (regimes with known pools)")
     r = stream.regime(s)
     if r not in cache:
-        pool = stream.regimes[r]
-        E, L = stream.num_experts, stream.num_layers
-        mean = np.stack(
-            [np.bincount(pool[:, layer].ravel(), minlength=E) for layer in range(L)]
-        ).astype(np.float64) * (step_tokens / pool.shape[0])
+        E = stream.num_experts
+        mean = _regime_mean(stream, r, step_tokens)
         ds = _deepseek(mean, P, G, E)
         ep = plan_with_report(
             mean, num_gpus=G, num_physical_experts=P, cost_model=model, sampling="poisson"
@@ -207,6 +210,31 @@ def _oracle(
             share=torch.where(k, ep.shares, ds.shares),
         )  # fmt: skip
     return cache[r]
+
+
+def _regime_mean(stream: RegimeSource, r: int, step_tokens: int) -> np.ndarray:
+    """Regime ``r``'s mean load of a step of ``step_tokens`` tokens. -> [L, E]"""
+    pool = stream.regimes[r]
+    E, L = stream.num_experts, stream.num_layers
+    counts = np.stack([np.bincount(pool[:, layer].ravel(), minlength=E) for layer in range(L)])
+    return counts.astype(np.float64) * (step_tokens / pool.shape[0])
+
+
+def _oracle_incremental(
+    stream: Stream | RegimeSource, s: int, cur: Layout, step_tokens: int, model: CostModel,
+    sched: Schedule, G: int, P: int,
+) -> Layout | None:  # fmt: skip
+    """The ``oracle-regime-incremental`` layout from step ``s`` on (None: keep ``cur``)."""
+    if not isinstance(stream, RegimeSource):
+        raise ValueError("oracle-regime-incremental needs a RegimeSource")
+    r = stream.regime(s)
+    if s > 0 and stream.regime(s - 1) == r:
+        return None
+    return plan_with_report(
+        _regime_mean(stream, r, step_tokens), num_gpus=G, num_physical_experts=P,
+        previous=cur, cost_model=model, sampling="poisson", min_gain=sched.min_gain,
+        move_cost=sched.move_cost,
+    ).layout  # fmt: skip
 
 
 def _expected_max(lay: Layout, load: np.ndarray, model: CostModel, G: int) -> np.ndarray:

@@ -37,6 +37,7 @@ from benchmarks._ep_policies import (  # noqa: E402
     _expected_max,
     _oracle,
     deepseek_interval,
+    replay,
 )
 from benchmarks._ep_trace import (  # noqa: E402
     RegimeSource,
@@ -188,6 +189,19 @@ def test_regime_oracle_plans_each_regime_on_its_own_mean() -> None:
         assert mine == pytest.approx(best)
     with pytest.raises(ValueError, match="RegimeSource"):
         _oracle(esft_stream([3]), 0, {}, step_tokens, model, G, P)
+
+
+def test_incremental_regime_oracle_moves_only_at_regime_changes() -> None:
+    rng = np.random.default_rng(0)
+    hot = [np.minimum(rng.zipf(1.6, (400, 1, 2)) - 1, 15) for _ in range(2)]
+    regimes = (hot[0], 15 - hot[1])
+    src = RegimeSource("t", regimes, num_experts=16, regime_steps=3, warmup=2, contiguous=False)
+    model = CostModel(fixed_us=5.0, tile_us=2.0, tile_rows=16)
+    sched = Schedule(warmup=2, steps=9)
+    rep = replay(src, 4, 24, 32, model, sched, policies=("none", "oracle-regime-incremental"))
+    changes = rep.changes["oracle-regime-incremental"]
+    assert changes and all(step % 3 == 0 for step, _ in changes)  # timed regimes start at 0, 3, 6
+    assert rep.changes["none"] == []
 
 
 def test_long_runs_plan_with_the_named_cards_calibration() -> None:
