@@ -332,7 +332,7 @@ def epoch_switches(recs: list[dict[str, Any]]) -> list[tuple[int, int]]:
 # --- processes ---------------------------------------------------------------------------
 
 
-def _threads_of(pid: int) -> dict[str, str]:
+def threads_of(pid: int) -> dict[str, str]:
     """Each thread's name, state (R, S, D: uninterruptible, Z...) and kernel wait channel."""
     out: dict[str, str] = {}
     try:
@@ -400,14 +400,14 @@ class Daemon:
         try:
             self.popen.wait(10)
         except subprocess.TimeoutExpired:
-            seen = _threads_of(self.popen.pid)
+            seen = threads_of(self.popen.pid)
             print(f"{self.name} not reaped 10 s after SIGKILL; threads: {seen}", flush=True)
             try:
                 self.popen.wait(110)
             except subprocess.TimeoutExpired:
                 raise AssertionError(
                     f"{self.name} not reaped 120 s after SIGKILL; threads then: {seen}, now: "
-                    f"{_threads_of(self.popen.pid)}"
+                    f"{threads_of(self.popen.pid)}"
                 ) from None
 
     def stop(self) -> int | None:

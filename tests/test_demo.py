@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _e2e import threads_of
 
 from eplbd.demo import Balance, DemoConfig, PlannerTuning, StepRecord, lower_bound_max
 from eplbd.demo._trace import default_trace_path, load_trace, pick_layers
@@ -51,17 +52,6 @@ def _processes_mentioning(text: str) -> list[int]:
         if text in cmd:
             pids.append(int(d.name))
     return pids
-
-
-def _proc_state(pid: int) -> str:
-    """``/proc/PID/stat``'s name and state (R running, S sleeping, Z zombie...), for a
-    failure message."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return "gone"
-    name_end = stat.rfind(")")
-    return f"{stat[stat.find('(') + 1 : name_end]} {stat[name_end + 2 : name_end + 3]}"
 
 
 def _gone(run_dir: Path, timeout: float = 10.0) -> bool:
@@ -253,7 +243,7 @@ def test_demo_ctrl_c_cleans_up() -> None:
         try:
             rest, _ = p.communicate(timeout=120)
         except subprocess.TimeoutExpired as e:
-            left = {pid: _proc_state(pid) for pid in _processes_mentioning(str(run_dir))}
+            left = {pid: threads_of(pid) for pid in _processes_mentioning(str(run_dir))}
             out = e.output.decode(errors="replace") if isinstance(e.output, bytes) else e.output
             pytest.fail(
                 f"the demo did not exit within 120 s of Ctrl-C; processes left: {left}; "
