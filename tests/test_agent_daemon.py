@@ -22,7 +22,7 @@ import torch
 import zmq
 from _scrape import scrape
 
-from eplbd.agent import AgentSettings, check_agent_settings, start_agent
+from eplbd.agent import AgentSettings, RunningAgent, check_agent_settings, start_agent
 from eplbd.wire import (
     BindError,
     CurveServerKeys,
@@ -309,6 +309,31 @@ def test_workers_register_merge_relay_and_late_worker_gets_layout(
         fp.close()
 
 
+def _planner_goes_away_with_three_held(
+    fp: FakePlanner, agent: RunningAgent, w0: FakeWorker, timeout: float
+) -> None:
+    """``w0`` joins through ``fp``'s session, ``fp`` closes; once the agent has lost the
+    session, ``w0`` is still served and three of its snapshots (counts 1, 2, 3) are held."""
+    fp.pump(lambda p: p.agent)
+    fp.keepalive = [w0]
+    w0.say_hello()
+    fp.pump(lambda p: p.told())
+    fp.close()  # the planner goes away
+
+    # the dropped connection (or the planner's silence) ends the session
+    def away() -> bool:
+        ev = agent.status()["events"]
+        return bool(ev.get("planner_resync:disconnected") or ev.get("planner_lost"))
+
+    wait_for(away, timeout, "planner away", [w0])
+    # the worker keeps being served: hello again, heartbeats, snapshots held
+    assert w0.say_hello().body["incarnation"] == agent.daemon.incarnation
+    for i in range(3):
+        w0.heartbeat()
+        w0.snapshot(torch.full((L, P), i + 1, dtype=torch.int32), s0=8 * i)
+    wait_for(lambda: agent.status()["groups"]["g0"]["held_snapshots"] == 3, timeout, "held", [w0])
+
+
 def test_planner_outage_agent_reconnects_and_workers_unaffected(
     ctx: zmq.Context[Any], rundir: Path
 ) -> None:
@@ -317,24 +342,7 @@ def test_planner_outage_agent_reconnects_and_workers_unaffected(
     agent = start_agent(settings_for(rundir, fp))
     w0 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w0", 0, ep_size=1)
     try:
-        fp.pump(lambda p: p.agent)
-        fp.keepalive = [w0]
-        w0.say_hello()
-        fp.pump(lambda p: p.told())
-        fp.close()  # the planner goes away
-
-        # the dropped connection (or the planner's silence) ends the session
-        def away() -> bool:
-            ev = agent.status()["events"]
-            return bool(ev.get("planner_resync:disconnected") or ev.get("planner_lost"))
-
-        wait_for(away, 5, "planner away", [w0])
-        # the worker keeps being served: hello again, heartbeats, snapshots held
-        assert w0.say_hello().body["incarnation"] == agent.daemon.incarnation
-        for i in range(3):
-            w0.heartbeat()
-            w0.snapshot(torch.full((L, P), i + 1, dtype=torch.int32), s0=8 * i)
-        wait_for(lambda: agent.status()["groups"]["g0"]["held_snapshots"] == 3, 5, "held", [w0])
+        _planner_goes_away_with_three_held(fp, agent, w0, timeout=5)
         assert [w["worker"] for w in agent.status()["workers"]] == ["w0"]
         assert agent.status()["events"].get("worker_left:timeout") is None
         # a new planner on the same endpoints: agent_hello again, with the worker; held data
@@ -362,21 +370,7 @@ def test_held_snapshots_wait_for_the_planners_snapshot_socket(
     agent = start_agent(settings_for(rundir, fp))
     w0 = FakeWorker(ctx, agent.endpoint, agent.snapshot_endpoint, "w0", 0, ep_size=1)
     try:
-        fp.pump(lambda p: p.agent)
-        fp.keepalive = [w0]
-        w0.say_hello()
-        fp.pump(lambda p: p.told())
-        fp.close()
-
-        def away() -> bool:
-            ev = agent.status()["events"]
-            return bool(ev.get("planner_resync:disconnected") or ev.get("planner_lost"))
-
-        wait_for(away, 10, "planner away", [w0])
-        for i in range(3):
-            w0.heartbeat()
-            w0.snapshot(torch.full((L, P), i + 1, dtype=torch.int32), s0=8 * i)
-        wait_for(lambda: agent.status()["groups"]["g0"]["held_snapshots"] == 3, 10, "held", [w0])
+        _planner_goes_away_with_three_held(fp, agent, w0, timeout=10)
         # the new planner's control socket only: the session comes up, the flush finds no
         # snapshot peer
         fp = FakePlanner(ctx, ctl, None, incarnation="pl-2")
