@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._ep_trace import RegimeSource, Stream, dispatch_counts, step_ids
+from benchmarks._ep_trace import RegimeSource, Stream, dispatch_counts, expert_load, step_ids
 from eplbd.layout import Layout
 from eplbd.planner import CostModel, Ewma, plan_with_report, rebalance_experts
 from eplbd.planner._metrics import slot_rows_np
@@ -124,8 +124,7 @@ def replay(
     for s in range(total):
         ids = _ids(stream, s, step_tokens, G, tokens)
         ids_all.append(ids)
-        for layer in range(L):
-            loads[s, layer] = np.bincount(ids[:, :, layer].ravel(), minlength=E)
+        loads[s] = expert_load(ids, E)
     out = Replay()
     default = Layout.default(L, E, P)
     cur = {p: default for p in policies}
@@ -215,9 +214,7 @@ def _oracle(
 def _regime_mean(stream: RegimeSource, r: int, step_tokens: int) -> np.ndarray:
     """Regime ``r``'s mean load of a step of ``step_tokens`` tokens. -> [L, E]"""
     pool = stream.regimes[r]
-    E, L = stream.num_experts, stream.num_layers
-    counts = np.stack([np.bincount(pool[:, layer].ravel(), minlength=E) for layer in range(L)])
-    return counts.astype(np.float64) * (step_tokens / pool.shape[0])
+    return expert_load(pool, stream.num_experts) * (step_tokens / pool.shape[0])
 
 
 def _oracle_incremental(

@@ -34,6 +34,7 @@ __all__ = [
     "dispatch_counts",
     "esft_regimes",
     "esft_stream",
+    "expert_load",
     "step_ids",
     "synthetic_regimes",
     "synthetic_stream",
@@ -104,6 +105,15 @@ def step_ids(stream: Stream, step: int, ranks: int, tokens: int) -> np.ndarray:
     n = stream.ids.shape[0]
     idx = (np.arange(ranks * tokens) + step * ranks * tokens) % n
     return stream.ids[idx].reshape(ranks, tokens, stream.num_layers, stream.top_k)
+
+
+def expert_load(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """Rows each logical expert receives per layer: ids [..., L, K] (any leading axes:
+    tokens, or ranks and tokens) -> [L, E] int64."""
+    return np.stack([
+        np.bincount(ids[..., layer, :].ravel(), minlength=num_experts)
+        for layer in range(ids.shape[-2])
+    ])  # fmt: skip
 
 
 def dispatch_counts(

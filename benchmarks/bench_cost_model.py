@@ -36,7 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._ep_trace import dispatch_counts, esft_stream, step_ids, synthetic_stream
+from benchmarks._ep_trace import (
+    dispatch_counts,
+    esft_stream,
+    expert_load,
+    step_ids,
+    synthetic_stream,
+)
 from benchmarks._gemm_timer import SHAPES, ExpertShape, GemmTimer, hardware_ceilings
 from benchmarks._report import machine_line, write_section
 from eplbd.layout import Layout
@@ -91,9 +97,7 @@ def trace_workloads(tiny: bool, seed: int = 1) -> dict[str, list[list[int]]]:
     out: dict[str, list[list[int]]] = {}
     rng = np.random.default_rng(seed)
     esft = esft_stream([3, 13] if not tiny else [3])
-    whole = np.stack(
-        [np.bincount(esft.ids[:, i].ravel(), minlength=64) for i in range(esft.num_layers)]
-    )
+    whole = expert_load(esft.ids, 64)
     cases: list[tuple[str, Any, int, int, int]] = [
         ("ESFT", esft, 8, 72, 64),
         ("ESFT", esft, 16, 80, 64),
@@ -103,7 +107,7 @@ def trace_workloads(tiny: bool, seed: int = 1) -> dict[str, list[list[int]]]:
         cases += [("synthetic V3", syn, 32, 288, 256), ("synthetic V3", syn, 64, 320, 256)]
     for name, stream, G, P, E in cases:
         L = stream.num_layers
-        load = np.stack([np.bincount(stream.ids[:, i].ravel(), minlength=E) for i in range(L)])
+        load = expert_load(stream.ids, E)
         if name == "ESFT":
             load = whole
         layouts = {

@@ -36,7 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks._ep_trace import dispatch_counts, esft_stream, step_ids, synthetic_stream
+from benchmarks._ep_trace import (
+    dispatch_counts,
+    esft_stream,
+    expert_load,
+    step_ids,
+    synthetic_stream,
+)
 from benchmarks._gemm_timer import SHAPES, ExpertShape, GemmTimer
 from benchmarks._report import machine_line, write_section
 from benchmarks.bench_cost_model import calibration_path, device_slug, trace_workloads
@@ -90,10 +96,7 @@ def layout_pairs(tiny: bool, model: CostModel, steps: int = 8) -> dict[str, dict
         E, L = stream.num_experts, stream.num_layers
         n = 2 if tiny else steps
         ids = [step_ids(stream, 1000 + 7 * s, G, tokens) for s in range(n)]
-        load = np.stack([
-            sum(np.bincount(x[:, :, layer].ravel(), minlength=E) for x in ids)
-            for layer in range(L)
-        ]).astype(np.float64) / n  # mean rows of a step, [L, E]  # fmt: skip
+        load = expert_load(np.stack(ids), E) / n  # mean rows of a step, [L, E]
         lays = {
             "DeepSeek": Layout.from_phy2log(rebalance_experts(load, P, 1, 1, G)[0], E),
             "eplbd time": plan_with_report(
