@@ -15,6 +15,9 @@ before (except the two "perfect knowledge" references, which plan on the step it
   tokens is a better estimate than one of few), token objective;
 - ``eplbd-time``: the same, time objective with the calibrated cost model (its layouts may
   leave replicas idle: a weighted split through the dispatch table);
+- ``eplbd-regime``: ``eplbd-time`` on :class:`eplbd.planner.RegimeMean` instead of the EWMA:
+  the mean of the steps since the last detected change of traffic (threshold
+  ``change_threshold``);
 - ``perfect-deepseek`` / ``perfect-eplbd``: DeepSeek's EPLB / eplbd's time objective (from
   scratch, exact counts) planned on each step's own load: what perfect knowledge reaches.
 - ``oracle-regime`` (a :class:`RegimeSource` only): from each regime's first step, the layout
@@ -42,7 +45,7 @@ import torch
 
 from benchmarks._ep_trace import RegimeSource, Stream, dispatch_counts, expert_load, step_ids
 from eplbd.layout import Layout
-from eplbd.planner import CostModel, Ewma, plan_with_report, rebalance_experts
+from eplbd.planner import CostModel, Ewma, RegimeMean, plan_with_report, rebalance_experts
 from eplbd.planner._metrics import slot_rows_np
 
 __all__ = ["POLICIES", "Replay", "Schedule", "deepseek_interval", "replay"]
@@ -77,6 +80,8 @@ class Schedule:
     # where it also beats the served layer, by min_gain plus its move price, on a slower
     # EWMA of this half-life; None: off. A plan that only fits the fast forecast's noise fails.
     confirm_half_life_tokens: float | None = None
+    # eplbd-regime: RegimeMean's threshold (a change: dispersion above this x its median)
+    change_threshold: float = 10.0
 
     def alpha(self, step_tokens: int, half_life: float | None = None) -> float:
         """EWMA weight of one step of ``step_tokens`` tokens."""
@@ -129,6 +134,7 @@ def replay(
     default = Layout.default(L, E, P)
     cur = {p: default for p in policies}
     ewma = Ewma(sched.alpha(G * tokens))
+    regime = RegimeMean(threshold=sched.change_threshold)
     slow = Ewma(sched.alpha(G * tokens, sched.confirm_half_life_tokens))
     spent = {p: 0.0 for p in policies}
     for p in policies:
@@ -142,6 +148,7 @@ def replay(
         if s > 0:
             ewma.update(loads[s - 1])
             slow.update(loads[s - 1])
+            regime.update(loads[s - 1])
         for p in policies:
             t0 = time.perf_counter()
             if p == "oracle-regime":
@@ -149,7 +156,7 @@ def replay(
             elif p == "oracle-regime-incremental":
                 new = _oracle_incremental(stream, s, cur[p], step_tokens, model, sched, G, P)
             else:
-                new = _decide(p, s, timed, cur[p], loads, ewma, sched, model, G, P, E)
+                new = _decide(p, s, timed, cur[p], loads, ewma, sched, model, G, P, E, regime)
             if new is not None and p.startswith("eplbd") and sched.confirm_half_life_tokens:
                 new = _confirmed(cur[p], new, slow.value, model, sched, G)
             spent[p] += time.perf_counter() - t0
@@ -278,7 +285,7 @@ def _confirmed(
 
 def _decide(
     p: str, s: int, timed: int, cur: Layout, loads: np.ndarray, ewma: Ewma, sched: Schedule,
-    model: CostModel, G: int, P: int, E: int,
+    model: CostModel, G: int, P: int, E: int, regime: RegimeMean | None = None,
 ) -> Layout | None:  # fmt: skip
     """The layout policy ``p`` serves from step ``s`` on, or None to keep ``cur``."""
     W = sched.warmup
@@ -299,6 +306,13 @@ def _decide(
             kw.update(cost_model=model, steps=1.0, sampling="poisson")
         res = plan_with_report(ewma.value, num_gpus=G, num_physical_experts=P, previous=cur, **kw)
         return res.layout
+    if p == "eplbd-regime":
+        if s < W or (s - W) % sched.cadence != 0 or regime is None or regime.value is None:
+            return None
+        return plan_with_report(
+            regime.value, num_gpus=G, num_physical_experts=P, previous=cur, cost_model=model,
+            steps=1.0, sampling="poisson", min_gain=sched.min_gain, move_cost=sched.move_cost,
+        ).layout  # fmt: skip
     if timed < 0:
         return None
     if p == "perfect-deepseek":

@@ -154,17 +154,19 @@ def run_case(args: tuple[Case, str, int, int, dict[str, Any], dict[str, Any], in
     sched = Schedule(warmup=case.warmup, steps=case.steps, **online)
     ds = deepseek_schedules(R, engine_steps)
     pols = ("none", *ds.values(), "eplbd-tokens", "eplbd-time", "perfect-deepseek",
-            "perfect-eplbd", "oracle-regime", "oracle-regime-incremental")  # fmt: skip
+            "perfect-eplbd", "oracle-regime", "oracle-regime-incremental",
+            "eplbd-regime")  # fmt: skip
     t0 = time.perf_counter()
     rep = replay(src, case.G, case.P, case.tokens, model, sched, policies=pols)
     # modelled: every rank's time from the cost model, its fixed base included
     slowest = {p: m + model.base_us for p, m in rep.modelled.items()}
     return {
         "case": case,
-        "summary": summarise(rep, ds, slowest),
+        "summary": summarise(rep, ds, slowest, R),
         "sim_s": time.perf_counter() - t0,
         "replay": rep,
         "schedules": ds,
+        "R": R,
     }
 
 
@@ -179,11 +181,19 @@ def measure(res: list[dict[str, Any]], reps: int, tiny: bool) -> float:
         meas = time_shape(res, shape, device, reps, tiny or device == "cpu", "min")
         for i, m in meas.items():
             slowest = {p: a.max(axis=2) for p, a in m.items()}  # [steps, L]
-            res[i]["summary"] = summarise(res[i]["replay"], res[i]["schedules"], slowest)
+            res[i]["summary"] = summarise(
+                res[i]["replay"], res[i]["schedules"], slowest, res[i]["R"]
+            )
     return time.perf_counter() - t0
 
 
-def summarise(rep: Replay, ds: dict[str, str], slowest: dict[str, np.ndarray]) -> dict[str, Any]:
+#: the online policies compared with each DeepSeek schedule (and the incremental oracle)
+ONLINE_POLICIES = ("eplbd-time", "eplbd-tokens", "eplbd-regime", "oracle-regime-incremental")
+
+
+def summarise(
+    rep: Replay, ds: dict[str, str], slowest: dict[str, np.ndarray], R: int | None = None
+) -> dict[str, Any]:
     """From ``slowest`` [steps, L] (per policy, the slowest rank's time per layer, us):
     the mean MoE time per step, moves over the run, and eplbd's gap closed and moves
     ratio against each DeepSeek schedule."""
@@ -194,6 +204,9 @@ def summarise(rep: Replay, ds: dict[str, str], slowest: dict[str, np.ndarray]) -
     # without the first placement (every policy's rebalance at the run's first step,
     # from the default layout: a deployment pays it once)
     steady = {p: sum(m for st, m in c if st > 0) for p, c in rep.changes.items()}
+    # from the second regime on (R steps a regime): the moves a change of traffic costs once
+    # the opening placements (the warm-up regime's, then the first regime's) are behind
+    settled = {p: sum(m for st, m in c if R and st >= R) for p, c in rep.changes.items()}
     out: dict[str, Any] = {"time_us": t, "perfect_us": perfect, "moves": moves,
                            "steady_moves": steady, "vs": {}, "schedules": ds}  # fmt: skip
     oracle = t.get("oracle-regime")
@@ -206,8 +219,9 @@ def summarise(rep: Replay, ds: dict[str, str], slowest: dict[str, np.ndarray]) -
                 else None,
                 "moves_ratio": moves[p2] / moves[p] if moves[p] else None,
                 "steady_moves_ratio": steady[p2] / steady[p] if steady[p] else None,
+                "settled_moves_ratio": settled[p2] / settled[p] if settled[p] else None,
             }
-            for p2 in ("eplbd-time", "eplbd-tokens", "oracle-regime-incremental")
+            for p2 in ONLINE_POLICIES
             if p2 in t
         }
     out["plan_ms"] = dict(rep.plan_ms)
@@ -283,7 +297,7 @@ def render(res: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {_pc(vs[vll]['eplbd-time'].get('closed_reachable'))} "
             f"| {_pc(vs[sgl]['eplbd-time'].get('closed_reachable'))} |"
         )
-    lines += ["", *verdict(res, vll, sgl)]
+    lines += ["", *verdict(res, vll, sgl), *render_regime(res, vll, sgl)]
     return "\n".join(lines)
 
 
@@ -305,38 +319,72 @@ def _us(x: float | None) -> str:
     return "" if x is None else f"{x:.0f}"
 
 
-def verdict(res: list[dict[str, Any]], vll: str, sgl: str) -> list[str]:
-    """The issue's targets, at EP >= 16, against each engine's schedule."""
+def verdict(res: list[dict[str, Any]], vll: str, sgl: str, pol: str = "eplbd-time") -> list[str]:
+    """The issue's targets for policy ``pol``, at EP >= 16, against each engine's schedule."""
     out = []
     big = [r for r in res if r["case"].G >= 16]
     for lab in (vll, sgl):
-        closed = [r["summary"]["vs"][lab]["eplbd-time"]["closed"] for r in big]
-        ratio = [r["summary"]["vs"][lab]["eplbd-time"]["moves_ratio"] for r in big]
-        steady = [r["summary"]["vs"][lab]["eplbd-time"]["steady_moves_ratio"] for r in big]
-        st = [x for x in steady if x is not None]
-        c = [x for x in closed if x is not None]
-        reach = [r["summary"]["vs"][lab]["eplbd-time"].get("closed_reachable") for r in big]
-        cr = [x for x in reach if x is not None]
-        m = [x for x in ratio if x is not None]
+        vs = [r["summary"]["vs"][lab][pol] for r in big]
+        c = [v["closed"] for v in vs if v["closed"] is not None]
+        m = [v["moves_ratio"] for v in vs if v["moves_ratio"] is not None]
+        st = [v["steady_moves_ratio"] for v in vs if v["steady_moves_ratio"] is not None]
+        se = [v.get("settled_moves_ratio") for v in vs]
+        se = [x for x in se if x is not None]
+        cr = [v.get("closed_reachable") for v in vs]
+        cr = [x for x in cr if x is not None]
         if c:
             out.append(
-                f"- EP >= 16, against DeepSeek {lab}: gap closed median {_pc(statistics.median(c))}"
-                f" (worst {_pc(min(c))}; target >= 50%: "
+                f"- {pol}, EP >= 16, against DeepSeek {lab}: gap closed median "
+                f"{_pc(statistics.median(c))} (worst {_pc(min(c))}; target >= 50%: "
                 f"{'met' if statistics.median(c) >= 0.5 else 'not met'}); moves ratio max "
                 f"{_r(max(m) if m else None)} (target <= 0.10: "
                 f"{'met' if m and max(m) <= 0.10 else 'not met'}); without the first "
                 f"placement max {_r(max(st) if st else None)}"
+                + (f"; from the second regime on max {_r(max(se))}" if se else "")
                 + (f"; of the gap to the regime oracle (reachable online) median "
                    f"{_pc(statistics.median(cr))} (worst {_pc(min(cr))})" if cr else "")
-                + _incremental(big, lab)
+                + (_incremental(big, lab) if pol == "eplbd-time" else "")
             )  # fmt: skip
-    worst = max(r["summary"]["time_us"]["eplbd-time"] / r["summary"]["time_us"]["none"]
-                for r in res)  # fmt: skip
+    worst = max(r["summary"]["time_us"][pol] / r["summary"]["time_us"]["none"] for r in res)
     out.append(
-        f"- never slower than no balancing: worst eplbd (time) / none {worst:.3f} "
+        f"- {pol}: never slower than no balancing: worst / none {worst:.3f} "
         f"({'met' if worst <= 1.0 else 'not met'})"
     )
     return out
+
+
+def render_regime(res: list[dict[str, Any]], vll: str, sgl: str) -> list[str]:
+    """The regime forecast beside the EWMA (the same steps, the same settings)."""
+    if "eplbd-regime" not in res[0]["summary"]["time_us"]:
+        return []
+    lines = [
+        "",
+        "eplbd (time) on the regime forecast (`RegimeMean`: the mean since the last detected "
+        "change of traffic) beside the EWMA's, on the same steps; *from the 2nd regime*: "
+        "moves ratio over the steps from the second regime on (the opening placements "
+        "behind).",
+        "",
+        "| case | EWMA us | regime us | regime / none | gap closed vs vLLM EWMA | regime "
+        "| vs SGLang EWMA | regime | moves EWMA | regime | ratio vs vLLM EWMA | regime "
+        "| from the 2nd regime EWMA | regime | incremental oracle |",
+        "|---|" + "---:|" * 14,
+    ]
+    for r in res:
+        c, s = r["case"], r["summary"]
+        t, mv = s["time_us"], s["moves"]
+        v, w = s["vs"][vll], s["vs"][sgl]
+        ew, rg = v["eplbd-time"], v["eplbd-regime"]
+        orc = v.get("oracle-regime-incremental") or {}
+        lines.append(
+            f"| {c.label} | {t['eplbd-time']:.0f} | {t['eplbd-regime']:.0f} "
+            f"| {t['eplbd-regime'] / t['none']:.3f} | {_pc(ew['closed'])} | {_pc(rg['closed'])} "
+            f"| {_pc(w['eplbd-time']['closed'])} | {_pc(w['eplbd-regime']['closed'])} "
+            f"| {mv['eplbd-time']} | {mv['eplbd-regime']} "
+            f"| {_r(ew['moves_ratio'])} | {_r(rg['moves_ratio'])} "
+            f"| {_r(ew.get('settled_moves_ratio'))} | {_r(rg.get('settled_moves_ratio'))} "
+            f"| {_r(orc.get('settled_moves_ratio'))} |"
+        )
+    return [*lines, "", *verdict(res, vll, sgl, "eplbd-regime")]
 
 
 def tune(R: int, engine_steps: int, workers: int, pool: int) -> str:

@@ -21,7 +21,7 @@ from eplbd.layout import moves_between
 from eplbd.planner._apportion import lower_bound, replica_counts
 from eplbd.planner._cost import CostModel, default_cost_model
 from eplbd.planner._deepseek import rebalance_experts
-from eplbd.planner._forecast import Ewma, SlidingWindow
+from eplbd.planner._forecast import Ewma, RegimeMean, SlidingWindow
 from eplbd.planner._metrics import (
     activated_slots,
     aggregate_balance,
@@ -40,6 +40,7 @@ __all__ = [
     "POLICIES",
     "PlanResult",
     "REASONS",
+    "RegimeMean",
     "SlidingWindow",
     "activated_slots",
     "aggregate_balance",
