@@ -235,3 +235,21 @@ def test_the_confirmation_experiment_keeps_only_layers_that_win_on_the_slow_fore
     assert mixed is not None
     assert torch.equal(mixed.phy2log[0], new.phy2log[0])
     assert torch.equal(mixed.phy2log[1], cur.phy2log[1])
+
+
+def test_regime_forecast_replans_after_each_switch_and_moves_less_than_the_ewma() -> None:
+    """eplbd-regime (RegimeMean: the mean since the last detected change) on regimes of 6
+    steps: a new layout within two steps of each switch, fewer slots moved than eplbd-time
+    (EWMA) on the same steps (a fixed seed: deterministic)."""
+    rng = np.random.default_rng(0)
+    hot = [np.minimum(rng.zipf(1.6, (400, 1, 2)) - 1, 15) for _ in range(2)]
+    regimes = (hot[0], 15 - hot[1])
+    src = RegimeSource("t", regimes, num_experts=16, regime_steps=6, warmup=4, contiguous=False)
+    model = CostModel(fixed_us=5.0, tile_us=2.0, tile_rows=16)
+    sched = Schedule(warmup=4, steps=24)
+    rep = replay(src, 4, 24, 64, model, sched, policies=("eplbd-time", "eplbd-regime"))
+    steps = [st for st, _ in rep.changes["eplbd-regime"]]
+    for switch in (6, 12, 18):
+        assert any(switch <= st <= switch + 2 for st in steps), (switch, steps)
+    moved = {p: sum(m for _, m in c) for p, c in rep.changes.items()}
+    assert 0 < moved["eplbd-regime"] < moved["eplbd-time"], moved

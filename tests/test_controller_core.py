@@ -950,3 +950,50 @@ def test_modelled_time_metrics_beside_token_balance(tmp_path: Path) -> None:
     top_cmd.render(Output(buf, color=False), h.core.status("top"))
     text = buf.getvalue()
     assert "TIME BAL" in text and f"{t['step_us']:.0f} us/step" in text
+
+
+def test_the_regime_forecast_restarts_at_a_change_of_traffic_and_counts_it(
+    tmp_path: Path,
+) -> None:
+    """forecast = regime: six windows with expert HOT hot, then two with expert 0 hot. The
+    change is found once (status, the counter), the forecast is the new traffic's mean, and
+    the count survives a restart (the saved regime state)."""
+    from eplbd.controller import PlannerMetrics
+
+    metrics = PlannerMetrics()
+    quiet = TriggerPolicy(min_gain=1000.0, cooldown_s=30.0, min_windows=2, min_tokens=1)
+    h = Harness(tmp_path, FakeClock(), metrics=metrics, forecast="regime", policy=quiet,
+                window_save_s=0.0)  # fmt: skip
+    h.hello_all()
+    h.feed_windows(6)
+    lay = Layout.default(L, E, P)
+
+    def counts(hot: int) -> torch.Tensor:
+        return torch.where(lay.phy2log == hot, 100, 10).to(torch.int32)
+
+    reg = metrics.registry.collector_registry
+    name = "eplbd_planner_traffic_changes_total"
+    assert not reg.get_sample_value(name, {"group": "g"})
+    for _ in range(2):
+        for a in range(G):
+            h.snapshot(counts(0), 0, a)
+        h.clock.advance(10.0)
+        h.heartbeats()
+        h.core.tick()
+    data = h.core.status("status")["groups"][0]["data"]
+    assert data["forecast"] == "regime"
+    assert data["regime"]["changes"] == 1 and data["regime"]["windows_in_mean"] == 2, data
+    assert reg.get_sample_value(name, {"group": "g"}) == 1
+    f = h.core.groups["g"].window.forecast()  # type: ignore[union-attr]
+    assert f is not None and int(f[0].argmax()) == 0  # the new traffic's hot expert
+    import io
+
+    from eplbd.cli._output import Output
+    from eplbd.cli.status import render
+
+    buf = io.StringIO()
+    render(Output(buf, color=False), {"endpoint": "x", **h.core.status("status")})
+    assert "forecast: regime mean of 2 windows, 1 changes of traffic found" in buf.getvalue()
+    h.restart()
+    data = h.core.status("status")["groups"][0]["data"]
+    assert data["regime"]["changes"] == 1 and data["regime"]["windows_in_mean"] == 2, data

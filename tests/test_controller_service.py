@@ -558,6 +558,13 @@ def test_settings_rules(tmp_path: Path) -> None:
         environ={"EPLBD_PLANNER_COOLDOWN_S": "7"},
     )
     assert (s.min_gain, s.cooldown_s, s.window_s) == (0.2, 7.0, 2.5)
+    # the forecast: one of two, its threshold above the noise it is a multiple of
+    for env in ({"EPLBD_PLANNER_FORECAST": "median"}, {"EPLBD_PLANNER_CHANGE_THRESHOLD": "1"}):
+        with pytest.raises(ConfigError) as e:
+            load(PlannerSettings, {}, environ=env)
+        assert e.value.field in ("forecast", "change_threshold")
+    s = load(PlannerSettings, {}, environ={"EPLBD_PLANNER_FORECAST": "regime"})
+    assert s.core_config().forecast == "regime"
 
 
 def _dry_run(ctx: Any, control: str) -> dict[str, Any]:
@@ -571,16 +578,19 @@ def _dry_run(ctx: Any, control: str) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("forecast", ["ewma", "regime"])
 def test_a_killed_planner_restores_its_load_windows_and_decides_the_same(
-    tmp_path: Path, ctx: Any
+    tmp_path: Path, ctx: Any, forecast: str
 ) -> None:
-    """Real planner processes: windows and forecast are saved as windows close; after SIGKILL
-    and a restart the restored forecast drives the same plan, and status says how old it is."""
+    """Real planner processes: windows and forecast (either kind) are saved as windows close;
+    after SIGKILL and a restart the restored forecast drives the same plan, and status says
+    how old it is."""
     sock_dir = tmp_path / "s"
     sock_dir.mkdir()
     control, snaps = f"ipc://{sock_dir}/p.sock", f"ipc://{sock_dir}/planner-snapshots.sock"
     # no automatic rebalance (unreachable gain): only the dry runs look at the forecast
     extra = ["--window-save-s", "0", "--min-gain", "1000", "--windows", "4"]
+    extra += ["--forecast", forecast]
     procs = [_start_planner(tmp_path, sock_dir, "planner1.log", *extra)]
     agent = FakeAgent(ctx, control, snaps)
     default = Layout.default(L, E, P)
@@ -592,18 +602,26 @@ def test_a_killed_planner_restores_its_load_windows_and_decides_the_same(
         def windows() -> int:
             return int(status(ctx, control)["groups"][0]["data"]["windows"])
 
-        while windows() < 3:  # a few closed windows of skewed load
+        def in_mean() -> int:  # a regime mean longer than the ring: not re-seedable from it
+            r = status(ctx, control)["groups"][0]["data"]["regime"]
+            return 6 if r is None else int(r["windows_in_mean"])
+
+        while windows() < 3 or in_mean() < 6:  # a few closed windows of skewed load
             agent.snapshot(skewed_counts(default), 0)
             agent.heartbeat()
             agent.poll(0.05)
             sent += 1
-            assert sent < 2000, "the planner never closed 3 windows"
+            assert sent < 4000, "the planner never closed enough windows"
         # the last bucket closes (and is saved) without new data: wait for its file
         wait_for(lambda: status(ctx, control)["groups"][0]["data"]["open_tokens"] == 0)
         n = windows()
         wait_for(lambda: saved.exists(), 10)
         before = _dry_run(ctx, control)
         assert before["ok"] and before["moves"] > 0, before
+        regime = status(ctx, control)["groups"][0]["data"]["regime"]
+        assert (regime is None) == (forecast == "ewma"), regime
+        if regime is not None:
+            assert regime["windows_in_mean"] >= 6 and regime["change_above"] is not None, regime
 
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(10)
@@ -623,6 +641,10 @@ def test_a_killed_planner_restores_its_load_windows_and_decides_the_same(
         restored = g["data"]["restored"]
         assert restored["windows"] == n and restored["epoch"] == 0, restored
         assert restored["age_s"] >= 0 and restored["windows_left"] == n
+        assert g["data"]["forecast"] == forecast
+        if regime is not None:  # the regime's mean and learnt level, not a fresh start
+            got = g["data"]["regime"]
+            assert got == dict(regime, dispersion=None), (got, regime)
         wait_for(lambda: status(ctx, control)["groups"][0]["complete"], 30, every=agent.heartbeat)
         assert _dry_run(ctx, control) == before
     finally:

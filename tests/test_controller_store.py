@@ -142,3 +142,42 @@ def test_one_planner_per_state_directory(tmp_path: Path) -> None:
     b = StateStore(tmp_path)
     b.open()
     b.close()
+
+
+def test_windows_file_carries_the_regime_forecast_and_refuses_a_bad_one() -> None:
+    import io
+
+    import numpy as np
+    import torch
+
+    from eplbd.controller import LoadWindow
+    from eplbd.controller._store import decode_windows, encode_windows
+
+    w = LoadWindow(2, 3, window_s=1.0, num_windows=4, alpha=0.5, forecast="regime")
+    for i in range(6):
+        w.add(torch.tensor([[5.0 + i, 2.0, 3.0], [1.0, 1.0, 4.0 + 3 * i]]), 10, float(i))
+    w.roll(10.0)
+    raw = encode_windows({"epoch": 2}, w.state())
+    meta, st = decode_windows(raw)
+    assert meta["epoch"] == 2 and st.regime is not None
+    want = w.state().regime
+    assert want is not None and want.mean is not None and st.regime.mean is not None
+    assert torch.equal(st.regime.mean, want.mean) and st.regime.history == want.history
+    assert (st.regime.steps, st.regime.changes) == (want.steps, want.changes)
+
+    def tampered(**arrays: object) -> bytes:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+        d.update(arrays)
+        buf = io.BytesIO()
+        np.savez(buf, **d)  # type: ignore[arg-type]
+        return buf.getvalue()
+
+    for bad in (
+        tampered(regime_history=np.array([1.0, -2.0])),
+        tampered(regime_mean=np.full((2, 3), np.nan)),
+        tampered(regime_mean=np.ones((3, 3))),
+    ):
+        with pytest.raises(ValueError):  # unreadable, or refused by the window
+            st2 = decode_windows(bad)[1]
+            LoadWindow(2, 3, window_s=1.0, num_windows=4, alpha=0.5, forecast="regime").restore(st2)

@@ -183,3 +183,45 @@ def test_state_and_restore_carry_the_forecast_over() -> None:
     assert torch.equal(small.forecast(), w.forecast())
     with pytest.raises(ValueError, match="shape"):
         LoadWindow(3, 3, window_s=1.0, num_windows=3, alpha=0.5).restore(st)
+
+
+def test_the_regime_forecast_is_the_mean_since_the_traffic_changed() -> None:
+    from eplbd.planner import RegimeMean
+
+    w = LoadWindow(1, 4, window_s=1.0, num_windows=3, alpha=0.5, forecast="regime")
+    ref = RegimeMean()
+    a = [torch.tensor([[100.0 + i, 50.0, 30.0, 20.0]]) for i in range(6)]
+    b = [torch.tensor([[10.0, 20.0 + i, 60.0, 110.0]]) for i in range(3)]
+    for i, x in enumerate(a + b):
+        w.add(x, 200, float(i))
+        ref.update(x)
+    w.roll(100.0)
+    assert torch.equal(w.forecast(), ref.value)  # the regime's mean, not the EWMA
+    view = w.regime_view()
+    assert view is not None and view["changes"] == 1 and view["windows_in_mean"] == 3
+    assert w.windows == 3  # the sliding window is the same as with the EWMA
+    ewma = LoadWindow(1, 4, window_s=1.0, num_windows=3, alpha=0.5)
+    assert ewma.regime_view() is None
+    with pytest.raises(ValueError, match="forecast"):
+        LoadWindow(1, 4, window_s=1.0, num_windows=3, alpha=0.5, forecast="median")
+
+
+def test_the_regime_forecast_survives_a_restart_and_seeds_from_saved_buckets() -> None:
+    def filled(kind: str) -> LoadWindow:
+        w = LoadWindow(2, 3, window_s=1.0, num_windows=4, alpha=0.5, forecast=kind)
+        for i in range(7):
+            w.add(torch.tensor([[5.0 + i, 2.0, 3.0], [1.0, 1.0, 4.0 + i]]), 10, float(i))
+        w.roll(10.0)
+        return w
+
+    w = filled("regime")
+    fresh = LoadWindow(2, 3, window_s=1.0, num_windows=4, alpha=0.5, forecast="regime")
+    fresh.restore(w.state())
+    assert torch.equal(fresh.forecast(), w.forecast())
+    assert fresh.regime_view() == dict(w.regime_view() or {}, dispersion=None)
+    # a file saved with the EWMA: the saved buckets, oldest first, seed the regime mean
+    seeded = LoadWindow(2, 3, window_s=1.0, num_windows=4, alpha=0.5, forecast="regime")
+    seeded.restore(filled("ewma").state())
+    view = seeded.regime_view()
+    assert view is not None and view["windows_in_mean"] == 4
+    assert torch.allclose(seeded.forecast(), filled("ewma").window_sum() / 4)

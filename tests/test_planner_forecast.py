@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eplbd.planner import Ewma, SlidingWindow
+from eplbd.planner import Ewma, RegimeMean, RegimeState, SlidingWindow
 
 
 def _load(v: float) -> torch.Tensor:
@@ -78,3 +78,115 @@ def test_ewma_refuses_another_shape() -> None:
     ew.update(_load(1))
     with pytest.raises(ValueError, match="expected"):
         ew.update(torch.ones(2, 4))
+
+
+def _draws(rng: torch.Generator, pop: torch.Tensor, n: int, tokens: int) -> list[torch.Tensor]:
+    """``n`` windows of ``tokens`` tokens per layer drawn from ``pop`` [L, E] (multinomial)."""
+    out = []
+    for _ in range(n):
+        idx = torch.multinomial(pop, tokens, replacement=True, generator=rng)  # [L, tokens]
+        out.append(torch.stack([torch.bincount(r, minlength=pop.shape[1]) for r in idx]).double())
+    return out
+
+
+def _popularity(seed: int, L: int = 3, E: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(0.7 * torch.randn(L, E, generator=g))
+
+
+def test_regime_mean_finds_a_switch_and_averages_inside_a_regime() -> None:
+    rng = torch.Generator().manual_seed(0)
+    a, b = _popularity(1), _popularity(2)
+    loads = _draws(rng, a, 30, 2000) + _draws(rng, b, 30, 2000)
+    rm = RegimeMean()
+    flags = [rm.update(x) for x in loads]
+    assert [i for i, f in enumerate(flags) if f] == [30]  # the switch, and nothing else
+    assert rm.changes == 1 and rm.steps == 30
+    assert rm.value is not None
+    want = b / b.sum(dim=1, keepdim=True) * 2000
+    assert torch.allclose(rm.value, want.double(), rtol=0.1, atol=5.0)
+    # the mean of the regime, not of the last window only
+    assert (rm.value - want).abs().sum() < 0.5 * (loads[-1] - want).abs().sum()
+
+
+def test_regime_mean_learns_the_noise_of_correlated_windows() -> None:
+    """Prefill-like windows (each a few prompts: the popularity itself varies per window)
+    have dispersion well above 1; that level is learnt, and a switch is still found."""
+    rng = torch.Generator().manual_seed(3)
+    a, b = _popularity(4), _popularity(5)
+
+    def noisy(pop: torch.Tensor, n: int) -> list[torch.Tensor]:
+        out = []
+        for _ in range(n):
+            jitter = torch.exp(0.25 * torch.randn(pop.shape, generator=rng))
+            out += _draws(rng, pop * jitter, 1, 4000)
+        return out
+
+    rm = RegimeMean()
+    flags = [rm.update(x) for x in noisy(a, 40) + noisy(b, 20)]
+    level = rm.change_level()
+    assert level is not None and level > 10.0 * 2  # the learnt level is well above 1's
+    assert [i for i, f in enumerate(flags) if f] == [40]
+
+
+def test_traffic_that_changes_every_window_is_averaged() -> None:
+    rng = torch.Generator().manual_seed(6)
+    a, b = _popularity(7), _popularity(8)
+    rm = RegimeMean()
+    for x in _draws(rng, a, 20, 2000):  # a steady regime first
+        rm.update(x)
+    xa, xb = _draws(rng, a, 60, 2000), _draws(rng, b, 60, 2000)
+    flags = [rm.update(x) for pair in zip(xb, xa, strict=True) for x in pair]
+    assert all(flags[:4])  # at first each switch is a change
+    assert not any(flags[-40:])  # once switching is the usual level, it is averaged
+    mix = (a / a.sum(dim=1, keepdim=True) + b / b.sum(dim=1, keepdim=True)) * 1000
+    assert rm.value is not None and torch.allclose(rm.value, mix.double(), rtol=0.2, atol=10.0)
+
+
+def test_regime_mean_past_its_memory_follows_a_slow_drift() -> None:
+    rm = RegimeMean(memory=4, threshold=1e9)
+    one, two = torch.ones(1, 4), torch.full((1, 4), 3.0)
+    for _ in range(10):
+        rm.update(one)
+    assert rm.steps == 4
+    rm.update(two)  # weight 1/4, as an EWMA
+    assert rm.value is not None and torch.allclose(rm.value, torch.full((1, 4), 1.5).double())
+
+
+def test_regime_mean_state_restores_the_same_future() -> None:
+    rng = torch.Generator().manual_seed(9)
+    loads = _draws(rng, _popularity(10), 12, 500) + _draws(rng, _popularity(11), 12, 500)
+    a, b = RegimeMean(), RegimeMean()
+    for x in loads[:10]:
+        a.update(x)
+    b.restore(a.state())
+    assert [a.update(x) for x in loads[10:]] == [b.update(x) for x in loads[10:]]
+    assert b.changes == a.changes == 1
+    assert a.value is not None and b.value is not None and torch.equal(a.value, b.value)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"threshold": 1.0}, {"threshold": float("nan")}, {"threshold": True}, {"memory": 1},
+     {"calibration": 0}, {"min_history": 2.5}],
+)  # fmt: skip
+def test_regime_mean_refuses_bad_settings(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        RegimeMean(**kw)  # type: ignore[arg-type]
+
+
+def test_regime_mean_refuses_a_bad_state_and_keeps_its_own() -> None:
+    rm = RegimeMean()
+    rm.update(torch.ones(2, 3))
+    for bad in (
+        RegimeState(torch.ones(2, 3), 0, [], 0),  # a mean of no window
+        RegimeState(None, 3, [], 0),
+        RegimeState(torch.ones(2, 3), 1, [float("nan")], 0),
+        RegimeState(torch.full((2, 3), -1.0), 1, [], 0),
+        RegimeState(torch.ones(2, 3), 1, [], -1),
+    ):
+        with pytest.raises(ValueError):
+            rm.restore(bad)
+    assert (
+        rm.steps == 1 and rm.value is not None and torch.equal(rm.value, torch.ones(2, 3).double())
+    )

@@ -195,6 +195,10 @@ def _active(t: dict[str, Any]) -> str:
     return "-" if mean is None or mx is None else f"{mean:.1f}/{mx:.1f}"
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
 def _render_group(out: Output, g: dict[str, Any]) -> None:
     name = g.get("group")
     d = g.get("data") or {}
@@ -215,6 +219,15 @@ def _render_group(out: Output, g: dict[str, Any]) -> None:
             else ""
         )
     )
+    reg = d.get("regime")
+    if reg:
+        level = reg.get("change_above")
+        out.line(
+            f"  forecast: regime mean of {reg.get('windows_in_mean', 0)} windows, "
+            f"{reg.get('changes', 0)} changes of traffic found; last dispersion "
+            f"{_num(reg.get('dispersion'))}, a change above "
+            + ("- (learning)" if level is None else _num(level))
+        )
     if g.get("frozen_layers"):
         out.line(f"  frozen layers: {fmt_ranks(g['frozen_layers'])}")
     pend = g.get("pending")

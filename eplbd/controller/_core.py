@@ -414,6 +414,12 @@ class PlannerCore(Registration, CommitOrchestration):
         then run the trigger."""
         g.window_closed_wall = wall
         g.windows_dirty = True
+        if g.window is not None and g.window.traffic_changed:
+            view = g.window.regime_view() or {}
+            log.info("traffic changed", group=g.name, dispersion=view.get("dispersion"),
+                     changes=view.get("changes"))  # fmt: skip
+            if self.metrics is not None:
+                self.metrics.traffic_change(g.name)
         last = g.windows_saved_mono
         if last is None or now - last >= self.config.window_save_s:
             self._save_windows(g)

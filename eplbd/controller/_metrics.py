@@ -18,6 +18,8 @@ Series (labels in braces):
 - ``eplbd_planner_commit_seconds{group}``: prepare -> first committed report (summary);
 - ``eplbd_planner_decisions_total{group,reason}``: trigger evaluations by reason;
 - ``eplbd_planner_snapshots_total{group}``: snapshots accepted;
+- ``eplbd_planner_traffic_changes_total{group}``: changes of traffic the regime forecast
+  found (``forecast = regime``; its mean restarted);
 - ``eplbd_planner_dropped_total{reason}``: messages dropped (wire reasons, unknown_epoch...);
 - ``eplbd_planner_peers{kind,state}``: agents and ranks by liveness;
 - ``eplbd_planner_pending{group}``: 1 while a commit is in flight;
@@ -94,6 +96,11 @@ class PlannerMetrics:
         self.snapshots = r.counter(
             "eplbd_planner_snapshots_total", "Load snapshots accepted.", labels=("group",)
         )
+        self.traffic_changes = r.counter(
+            "eplbd_planner_traffic_changes_total",
+            "Changes of traffic the regime forecast found (its mean restarted).",
+            labels=("group",),
+        )
         self.drops = r.counter(
             "eplbd_planner_dropped_total", "Messages dropped, by reason.", labels=("reason",)
         )
@@ -154,6 +161,9 @@ class PlannerMetrics:
 
     def snapshot(self, group: str) -> None:
         self.snapshots.inc(group=group)
+
+    def traffic_change(self, group: str) -> None:
+        self.traffic_changes.inc(group=group)
 
     def decision(self, group: str, d: Decision, *, intention: bool = True) -> None:
         """Count ``d``; its balances become the group's gauges only when it is the planner's

@@ -134,6 +134,27 @@ class PlannerSettings:
     ewma_alpha: float = cfg.setting(
         0.3, help="weight of the newest window in the forecast", min=0.001, max=1.0
     )
+    forecast: str = cfg.setting(
+        "ewma",
+        help="the load the planner plans for: ewma (weighted average of the windows, "
+        "ewma_alpha) or regime (the mean of the windows since the traffic last changed: "
+        "fewer moves when traffic holds a mix for a while, then switches)",
+        choices=("ewma", "regime"),
+    )
+    change_threshold: float = cfg.setting(
+        10.0,
+        help="forecast regime: a window whose dispersion against the mean is above this "
+        "many times its usual level starts a new regime",
+        min=1.5,
+        max=1e6,
+    )
+    regime_windows: int = cfg.setting(
+        360,
+        help="forecast regime: the most windows the mean holds in full (older ones fade as "
+        "in an average of weight 1/N)",
+        min=2,
+        max=1_000_000,
+    )
     window_save_s: float = cfg.setting(
         60.0,
         help="seconds between writes of the load windows and forecast to the state directory "
@@ -257,6 +278,9 @@ class PlannerSettings:
             window_s=self.window_s,
             num_windows=self.windows,
             ewma_alpha=self.ewma_alpha,
+            forecast=self.forecast,
+            change_threshold=self.change_threshold,
+            regime_windows=self.regime_windows,
             window_save_s=self.window_save_s,
             policy=TriggerPolicy(
                 min_gain=self.min_gain,

@@ -74,7 +74,8 @@ class Outbound:
 class CoreConfig:
     """The core's rules (the planner settings fill it; tests build one directly).
 
-    window_s / num_windows / ewma_alpha: load windows and forecast (see LoadWindow);
+    window_s / num_windows / ewma_alpha / forecast / change_threshold / regime_windows: load
+    windows and forecast (see LoadWindow);
     window_save_s: at most one write of a group's windows per this many seconds (0: at every
     closed window); window_max_age_s: saved windows older than this are not restored;
     policy: the trigger (see TriggerPolicy); prepare_timeout_s: time for every rank to stage;
@@ -93,6 +94,9 @@ class CoreConfig:
     window_s: float = 10.0
     num_windows: int = 6
     ewma_alpha: float = 0.3
+    forecast: str = "ewma"
+    change_threshold: float = 10.0
+    regime_windows: int = 360
     window_save_s: float = 60.0
     window_max_age_s: float = 3600.0
     policy: TriggerPolicy = field(default_factory=TriggerPolicy)
@@ -112,6 +116,8 @@ class CoreConfig:
             raise ValueError(f"objective must be tokens or time, got {self.objective!r}")
         if self.objective == "time" and self.cost_model is None:
             raise ValueError("the time objective needs a cost_model")
+        if self.forecast not in ("ewma", "regime"):
+            raise ValueError(f"forecast must be ewma or regime, got {self.forecast!r}")
 
 
 @dataclass
@@ -298,6 +304,9 @@ class CoreBase:
             window_s=c.window_s,
             num_windows=c.num_windows,
             alpha=c.ewma_alpha,
+            forecast=c.forecast,
+            change_threshold=c.change_threshold,
+            regime_windows=c.regime_windows,
         )
         g.record.shape = {
             "num_layers": shape.num_layers,

@@ -19,7 +19,8 @@ file, and the daemon exits with code 78. ``reset_corrupt=True`` (``--reset-state
 such a file aside to ``<name>.corrupt-<unix time>`` and starts that group afresh; its epochs
 then restart above the highest epoch the ranks report when they register.
 
-The load windows (closed buckets of logical load, their tokens, the EWMA forecast) are
+The load windows (closed buckets of logical load, their tokens, the EWMA forecast, and the
+regime forecast's state when the planner keeps one) are
 written less often (the core decides when: at most once per ``window_save_s``, and at a
 clean stop) to ``windows/<group>.npz``, an ``.npz`` of float64 arrays plus a JSON ``meta``
 (the epoch in service when written, when the newest bucket closed); read with
@@ -43,6 +44,7 @@ from urllib.parse import quote, unquote
 from eplbd.controller._commit import Attempt
 from eplbd.controller._window import WindowState
 from eplbd.layout import Layout, LayoutError
+from eplbd.planner import RegimeState
 
 __all__ = [
     "STATE_SCHEMA_VERSION",
@@ -95,12 +97,16 @@ class WindowsUnreadable(ValueError):
 def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
     """An ``.npz``: ``buckets`` [n, L, E] and ``forecast`` [L, E] float64 (absent when None),
     ``bucket_tokens`` and ``bucket_steps`` [n] int64, ``meta`` (JSON text, as uint8) with
-    ``updates`` added."""
+    ``updates`` added; with a regime forecast, ``regime_mean`` [L, E] (absent when None) and
+    ``regime_history`` [m] float64, its count and changes in ``meta["regime"]``."""
     import io
 
     import numpy as np
 
     doc = dict(meta, schema_version=STATE_SCHEMA_VERSION, updates=state.updates)
+    r = state.regime
+    if r is not None:
+        doc["regime"] = {"steps": r.steps, "changes": r.changes}
     arrays: dict[str, Any] = {
         "meta": np.frombuffer(json.dumps(doc, allow_nan=False).encode(), dtype=np.uint8),
         "bucket_tokens": np.asarray(state.bucket_tokens, dtype=np.int64),
@@ -110,6 +116,10 @@ def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
         arrays["buckets"] = np.stack([b.to("cpu").double().numpy() for b in state.buckets])
     if state.forecast is not None:
         arrays["forecast"] = state.forecast.to("cpu").double().numpy()
+    if r is not None:
+        arrays["regime_history"] = np.asarray(r.history, dtype=np.float64)
+        if r.mean is not None:
+            arrays["regime_mean"] = r.mean.to("cpu").double().numpy()
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -130,6 +140,15 @@ def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
             steps = [int(x) for x in z["bucket_steps"]] if "bucket_steps" in z.files else []
             buckets = z["buckets"] if "buckets" in z.files else np.zeros((0, 0, 0))
             forecast = z["forecast"] if "forecast" in z.files else None
+            regime = None
+            if isinstance(meta, dict) and isinstance(meta.get("regime"), dict):
+                rm = z["regime_mean"] if "regime_mean" in z.files else None
+                regime = RegimeState(
+                    mean=None if rm is None else torch.from_numpy(np.array(rm, np.float64)),
+                    steps=int(meta["regime"]["steps"]),
+                    history=[float(x) for x in z["regime_history"]],
+                    changes=int(meta["regime"]["changes"]),
+                )
             if not isinstance(meta, dict) or meta.get("schema_version") != STATE_SCHEMA_VERSION:
                 raise ValueError(f"schema_version {meta.get('schema_version')!r}")
             state = WindowState(
@@ -138,12 +157,20 @@ def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
                 forecast=None if forecast is None else torch.from_numpy(np.array(forecast)),
                 updates=int(meta.get("updates", 0)),
                 bucket_steps=steps,
+                regime=regime,
             )
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise WindowsUnreadable(f"{type(e).__name__}: {e}") from None
     tensors = [*state.buckets, *([] if state.forecast is None else [state.forecast])]
+    if regime is not None and regime.mean is not None:
+        tensors.append(regime.mean)
     if any(not bool(torch.isfinite(t).all()) or bool((t < 0).any()) for t in tensors):
         raise WindowsUnreadable("loads must be finite and >= 0")
+    if regime is not None:
+        try:
+            regime.check()
+        except ValueError as e:
+            raise WindowsUnreadable(f"regime forecast: {e}") from None
     return meta, state
 
 

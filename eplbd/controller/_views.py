@@ -218,6 +218,8 @@ def group_status(core: CoreBase, g: GroupState) -> dict[str, Any]:
             "open_tokens": 0 if g.window is None else g.window.open_tokens,
             "snapshots": g.snapshots,
             "window_s": core.config.window_s,
+            "forecast": core.config.forecast,
+            "regime": None if g.window is None else g.window.regime_view(),
             "last_snapshot_s": None
             if g.last_snapshot_mono is None
             else round(now - g.last_snapshot_mono, 3),

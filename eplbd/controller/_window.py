@@ -15,6 +15,11 @@ closed buckets and the token counts. Pure: no clock is read here, every method t
 ``now``. :meth:`LoadWindow.state` and :meth:`LoadWindow.restore` carry the closed buckets and
 the forecast over a planner restart (:class:`WindowState`; the store writes it to disk).
 
+Two forecasts (``forecast``): "ewma", the exponentially weighted average above; "regime",
+:class:`eplbd.planner.RegimeMean`, the mean of the buckets since the last detected change of
+traffic (it converges on the traffic's mean instead of following each bucket's noise, and
+restarts when the traffic changes). The sliding window and its tokens are the same in both.
+
 Each bucket also counts the forward steps its snapshots recorded (the distinct
 ``[step_start, step_end)`` ranges: the agents of a group report the same windows for their
 ranks), so the time objective can turn the forecast into rows per step
@@ -29,9 +34,12 @@ from typing import Any
 
 import torch
 
-from eplbd.planner import Ewma
+from eplbd.planner import Ewma, RegimeMean, RegimeState
 
-__all__ = ["LoadWindow", "WindowState", "logical_load"]
+__all__ = ["FORECASTS", "LoadWindow", "WindowState", "logical_load"]
+
+#: the forecasts a LoadWindow can keep (the planner's ``forecast`` setting)
+FORECASTS = ("ewma", "regime")
 
 
 def logical_load(counts: torch.Tensor, phy2log: torch.Tensor, num_logical: int) -> torch.Tensor:
@@ -92,15 +100,26 @@ class LoadWindow:
         window_s: float,
         num_windows: int,
         alpha: float,
+        forecast: str = "ewma",
+        change_threshold: float = 10.0,
+        regime_windows: int = 360,
     ) -> None:
         if window_s <= 0 or num_windows < 1 or not 0.0 < alpha <= 1.0:
             raise ValueError("window_s > 0, num_windows >= 1 and 0 < alpha <= 1 are required")
+        if forecast not in FORECASTS:
+            raise ValueError(f"forecast must be one of {FORECASTS}, got {forecast!r}")
         self.num_layers = num_layers
         self.num_logical = num_logical
         self.window_s = float(window_s)
         self.alpha = float(alpha)
         self._ring: deque[torch.Tensor] = deque(maxlen=num_windows)  # closed buckets, [L, E]
         self._ewma = Ewma(alpha)
+        self.forecast_kind = forecast
+        self._regime = (
+            RegimeMean(threshold=change_threshold, memory=regime_windows)
+            if forecast == "regime"
+            else None
+        )
         self._bucket_tokens: deque[int] = deque(maxlen=num_windows)
         self._bucket_steps: deque[int] = deque(maxlen=num_windows)  # 0: unknown
         self._open_ranges: set[tuple[int, int]] = set()
@@ -110,6 +129,7 @@ class LoadWindow:
         self._open_snapshots = 0
         self._open_start: float | None = None
         self.closed = 0  # non-empty buckets closed since start
+        self.traffic_changed = False  # the last closed bucket started a new regime
         self.snapshots = 0
 
     def add(self, load: torch.Tensor, tokens: int, now: float) -> None:
@@ -183,6 +203,7 @@ class LoadWindow:
         self._bucket_tokens.append(tokens)
         self._bucket_steps.append(steps)
         self._ewma.update(bucket)
+        self.traffic_changed = self._regime is not None and self._regime.update(bucket)
         self.closed += 1
         return 1
 
@@ -207,8 +228,22 @@ class LoadWindow:
         return self._open_tokens
 
     def forecast(self) -> torch.Tensor | None:
-        """The EWMA forecast ``[L, E]``, None before the first bucket closes."""
-        return self._ewma.value
+        """The forecast ``[L, E]`` (EWMA or regime mean), None before the first bucket
+        closes."""
+        return self._ewma.value if self._regime is None else self._regime.value
+
+    def regime_view(self) -> dict[str, Any] | None:
+        """The regime forecast's figures (None with the EWMA): buckets in its mean, changes
+        detected since start, the last bucket's dispersion and the level a change needs."""
+        r = self._regime
+        if r is None:
+            return None
+        return {
+            "windows_in_mean": r.steps,
+            "changes": r.changes,
+            "dispersion": None if r.last_dispersion is None else round(r.last_dispersion, 3),
+            "change_above": None if (lvl := r.change_level()) is None else round(lvl, 3),
+        }
 
     def window_sum(self) -> torch.Tensor:
         """Sum of the closed buckets in the window ``[L, E]`` (zeros if none)."""
@@ -221,7 +256,7 @@ class LoadWindow:
 
         An operator's forced rebalance may act on this before the window has filled.
         """
-        f = self._ewma.value
+        f = self.forecast()
         if f is not None:
             return f
         o = self._open_logical()
@@ -240,6 +275,7 @@ class LoadWindow:
             forecast=self._ewma.value,
             updates=self._ewma.updates,
             bucket_steps=list(self._bucket_steps),
+            regime=None if self._regime is None else self._regime.state(),
         )
 
     def restore(self, state: WindowState) -> int:
@@ -247,8 +283,12 @@ class LoadWindow:
         buckets were restored. Raises ValueError if it does not fit this window's shape."""
         shape = (self.num_layers, self.num_logical)
         tensors = [*state.buckets, *([] if state.forecast is None else [state.forecast])]
+        if state.regime is not None and state.regime.mean is not None:
+            tensors.append(state.regime.mean)
         if any(tuple(t.shape) != shape for t in tensors):
             raise ValueError(f"saved load has another shape than [L, E] = {list(shape)}")
+        if state.regime is not None:
+            state.regime.check()  # before anything is replaced
         if len(state.bucket_tokens) != len(state.buckets):
             raise ValueError("saved buckets and their token counts differ in number")
         keep = self._ring.maxlen or 0
@@ -267,6 +307,13 @@ class LoadWindow:
         if state.forecast is not None:
             self._ewma.update(state.forecast)  # the first update sets the value exactly
             self._ewma.updates = state.updates
+        if self._regime is not None:
+            self._regime.reset()
+            if state.regime is not None:
+                self._regime.restore(state.regime)
+            else:  # saved with the EWMA: the saved buckets, oldest first, seed the mean
+                for b in self._ring:
+                    self._regime.update(b)
         return len(self._ring)
 
 
@@ -275,10 +322,12 @@ class WindowState:
     """A :class:`LoadWindow`'s closed data: ``buckets`` [L, E] float64 each, oldest first,
     with their ``bucket_tokens``; the EWMA ``forecast`` [L, E] (None before the first bucket)
     after ``updates`` buckets; ``bucket_steps``: the forward steps each bucket recorded (0:
-    unknown; empty from a file of an earlier version)."""
+    unknown; empty from a file of an earlier version); ``regime``: the regime forecast's
+    state (None with the EWMA, or from a file written with it)."""
 
     buckets: list[torch.Tensor]
     bucket_tokens: list[int]
     forecast: torch.Tensor | None
     updates: int
     bucket_steps: list[int] = field(default_factory=list)
+    regime: RegimeState | None = None

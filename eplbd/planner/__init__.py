@@ -10,7 +10,7 @@
 - :class:`CostModel`, :func:`default_cost_model`: modelled time of a GPU's expert work
   (weight reads, tiles of rows, rows dispatched), the time objective's measure;
   :func:`gpu_times`, :func:`time_balance`, :func:`activated_slots`: a layout in time;
-- :class:`SlidingWindow`, :class:`Ewma`: forecasts of the next window's load.
+- :class:`SlidingWindow`, :class:`Ewma`, :class:`RegimeMean`: forecasts of the next window's load.
 
 See docs/planner.md.
 """
@@ -21,7 +21,7 @@ from eplbd.layout import moves_between
 from eplbd.planner._apportion import lower_bound, replica_counts
 from eplbd.planner._cost import CostModel, default_cost_model
 from eplbd.planner._deepseek import rebalance_experts
-from eplbd.planner._forecast import Ewma, RegimeMean, SlidingWindow
+from eplbd.planner._forecast import Ewma, RegimeMean, RegimeState, SlidingWindow
 from eplbd.planner._metrics import (
     activated_slots,
     aggregate_balance,
@@ -41,6 +41,7 @@ __all__ = [
     "PlanResult",
     "REASONS",
     "RegimeMean",
+    "RegimeState",
     "SlidingWindow",
     "activated_slots",
     "aggregate_balance",

@@ -7,6 +7,9 @@ No clock, no I/O.
 
 from __future__ import annotations
 
+import math
+import statistics
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,14 +116,36 @@ class Ewma:
         self.updates = 0
 
 
+@dataclass
+class RegimeState:
+    """What :class:`RegimeMean` needs to go on after a restart: the ``mean`` [L, E] float64
+    (None before the first update) of ``steps`` windows, the recent dispersions
+    (``history``, oldest first) and the ``changes`` detected."""
+
+    mean: torch.Tensor | None
+    steps: int
+    history: list[float]
+    changes: int
+
+    def check(self) -> None:
+        """Raises ValueError when the state cannot be taken back."""
+        if self.steps < 0 or self.changes < 0 or (self.mean is None) != (self.steps == 0):
+            raise ValueError(f"steps {self.steps} and changes {self.changes} do not fit")
+        if not all(math.isfinite(d) and d >= 0 for d in self.history):
+            raise ValueError("dispersions must be finite and >= 0")
+        if self.mean is not None:
+            _as_load(self.mean, None)
+
+
 class RegimeMean:
     """Mean load since the last detected change of regime, [L, E] float64.
 
     Serving traffic holds a mix (a tenant's, a task's) for a while and then switches. An
     EWMA short enough to follow a switch also follows every window's sampling noise, and a
     planner that follows the noise moves weights for nothing. This forecast averages every
-    window since the traffic last changed (at most ``memory`` of them), so it converges on
-    the regime's mean, and restarts from the new window when a change is detected.
+    window since the traffic last changed, so it converges on the regime's mean, and
+    restarts from the new window when a change is detected. Past ``memory`` windows it
+    becomes an EWMA of weight 1 / ``memory`` (a slow drift is still followed).
 
     The test of a change: Pearson's dispersion of the new window against the mean,
     ``d = sum((x - e)^2 / e) / (L (E - 1))`` with ``e`` the mean scaled to the window's
@@ -128,73 +153,101 @@ class RegimeMean:
     noise). Token counts drawn independently give ``d`` near 1; a prompt's tokens are
     correlated (prefill), so its ``d`` is larger. The level is learnt: a change is a ``d``
     above ``threshold`` times the median of the last ``calibration`` values of ``d`` (all of
-    them, so traffic that changes every window stops counting as a change and is averaged).
-    No test until ``min_history`` values are seen.
+    them, so traffic that changes at every window stops counting as a change and is
+    averaged). No test until ``min_history`` values are seen.
     """
 
     def __init__(
         self,
         *,
-        threshold: float = 3.0,
-        memory: int = 256,
+        threshold: float = 10.0,
+        memory: int = 360,
         calibration: int = 64,
         min_history: int = 4,
     ) -> None:
-        if not (isinstance(threshold, int | float) and threshold > 1):
-            raise ValueError(f"threshold must be > 1, got {threshold!r}")
-        for name, v in (("calibration", calibration), ("min_history", min_history)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not (1 < threshold < math.inf)
+        ):
+            raise ValueError(f"threshold must be a number > 1, got {threshold!r}")
+        for name, v, low in (("memory", memory, 2), ("calibration", calibration, 1),
+                             ("min_history", min_history, 1)):  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         self.threshold = float(threshold)
-        self._window = SlidingWindow(memory)
-        self._history: list[float] = []
+        self.memory = memory
         self.calibration = calibration
         self.min_history = min_history
+        self._mean: torch.Tensor | None = None
+        self._n = 0
+        self._history: list[float] = []
         self.changes = 0  # changes detected since start
         self.last_dispersion: float | None = None
 
     @property
     def steps(self) -> int:
         """Windows in the mean (since the last change, at most ``memory``)."""
-        return len(self._window)
+        return self._n
 
     @property
     def value(self) -> torch.Tensor | None:
         """The mean [L, E] float64, or None before the first update."""
-        return self._window.mean() if len(self._window) else None
+        return None if self._mean is None else self._mean.clone()
+
+    def change_level(self) -> float | None:
+        """The dispersion above which the next window starts a new regime (None: no test
+        yet)."""
+        if len(self._history) < self.min_history:
+            return None
+        return self.threshold * max(statistics.median(self._history), 1e-12)
 
     def dispersion(self, load: Any) -> float | None:
         """``d`` of ``load`` [L, E] against the mean (None while the mean is empty)."""
-        if not len(self._window):
+        if self._mean is None:
             return None
-        x = _as_load(load, self._window.shape)
-        m = self._window.mean()
-        tot_m = m.sum(dim=1, keepdim=True)
-        e = m * (x.sum(dim=1, keepdim=True) / tot_m.clamp_min(1e-12))
+        x = _as_load(load, tuple(self._mean.shape))
+        m = self._mean
+        e = m * (x.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1e-12))
         # an expert the mean never saw: expected half a count (one seen is then 2 x 0.5)
         stat = ((x - e) ** 2 / e.clamp_min(0.5)).sum()
         dof = max(x.shape[0] * (x.shape[1] - 1), 1)
-        return float(stat) / dof / (1.0 + 1.0 / len(self._window))
+        return float(stat) / dof / (1.0 + 1.0 / self._n)
 
     def update(self, load: Any) -> bool:
         """Fold in one window's load [L, E]. Returns True when it starts a new regime (the
         mean then restarts from it)."""
-        d = self.dispersion(load)
+        x = _as_load(load, None if self._mean is None else tuple(self._mean.shape))
+        d = self.dispersion(x)
         self.last_dispersion = d
-        changed = False
+        level = self.change_level()
+        changed = d is not None and level is not None and d > level
         if d is not None:
-            if len(self._history) >= self.min_history:
-                ref = float(torch.tensor(self._history).median())
-                changed = d > self.threshold * max(ref, 1e-12)
             self._history.append(d)
             del self._history[: -self.calibration]
-        if changed:
-            self._window.clear()
-            self.changes += 1
-        self._window.push(load)
-        return changed
+        if changed or self._mean is None:
+            self._mean = x.clone()
+            self._n = 1
+            self.changes += int(changed)
+            return changed
+        self._n = min(self._n + 1, self.memory)
+        self._mean.add_(x - self._mean, alpha=1.0 / self._n)
+        return False
+
+    def state(self) -> RegimeState:
+        return RegimeState(self.value, self._n, list(self._history), self.changes)
+
+    def restore(self, state: RegimeState) -> None:
+        """Take over ``state``. Raises ValueError if it is not a valid one."""
+        state.check()
+        self._mean = None if state.mean is None else _as_load(state.mean, None).clone()
+        self._n = min(state.steps, self.memory)
+        self._history = list(state.history[-self.calibration :])
+        self.changes = state.changes
+        self.last_dispersion = None
 
     def reset(self) -> None:
-        self._window.clear()
-        self._history.clear()
+        self._mean = None
+        self._n = 0
+        self._history = []
         self.last_dispersion = None
