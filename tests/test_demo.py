@@ -101,9 +101,13 @@ def test_balance_is_sum_of_max_over_sum_of_mean() -> None:
 
 def test_config_round_trip() -> None:
     c = DemoConfig(
-        workers=3, trace="x.npz", trace_layers=(0, 5), tuning=PlannerTuning(cooldown_s=7)
+        workers=3,
+        trace="x.npz",
+        trace_layers=(0, 5),
+        tuning=PlannerTuning(cooldown_s=7, forecast="regime"),
     )
     assert DemoConfig.from_json(c.to_json()) == c
+    assert c.tuning.planner_env()["EPLBD_PLANNER_FORECAST"] == "regime"
     with pytest.raises(ValueError):
         DemoConfig(workers=2, experts=16, slots_per_gpu=4).check()
 
@@ -180,9 +184,11 @@ def test_a_bad_trace_file_is_one_line_and_exit_78(
 
 
 @pytest.mark.slow
-def test_demo_rebalances_and_outputs_match() -> None:
+@pytest.mark.parametrize("forecast", ["ewma", "regime"])
+def test_demo_rebalances_and_outputs_match(forecast: str) -> None:
+    argv = [sys.executable, "-m", "eplbd", "demo", *SMALL, "--steps", "160", "--json"]
     p = subprocess.run(
-        [sys.executable, "-m", "eplbd", "demo", *SMALL, "--steps", "160", "--json"],
+        [*argv, "--forecast", forecast],
         capture_output=True,
         text=True,
         env=_env(),
@@ -193,6 +199,7 @@ def test_demo_rebalances_and_outputs_match() -> None:
     s = json.loads(p.stdout)
     assert s["schema_version"] >= 1
     assert s["steps"] == 160 and s["workers"] == 2 and s["layers"] == 2
+    assert s["forecast"] == forecast
     assert s["outputs_match"] is True and s["max_abs_error"] <= s["tolerance"]
     assert s["rebalances"] >= 1 and s["epochs"] >= 1
     assert s["committed_on_all_ranks"] is True

@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="model and workload seed")
     parser.add_argument(
+        "--forecast",
+        choices=("ewma", "regime"),
+        default="ewma",
+        help="the planner's forecast: ewma, or regime (the mean since the traffic changed)",
+    )
+    parser.add_argument(
         "--keep-dir", action="store_true", help="keep the temporary run directory (logs)"
     )
     add_output_arguments(parser, watch=False)
@@ -78,6 +84,7 @@ def build_config(args: argparse.Namespace) -> object:
 
     trace = args.trace
     cfg = DemoConfig(workers=args.workers, layers=args.layers, tokens=args.tokens, seed=args.seed)
+    cfg = replace(cfg, tuning=replace(cfg.tuning, forecast=args.forecast))
     if trace is not None:
         from eplbd.demo._trace import default_trace_path, load_trace, pick_layers
 

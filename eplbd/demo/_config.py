@@ -28,7 +28,8 @@ class PlannerTuning:
     a few seconds between automatic rebalances so the drift is chased but not every window;
     min_gain: a rebalance must gain at least this much balance (max/mean) on some layer;
     window_steps / record_steps: every step is recorded, a snapshot every few steps;
-    sync_interval: steps between the clients' consensus rounds (when a staged epoch flips).
+    sync_interval: steps between the clients' consensus rounds (when a staged epoch flips);
+    forecast: the planner's forecast, ewma or regime (the mean since the traffic changed).
     """
 
     window_s: float = 0.5
@@ -44,6 +45,7 @@ class PlannerTuning:
     sync_interval: int = 4
     heartbeat_s: float = 0.25
     dead_timeout_s: float = 10.0
+    forecast: str = "ewma"
 
     def planner_env(self) -> dict[str, str]:
         """``EPLBD_PLANNER_*`` variables the agent passes to its embedded planner."""
@@ -57,6 +59,7 @@ class PlannerTuning:
             "EPLBD_PLANNER_PREPARE_TIMEOUT_S": str(self.prepare_timeout_s),
             "EPLBD_PLANNER_COMMIT_TIMEOUT_S": str(self.commit_timeout_s),
             "EPLBD_PLANNER_TICK_S": "0.05",
+            "EPLBD_PLANNER_FORECAST": self.forecast,
         }
 
     def agent_flags(self) -> list[str]:

@@ -461,6 +461,7 @@ class DemoRun:
         return {
             "mode": c.mode,
             "trace": c.trace,
+            "forecast": c.tuning.forecast,
             "workers": c.workers,
             "layers": c.layers,
             "experts": c.experts,
