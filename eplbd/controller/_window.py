@@ -114,7 +114,6 @@ class LoadWindow:
         self.alpha = float(alpha)
         self._ring: deque[torch.Tensor] = deque(maxlen=num_windows)  # closed buckets, [L, E]
         self._ewma = Ewma(alpha)
-        self.forecast_kind = forecast
         self._regime = (
             RegimeMean(threshold=change_threshold, memory=regime_windows)
             if forecast == "regime"

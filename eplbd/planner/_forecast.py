@@ -1,8 +1,8 @@
 """Forecasts of the next window's load from the windows seen so far.
 
-Both are small, pure state holders over float64 tensors ``[L, E]``: the daemon pushes each
-closed window's logical load and plans from :meth:`SlidingWindow.mean` or :attr:`Ewma.value`.
-No clock, no I/O.
+Small, pure state holders over float64 tensors ``[L, E]``: the daemon pushes each closed
+window's logical load and plans from :attr:`Ewma.value` or :attr:`RegimeMean.value` (the mean
+since the traffic last changed); :class:`SlidingWindow` keeps the last few. No clock, no I/O.
 """
 
 from __future__ import annotations
