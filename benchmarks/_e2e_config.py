@@ -129,7 +129,6 @@ class E2EConfig:
     tiny: bool = False
     seed: int = 0
     run_dir: str = ""
-    master_port: int = 0
     agent: str = ""
     pool_dir: str = ""
     install_timeout_s: float = 300.0

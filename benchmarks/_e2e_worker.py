@@ -136,16 +136,17 @@ class _Worker:
         self.rank, self.cfg = rank, cfg
         self.G = cfg.world_size
         self.cuda = cfg.device == "cuda"
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(cfg.master_port)
         if self.cuda:
             torch.cuda.set_device(rank)
             self.device = torch.device("cuda", rank)
         else:
             torch.set_num_threads(1)
             self.device = torch.device("cpu")
+        # a file in the job's fresh directory, not a TCP port picked free and bound later:
+        # another process on the host could take that port in between (one host only)
         dist.init_process_group(
             "nccl" if self.cuda else "gloo",
+            init_method=f"file://{cfg.run_dir}/rendezvous",
             rank=rank,
             world_size=self.G,
             timeout=timedelta(seconds=600),

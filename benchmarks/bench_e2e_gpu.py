@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -277,12 +276,6 @@ def write_synthetic_trace(path: Path, cfg: E2EConfig) -> None:
 # --- processes ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Job:
     """One run of the benchmark: agent, workers, results; :meth:`close` cleans up."""
 
@@ -295,7 +288,6 @@ class Job:
         self.cfg = replace(
             cfg,
             run_dir=str(self.run_dir),
-            master_port=_free_port(),
             agent=f"ipc://{self.run_dir / 'rt' / 'agent.sock'}",
             pool_dir=str(self._pool_dir()) if cfg.weight_source == "host" else "",
         )
