@@ -298,21 +298,16 @@ def _decide(
         if s >= W and (s - W) % n == 0:
             return _deepseek(loads[max(0, s - window) : s].sum(axis=0), P, G, E)
         return None
-    if p in ("eplbd-tokens", "eplbd-time"):
-        if s < W or (s - W) % sched.cadence != 0 or ewma.value is None:
+    if p in ("eplbd-tokens", "eplbd-time", "eplbd-regime"):
+        holder: Ewma | RegimeMean | None = regime if p == "eplbd-regime" else ewma
+        forecast = None if holder is None else holder.value
+        if s < W or (s - W) % sched.cadence != 0 or forecast is None:
             return None
         kw: dict[str, Any] = {"min_gain": sched.min_gain, "move_cost": sched.move_cost}
-        if p == "eplbd-time":
+        if p != "eplbd-tokens":
             kw.update(cost_model=model, steps=1.0, sampling="poisson")
-        res = plan_with_report(ewma.value, num_gpus=G, num_physical_experts=P, previous=cur, **kw)
+        res = plan_with_report(forecast, num_gpus=G, num_physical_experts=P, previous=cur, **kw)
         return res.layout
-    if p == "eplbd-regime":
-        if s < W or (s - W) % sched.cadence != 0 or regime is None or regime.value is None:
-            return None
-        return plan_with_report(
-            regime.value, num_gpus=G, num_physical_experts=P, previous=cur, cost_model=model,
-            steps=1.0, sampling="poisson", min_gain=sched.min_gain, move_cost=sched.move_cost,
-        ).layout  # fmt: skip
     if timed < 0:
         return None
     if p == "perfect-deepseek":

@@ -165,15 +165,24 @@ def test_long_runs_scored_by_the_cost_model_on_the_cpu(tmp_path: Path) -> None:
     assert (DOC.read_bytes() if DOC.exists() else None) == before
 
 
+def _two_regimes(
+    regime_steps: int, warmup: int
+) -> tuple[RegimeSource, tuple[np.ndarray, np.ndarray], CostModel]:
+    """Two regimes of 16 experts, one layer, top-2 (zipf, a fixed seed) whose popular experts
+    differ; a small cost model."""
+    rng = np.random.default_rng(0)
+    hot = [np.minimum(rng.zipf(1.6, (400, 1, 2)) - 1, 15) for _ in range(2)]
+    regimes = (hot[0], 15 - hot[1])
+    src = RegimeSource("t", regimes, num_experts=16, regime_steps=regime_steps, warmup=warmup,
+                       contiguous=False)  # fmt: skip
+    return src, regimes, CostModel(fixed_us=5.0, tile_us=2.0, tile_rows=16)
+
+
 def test_regime_oracle_plans_each_regime_on_its_own_mean() -> None:
     """The oracle serves one layout per regime (changing at the boundary, warm-up steps in
     the last regime), each layer no slower in expectation on the regime's mean than either
     DeepSeek's or eplbd's plan of that mean."""
-    rng = np.random.default_rng(0)
-    hot = [np.minimum(rng.zipf(1.6, (400, 1, 2)) - 1, 15) for _ in range(2)]
-    regimes = (hot[0], 15 - hot[1])  # the popular experts differ between the regimes
-    src = RegimeSource("t", regimes, num_experts=16, regime_steps=3, warmup=2, contiguous=False)
-    model = CostModel(fixed_us=5.0, tile_us=2.0, tile_rows=16)
+    src, regimes, model = _two_regimes(regime_steps=3, warmup=2)
     G, P, step_tokens, cache = 4, 24, 4 * 32, {}
     lay = [_oracle(src, s, cache, step_tokens, model, G, P) for s in range(8)]
     assert lay[0] is lay[1] and lay[1] is lay[5] and lay[2] is lay[4] and lay[2] is not lay[1]
@@ -192,11 +201,7 @@ def test_regime_oracle_plans_each_regime_on_its_own_mean() -> None:
 
 
 def test_incremental_regime_oracle_moves_only_at_regime_changes() -> None:
-    rng = np.random.default_rng(0)
-    hot = [np.minimum(rng.zipf(1.6, (400, 1, 2)) - 1, 15) for _ in range(2)]
-    regimes = (hot[0], 15 - hot[1])
-    src = RegimeSource("t", regimes, num_experts=16, regime_steps=3, warmup=2, contiguous=False)
-    model = CostModel(fixed_us=5.0, tile_us=2.0, tile_rows=16)
+    src, _, model = _two_regimes(regime_steps=3, warmup=2)
     sched = Schedule(warmup=2, steps=9)
     rep = replay(src, 4, 24, 32, model, sched, policies=("none", "oracle-regime-incremental"))
     changes = rep.changes["oracle-regime-incremental"]
@@ -241,11 +246,7 @@ def test_regime_forecast_replans_after_each_switch_and_moves_less_than_the_ewma(
     """eplbd-regime (RegimeMean: the mean since the last detected change) on regimes of 6
     steps: a new layout within two steps of each switch, fewer slots moved than eplbd-time
     (EWMA) on the same steps (a fixed seed: deterministic)."""
-    rng = np.random.default_rng(0)
-    hot = [np.minimum(rng.zipf(1.6, (400, 1, 2)) - 1, 15) for _ in range(2)]
-    regimes = (hot[0], 15 - hot[1])
-    src = RegimeSource("t", regimes, num_experts=16, regime_steps=6, warmup=4, contiguous=False)
-    model = CostModel(fixed_us=5.0, tile_us=2.0, tile_rows=16)
+    src, _, model = _two_regimes(regime_steps=6, warmup=4)
     sched = Schedule(warmup=4, steps=24)
     rep = replay(src, 4, 24, 64, model, sched, policies=("eplbd-time", "eplbd-regime"))
     steps = [st for st, _ in rep.changes["eplbd-regime"]]
