@@ -206,7 +206,11 @@ class RegimeMean:
         """``d`` of ``load`` [L, E] against the mean (None while the mean is empty)."""
         if self._mean is None:
             return None
-        x = _as_load(load, tuple(self._mean.shape))
+        return self._dispersion(_as_load(load, tuple(self._mean.shape)))
+
+    def _dispersion(self, x: torch.Tensor) -> float:
+        """``d`` of a validated load ``x`` against the (non-empty) mean."""
+        assert self._mean is not None
         m = self._mean
         e = m * (x.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1e-12))
         # an expert the mean never saw: expected half a count (one seen is then 2 x 0.5)
@@ -218,7 +222,7 @@ class RegimeMean:
         """Fold in one window's load [L, E]. Returns True when it starts a new regime (the
         mean then restarts from it)."""
         x = _as_load(load, None if self._mean is None else tuple(self._mean.shape))
-        d = self.dispersion(x)
+        d = None if self._mean is None else self._dispersion(x)
         self.last_dispersion = d
         level = self.change_level()
         changed = d is not None and level is not None and d > level
