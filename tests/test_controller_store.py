@@ -164,6 +164,8 @@ def test_windows_file_carries_the_regime_forecast_and_refuses_a_bad_one() -> Non
     assert want is not None and want.mean is not None and st.regime.mean is not None
     assert torch.equal(st.regime.mean, want.mean) and st.regime.history == want.history
     assert (st.regime.steps, st.regime.changes) == (want.steps, want.changes)
+    assert len(want.recent) == 2 and len(st.regime.recent) == 2
+    assert all(torch.equal(x, y) for x, y in zip(st.regime.recent, want.recent, strict=True))
 
     def tampered(**arrays: object) -> bytes:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
@@ -177,6 +179,8 @@ def test_windows_file_carries_the_regime_forecast_and_refuses_a_bad_one() -> Non
         tampered(regime_history=np.array([1.0, -2.0])),
         tampered(regime_mean=np.full((2, 3), np.nan)),
         tampered(regime_mean=np.ones((3, 3))),
+        tampered(regime_recent=np.full((2, 2, 3), np.inf)),
+        tampered(regime_recent=np.ones((2, 3, 3))),
     ):
         with pytest.raises(ValueError):  # unreadable, or refused by the window
             st2 = decode_windows(bad)[1]

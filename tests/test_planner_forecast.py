@@ -153,22 +153,75 @@ def test_regime_mean_past_its_memory_follows_a_slow_drift() -> None:
     assert rm.value is not None and torch.allclose(rm.value, torch.full((1, 4), 1.5).double())
 
 
+def _drift(rng: torch.Generator, a: torch.Tensor, b: torch.Tensor, n: int, tokens: int
+           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:  # fmt: skip
+    """``n`` windows drifting linearly from popularity ``a`` to ``b`` (each a mix), with
+    each window's expected load."""
+    pa, pb = a / a.sum(dim=1, keepdim=True), b / b.sum(dim=1, keepdim=True)
+    mixes = [(1 - i / (n - 1)) * pa + i / (n - 1) * pb for i in range(n)]
+    return [_draws(rng, m, 1, tokens)[0] for m in mixes], [m.double() * tokens for m in mixes]
+
+
+def test_regime_mean_follows_a_drift() -> None:
+    """Traffic that drifts: no window differs from the last by more than its noise, but a
+    mean of every window since the start falls far behind; the drift scales catch it."""
+    rng = torch.Generator().manual_seed(12)
+    a, b = _popularity(13), _popularity(14)
+    steady = _draws(rng, a, 20, 500)
+    drift, expected = _drift(rng, a, b, 120, 500)
+    rm, blind = RegimeMean(), RegimeMean(drift_scales=())
+    for x in steady + drift:
+        rm.update(x)
+        blind.update(x)
+    assert blind.changes == 0  # one window at a time, the drift is never a change
+    assert rm.changes >= 2
+    assert rm.value is not None and blind.value is not None
+    err = float((rm.value - expected[-1]).abs().sum())
+    assert err < 0.4 * float((blind.value - expected[-1]).abs().sum())
+    assert rm.steps < 60  # restarted from recent windows, not the whole drift
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_regime_mean_finds_almost_no_change_in_steady_traffic(correlated: bool) -> None:
+    """The drift test must not fire on noise: 300 windows of one regime, independent draws
+    (decode-like: no change at all) or prefill-like ones (each window's popularity
+    jittered: a heavier tail, so a rare restart from the recent windows is allowed; 6 in
+    3000 windows over 10 seeds)."""
+    rng = torch.Generator().manual_seed(15)
+    pop = _popularity(16)
+    rm = RegimeMean()
+    for _ in range(300):
+        p = pop * torch.exp(0.25 * torch.randn(pop.shape, generator=rng)) if correlated else pop
+        rm.update(_draws(rng, p, 1, 2000)[0])
+    assert rm.changes <= (2 if correlated else 0)
+
+
 def test_regime_mean_state_restores_the_same_future() -> None:
     rng = torch.Generator().manual_seed(9)
-    loads = _draws(rng, _popularity(10), 12, 500) + _draws(rng, _popularity(11), 12, 500)
-    a, b = RegimeMean(), RegimeMean()
-    for x in loads[:10]:
-        a.update(x)
-    b.restore(a.state())
-    assert [a.update(x) for x in loads[10:]] == [b.update(x) for x in loads[10:]]
-    assert b.changes == a.changes == 1
-    assert a.value is not None and b.value is not None and torch.equal(a.value, b.value)
+    a, b, c = _popularity(10), _popularity(11), _popularity(17)
+    loads = _draws(rng, a, 12, 500) + _draws(rng, b, 12, 500) + _drift(rng, b, c, 30, 500)[0]
+    x0, x1 = RegimeMean(), RegimeMean()
+    for x in loads[:16]:
+        x0.update(x)
+    x1.restore(x0.state())
+    assert [x0.update(x) for x in loads[16:]] == [x1.update(x) for x in loads[16:]]
+    assert x1.changes == x0.changes >= 2  # the switch at 12, and the drift
+    assert x0.value is not None and x1.value is not None and torch.equal(x0.value, x1.value)
+
+
+def test_regime_mean_takes_a_state_saved_without_recent_means() -> None:
+    """A state of an earlier version (no drift scales): the recent means start at the mean."""
+    rm = RegimeMean()
+    rm.restore(RegimeState(torch.ones(2, 3), 5, [1.0] * 8, 1))
+    assert rm.steps == 5 and not rm.update(torch.ones(2, 3))
+    assert all(torch.equal(r, torch.ones(2, 3).double()) for r in rm.state().recent)
 
 
 @pytest.mark.parametrize(
     "kw",
     [{"threshold": 1.0}, {"threshold": float("nan")}, {"threshold": True}, {"memory": 1},
-     {"calibration": 0}, {"min_history": 2.5}],
+     {"calibration": 0}, {"min_history": 2.5}, {"drift_threshold": 1.0},
+     {"drift_scales": (1,)}, {"drift_scales": (2.5,)}, {"drift_scales": [2, 8]}],
 )  # fmt: skip
 def test_regime_mean_refuses_bad_settings(kw: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -184,6 +237,9 @@ def test_regime_mean_refuses_a_bad_state_and_keeps_its_own() -> None:
         RegimeState(torch.ones(2, 3), 1, [float("nan")], 0),
         RegimeState(torch.full((2, 3), -1.0), 1, [], 0),
         RegimeState(torch.ones(2, 3), 1, [], -1),
+        RegimeState(torch.ones(2, 3), 1, [], 0, [torch.ones(3, 3), torch.ones(2, 3)]),
+        RegimeState(torch.ones(2, 3), 1, [], 0, [torch.full((2, 3), float("nan"))] * 2),
+        RegimeState(None, 0, [], 0, [torch.ones(2, 3)] * 2),  # recent means of no mean
     ):
         with pytest.raises(ValueError):
             rm.restore(bad)

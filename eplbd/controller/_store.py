@@ -97,7 +97,8 @@ class WindowsUnreadable(ValueError):
 def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
     """An ``.npz``: ``buckets`` [n, L, E] and ``forecast`` [L, E] float64 (absent when None),
     ``bucket_tokens`` and ``bucket_steps`` [n] int64, ``meta`` (JSON text, as uint8) with
-    ``updates`` added; with a regime forecast, ``regime_mean`` [L, E] (absent when None) and
+    ``updates`` added; with a regime forecast, ``regime_mean`` [L, E] (absent when None),
+    ``regime_recent`` [scales, L, E] (its drift scales' recent means; absent when none) and
     ``regime_history`` [m] float64, its count and changes in ``meta["regime"]``."""
     import io
 
@@ -120,6 +121,8 @@ def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
         arrays["regime_history"] = np.asarray(r.history, dtype=np.float64)
         if r.mean is not None:
             arrays["regime_mean"] = r.mean.to("cpu").double().numpy()
+        if r.recent:
+            arrays["regime_recent"] = np.stack([t.to("cpu").double().numpy() for t in r.recent])
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -143,11 +146,13 @@ def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
             regime = None
             if isinstance(meta, dict) and isinstance(meta.get("regime"), dict):
                 rm = z["regime_mean"] if "regime_mean" in z.files else None
+                rr = z["regime_recent"] if "regime_recent" in z.files else np.zeros((0, 0, 0))
                 regime = RegimeState(
                     mean=None if rm is None else torch.from_numpy(np.array(rm, np.float64)),
                     steps=int(meta["regime"]["steps"]),
                     history=[float(x) for x in z["regime_history"]],
                     changes=int(meta["regime"]["changes"]),
+                    recent=[torch.from_numpy(np.array(t, dtype=np.float64)) for t in rr],
                 )
             if not isinstance(meta, dict) or meta.get("schema_version") != STATE_SCHEMA_VERSION:
                 raise ValueError(f"schema_version {meta.get('schema_version')!r}")
@@ -163,7 +168,7 @@ def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
         raise WindowsUnreadable(f"{type(e).__name__}: {e}") from None
     tensors = [*state.buckets, *([] if state.forecast is None else [state.forecast])]
     if regime is not None and regime.mean is not None:
-        tensors.append(regime.mean)
+        tensors += [regime.mean, *regime.recent]
     if any(not bool(torch.isfinite(t).all()) or bool((t < 0).any()) for t in tensors):
         raise WindowsUnreadable("loads must be finite and >= 0")
     if regime is not None:

@@ -283,7 +283,7 @@ class LoadWindow:
         shape = (self.num_layers, self.num_logical)
         tensors = [*state.buckets, *([] if state.forecast is None else [state.forecast])]
         if state.regime is not None and state.regime.mean is not None:
-            tensors.append(state.regime.mean)
+            tensors += [state.regime.mean, *state.regime.recent]
         if any(tuple(t.shape) != shape for t in tensors):
             raise ValueError(f"saved load has another shape than [L, E] = {list(shape)}")
         if state.regime is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -120,12 +120,15 @@ class Ewma:
 class RegimeState:
     """What :class:`RegimeMean` needs to go on after a restart: the ``mean`` [L, E] float64
     (None before the first update) of ``steps`` windows, the recent dispersions
-    (``history``, oldest first) and the ``changes`` detected."""
+    (``history``, oldest first), the ``changes`` detected and the ``recent`` means of the
+    drift scales ([L, E] each; empty from a file of an earlier version: then seeded from
+    the mean)."""
 
     mean: torch.Tensor | None
     steps: int
     history: list[float]
     changes: int
+    recent: list[torch.Tensor] = field(default_factory=list)
 
     def check(self) -> None:
         """Raises ValueError when the state cannot be taken back."""
@@ -133,8 +136,13 @@ class RegimeState:
             raise ValueError(f"steps {self.steps} and changes {self.changes} do not fit")
         if not all(math.isfinite(d) and d >= 0 for d in self.history):
             raise ValueError("dispersions must be finite and >= 0")
-        if self.mean is not None:
-            _as_load(self.mean, None)
+        if self.mean is None:
+            if self.recent:
+                raise ValueError("recent means without a mean")
+            return
+        shape = tuple(_as_load(self.mean, None).shape)
+        for r in self.recent:
+            _as_load(r, shape)
 
 
 class RegimeMean:
@@ -145,7 +153,7 @@ class RegimeMean:
     planner that follows the noise moves weights for nothing. This forecast averages every
     window since the traffic last changed, so it converges on the regime's mean, and
     restarts from the new window when a change is detected. Past ``memory`` windows it
-    becomes an EWMA of weight 1 / ``memory`` (a slow drift is still followed).
+    becomes an EWMA of weight 1 / ``memory``.
 
     The test of a change: Pearson's dispersion of the new window against the mean,
     ``d = sum((x - e)^2 / e) / (L (E - 1))`` with ``e`` the mean scaled to the window's
@@ -155,6 +163,15 @@ class RegimeMean:
     above ``threshold`` times the median of the last ``calibration`` values of ``d`` (all of
     them, so traffic that changes at every window stops counting as a change and is
     averaged). No test until ``min_history`` values are seen.
+
+    Traffic can also drift: each window then differs from the last by less than its noise,
+    while the mean falls further and further behind. So the mean is also tested at slower
+    scales: for each ``k`` in ``drift_scales``, an EWMA of weight 2 / (k + 1) (as noisy as a
+    mean of k windows) of the windows since the last change, its dispersion divided by
+    ``1/k + 1/n``. Averaged, the noise is smaller and the drift the same, so the level of a
+    change there is ``drift_threshold`` (not ``threshold``) times the same median. When the
+    recent mean of a scale has left the mean, the mean restarts from it (``k`` windows), and
+    so do the slower scales' (they still hold the traffic the mean left behind).
     """
 
     def __init__(
@@ -164,24 +181,32 @@ class RegimeMean:
         memory: int = 360,
         calibration: int = 64,
         min_history: int = 4,
+        drift_scales: tuple[int, ...] = (2, 8),
+        drift_threshold: float = 2.0,
     ) -> None:
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, int | float)
-            or not (1 < threshold < math.inf)
-        ):
-            raise ValueError(f"threshold must be a number > 1, got {threshold!r}")
+        for name, t in (("threshold", threshold), ("drift_threshold", drift_threshold)):
+            if isinstance(t, bool) or not isinstance(t, int | float) or not (1 < t < math.inf):
+                raise ValueError(f"{name} must be a number > 1, got {t!r}")
         for name, v, low in (("memory", memory, 2), ("calibration", calibration, 1),
                              ("min_history", min_history, 1)):  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if not isinstance(drift_scales, tuple) or any(
+            isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in drift_scales
+        ):
+            raise ValueError(f"drift_scales must be a tuple of integers >= 2, got {drift_scales!r}")
         self.threshold = float(threshold)
+        self.drift_scales = tuple(sorted(set(drift_scales)))
+        self.drift_threshold = float(drift_threshold)
         self.memory = memory
         self.calibration = calibration
         self.min_history = min_history
         self._mean: torch.Tensor | None = None
         self._n = 0
         self._history: list[float] = []
+        # per drift scale k: an EWMA of weight 2 / (k + 1) (the noise of a mean of k windows)
+        # of the windows since the last change
+        self._recent: list[torch.Tensor] = []
         self.changes = 0  # changes detected since start
         self.last_dispersion: float | None = None
 
@@ -208,19 +233,32 @@ class RegimeMean:
             return None
         return self._dispersion(_as_load(load, tuple(self._mean.shape)))
 
-    def _dispersion(self, x: torch.Tensor) -> float:
-        """``d`` of a validated load ``x`` against the (non-empty) mean."""
+    def _dispersion(self, x: torch.Tensor, windows: float = 1.0) -> float:
+        """``d`` of a validated load ``x`` (a mean of ``windows`` windows) against the
+        (non-empty) mean."""
         assert self._mean is not None
         m = self._mean
         e = m * (x.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1e-12))
         # an expert the mean never saw: expected half a count (one seen is then 2 x 0.5)
         stat = ((x - e) ** 2 / e.clamp_min(0.5)).sum()
         dof = max(x.shape[0] * (x.shape[1] - 1), 1)
-        return float(stat) / dof / (1.0 + 1.0 / self._n)
+        return float(stat) / dof / (1.0 / windows + 1.0 / self._n)
+
+    def _drift(self) -> int | None:
+        """Index of the slowest drift scale whose recent mean left the mean (None: none
+        did, or no test yet). A scale is tested once the mean holds k windows."""
+        if len(self._history) < self.min_history:
+            return None
+        level = self.drift_threshold * max(statistics.median(self._history), 1e-12)
+        hit = None
+        for i, k in enumerate(self.drift_scales):
+            if self._n >= k and self._dispersion(self._recent[i], k) > level:
+                hit = i
+        return hit
 
     def update(self, load: Any) -> bool:
         """Fold in one window's load [L, E]. Returns True when it starts a new regime (the
-        mean then restarts from it)."""
+        mean then restarts from it, or from the recent windows that showed a drift)."""
         x = _as_load(load, None if self._mean is None else tuple(self._mean.shape))
         d = None if self._mean is None else self._dispersion(x)
         self.last_dispersion = d
@@ -232,20 +270,40 @@ class RegimeMean:
         if changed or self._mean is None:
             self._mean = x.clone()
             self._n = 1
+            self._recent = [x.clone() for _ in self.drift_scales]
             self.changes += int(changed)
             return changed
+        for k, r in zip(self.drift_scales, self._recent, strict=True):
+            r.add_(x - r, alpha=2.0 / (k + 1))
         self._n = min(self._n + 1, self.memory)
         self._mean.add_(x - self._mean, alpha=1.0 / self._n)
-        return False
+        hit = self._drift()
+        if hit is None:
+            return False
+        self._mean = self._recent[hit].clone()
+        self._n = self.drift_scales[hit]
+        for i in range(hit + 1, len(self._recent)):
+            self._recent[i] = self._mean.clone()
+        self.changes += 1
+        return True
 
     def state(self) -> RegimeState:
-        return RegimeState(self.value, self._n, list(self._history), self.changes)
+        return RegimeState(
+            self.value, self._n, list(self._history), self.changes,
+            [r.clone() for r in self._recent],
+        )  # fmt: skip
 
     def restore(self, state: RegimeState) -> None:
         """Take over ``state``. Raises ValueError if it is not a valid one."""
         state.check()
         self._mean = None if state.mean is None else _as_load(state.mean, None).clone()
         self._n = min(state.steps, self.memory)
+        if self._mean is None:
+            self._recent = []
+        elif len(state.recent) == len(self.drift_scales):
+            self._recent = [_as_load(r, None).clone() for r in state.recent]
+        else:  # saved without them (or with other scales): start them at the mean
+            self._recent = [self._mean.clone() for _ in self.drift_scales]
         self._history = list(state.history[-self.calibration :])
         self.changes = state.changes
         self.last_dispersion = None
@@ -253,5 +311,6 @@ class RegimeMean:
     def reset(self) -> None:
         self._mean = None
         self._n = 0
+        self._recent = []
         self._history = []
         self.last_dispersion = None
