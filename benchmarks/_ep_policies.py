@@ -16,8 +16,8 @@ before (except the two "perfect knowledge" references, which plan on the step it
 - ``eplbd-time``: the same, time objective with the calibrated cost model (its layouts may
   leave replicas idle: a weighted split through the dispatch table);
 - ``eplbd-regime``: ``eplbd-time`` on :class:`eplbd.planner.RegimeMean` instead of the EWMA:
-  the mean of the steps since the last detected change of traffic (threshold
-  ``change_threshold``);
+  the mean of the steps since the last detected change of traffic, a switch or a drift
+  (threshold ``change_threshold``, drift scales ``drift_scales``);
 - ``perfect-deepseek`` / ``perfect-eplbd``: DeepSeek's EPLB / eplbd's time objective (from
   scratch, exact counts) planned on each step's own load: what perfect knowledge reaches.
 - ``oracle-regime`` (a :class:`RegimeSource` only): from each regime's first step, the layout
@@ -82,6 +82,10 @@ class Schedule:
     confirm_half_life_tokens: float | None = None
     # eplbd-regime: RegimeMean's threshold (a change: dispersion above this x its median)
     change_threshold: float = 10.0
+    # eplbd-regime: RegimeMean's drift scales (windows; (): no drift test) and threshold
+    # (None: its defaults)
+    drift_scales: tuple[int, ...] | None = None
+    drift_threshold: float | None = None
 
     def alpha(self, step_tokens: int, half_life: float | None = None) -> float:
         """EWMA weight of one step of ``step_tokens`` tokens."""
@@ -134,7 +138,11 @@ def replay(
     default = Layout.default(L, E, P)
     cur = {p: default for p in policies}
     ewma = Ewma(sched.alpha(G * tokens))
-    regime = RegimeMean(threshold=sched.change_threshold)
+    drift: dict[str, Any] = {"drift_scales": sched.drift_scales,
+                             "drift_threshold": sched.drift_threshold}  # fmt: skip
+    regime = RegimeMean(
+        threshold=sched.change_threshold, **{k: v for k, v in drift.items() if v is not None}
+    )
     slow = Ewma(sched.alpha(G * tokens, sched.confirm_half_life_tokens))
     spent = {p: 0.0 for p in policies}
     for p in policies:

@@ -144,6 +144,11 @@ class RegimeSource:
     prefill-like step (True) gives each rank a contiguous chunk of the pool at a random
     offset (a prompt, with its sequence's correlations). The draws depend on ``seed`` and
     the step only, so every policy sees the same steps.
+
+    ``blend_steps`` > 0 makes each change gradual (a drift instead of a switch): in the
+    first ``blend_steps`` steps of a regime, each token (decode) or prompt (prefill) still
+    comes from the previous regime with a probability falling linearly from near 1 to near
+    0. With ``blend_steps == regime_steps`` the traffic never stops drifting.
     """
 
     name: str
@@ -153,6 +158,7 @@ class RegimeSource:
     warmup: int
     contiguous: bool
     seed: int = 0
+    blend_steps: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -178,7 +184,15 @@ class RegimeSource:
             idx = (start + np.arange(tokens)) % n
         else:
             idx = rng.integers(0, n, size=(ranks, tokens))
-        return pool[idx]
+        out = pool[idx]
+        pos = step - self.warmup
+        if self.blend_steps > 0 and pos >= 0 and pos % self.regime_steps < self.blend_steps:
+            prev = self.regimes[(self.regime(step) - 1) % len(self.regimes)]
+            old = 1.0 - (pos % self.regime_steps + 1) / (self.blend_steps + 1)
+            # drawn after the ids, so the steps of a run without blending stay as they were
+            mask = rng.random(size=(ranks, 1 if self.contiguous else tokens)) < old
+            out = np.where(mask[..., None, None], prev[idx % prev.shape[0]], out)
+        return out
 
 
 def esft_regimes(

@@ -133,7 +133,9 @@ def stored_models(device: str = CALIBRATED_ON) -> dict[str, CostModel]:
     return out
 
 
-def source(case: Case, domains: str, R: int, warmup: int, pool_tokens: int) -> RegimeSource:
+def source(
+    case: Case, domains: str, R: int, warmup: int, pool_tokens: int, blend: float = 0.0
+) -> RegimeSource:
     if case.routing == "esft":
         regimes = esft_regimes(ESFT_LAYERS, DOMAINS[domains])
         E = 64
@@ -143,14 +145,17 @@ def source(case: Case, domains: str, R: int, warmup: int, pool_tokens: int) -> R
     return RegimeSource(
         name=f"{case.routing}-{domains}", regimes=regimes, num_experts=E, regime_steps=R,
         warmup=warmup, contiguous=case.regime == "prefill", seed=case.G,
+        blend_steps=round(blend * R),
     )  # fmt: skip
 
 
-def run_case(args: tuple[Case, str, int, int, dict[str, Any], dict[str, Any], int]) -> dict:
-    case, domains, R, engine_steps, model_d, online, pool = args
+def run_case(
+    args: tuple[Case, str, int, int, dict[str, Any], dict[str, Any], int, float],
+) -> dict:
+    case, domains, R, engine_steps, model_d, online, pool, blend = args
     torch.set_num_threads(1)
     model = CostModel.from_dict(model_d).without_dispatch()
-    src = source(case, domains, R, case.warmup, pool)
+    src = source(case, domains, R, case.warmup, pool, blend)
     sched = Schedule(warmup=case.warmup, steps=case.steps, **online)
     ds = deepseek_schedules(R, engine_steps)
     pols = ("none", *ds.values(), "eplbd-tokens", "eplbd-time", "perfect-deepseek",
@@ -231,14 +236,17 @@ def summarise(
 
 def run(domains: str, R: int, engine_steps: int, online: dict[str, Any], tiny: bool,
         workers: int, pool: int, only: dict[str, set[Any]] | None = None,
-        calibration: str = CALIBRATED_ON) -> list[dict[str, Any]]:  # fmt: skip
-    """``only``: Case field -> the values to keep (not with ``tiny``)."""
+        calibration: str = CALIBRATED_ON, blend: float = 0.0) -> list[dict[str, Any]]:  # fmt: skip
+    """``only``: Case field -> the values to keep (not with ``tiny``); ``blend``: the share
+    of each regime spent drifting from the previous one (0: switches)."""
     models = stored_models(calibration)
     cs = [
         c for c in cases(domains, tiny, R)
         if tiny or not only or all(getattr(c, k) in v for k, v in only.items())
     ]  # fmt: skip
-    jobs = [(c, domains, R, engine_steps, models[c.shape].to_dict(), online, pool) for c in cs]
+    jobs = [
+        (c, domains, R, engine_steps, models[c.shape].to_dict(), online, pool, blend) for c in cs
+    ]
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
@@ -260,7 +268,7 @@ def render(res: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"the {meta.get('calibration', CALIBRATED_ON)} calibrations stored in "
         "benchmarks/calibration, GEMMs only; "
         f"{meta['how']}. Run: {meta['R']} steps per regime after 8 "
-        f"warm-up steps; ESFT (EP 8, 16): one regime per domain, "
+        f"warm-up steps{_drift(meta)}; ESFT (EP 8, 16): one regime per domain, "
         f"{', '.join(meta['domain_names'])}; synthetic (EP 32, 64): 4 regimes; a "
         f"regime stands for {meta['engine_steps']} engine steps (an assumption), so vLLM's "
         f"schedule is {vll.split(' ', 1)[1]}, SGLang's {sgl.split(' ', 1)[1]}. eplbd online: "
@@ -312,6 +320,17 @@ def _incremental(big: list[dict[str, Any]], lab: str) -> str:
     return (
         f"; the regime oracle planned incrementally: of the reachable gap worst {_pc(min(cl))}, "
         f"moves ratio max {_r(max(mr))}"
+    )
+
+
+def _drift(meta: dict[str, Any]) -> str:
+    b = meta.get("blend", 0.0)
+    if not b:
+        return ""
+    return (
+        f", each change a drift over the regime's first {round(b * meta['R'])} steps "
+        f"(`--blend {b:g}`: a token still comes from the previous regime with a probability "
+        "falling linearly to 0)"
     )
 
 
@@ -445,6 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confirm-half-life", type=float, default=None,
                     help="an experiment: keep only the layers of eplbd's plans that also win "
                          "on an EWMA of this half-life (tokens)")  # fmt: skip
+    ap.add_argument("--blend", type=float, default=0.0,
+                    help="share of each regime spent drifting from the previous one, in [0, 1] "
+                         "(0: the traffic switches; 1: it never stops drifting)")  # fmt: skip
+    ap.add_argument("--drift-scales", default=None,
+                    help="eplbd-regime: RegimeMean's drift scales in windows, e.g. 2,8 "
+                         "(default: RegimeMean's; 'none': no drift test)")  # fmt: skip
+    ap.add_argument("--drift-threshold", type=float, default=None,
+                    help="eplbd-regime: RegimeMean's drift threshold (default: its own)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU smoke test)")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
@@ -460,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan and score with the cost models calibrated on this card "
                          "(benchmarks/calibration/CARD-SHAPE-DTYPE.json), e.g. nvidia-h200")  # fmt: skip
     a = ap.parse_args(argv)
+    if not 0.0 <= a.blend <= 1.0:
+        ap.error(f"--blend must be in [0, 1], got {a.blend}")
     R = 4 if a.tiny else a.regime_steps
     if a.tune:
         md = tune(R, a.regime_engine_steps, a.workers, a.pool)
@@ -471,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
               "min_gain": a.min_gain}  # fmt: skip
     if a.confirm_half_life:
         online["confirm_half_life_tokens"] = a.confirm_half_life
+    if a.drift_threshold is not None:
+        online["drift_threshold"] = a.drift_threshold
+    if a.drift_scales:
+        online["drift_scales"] = (
+            () if a.drift_scales == "none" else tuple(int(x) for x in a.drift_scales.split(","))
+        )
     t0 = time.perf_counter()
     only: dict[str, set[Any]] = {}
     if a.ep:
@@ -480,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.tokens:
         only["tokens"] = {int(x) for x in a.tokens.split(",")}
     res = run(a.domains, R, a.regime_engine_steps, online, a.tiny, a.workers,
-              256 if a.tiny else a.pool, only, a.calibration)  # fmt: skip
+              256 if a.tiny else a.pool, only, a.calibration, a.blend)  # fmt: skip
     print(f"simulated {len(res)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
     scored, how = "cost model, CPU", "every rank's time modelled (exact counts, base included)"
     if a.measure:
@@ -491,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "machine": machine_line(), "domains": a.domains, "R": R,
         "domain_names": DOMAINS[a.domains], "engine_steps": a.regime_engine_steps,
-        "online": online, "calibration": a.calibration, "duration_s": time.perf_counter() - t0, "scored": scored, "how": how,
+        "online": online, "calibration": a.calibration, "blend": a.blend, "duration_s": time.perf_counter() - t0, "scored": scored, "how": how,
         "command": "python3 -m benchmarks.bench_ep_regimes "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip

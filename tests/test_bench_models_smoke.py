@@ -254,3 +254,41 @@ def test_regime_forecast_replans_after_each_switch_and_moves_less_than_the_ewma(
         assert any(switch <= st <= switch + 2 for st in steps), (switch, steps)
     moved = {p: sum(m for _, m in c) for p, c in rep.changes.items()}
     assert 0 < moved["eplbd-regime"] < moved["eplbd-time"], moved
+
+
+def test_regime_source_blends_a_drift() -> None:
+    """--blend: in the first blend_steps of a regime a token (decode) or a rank's prompt
+    (prefill) still comes from the previous regime, with a share falling linearly; without
+    it the steps are the same as before the option existed."""
+    regimes = (np.zeros((400, 1, 1), np.int64), np.ones((400, 1, 1), np.int64))
+    kw = {"num_experts": 2, "regime_steps": 8, "warmup": 2}
+    plain = RegimeSource("t", regimes, contiguous=False, **kw)  # type: ignore[arg-type]
+    drift = RegimeSource("t", regimes, contiguous=False, blend_steps=8, **kw)  # type: ignore[arg-type]
+    # regime 1 (all ones) from step 10: the share of ones rises across the drift
+    share = [float(drift.ids(s, 16, 64).mean()) for s in range(10, 18)]
+    want = [(i + 1) / 9 for i in range(8)]
+    assert all(abs(a - b) < 0.06 for a, b in zip(share, want, strict=True)), share
+    assert float(drift.ids(1, 16, 64).mean()) == 1.0  # warm-up: the last regime, no blend
+    same = RegimeSource("t", regimes, contiguous=False, blend_steps=0, **kw)  # type: ignore[arg-type]
+    assert all(np.array_equal(plain.ids(s, 4, 8), same.ids(s, 4, 8)) for s in range(20))
+    # prefill-like: each rank's prompt comes whole from one regime
+    pre = RegimeSource("t", regimes, contiguous=True, blend_steps=8, **kw)  # type: ignore[arg-type]
+    ids = pre.ids(13, 32, 16)
+    per_rank = ids.reshape(32, -1).mean(axis=1)
+    assert set(per_rank.tolist()) <= {0.0, 1.0} and 0 < per_rank.mean() < 1
+
+
+def test_regime_forecast_follows_a_drift_in_the_replay() -> None:
+    """Traffic drifting all the time (--blend 1): with its drift test the regime forecast
+    replans inside the drifts and is faster (modelled) than without it (a fixed seed)."""
+    src, _, model = _two_regimes(regime_steps=16, warmup=4)
+    src = RegimeSource("t", src.regimes, num_experts=16, regime_steps=16, warmup=4,
+                       contiguous=False, blend_steps=16)  # fmt: skip
+    t, inside = {}, {}
+    for name, scales in (("drift test", None), ("none", ())):
+        sched = Schedule(warmup=4, steps=48, drift_scales=scales)
+        rep = replay(src, 4, 24, 64, model, sched, policies=("eplbd-regime",))
+        t[name] = float(rep.modelled["eplbd-regime"].sum(axis=1).mean())
+        inside[name] = sum(1 for st, _ in rep.changes["eplbd-regime"] if st % 16 >= 4)
+    assert inside["drift test"] > inside["none"], inside
+    assert t["drift test"] < t["none"], t
