@@ -538,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                 {"case": asdict(r["case"]), "summary": r["summary"], "sim_s": r["sim_s"]}
                 for r in res]}, f, default=str)  # fmt: skip
     if a.doc == "yes":
-        write_section(f"{SECTION}-{a.domains}", md)
+        # a drifting run is another section: the switches' stays as it was
+        write_section(f"{SECTION}-{a.domains}" + (f"-blend-{a.blend:g}" if a.blend else ""), md)
     return 0
 
 

@@ -185,7 +185,7 @@ def test_regime_mean_follows_a_drift() -> None:
 def test_regime_mean_finds_almost_no_change_in_steady_traffic(correlated: bool) -> None:
     """The drift test must not fire on noise: 300 windows of one regime, independent draws
     (decode-like: no change at all) or prefill-like ones (each window's popularity
-    jittered: a heavier tail, so a rare restart from the recent windows is allowed; 6 in
+    jittered: a heavier tail, so a rare restart from the recent windows is allowed; 4 in
     3000 windows over 10 seeds)."""
     rng = torch.Generator().manual_seed(15)
     pop = _popularity(16)

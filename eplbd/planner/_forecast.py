@@ -169,7 +169,10 @@ class RegimeMean:
     scales: for each ``k`` in ``drift_scales``, an EWMA of weight 2 / (k + 1) (as noisy as a
     mean of k windows) of the windows since the last change, its dispersion divided by
     ``1/k + 1/n``. Averaged, the noise is smaller and the drift the same, so the level of a
-    change there is ``drift_threshold`` (not ``threshold``) times the same median. When the
+    change there is ``drift_threshold`` times the *mean* of the same last values of ``d``
+    (an average of windows has a window's expected dispersion, and with prompt-correlated
+    windows the mean sits well above the median: on the ESFT prefill traces twice the median
+    restarted the mean inside regimes, twice the mean did not). When the
     recent mean of a scale has left the mean, the mean restarts from it (``k`` windows), and
     so do the slower scales' (they still hold the traffic the mean left behind).
     """
@@ -249,7 +252,7 @@ class RegimeMean:
         did, or no test yet). A scale is tested once the mean holds k windows."""
         if len(self._history) < self.min_history:
             return None
-        level = self.drift_threshold * max(statistics.median(self._history), 1e-12)
+        level = self.drift_threshold * max(statistics.fmean(self._history), 1e-12)
         hit = None
         for i, k in enumerate(self.drift_scales):
             if self._n >= k and self._dispersion(self._recent[i], k) > level:
