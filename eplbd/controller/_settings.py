@@ -135,10 +135,11 @@ class PlannerSettings:
         0.3, help="weight of the newest window in the forecast", min=0.001, max=1.0
     )
     forecast: str = cfg.setting(
-        "ewma",
-        help="the load the planner plans for: ewma (weighted average of the windows, "
-        "ewma_alpha) or regime (the mean of the windows since the traffic last changed: "
-        "fewer moves when traffic holds a mix for a while, then switches)",
+        "regime",
+        help="the load the planner plans for: regime (the mean of the windows since the "
+        "traffic last changed, by a switch or a drift: the same modelled time as ewma with "
+        "fewer moves) or ewma (a weighted average of the windows, ewma_alpha: follows "
+        "traffic that drifts all the time up to 2% better)",
         choices=("ewma", "regime"),
     )
     change_threshold: float = cfg.setting(
