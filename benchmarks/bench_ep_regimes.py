@@ -260,7 +260,8 @@ def render(res: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     vll = next(k for k in labels if k.startswith("vLLM"))
     sgl = next(k for k in labels if k.startswith("SGLang"))
     lines = [
-        f"## EP emulation, long runs, {meta['scored']} ({meta['domains']}) — an emulation: "
+        f"## EP emulation, long runs, {meta['scored']} ({meta['domains']}"
+        f"{', drifting traffic' if meta.get('blend') else ''}) — an emulation: "
         "no all-to-all, no network",
         "",
         f"Machine: {meta['machine']} (emulation, {meta['scored']}). Command: "
@@ -330,7 +331,8 @@ def _drift(meta: dict[str, Any]) -> str:
     return (
         f", each change a drift over the regime's first {round(b * meta['R'])} steps "
         f"(`--blend {b:g}`: a token still comes from the previous regime with a probability "
-        "falling linearly to 0)"
+        "falling linearly to 0; the regime oracle, planned on each regime's own pool, is then "
+        "no reference: a step's traffic is a mix)"
     )
 
 
