@@ -101,7 +101,7 @@ def test_regime_mean_finds_a_switch_and_averages_inside_a_regime() -> None:
     rm = RegimeMean()
     flags = [rm.update(x) for x in loads]
     assert [i for i, f in enumerate(flags) if f] == [30]  # the switch, and nothing else
-    assert rm.changes == 1 and rm.steps == 30
+    assert rm.changes == 1 and rm.steps == 30 and rm.last_change == "switch"
     assert rm.value is not None
     want = b / b.sum(dim=1, keepdim=True) * 2000
     assert torch.allclose(rm.value, want.double(), rtol=0.1, atol=5.0)
@@ -174,7 +174,7 @@ def test_regime_mean_follows_a_drift() -> None:
         rm.update(x)
         blind.update(x)
     assert blind.changes == 0  # one window at a time, the drift is never a change
-    assert rm.changes >= 2
+    assert rm.changes >= 2 and rm.last_change == "drift"
     assert rm.value is not None and blind.value is not None
     err = float((rm.value - expected[-1]).abs().sum())
     assert err < 0.4 * float((blind.value - expected[-1]).abs().sum())

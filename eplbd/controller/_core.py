@@ -416,8 +416,8 @@ class PlannerCore(Registration, CommitOrchestration):
         g.windows_dirty = True
         if g.window is not None and g.window.traffic_changed:
             view = g.window.regime_view() or {}
-            log.info("traffic changed", group=g.name, dispersion=view.get("dispersion"),
-                     changes=view.get("changes"))  # fmt: skip
+            log.info("traffic changed", group=g.name, found_by=view.get("last_change"),
+                     dispersion=view.get("dispersion"), changes=view.get("changes"))  # fmt: skip
             if self.metrics is not None:
                 self.metrics.traffic_change(g.name)
         last = g.windows_saved_mono

@@ -233,13 +233,15 @@ class LoadWindow:
 
     def regime_view(self) -> dict[str, Any] | None:
         """The regime forecast's figures (None with the EWMA): buckets in its mean, changes
-        detected since start, the last bucket's dispersion and the level a change needs."""
+        detected since start, how the last one was found (switch or drift; None: none since
+        start), the last bucket's dispersion and the level a change needs."""
         r = self._regime
         if r is None:
             return None
         return {
             "windows_in_mean": r.steps,
             "changes": r.changes,
+            "last_change": r.last_change,
             "dispersion": None if r.last_dispersion is None else round(r.last_dispersion, 3),
             "change_above": None if (lvl := r.change_level()) is None else round(lvl, 3),
         }

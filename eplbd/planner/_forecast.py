@@ -212,6 +212,8 @@ class RegimeMean:
         self._recent: list[torch.Tensor] = []
         self.changes = 0  # changes detected since start
         self.last_dispersion: float | None = None
+        # how the last change was found: "switch" (one window), "drift" (a recent mean)
+        self.last_change: str | None = None
 
     @property
     def steps(self) -> int:
@@ -274,7 +276,9 @@ class RegimeMean:
             self._mean = x.clone()
             self._n = 1
             self._recent = [x.clone() for _ in self.drift_scales]
-            self.changes += int(changed)
+            if changed:
+                self.changes += 1
+                self.last_change = "switch"
             return changed
         for k, r in zip(self.drift_scales, self._recent, strict=True):
             r.add_(x - r, alpha=2.0 / (k + 1))
@@ -288,6 +292,7 @@ class RegimeMean:
         for i in range(hit + 1, len(self._recent)):
             self._recent[i] = self._mean.clone()
         self.changes += 1
+        self.last_change = "drift"
         return True
 
     def state(self) -> RegimeState:
@@ -310,6 +315,7 @@ class RegimeMean:
         self._history = list(state.history[-self.calibration :])
         self.changes = state.changes
         self.last_dispersion = None
+        self.last_change = None
 
     def reset(self) -> None:
         self._mean = None
@@ -317,3 +323,4 @@ class RegimeMean:
         self._recent = []
         self._history = []
         self.last_dispersion = None
+        self.last_change = None
