@@ -94,7 +94,7 @@ class CoreConfig:
     window_s: float = 10.0
     num_windows: int = 6
     ewma_alpha: float = 0.3
-    forecast: str = "regime"
+    forecast: str = "ewma"
     change_threshold: float = 10.0
     regime_windows: int = 360
     window_save_s: float = 60.0

@@ -29,8 +29,7 @@ class PlannerTuning:
     min_gain: a rebalance must gain at least this much balance (max/mean) on some layer;
     window_steps / record_steps: every step is recorded, a snapshot every few steps;
     sync_interval: steps between the clients' consensus rounds (when a staged epoch flips);
-    forecast: the planner's forecast, ewma or regime (the mean since the traffic changed);
-    the demo keeps ewma, not the planner's default: its synthetic load drifts all the time.
+    forecast: the planner's forecast, ewma or regime (the mean since the traffic changed).
     """
 
     window_s: float = 0.5
