@@ -228,9 +228,14 @@ class RegimeMean:
     def change_level(self) -> float | None:
         """The dispersion above which the next window starts a new regime (None: no test
         yet)."""
+        return self._level(self.threshold, statistics.median)
+
+    def _level(self, factor: float, stat: Any) -> float | None:
+        """``factor`` times ``stat`` (median or mean) of the recent dispersions (None before
+        ``min_history`` of them)."""
         if len(self._history) < self.min_history:
             return None
-        return self.threshold * max(statistics.median(self._history), 1e-12)
+        return factor * max(stat(self._history), 1e-12)
 
     def dispersion(self, load: Any) -> float | None:
         """``d`` of ``load`` [L, E] against the mean (None while the mean is empty)."""
@@ -252,9 +257,9 @@ class RegimeMean:
     def _drift(self) -> int | None:
         """Index of the slowest drift scale whose recent mean left the mean (None: none
         did, or no test yet). A scale is tested once the mean holds k windows."""
-        if len(self._history) < self.min_history:
+        level = self._level(self.drift_threshold, statistics.fmean)
+        if level is None:
             return None
-        level = self.drift_threshold * max(statistics.fmean(self._history), 1e-12)
         hit = None
         for i, k in enumerate(self.drift_scales):
             if self._n >= k and self._dispersion(self._recent[i], k) > level:
