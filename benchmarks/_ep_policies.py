@@ -17,7 +17,8 @@ before (except the two "perfect knowledge" references, which plan on the step it
   leave replicas idle: a weighted split through the dispatch table);
 - ``eplbd-regime``: ``eplbd-time`` on :class:`eplbd.planner.RegimeMean` instead of the EWMA:
   the mean of the steps since the last detected change of traffic, a switch or a drift
-  (threshold ``change_threshold``, drift scales ``drift_scales``);
+  (threshold ``change_threshold``, drift scales ``drift_scales``), the recent steps' mean
+  for ``drift_follow`` steps after a drift;
 - ``perfect-deepseek`` / ``perfect-eplbd``: DeepSeek's EPLB / eplbd's time objective (from
   scratch, exact counts) planned on each step's own load: what perfect knowledge reaches.
 - ``oracle-regime`` (a :class:`RegimeSource` only): from each regime's first step, the layout
@@ -82,10 +83,11 @@ class Schedule:
     confirm_half_life_tokens: float | None = None
     # eplbd-regime: RegimeMean's threshold (a change: dispersion above this x its median)
     change_threshold: float = 10.0
-    # eplbd-regime: RegimeMean's drift scales (windows; (): no drift test) and threshold
-    # (None: its defaults)
+    # eplbd-regime: RegimeMean's drift scales (windows; (): no drift test), threshold and
+    # follow (None: its defaults)
     drift_scales: tuple[int, ...] | None = None
     drift_threshold: float | None = None
+    drift_follow: int | None = None
 
     def alpha(self, step_tokens: int, half_life: float | None = None) -> float:
         """EWMA weight of one step of ``step_tokens`` tokens."""
@@ -139,7 +141,8 @@ def replay(
     cur = {p: default for p in policies}
     ewma = Ewma(sched.alpha(G * tokens))
     drift: dict[str, Any] = {"drift_scales": sched.drift_scales,
-                             "drift_threshold": sched.drift_threshold}  # fmt: skip
+                             "drift_threshold": sched.drift_threshold,
+                             "follow": sched.drift_follow}  # fmt: skip
     regime = RegimeMean(
         threshold=sched.change_threshold, **{k: v for k, v in drift.items() if v is not None}
     )

@@ -474,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: RegimeMean's; 'none': no drift test)")  # fmt: skip
     ap.add_argument("--drift-threshold", type=float, default=None,
                     help="eplbd-regime: RegimeMean's drift threshold (default: its own)")  # fmt: skip
+    ap.add_argument("--drift-follow", type=int, default=None,
+                    help="eplbd-regime: RegimeMean's follow, windows after a drift spent "
+                         "forecasting the recent mean (default: its own; 0: off)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU smoke test)")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
@@ -491,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not 0.0 <= a.blend <= 1.0:
         ap.error(f"--blend must be in [0, 1], got {a.blend}")
+    if a.drift_follow is not None and a.drift_follow < 0:
+        ap.error(f"--drift-follow must be >= 0, got {a.drift_follow}")
     R = 4 if a.tiny else a.regime_steps
     if a.tune:
         md = tune(R, a.regime_engine_steps, a.workers, a.pool)
@@ -504,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         online["confirm_half_life_tokens"] = a.confirm_half_life
     if a.drift_threshold is not None:
         online["drift_threshold"] = a.drift_threshold
+    if a.drift_follow is not None:
+        online["drift_follow"] = a.drift_follow
     if a.drift_scales:
         online["drift_scales"] = (
             () if a.drift_scales == "none" else tuple(int(x) for x in a.drift_scales.split(","))

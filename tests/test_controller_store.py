@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -166,6 +167,9 @@ def test_windows_file_carries_the_regime_forecast_and_refuses_a_bad_one() -> Non
     assert (st.regime.steps, st.regime.changes) == (want.steps, want.changes)
     assert len(want.recent) == 2 and len(st.regime.recent) == 2
     assert all(torch.equal(x, y) for x, y in zip(st.regime.recent, want.recent, strict=True))
+    # following a drift: how long ago it was found is kept too
+    following = dataclasses.replace(w.state(), regime=dataclasses.replace(want, since_drift=3))
+    assert decode_windows(encode_windows({}, following))[1].regime.since_drift == 3  # type: ignore[union-attr]
 
     def tampered(**arrays: object) -> bytes:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
@@ -175,12 +179,18 @@ def test_windows_file_carries_the_regime_forecast_and_refuses_a_bad_one() -> Non
         np.savez(buf, **d)  # type: ignore[arg-type]
         return buf.getvalue()
 
+    def since_drift(v: object) -> object:
+        doc = dict(meta, regime=dict(meta["regime"], since_drift=v))
+        return np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
+
     for bad in (
         tampered(regime_history=np.array([1.0, -2.0])),
         tampered(regime_mean=np.full((2, 3), np.nan)),
         tampered(regime_mean=np.ones((3, 3))),
         tampered(regime_recent=np.full((2, 2, 3), np.inf)),
         tampered(regime_recent=np.ones((2, 3, 3))),
+        tampered(meta=since_drift(-1)),
+        tampered(meta=since_drift("soon")),
     ):
         with pytest.raises(ValueError):  # unreadable, or refused by the window
             st2 = decode_windows(bad)[1]
