@@ -983,7 +983,7 @@ def test_the_regime_forecast_restarts_at_a_change_of_traffic_and_counts_it(
     data = h.core.status("status")["groups"][0]["data"]
     assert data["forecast"] == "regime"
     assert data["regime"]["changes"] == 1 and data["regime"]["windows_in_mean"] == 2, data
-    assert data["regime"]["last_change"] == "switch"
+    assert data["regime"]["last_change"] == "switch" and data["regime"]["following_drift"] is False
     assert reg.get_sample_value(name, {"group": "g"}) == 1
     f = h.core.groups["g"].window.forecast()  # type: ignore[union-attr]
     assert f is not None and int(f[0].argmax()) == 0  # the new traffic's hot expert
@@ -998,6 +998,11 @@ def test_the_regime_forecast_restarts_at_a_change_of_traffic_and_counts_it(
         "forecast: regime mean of 2 windows, 1 changes of traffic found (the last a switch)"
         in buf.getvalue()
     )
+    st = h.core.status("status")
+    st["groups"][0]["data"]["regime"].update(last_change="drift", following_drift=True)
+    buf = io.StringIO()
+    render(Output(buf, color=False), {"endpoint": "x", **st})
+    assert "found (the last a drift), following the drift; last dispersion" in buf.getvalue()
     h.restart()
     data = h.core.status("status")["groups"][0]["data"]
     assert data["regime"]["changes"] == 1 and data["regime"]["windows_in_mean"] == 2, data

@@ -200,6 +200,7 @@ def test_regime_mean_follows_a_drift_at_the_recent_pace() -> None:
                 nxt = expected[min(i - 19, len(expected) - 1)]  # the next window's expectation
                 err[id(f)] += float((v - nxt).abs().sum())
     assert rm.changes == plain.changes >= 2  # the same tests, only the forecast differs
+    assert rm.following and not plain.following
     assert err[id(rm)] < 0.8 * err[id(plain)]  # 0.69 (a slower drift in noisier windows:
     # up to 1.35; the planner's move price filters that noise, and on the benchmark's
     # drifting decode traffic following the fastest scale gave the lowest MoE time)
@@ -207,6 +208,7 @@ def test_regime_mean_follows_a_drift_at_the_recent_pace() -> None:
     for x in _draws(rng, a, 100, 2000):
         quiet.update(x)
         assert quiet.value is not None and torch.equal(quiet.value, quiet.state().mean)
+        assert not quiet.following
 
 
 @pytest.mark.parametrize("correlated", [False, True])

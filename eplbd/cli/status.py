@@ -226,6 +226,7 @@ def _render_group(out: Output, g: dict[str, Any]) -> None:
             f"  forecast: regime mean of {reg.get('windows_in_mean', 0)} windows, "
             f"{reg.get('changes', 0)} changes of traffic found"
             + (f" (the last a {reg['last_change']})" if reg.get("last_change") else "")
+            + (", following the drift" if reg.get("following_drift") else "")
             + f"; last dispersion {_num(reg.get('dispersion'))}, a change above "
             + ("- (learning)" if level is None else _num(level))
         )

@@ -234,7 +234,8 @@ class LoadWindow:
     def regime_view(self) -> dict[str, Any] | None:
         """The regime forecast's figures (None with the EWMA): buckets in its mean, changes
         detected since start, how the last one was found (switch or drift; None: none since
-        start), the last bucket's dispersion and the level a change needs."""
+        start), whether it follows a drift now (its recent mean), the last bucket's
+        dispersion and the level a change needs."""
         r = self._regime
         if r is None:
             return None
@@ -242,6 +243,7 @@ class LoadWindow:
             "windows_in_mean": r.steps,
             "changes": r.changes,
             "last_change": r.last_change,
+            "following_drift": r.following,
             "dispersion": None if r.last_dispersion is None else round(r.last_dispersion, 3),
             "change_above": None if (lvl := r.change_level()) is None else round(lvl, 3),
         }

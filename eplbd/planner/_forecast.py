@@ -246,9 +246,16 @@ class RegimeMean:
         under way is followed at the recent windows' pace, not the mean's)."""
         if self._mean is None:
             return None
-        if self._since_drift is not None and self._since_drift < self.follow and self._recent:
-            return self._recent[0].clone()
-        return self._mean.clone()
+        return (self._recent[0] if self.following else self._mean).clone()
+
+    @property
+    def following(self) -> bool:
+        """Whether the forecast follows a drift now (the recent mean, not the mean)."""
+        return (
+            bool(self._recent)
+            and self._since_drift is not None
+            and (self._since_drift < self.follow)
+        )
 
     def change_level(self) -> float | None:
         """The dispersion above which the next window starts a new regime (None: no test
