@@ -138,8 +138,8 @@ class PlannerSettings:
         "ewma",
         help="the load the planner plans for: ewma (a weighted average of the windows, "
         "ewma_alpha) or regime (the mean of the windows since the traffic last changed, by "
-        "a switch or a drift: the same time with far fewer moves where traffic holds a mix "
-        "for a while and then switches; 2-3% slower, measured, where it drifts all the time)",
+        "a switch or a drift, and a drift's recent windows while it goes on: the same time "
+        "with far fewer moves where traffic holds a mix for a while and then switches)",
         choices=("ewma", "regime"),
     )
     change_threshold: float = cfg.setting(
