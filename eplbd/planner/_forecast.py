@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,7 +263,7 @@ class RegimeMean:
         yet)."""
         return self._level(self.threshold, statistics.median)
 
-    def _level(self, factor: float, stat: Any) -> float | None:
+    def _level(self, factor: float, stat: Callable[[list[float]], float]) -> float | None:
         """``factor`` times ``stat`` (median or mean) of the recent dispersions (None before
         ``min_history`` of them)."""
         if len(self._history) < self.min_history:
