@@ -170,6 +170,9 @@ def test_windows_file_carries_the_regime_forecast_and_refuses_a_bad_one() -> Non
     # following a drift: how long ago it was found is kept too
     following = dataclasses.replace(w.state(), regime=dataclasses.replace(want, since_drift=3))
     assert decode_windows(encode_windows({}, following))[1].regime.since_drift == 3  # type: ignore[union-attr]
+    # and how the last change was found (status says it after a restart)
+    drifted = dataclasses.replace(w.state(), regime=dataclasses.replace(want, last_change="drift"))
+    assert decode_windows(encode_windows({}, drifted))[1].regime.last_change == "drift"  # type: ignore[union-attr]
 
     def tampered(**arrays: object) -> bytes:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
@@ -179,9 +182,16 @@ def test_windows_file_carries_the_regime_forecast_and_refuses_a_bad_one() -> Non
         np.savez(buf, **d)  # type: ignore[arg-type]
         return buf.getvalue()
 
-    def since_drift(v: object) -> object:
-        doc = dict(meta, regime=dict(meta["regime"], since_drift=v))
+    def regime_meta(**kw: object) -> object:
+        doc = dict(meta, regime=dict(meta["regime"], **kw))
         return np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
+
+    # a file of the release before: no since_drift, no last_change; it restores, not following
+    old = dict(meta, regime={k: meta["regime"][k] for k in ("steps", "changes")})
+    st_old = decode_windows(tampered(meta=np.frombuffer(json.dumps(old).encode(), np.uint8)))[1]
+    assert st_old.regime is not None
+    assert (st_old.regime.since_drift, st_old.regime.last_change) == (None, None)
+    LoadWindow(2, 3, window_s=1.0, num_windows=4, alpha=0.5, forecast="regime").restore(st_old)
 
     for bad in (
         tampered(regime_history=np.array([1.0, -2.0])),
@@ -189,8 +199,10 @@ def test_windows_file_carries_the_regime_forecast_and_refuses_a_bad_one() -> Non
         tampered(regime_mean=np.ones((3, 3))),
         tampered(regime_recent=np.full((2, 2, 3), np.inf)),
         tampered(regime_recent=np.ones((2, 3, 3))),
-        tampered(meta=since_drift(-1)),
-        tampered(meta=since_drift("soon")),
+        tampered(meta=regime_meta(since_drift=-1)),
+        tampered(meta=regime_meta(since_drift="soon")),
+        tampered(meta=regime_meta(last_change="sideways")),
+        tampered(meta=regime_meta(last_change=["drift"])),
     ):
         with pytest.raises(ValueError):  # unreadable, or refused by the window
             st2 = decode_windows(bad)[1]

@@ -236,6 +236,7 @@ def test_regime_mean_state_restores_the_same_future() -> None:
     x1.restore(x0.state())
     assert [x0.update(x) for x in loads[16:]] == [x1.update(x) for x in loads[16:]]
     assert x1.changes == x0.changes >= 2  # the switch at 12, and the drift
+    assert x1.last_change == x0.last_change == "drift"
     assert x0.value is not None and x1.value is not None and torch.equal(x0.value, x1.value)
     # from any window on, even while following a drift, the same forecasts
     for cut in range(1, len(loads)):
@@ -243,6 +244,7 @@ def test_regime_mean_state_restores_the_same_future() -> None:
         for x in loads[:cut]:
             y0.update(x)
         y1.restore(y0.state())
+        assert y1.last_change == y0.last_change  # how the last change was found, too
         for x in loads[cut:]:
             y0.update(x)
             y1.update(x)
@@ -283,6 +285,8 @@ def test_regime_mean_refuses_a_bad_state_and_keeps_its_own() -> None:
         RegimeState(None, 0, [], 0, [torch.ones(2, 3)] * 2),  # recent means of no mean
         RegimeState(torch.ones(2, 3), 1, [], 0, [], -1),
         RegimeState(torch.ones(2, 3), 1, [], 0, [], 2.5),  # type: ignore[arg-type]
+        RegimeState(torch.ones(2, 3), 1, [], 1, [], None, "sideways"),
+        RegimeState(torch.ones(2, 3), 1, [], 1, [], None, 1),  # type: ignore[arg-type]
     ):
         with pytest.raises(ValueError):
             rm.restore(bad)

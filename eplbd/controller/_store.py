@@ -99,8 +99,8 @@ def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
     ``bucket_tokens`` and ``bucket_steps`` [n] int64, ``meta`` (JSON text, as uint8) with
     ``updates`` added; with a regime forecast, ``regime_mean`` [L, E] (absent when None),
     ``regime_recent`` [scales, L, E] (its drift scales' recent means; absent when none) and
-    ``regime_history`` [m] float64, its count, changes and windows since a drift was found
-    in ``meta["regime"]``."""
+    ``regime_history`` [m] float64, its count, changes, windows since a drift was found and
+    how the last change was found in ``meta["regime"]``."""
     import io
 
     import numpy as np
@@ -108,7 +108,10 @@ def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
     doc = dict(meta, schema_version=STATE_SCHEMA_VERSION, updates=state.updates)
     r = state.regime
     if r is not None:
-        doc["regime"] = {"steps": r.steps, "changes": r.changes, "since_drift": r.since_drift}
+        doc["regime"] = {
+            "steps": r.steps, "changes": r.changes, "since_drift": r.since_drift,
+            "last_change": r.last_change,
+        }  # fmt: skip
     arrays: dict[str, Any] = {
         "meta": np.frombuffer(json.dumps(doc, allow_nan=False).encode(), dtype=np.uint8),
         "bucket_tokens": np.asarray(state.bucket_tokens, dtype=np.int64),
@@ -155,6 +158,7 @@ def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
                     changes=int(meta["regime"]["changes"]),
                     recent=[torch.from_numpy(np.array(t, dtype=np.float64)) for t in rr],
                     since_drift=meta["regime"].get("since_drift"),
+                    last_change=meta["regime"].get("last_change"),
                 )
             if not isinstance(meta, dict) or meta.get("schema_version") != STATE_SCHEMA_VERSION:
                 raise ValueError(f"schema_version {meta.get('schema_version')!r}")

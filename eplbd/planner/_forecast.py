@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+#: how :class:`RegimeMean` found a change: one window far off the mean ("switch"), or a
+#: recent mean that left it ("drift")
+CHANGE_KINDS = ("switch", "drift")
+
 
 def _as_load(load: Any, shape: tuple[int, ...] | None) -> torch.Tensor:
     t = torch.as_tensor(load).detach().to("cpu", torch.float64)
@@ -123,8 +127,9 @@ class RegimeState:
     (None before the first update) of ``steps`` windows, the recent dispersions
     (``history``, oldest first), the ``changes`` detected and the ``recent`` means of the
     drift scales ([L, E] each; empty from a file of an earlier version: then seeded from
-    the mean) and the windows ``since_drift`` was found (None: none since the last switch,
-    or a file of an earlier version)."""
+    the mean), the windows ``since_drift`` was found (None: none since the last switch,
+    or a file of an earlier version) and how the ``last_change`` was found ("switch",
+    "drift"; None: none yet, or a file of an earlier version)."""
 
     mean: torch.Tensor | None
     steps: int
@@ -132,6 +137,7 @@ class RegimeState:
     changes: int
     recent: list[torch.Tensor] = field(default_factory=list)
     since_drift: int | None = None
+    last_change: str | None = None
 
     def check(self) -> None:
         """Raises ValueError when the state cannot be taken back."""
@@ -144,6 +150,10 @@ class RegimeState:
         ):
             raise ValueError(
                 f"since_drift must be None or an integer >= 0, got {self.since_drift!r}"
+            )
+        if self.last_change not in (None, *CHANGE_KINDS):
+            raise ValueError(
+                f"last_change must be None or one of {CHANGE_KINDS}, got {self.last_change!r}"
             )
         if not all(math.isfinite(d) and d >= 0 for d in self.history):
             raise ValueError("dispersions must be finite and >= 0")
@@ -341,7 +351,7 @@ class RegimeMean:
         return RegimeState(
             None if self._mean is None else self._mean.clone(), self._n,
             list(self._history), self.changes, [r.clone() for r in self._recent],
-            self._since_drift,
+            self._since_drift, self.last_change,
         )  # fmt: skip
 
     def restore(self, state: RegimeState) -> None:
@@ -358,7 +368,7 @@ class RegimeMean:
         self._history = list(state.history[-self.calibration :])
         self.changes = state.changes
         self.last_dispersion = None
-        self.last_change = None
+        self.last_change = None if self._mean is None else state.last_change
         self._since_drift = None if self._mean is None else state.since_drift
 
     def reset(self) -> None:
