@@ -18,6 +18,7 @@ timed with the wall clock.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -27,13 +28,21 @@ import torch
 
 from benchmarks._e2e_model import _experts_grouped, _experts_loop
 
-__all__ = ["ExpertShape", "GemmTimer", "SHAPES", "hardware_ceilings"]
+__all__ = [
+    "ExpertShape",
+    "GemmTimer",
+    "SHAPES",
+    "TIMING_ORDERS",
+    "hardware_ceilings",
+    "drift_summary",
+]
 
 #: L2 cache of an H100/H200 is 50-60 MB: keep the weights of consecutive calls apart by
 #: several times that.
 _POOL_BYTES = 1 << 30
 _BATCH = 32  # calls queued behind one GPU sleep
 _SLEEP_CYCLES = 8_000_000  # about 4 ms at 2 GHz: longer than the host needs to queue a batch
+TIMING_ORDERS = ("shuffled", "given")
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class GemmTimer:
         self.x = torch.randn(max(max_rows, 1), H, device=self.device, generator=g).to(dt)
         self._next = 0
         self.grouped = True
+        self.sentinel_us: list[float] = []  # see time()
 
     def _weights(self, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._next + S > self.pool:
@@ -117,10 +127,23 @@ class GemmTimer:
         reps: int = 3,
         warmup: int = 1,
         stat: str = "median",
+        order: str = "shuffled",
+        sentinel_every: int = 0,
     ) -> list[float]:
         """Time in microseconds of each workload (0 for one with no rows): the median of
         ``reps`` runs, or with ``stat="min"`` the fastest (robust to a rare interference
-        spike when only two runs fit)."""
+        spike when only two runs fit).
+
+        order: "shuffled" (each run in its own seeded random order) or "given". A GPU's
+        clock wanders by a percent or more over seconds (heat, power): timed in the given
+        order, a caller's contiguous block of workloads (one policy's steps, say) shares
+        one offset, and a comparison between blocks carries it. Shuffled, it falls on every
+        block alike. sentinel_every > 0: one workload (of median rows) is also timed ahead of
+        every ``sentinel_every``-th batch, into :attr:`sentinel_us` in timing order (the
+        drift itself, for the record)."""
+        if order not in TIMING_ORDERS:
+            raise ValueError(f"order must be one of {TIMING_ORDERS}, got {order!r}")
+        self.sentinel_us = []
         n = len(workloads)
         if n == 0:
             return []
@@ -134,35 +157,61 @@ class GemmTimer:
         starts = _cumsum([0, *lens[:-1]])
         views = [offs_all[s : s + k] for s, k in zip(starts, lens, strict=True)]
         out: list[list[float]] = [[] for _ in range(n)]
-        order = [i for i in range(n) if sum(workloads[i]) > 0]
+        busy = [i for i in range(n) if sum(workloads[i]) > 0]
         for _ in range(warmup):
-            for i in order[: min(len(order), 8)]:
+            for i in busy[: min(len(busy), 8)]:
                 self._call(workloads[i], views[i])
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        probe = sorted(busy, key=lambda i: sum(workloads[i]))[len(busy) // 2] if busy else -1
+        rng = random.Random(0)
         for _ in range(reps):
-            for b in range(0, len(order), _BATCH):
-                batch = order[b : b + _BATCH]
+            run = list(busy)
+            if order == "shuffled":
+                rng.shuffle(run)
+            for b in range(0, len(run), _BATCH):
+                # (workload, where its time goes)
+                batch = [(i, out[i]) for i in run[b : b + _BATCH]]
+                if sentinel_every > 0 and (b // _BATCH) % sentinel_every == 0:
+                    batch.insert(0, (probe, self.sentinel_us))
                 if self.cuda:
                     ev = [
                         (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                         for _ in batch
                     ]
                     torch.cuda._sleep(_SLEEP_CYCLES)  # the host queues the batch meanwhile
-                    for (e0, e1), i in zip(ev, batch, strict=True):
+                    for (e0, e1), (i, _) in zip(ev, batch, strict=True):
                         e0.record()
                         self._call(workloads[i], views[i])
                         e1.record()
                     torch.cuda.synchronize(self.device)
-                    for (e0, e1), i in zip(ev, batch, strict=True):
-                        out[i].append(e0.elapsed_time(e1) * 1e3)
+                    for (e0, e1), (_, into) in zip(ev, batch, strict=True):
+                        into.append(e0.elapsed_time(e1) * 1e3)
                 else:
-                    for i in batch:
+                    for i, into in batch:
                         t0 = time.perf_counter()
                         self._call(workloads[i], views[i])
-                        out[i].append((time.perf_counter() - t0) * 1e6)
+                        into.append((time.perf_counter() - t0) * 1e6)
         pick = min if stat == "min" else statistics.median
         return [pick(t) if t else 0.0 for t in out]
+
+
+def drift_summary(sentinel_us: Sequence[float]) -> dict[str, float] | None:
+    """The sentinel's timings (in timing order) summed up: median, 5th and 95th percentile,
+    the lowest and highest mean of a tenth of the timing over the median (the clock's
+    drift), and the last tenth's mean over the first's (None with fewer than 10)."""
+    t = list(sentinel_us)
+    if len(t) < 10:
+        return None
+    q = statistics.quantiles(t, n=20)
+    med = statistics.median(t)
+    k = len(t) // 10
+    tenths = [statistics.fmean(t[i * k : (i + 1) * k]) / med for i in range(10)]
+    return {
+        "n": len(t), "median_us": med, "p5_us": q[0], "p95_us": q[-1],
+        "tenth_min": min(tenths), "tenth_max": max(tenths),
+        "last_over_first": tenths[-1] / tenths[0],
+    }  # fmt: skip
 
 
 def _cumsum(xs: Sequence[int]) -> list[int]:

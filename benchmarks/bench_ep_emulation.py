@@ -48,7 +48,7 @@ import torch
 
 from benchmarks._ep_policies import POLICIES, Replay, Schedule, replay
 from benchmarks._ep_trace import esft_stream, synthetic_stream
-from benchmarks._gemm_timer import SHAPES, ExpertShape, GemmTimer, hardware_ceilings
+from benchmarks._gemm_timer import SHAPES, ExpertShape, GemmTimer, drift_summary, hardware_ceilings
 from benchmarks._report import machine_line, write_section
 from benchmarks.bench_cost_model import CALIBRATION, device_slug
 from eplbd.planner import CostModel, default_cost_model
@@ -183,10 +183,13 @@ def _models(path: str | None, device: str, stored_only: bool = False) -> dict[st
 
 def time_shape(
     sims: list[dict[str, Any]], shape_key: str, device: str, reps: int, tiny: bool,
-    stat: str = "median",
+    stat: str = "median", order: str = "shuffled", drift: dict[str, Any] | None = None,
 ) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
     """GPU time of every rank's workload of the cases of one expert shape: per sim index,
-    per policy [steps, L, G] us. Identical workloads are timed once."""
+    per policy [steps, L, G] us. Identical workloads are timed once, in ``order`` (see
+    :meth:`GemmTimer.time`: shuffled, so that no policy's steps share one stretch of the
+    GPU's clock). ``drift``: filled with the sentinel's summary (:func:`drift_summary`)
+    under the shape's name."""
     shape = SHAPES[shape_key]
     if tiny:
         shape = ExpertShape(shape.name, 64, 32, shape.dtype)
@@ -199,11 +202,18 @@ def time_shape(
     wl = list(uniq)
     timer = GemmTimer(shape, max(len(w) for w in wl), max(sum(w) for w in wl), device)
     t0 = time.perf_counter()
-    us = np.array(timer.time(wl, reps=reps, stat=stat))
+    us = np.array(timer.time(wl, reps=reps, stat=stat, order=order, sentinel_every=8))
+    d = drift_summary(timer.sentinel_us)
+    if drift is not None:
+        drift[shape.name] = d
     print(
-        f"{shape.name}: {len(wl)} distinct workloads timed in {time.perf_counter() - t0:.1f} s",
+        f"{shape.name}: {len(wl)} distinct workloads timed in {time.perf_counter() - t0:.1f} s"
+        f" ({order} order)"
+        + (f"; sentinel {d['median_us']:.1f} us (p5 {d['p5_us']:.1f}, p95 {d['p95_us']:.1f}),"
+           f" a tenth's mean {d['tenth_min']:.3f}-{d['tenth_max']:.3f} of the median"
+           if d else ""),
         flush=True,
-    )
+    )  # fmt: skip
     out: dict[int, dict[str, np.ndarray]] = {}
     for i in idx:
         res: dict[str, np.ndarray] = {}

@@ -175,15 +175,19 @@ def run_case(
     }
 
 
-def measure(res: list[dict[str, Any]], reps: int, tiny: bool) -> float:
+def measure(
+    res: list[dict[str, Any]], reps: int, tiny: bool, order: str = "shuffled",
+    drift: dict[str, Any] | None = None,
+) -> float:  # fmt: skip
     """Every rank's GEMMs of every step timed on this machine's GPU (``bench_ep_emulation``'s
-    timer; on the CPU with tiny shapes): the summaries replaced by measured ones. -> s"""
+    timer, in ``order``; on the CPU with tiny shapes): the summaries replaced by measured
+    ones. ``drift``: the GPU clock's sentinel per shape (:func:`time_shape`). -> s"""
     from benchmarks.bench_ep_emulation import time_shape
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
     for shape in sorted({r["case"].shape for r in res}):
-        meas = time_shape(res, shape, device, reps, tiny or device == "cpu", "min")
+        meas = time_shape(res, shape, device, reps, tiny or device == "cpu", "min", order, drift)
         for i, m in meas.items():
             slowest = {p: a.max(axis=2) for p, a in m.items()}  # [steps, L]
             res[i]["summary"] = summarise(
@@ -485,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", action="store_true",
                     help="time every rank's GEMMs on the GPU (CPU: tiny shapes)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=2, help="GPU runs of each workload (min kept)")
+    ap.add_argument("--timing-order", choices=("shuffled", "policy"), default="shuffled",
+                    help="--measure: time the workloads in a random order (default), or policy "
+                         "after policy as before (each policy's steps then share one stretch "
+                         "of the GPU's clock)")  # fmt: skip
     ap.add_argument("--ep", default=None, help="only these EP sizes, e.g. 16,32")
     ap.add_argument("--shapes", default=None, help="only these expert shapes, e.g. v3")
     ap.add_argument("--tokens", default=None, help="only these tokens per rank, e.g. 64,2048")
@@ -527,15 +535,28 @@ def main(argv: list[str] | None = None) -> int:
               256 if a.tiny else a.pool, only, a.calibration, a.blend)  # fmt: skip
     print(f"simulated {len(res)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
     scored, how = "cost model, CPU", "every rank's time modelled (exact counts, base included)"
+    drift: dict[str, Any] = {}
     if a.measure:
-        took = measure(res, a.reps, a.tiny)
+        order = "given" if a.timing_order == "policy" else "shuffled"
+        took = measure(res, a.reps, a.tiny, order, drift)
         scored = "GEMMs measured on the GPU" if torch.cuda.is_available() else "CPU, tiny"
+        clock = "; ".join(
+            f"{k}: a sentinel workload timed {d['n']} times through the timing, median "
+            f"{d['median_us']:.1f} us, p5-p95 {d['p5_us']:.1f}-{d['p95_us']:.1f}, a tenth of "
+            f"the timing's mean {d['tenth_min']:.3f}-{d['tenth_max']:.3f} of the median"
+            for k, d in drift.items() if d
+        )  # fmt: skip
         how = (f"every rank's grouped GEMMs timed (CUDA events, fastest of {a.reps} runs; "
-               f"{took:.0f} s of timing)")  # fmt: skip
+               f"{took:.0f} s of timing; "
+               + ("each run in a random order, so that no policy's steps share one stretch of "
+                  "the GPU's clock" if order == "shuffled" else
+                  "policy after policy, the order before phase 7")
+               + (f"; the GPU's clock: {clock}" if clock else "") + ")")  # fmt: skip
     meta = {
         "machine": machine_line(), "domains": a.domains, "R": R,
         "domain_names": DOMAINS[a.domains], "engine_steps": a.regime_engine_steps,
-        "online": online, "calibration": a.calibration, "blend": a.blend, "duration_s": time.perf_counter() - t0, "scored": scored, "how": how,
+        "online": online, "calibration": a.calibration, "blend": a.blend,
+        "timing_order": a.timing_order if a.measure else None, "drift": drift, "duration_s": time.perf_counter() - t0, "scored": scored, "how": how,
         "command": "python3 -m benchmarks.bench_ep_regimes "
         + " ".join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip

@@ -292,3 +292,50 @@ def test_regime_forecast_follows_a_drift_in_the_replay() -> None:
         inside[name] = sum(1 for st, _ in rep.changes["eplbd-regime"] if st % 16 >= 4)
     assert inside["drift test"] > inside["none"], inside
     assert t["drift test"] < t["none"], t
+
+
+def test_gemm_timer_shuffles_the_order_and_keeps_each_time_with_its_workload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU's clock wanders over a run, so workloads are timed in a random order (each
+    policy's steps spread over the run); every time must still come back at its workload's
+    place. A fake clock advances by a workload's rows in each call: its time is its rows."""
+    from benchmarks import _gemm_timer
+    from benchmarks._gemm_timer import ExpertShape, GemmTimer, drift_summary
+
+    wl = [[r, 0, 1] for r in range(1, 80)] + [[0, 0, 0]]
+    timer = GemmTimer(ExpertShape("t", 8, 4), 3, 100, "cpu")
+    now = [0.0]
+    calls: list[list[int]] = []
+
+    def fake_call(counts: list[int], offs: object) -> None:
+        calls.append(list(counts))
+        now[0] += sum(counts) * 1e-6
+
+    monkeypatch.setattr(timer, "_call", fake_call)
+    monkeypatch.setattr(_gemm_timer.time, "perf_counter", lambda: now[0])
+    busy = [w for w in wl if sum(w)]
+    for order in _gemm_timer.TIMING_ORDERS:
+        calls.clear()
+        got = timer.time(wl, reps=2, warmup=0, order=order)
+        assert got == pytest.approx([float(sum(w)) for w in wl])  # with its workload, 0 idle
+        first, second = calls[: len(busy)], calls[len(busy) :]
+        assert sorted(first) == sorted(second) == sorted(busy)
+        if order == "given":
+            assert first == second == busy
+        else:  # each run its own order, neither the given one
+            assert first != busy and second != busy and first != second
+        assert timer.sentinel_us == []
+    # a sentinel (the workload of median rows) ahead of every batch of 32: 3 a run
+    calls.clear()
+    got = timer.time(wl, reps=2, warmup=0, sentinel_every=1)
+    assert got == pytest.approx([float(sum(w)) for w in wl])
+    probe = sorted(busy, key=sum)[len(busy) // 2]
+    assert timer.sentinel_us == pytest.approx([float(sum(probe))] * 6)
+    assert len(calls) == 2 * len(busy) + 6
+    d = drift_summary([10.0] * 5 + [11.0] * 5)
+    assert d is not None and d["last_over_first"] == pytest.approx(1.1)
+    assert (d["tenth_min"], d["tenth_max"]) == pytest.approx((10 / 10.5, 11 / 10.5))
+    assert drift_summary([1.0] * 9) is None
+    with pytest.raises(ValueError, match="order"):
+        timer.time(wl, order="policy")
