@@ -11,9 +11,8 @@ workload never finds the previous one's weights in the cache.
 Method (../shared/design/TARGETS.md): CUDA events around each call, warm-up first, each
 workload run ``reps`` times (each on other weights; each run in its own random order, so
 that a drift of the GPU's clock is no offset between the callers' groups of workloads) and
-the median kept; every batch of
-calls is queued behind a GPU sleep long enough for the host to enqueue the whole batch, so
-that launch gaps never enter the events. On the CPU (tests, tiny sizes) the same calls are
+the median kept; every batch of calls is queued behind a GPU sleep long enough for the
+host to enqueue the whole batch, so that launch gaps never enter the events. On the CPU (tests, tiny sizes) the same calls are
 timed with the wall clock.
 """
 
