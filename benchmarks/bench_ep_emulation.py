@@ -343,7 +343,7 @@ def render(res: dict[str, Any]) -> str:
         "**Every figure below is an emulation**: each EP rank's grouped expert GEMMs run on the "
         "one GPU in turn (CUDA events, "
         f"{'the fastest' if res.get('stat') == 'min' else 'median'} of {res['reps']} runs "
-        "of each); a step's MoE compute time is the slowest rank's time per layer, summed "
+        "of each, each run in a random order); a step's MoE compute time is the slowest rank's time per layer, summed "
         "over the layers; no dispatch, no combine, no network, no other layers. Routing: EP 8 "
         "(P = 72) and 16 (P = 80) replay the ESFT traces (64 experts, top-6, layers "
         f"{ESFT_LAYERS}, all four domains in order); EP 32 (P = 288) and 64 (P = 320) replay "
