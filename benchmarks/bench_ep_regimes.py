@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                f"{took:.0f} s of timing; "
                + ("each run in a random order, so that no policy's steps share one stretch of "
                   "the GPU's clock" if order == "shuffled" else
-                  "policy after policy, the order before phase 7")
+                  "policy after policy: the old order, kept for comparison")
                + (f"; the GPU's clock: {clock}" if clock else "") + ")")  # fmt: skip
     meta = {
         "machine": machine_line(), "domains": a.domains, "R": R,
