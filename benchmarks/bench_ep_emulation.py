@@ -184,12 +184,15 @@ def _models(path: str | None, device: str, stored_only: bool = False) -> dict[st
 def time_shape(
     sims: list[dict[str, Any]], shape_key: str, device: str, reps: int, tiny: bool,
     stat: str = "median", order: str = "shuffled", drift: dict[str, Any] | None = None,
+    timings: dict[str, Any] | None = None,
 ) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
     """GPU time of every rank's workload of the cases of one expert shape: per sim index,
     per policy [steps, L, G] us. Identical workloads are timed once, in ``order`` (see
     :meth:`GemmTimer.time`: shuffled, so that no policy's steps share one stretch of the
     GPU's clock). ``drift``: filled with the sentinel's summary (:func:`drift_summary`)
-    under the shape's name."""
+    under the shape's name; ``timings``: with every distinct workload and its time
+    (``(workloads [n, S] int32, -1 past a workload's slots; us [n])``), to fit or test
+    other models of the GEMMs on measured times later."""
     shape = SHAPES[shape_key]
     if tiny:
         shape = ExpertShape(shape.name, 64, 32, shape.dtype)
@@ -206,6 +209,11 @@ def time_shape(
     d = drift_summary(timer.sentinel_us)
     if drift is not None:
         drift[shape.name] = d
+    if timings is not None:
+        padded = np.full((len(wl), max(len(w) for w in wl)), -1, dtype=np.int32)
+        for i, w in enumerate(wl):
+            padded[i, : len(w)] = w
+        timings[shape.name] = (padded, us.copy())
     print(
         f"{shape.name}: {len(wl)} distinct workloads timed in {time.perf_counter() - t0:.1f} s"
         f" ({order} order)"

@@ -177,17 +177,20 @@ def run_case(
 
 def measure(
     res: list[dict[str, Any]], reps: int, tiny: bool, order: str = "shuffled",
-    drift: dict[str, Any] | None = None,
+    drift: dict[str, Any] | None = None, timings: dict[str, Any] | None = None,
 ) -> float:  # fmt: skip
     """Every rank's GEMMs of every step timed on this machine's GPU (``bench_ep_emulation``'s
     timer, in ``order``; on the CPU with tiny shapes): the summaries replaced by measured
-    ones. ``drift``: the GPU clock's sentinel per shape (:func:`time_shape`). -> s"""
+    ones. ``drift``, ``timings``: the GPU clock's sentinel and every distinct workload's
+    time, per shape (:func:`time_shape`). -> s"""
     from benchmarks.bench_ep_emulation import time_shape
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
     for shape in sorted({r["case"].shape for r in res}):
-        meas = time_shape(res, shape, device, reps, tiny or device == "cpu", "min", order, drift)
+        meas = time_shape(
+            res, shape, device, reps, tiny or device == "cpu", "min", order, drift, timings
+        )
         for i, m in meas.items():
             slowest = {p: a.max(axis=2) for p, a in m.items()}  # [steps, L]
             res[i]["summary"] = summarise(
@@ -493,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="--measure: time the workloads in a random order (default), or policy "
                          "after policy as before (each policy's steps then share one stretch "
                          "of the GPU's clock)")  # fmt: skip
+    ap.add_argument("--save-timings", default=None, metavar="FILE",
+                    help="--measure: also save every distinct workload and its time "
+                         "(FILE.npz: SHAPE/workloads [n, S] int32, -1 past its slots; SHAPE/us "
+                         "[n]), to fit or test other models of the GEMMs on measured times")  # fmt: skip
     ap.add_argument("--ep", default=None, help="only these EP sizes, e.g. 16,32")
     ap.add_argument("--shapes", default=None, help="only these expert shapes, e.g. v3")
     ap.add_argument("--tokens", default=None, help="only these tokens per rank, e.g. 64,2048")
@@ -504,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--blend must be in [0, 1], got {a.blend}")
     if a.drift_follow is not None and a.drift_follow < 0:
         ap.error(f"--drift-follow must be >= 0, got {a.drift_follow}")
+    if a.save_timings and not a.measure:
+        ap.error("--save-timings needs --measure")
     R = 4 if a.tiny else a.regime_steps
     if a.tune:
         md = tune(R, a.regime_engine_steps, a.workers, a.pool)
@@ -536,9 +545,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"simulated {len(res)} cases in {time.perf_counter() - t0:.0f} s", flush=True)
     scored, how = "cost model, CPU", "every rank's time modelled (exact counts, base included)"
     drift: dict[str, Any] = {}
+    timings: dict[str, Any] = {}
     if a.measure:
         order = "given" if a.timing_order == "policy" else "shuffled"
-        took = measure(res, a.reps, a.tiny, order, drift)
+        took = measure(res, a.reps, a.tiny, order, drift, timings)
+        if a.save_timings:
+            np.savez_compressed(a.save_timings, **{
+                f"{k}/{name}": arr for k, (w, us) in timings.items()
+                for name, arr in (("workloads", w), ("us", us))})  # fmt: skip
         scored = "GEMMs measured on the GPU" if torch.cuda.is_available() else "CPU, tiny"
         clock = "; ".join(
             f"{k}: a sentinel workload timed {d['n']} times through the timing, median "

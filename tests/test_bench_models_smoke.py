@@ -339,3 +339,24 @@ def test_gemm_timer_shuffles_the_order_and_keeps_each_time_with_its_workload(
     assert drift_summary([1.0] * 9) is None
     with pytest.raises(ValueError, match="order"):
         timer.time(wl, order="policy")
+
+
+def test_measured_long_runs_save_every_workloads_time_on_the_cpu(tmp_path: Path) -> None:
+    """``--measure --save-timings``: every distinct workload of the run and its time, per
+    shape, and the clock's sentinel in the report (CPU, tiny shapes: wall-clock times)."""
+    out, tim = tmp_path / "r.json", tmp_path / "t.npz"
+    argv = ["--tiny", "--workers", "1", "--measure", "--reps", "1", "--json", str(out)]
+    assert bench_ep_regimes.main([*argv, "--save-timings", str(tim)]) == 0
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["timing_order"] == "shuffled" and "random order" in meta["how"]
+    with np.load(tim) as z:
+        shapes = {k.split("/")[0] for k in z.files}
+        assert shapes == set(meta["drift"]) == {"DeepSeek-V2-Lite", "DeepSeek-V3"}
+        for s in shapes:
+            w, us = z[f"{s}/workloads"], z[f"{s}/us"]
+            assert w.ndim == 2 and len(w) == len(us) > 0 and (w >= -1).all()
+            rows = np.where(w > 0, w, 0).sum(axis=1)
+            assert ((us > 0) == (rows > 0)).all()  # an idle rank takes no time
+            assert len({tuple(r) for r in w.tolist()}) == len(w)  # each timed once
+    with pytest.raises(SystemExit):
+        bench_ep_regimes.main(["--tiny", "--save-timings", str(tim)])
