@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             f"the timing's mean {d['tenth_min']:.3f}-{d['tenth_max']:.3f} of the median"
             for k, d in drift.items() if d
         )  # fmt: skip
-        how = (f"every rank's grouped GEMMs timed (CUDA events, fastest of {a.reps} runs; "
+        clocked = "CUDA events" if torch.cuda.is_available() else "the wall clock"
+        how = (f"every rank's grouped GEMMs timed ({clocked}, fastest of {a.reps} runs; "
                f"{took:.0f} s of timing; "
                + ("each run in a random order, so that no policy's steps share one stretch of "
                   "the GPU's clock" if order == "shuffled" else

@@ -349,6 +349,7 @@ def test_measured_long_runs_save_every_workloads_time_on_the_cpu(tmp_path: Path)
     assert bench_ep_regimes.main([*argv, "--save-timings", str(tim)]) == 0
     meta = json.loads(out.read_text())["meta"]
     assert meta["timing_order"] == "shuffled" and "random order" in meta["how"]
+    assert ("CUDA events" in meta["how"]) == torch.cuda.is_available()  # the CPU: wall clock
     with np.load(tim) as z:
         shapes = {k.split("/")[0] for k in z.files}
         assert shapes == set(meta["drift"]) == {"DeepSeek-V2-Lite", "DeepSeek-V3"}
