@@ -20,6 +20,11 @@ import torch
 CHANGE_KINDS = ("switch", "drift")
 
 
+def _int_at_least(v: Any, low: int) -> bool:
+    """Whether ``v`` is an integer (not a bool) >= ``low``: the counts' and settings' test."""
+    return not isinstance(v, bool) and isinstance(v, int) and v >= low
+
+
 def _as_load(load: Any, shape: tuple[int, ...] | None) -> torch.Tensor:
     t = torch.as_tensor(load).detach().to("cpu", torch.float64)
     if t.dim() != 2:
@@ -143,11 +148,7 @@ class RegimeState:
         """Raises ValueError when the state cannot be taken back."""
         if self.steps < 0 or self.changes < 0 or (self.mean is None) != (self.steps == 0):
             raise ValueError(f"steps {self.steps} and changes {self.changes} do not fit")
-        if self.since_drift is not None and (
-            isinstance(self.since_drift, bool)
-            or not isinstance(self.since_drift, int)
-            or self.since_drift < 0
-        ):
+        if self.since_drift is not None and not _int_at_least(self.since_drift, 0):
             raise ValueError(
                 f"since_drift must be None or an integer >= 0, got {self.since_drift!r}"
             )
@@ -219,10 +220,10 @@ class RegimeMean:
                 raise ValueError(f"{name} must be a number > 1, got {t!r}")
         for name, v, low in (("memory", memory, 2), ("calibration", calibration, 1),
                              ("min_history", min_history, 1), ("follow", follow, 0)):  # fmt: skip
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            if not _int_at_least(v, low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-        if not isinstance(drift_scales, tuple) or any(
-            isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in drift_scales
+        if not isinstance(drift_scales, tuple) or not all(
+            _int_at_least(k, 2) for k in drift_scales
         ):
             raise ValueError(f"drift_scales must be a tuple of integers >= 2, got {drift_scales!r}")
         self.threshold = float(threshold)
