@@ -12,8 +12,8 @@ Method (../shared/design/TARGETS.md): CUDA events around each call, warm-up firs
 workload run ``reps`` times (each on other weights; each run in its own random order, so
 that a drift of the GPU's clock is no offset between the callers' groups of workloads) and
 the median kept; every batch of calls is queued behind a GPU sleep long enough for the
-host to enqueue the whole batch, so that launch gaps never enter the events. On the CPU (tests, tiny sizes) the same calls are
-timed with the wall clock.
+host to enqueue the whole batch, so that launch gaps never enter the events. On the CPU
+(tests, tiny sizes) the same calls are timed with the wall clock.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "TIMING_ORDERS",
     "hardware_ceilings",
     "drift_summary",
+    "drift_text",
 ]
 
 #: L2 cache of an H100/H200 is 50-60 MB: keep the weights of consecutive calls apart by
@@ -213,6 +214,15 @@ def drift_summary(sentinel_us: Sequence[float]) -> dict[str, float] | None:
         "tenth_min": min(tenths), "tenth_max": max(tenths),
         "last_over_first": tenths[-1] / tenths[0],
     }  # fmt: skip
+
+
+def drift_text(d: dict[str, float]) -> str:
+    """A :func:`drift_summary` in words, for the reports."""
+    return (
+        f"a sentinel workload timed {d['n']:.0f} times through the timing, median "
+        f"{d['median_us']:.1f} us, p5-p95 {d['p5_us']:.1f}-{d['p95_us']:.1f}, a tenth of the "
+        f"timing's mean {d['tenth_min']:.3f}-{d['tenth_max']:.3f} of the median"
+    )
 
 
 def _cumsum(xs: Sequence[int]) -> list[int]:

@@ -319,7 +319,8 @@ def render(res: dict[str, Any]) -> str:
         "",
         "One rank's grouped expert GEMMs (gate/up `torch._grouped_mm`, SiLU, down), bf16, timed "
         "on the GPU with CUDA events (median of 3, each call on other weights, each run in a "
-        "random order, calls queued behind a GPU sleep so no launch gap is timed). Model: time = base + fixed x active "
+        "random order, calls queued behind a GPU sleep so no launch gap is timed). Model: "
+        "time = base + fixed x active "
         "slots + tile x sum of ceil(rows / tile rows) per slot, fitted by least squares on the "
         "relative error to the *fit* workloads; every other row is held out. *default*: the "
         "model derived from this GPU's measured copy bandwidth and bf16 matrix rate "

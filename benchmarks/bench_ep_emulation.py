@@ -48,7 +48,14 @@ import torch
 
 from benchmarks._ep_policies import POLICIES, Replay, Schedule, replay
 from benchmarks._ep_trace import esft_stream, synthetic_stream
-from benchmarks._gemm_timer import SHAPES, ExpertShape, GemmTimer, drift_summary, hardware_ceilings
+from benchmarks._gemm_timer import (
+    SHAPES,
+    ExpertShape,
+    GemmTimer,
+    drift_summary,
+    drift_text,
+    hardware_ceilings,
+)
 from benchmarks._report import machine_line, write_section
 from benchmarks.bench_cost_model import CALIBRATION, device_slug
 from eplbd.planner import CostModel, default_cost_model
@@ -216,10 +223,7 @@ def time_shape(
         timings[shape.name] = (padded, us.copy())
     print(
         f"{shape.name}: {len(wl)} distinct workloads timed in {time.perf_counter() - t0:.1f} s"
-        f" ({order} order)"
-        + (f"; sentinel {d['median_us']:.1f} us (p5 {d['p5_us']:.1f}, p95 {d['p95_us']:.1f}),"
-           f" a tenth's mean {d['tenth_min']:.3f}-{d['tenth_max']:.3f} of the median"
-           if d else ""),
+        f" ({order} order)" + (f"; {drift_text(d)}" if d else ""),
         flush=True,
     )  # fmt: skip
     out: dict[int, dict[str, np.ndarray]] = {}

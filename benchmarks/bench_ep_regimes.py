@@ -57,6 +57,7 @@ import torch
 
 from benchmarks._ep_policies import Replay, Schedule, replay
 from benchmarks._ep_trace import ESFT_DOMAINS, RegimeSource, esft_regimes, synthetic_regimes
+from benchmarks._gemm_timer import drift_text
 from benchmarks._report import machine_line, write_section
 from benchmarks.bench_cost_model import CALIBRATION, device_slug
 from benchmarks.bench_ep_emulation import ESFT_LAYERS, Case, _pc, _r
@@ -554,12 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k}/{name}": arr for k, (w, us) in timings.items()
                 for name, arr in (("workloads", w), ("us", us))})  # fmt: skip
         scored = "GEMMs measured on the GPU" if torch.cuda.is_available() else "CPU, tiny"
-        clock = "; ".join(
-            f"{k}: a sentinel workload timed {d['n']} times through the timing, median "
-            f"{d['median_us']:.1f} us, p5-p95 {d['p5_us']:.1f}-{d['p95_us']:.1f}, a tenth of "
-            f"the timing's mean {d['tenth_min']:.3f}-{d['tenth_max']:.3f} of the median"
-            for k, d in drift.items() if d
-        )  # fmt: skip
+        clock = "; ".join(f"{k}: {drift_text(d)}" for k, d in drift.items() if d)
         clocked = "CUDA events" if torch.cuda.is_available() else "the wall clock"
         how = (f"every rank's grouped GEMMs timed ({clocked}, fastest of {a.reps} runs; "
                f"{took:.0f} s of timing; "

@@ -207,7 +207,8 @@ def render(res: dict[str, Any]) -> str:
         "",
         f"Machine: {res['machine']}. One rank's grouped expert GEMMs (`torch._grouped_mm`, "
         f"bf16, the timer of `bench_cost_model`: CUDA events, median of {res['reps']}, each "
-        "call on other weights, each run in a random order). Model: the card's stored calibration. "
+        "call on other weights, each run in a random order). Model: the card's stored "
+        "calibration. "
         "`python3 -m benchmarks.bench_slot_curve`.",
         "",
     ]
