@@ -197,9 +197,10 @@ def time_shape(
     per policy [steps, L, G] us. Identical workloads are timed once, in ``order`` (see
     :meth:`GemmTimer.time`: shuffled, so that no policy's steps share one stretch of the
     GPU's clock). ``drift``: filled with the sentinel's summary (:func:`drift_summary`)
-    under the shape's name; ``timings``: with every distinct workload and its time
-    (``(workloads [n, S] int32, -1 past a workload's slots; us [n])``), to fit or test
-    other models of the GEMMs on measured times later."""
+    under the shape's name; ``timings``: with every distinct workload and its time, and
+    where each policy's workloads are among them (``(workloads [n, S] int32, -1 past a
+    workload's slots; us [n]; {sim index: {policy: [steps, L, G] int32 rows of workloads}})``),
+    to fit or test other models of the GEMMs on the planners' own workloads later."""
     shape = SHAPES[shape_key]
     if tiny:
         shape = ExpertShape(shape.name, 64, 32, shape.dtype)
@@ -216,23 +217,25 @@ def time_shape(
     d = drift_summary(timer.sentinel_us)
     if drift is not None:
         drift[shape.name] = d
+    where: dict[int, dict[str, np.ndarray]] = {
+        i: {
+            p: np.array([uniq[tuple(int(x) for x in w)] for w in arr.reshape(-1, arr.shape[-1])],
+                        dtype=np.int32).reshape(arr.shape[:-1])
+            for p, arr in sims[i]["replay"].rows.items()
+        }
+        for i in idx
+    }  # fmt: skip
     if timings is not None:
         padded = np.full((len(wl), max(len(w) for w in wl)), -1, dtype=np.int32)
         for i, w in enumerate(wl):
             padded[i, : len(w)] = w
-        timings[shape.name] = (padded, us.copy())
+        timings[shape.name] = (padded, us.copy(), where)
     print(
         f"{shape.name}: {len(wl)} distinct workloads timed in {time.perf_counter() - t0:.1f} s"
         f" ({order} order)" + (f"; {drift_text(d)}" if d else ""),
         flush=True,
     )  # fmt: skip
-    out: dict[int, dict[str, np.ndarray]] = {}
-    for i in idx:
-        res: dict[str, np.ndarray] = {}
-        for p, arr in sims[i]["replay"].rows.items():
-            flat = arr.reshape(-1, arr.shape[-1])
-            res[p] = us[[uniq[tuple(int(x) for x in w)] for w in flat]].reshape(arr.shape[:-1])
-        out[i] = res
+    out = {i: {p: us[w] for p, w in pol.items()} for i, pol in where.items()}
     del timer
     if device == "cuda":
         torch.cuda.empty_cache()

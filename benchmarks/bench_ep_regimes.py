@@ -200,6 +200,26 @@ def measure(
     return time.perf_counter() - t0
 
 
+def timings_arrays(res: list[dict[str, Any]], timings: dict[str, Any]) -> dict[str, Any]:
+    """``--save-timings``' arrays: per expert shape (its name) ``SHAPE/workloads`` [n, S]
+    int32 (-1 past a workload's slots) and ``SHAPE/us`` [n]; per case (``EP16-v3-64``:
+    EP size, shape key, tokens per rank) ``CASE/shape`` (the shape's name) and, per policy,
+    ``CASE/POLICY`` [steps, L, G] int32, the row of each rank's workload: so that another
+    model of the GEMMs can score every policy's steps without a GPU."""
+    from benchmarks.bench_ep_emulation import SHAPES
+
+    out: dict[str, Any] = {}
+    for name, (w, us, where) in timings.items():
+        out[f"{name}/workloads"], out[f"{name}/us"] = w, us
+        for i, pol in where.items():
+            c = res[i]["case"]
+            key = f"EP{c.G}-{c.shape}-{c.tokens}"
+            out[f"{key}/shape"] = np.array(SHAPES[c.shape].name)
+            for p, rows in pol.items():
+                out[f"{key}/{p}"] = rows
+    return out
+
+
 #: the online policies compared with each DeepSeek schedule (and the incremental oracle)
 ONLINE_POLICIES = ("eplbd-time", "eplbd-tokens", "eplbd-regime", "oracle-regime-incremental")
 
@@ -498,9 +518,10 @@ def main(argv: list[str] | None = None) -> int:
                          "after policy as before (each policy's steps then share one stretch "
                          "of the GPU's clock)")  # fmt: skip
     ap.add_argument("--save-timings", default=None, metavar="FILE",
-                    help="--measure: also save every distinct workload and its time "
-                         "(FILE.npz: SHAPE/workloads [n, S] int32, -1 past its slots; SHAPE/us "
-                         "[n]), to fit or test other models of the GEMMs on measured times")  # fmt: skip
+                    help="--measure: also save every distinct workload and its time, and "
+                         "which workload each policy's rank ran at each step and layer "
+                         "(FILE.npz, see timings_arrays), to fit or test other models of the "
+                         "GEMMs on the planners' own workloads")  # fmt: skip
     ap.add_argument("--ep", default=None, help="only these EP sizes, e.g. 16,32")
     ap.add_argument("--shapes", default=None, help="only these expert shapes, e.g. v3")
     ap.add_argument("--tokens", default=None, help="only these tokens per rank, e.g. 64,2048")
@@ -551,9 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         order = "given" if a.timing_order == "policy" else "shuffled"
         took = measure(res, a.reps, a.tiny, order, drift, timings)
         if a.save_timings:
-            np.savez_compressed(a.save_timings, **{
-                f"{k}/{name}": arr for k, (w, us) in timings.items()
-                for name, arr in (("workloads", w), ("us", us))})  # fmt: skip
+            np.savez_compressed(a.save_timings, **timings_arrays(res, timings))
         scored = "GEMMs measured on the GPU" if torch.cuda.is_available() else "CPU, tiny"
         clock = "; ".join(f"{k}: {drift_text(d)}" for k, d in drift.items() if d)
         clocked = "CUDA events" if torch.cuda.is_available() else "the wall clock"

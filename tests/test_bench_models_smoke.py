@@ -350,8 +350,9 @@ def test_measured_long_runs_save_every_workloads_time_on_the_cpu(tmp_path: Path)
     meta = json.loads(out.read_text())["meta"]
     assert meta["timing_order"] == "shuffled" and "random order" in meta["how"]
     assert ("CUDA events" in meta["how"]) == torch.cuda.is_available()  # the CPU: wall clock
+    cases = json.loads(out.read_text())["cases"]
     with np.load(tim) as z:
-        shapes = {k.split("/")[0] for k in z.files}
+        shapes = {k.split("/")[0] for k in z.files if k.endswith("/us")}
         assert shapes == set(meta["drift"]) == {"DeepSeek-V2-Lite", "DeepSeek-V3"}
         for s in shapes:
             w, us = z[f"{s}/workloads"], z[f"{s}/us"]
@@ -359,5 +360,18 @@ def test_measured_long_runs_save_every_workloads_time_on_the_cpu(tmp_path: Path)
             rows = np.where(w > 0, w, 0).sum(axis=1)
             assert ((us > 0) == (rows > 0)).all()  # an idle rank takes no time
             assert len({tuple(r) for r in w.tolist()}) == len(w)  # each timed once
+        # each case's policies point at the workloads they ran: the report's measured time
+        # per step is the slowest of those ranks' times, summed over layers
+        for c in cases:
+            key = f"EP{c['case']['G']}-{c['case']['shape']}-{c['case']['tokens']}"
+            s = str(z[f"{key}/shape"])
+            w, us = z[f"{s}/workloads"], z[f"{s}/us"]
+            for p, t in c["summary"]["time_us"].items():
+                where = z[f"{key}/{p}"]
+                assert where.ndim == 3 and where.shape[2] == c["case"]["G"]
+                assert (where >= 0).all() and (where < len(w)).all()
+                slots = (w[where] >= 0).sum(axis=-1)
+                assert (slots == c["case"]["P"] // c["case"]["G"]).all()
+                assert us[where].max(axis=2).sum(axis=1).mean() == pytest.approx(t)
     with pytest.raises(SystemExit):
         bench_ep_regimes.main(["--tiny", "--save-timings", str(tim)])
