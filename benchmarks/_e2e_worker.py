@@ -390,7 +390,9 @@ class _Worker:
         rows = self.gather(timing.pop("rows"))
         slot_rows = timing.pop("slot_rows")
         # modelled GPU time of each step and layer on this rank (us), exact counts
-        timing["model_us"] = self.model.slot_time(np.asarray(slot_rows), "exact").sum(-1).tolist()
+        timing["model_us"] = (
+            self.model.rank_time(np.asarray(slot_rows)) - self.model.base_us
+        ).tolist()
         per_rank = self.gather(
             {
                 **timing,

@@ -98,7 +98,8 @@ class Schedule:
 class Replay:
     """rows[policy]: [steps, L, G, S] int32 rows per slot of each timed step; changes
     [policy]: (step, moves) of every layout change in the timed steps (and the one at its
-    start); modelled[policy]: [steps, L] modelled max GPU time (exact counts)."""
+    start); modelled[policy]: [steps, L] modelled max GPU time (exact counts; each GPU in
+    the regime of its own rows, less the model's base)."""
 
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     changes: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
@@ -184,7 +185,8 @@ def replay(
                 c = dispatch_counts(ids_all[s][:, :, layer], table[layer], count[layer], P)
                 out.rows[p][timed, layer] = c.reshape(G, S)
             r = out.rows[p][timed].astype(np.float64)
-            t = model.slot_time(r, "exact").sum(axis=2)  # [L, G]
+            # [L, G]; each GPU in the regime (tiles) of its own rows, less the model's base
+            t = model.rank_time(r) - model.base_us
             out.modelled[p][timed] = t.max(axis=1)
             act_sum[p] += float((r > 0).sum()) / (L * G)
     for p in policies:
@@ -256,7 +258,8 @@ def _expected_max(lay: Layout, load: np.ndarray, model: CostModel, G: int) -> np
     """Per layer, the slowest GPU's expected modelled time on ``load`` [L, E]. -> [L]"""
     L, P = lay.phy2log.shape
     rows = slot_rows_np(load, lay.phy2log.numpy(), lay.shares.numpy())
-    return model.slot_time(rows, "poisson").reshape(L, G, P // G).sum(axis=2).max(axis=1)
+    m = model.for_load(load, P)
+    return m.slot_time(rows, "poisson").reshape(L, G, P // G).sum(axis=2).max(axis=1)
 
 
 def deepseek_interval(policy: str, every: int) -> tuple[int, int]:

@@ -7,6 +7,7 @@ GPU as the reference; report its error.
     python3 -m benchmarks.bench_cost_model [--shapes v2lite,v3] [--out DIR] [--doc auto|yes|no]
     python3 -m benchmarks.bench_cost_model --render DIR/cost_model.json   # docs from a saved run
     python3 -m benchmarks.bench_cost_model --forms DIR/cost_model.json    # other model forms
+    python3 -m benchmarks.bench_cost_model --refit DIR/cost_model.json [--tiers 128|none]
 
 For each expert shape (DeepSeek-V2-Lite: hidden 2048, ffn 1408; DeepSeek-V3: 7168, 2048;
 bf16) it times one rank's grouped expert GEMMs (``benchmarks/_gemm_timer.py``) for
@@ -14,7 +15,9 @@ bf16) it times one rank's grouped expert GEMMs (``benchmarks/_gemm_timer.py``) f
 - *fit* workloads: 1 to 16 active slots with equal rows (1 to 4096), and random skewed row
   counts with idle slots; the model ``time = base + fixed * active slots + tile * tiles``
   is fitted to them by least squares on the relative error, for tile sizes 16 to 256, and
-  the tile size with the lowest median error kept;
+  the tile size with the lowest median error kept; with the grouped kernel, once each side
+  of the mean rows per slot where it changes its tile shape (:data:`GROUPED_TIERS`), the
+  model's tiers;
 - *held-out* workloads: other random ones, and the real ranks' workloads of the ESFT traces
   (EP = 8 and 16, decode-like 64 and 256 tokens per rank, prefill-like 2048, slot p holding
   expert p mod E and DeepSeek's layout) and of DeepSeek-V3-size synthetic routing (EP = 32
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,7 @@ from benchmarks._ep_trace import (
 from benchmarks._gemm_timer import SHAPES, ExpertShape, GemmTimer, hardware_ceilings
 from benchmarks._report import machine_line, write_section
 from eplbd.layout import Layout
-from eplbd.planner import CostModel, default_cost_model, rebalance_experts
+from eplbd.planner import CostModel, CostTier, default_cost_model, rebalance_experts
 
 SECTION = "cost-model"
 CALIBRATION = Path(__file__).resolve().parent / "calibration"
@@ -171,74 +175,144 @@ def errors(model: CostModel, wl: list[list[int]], t: np.ndarray) -> dict[str, fl
     }
 
 
+#: torch._grouped_mm's switch of tile shape: 64x128 tiles while a call's mean rows per group
+#: (empty groups included) is at most 128, 128x256 above (its GroupMM.cu; measured on an H100
+#: in docs/benchmarks.md, cost-model tiers). A calibration of the grouped kernel fits one set
+#: of constants each side.
+GROUPED_TIERS = (128.0,)
+FIT_SET = "fit (uniform and random)"
+
+
 def calibrate(
-    shape: ExpertShape, device: str, ceilings: dict[str, float], tiny: bool, reps: int
-) -> dict[str, Any]:
+    shape: ExpertShape, device: str, ceilings: dict[str, float], tiny: bool, reps: int,
+    tiers: tuple[float, ...] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Time the workloads on ``device`` and fit the model (:func:`fit_sets`); ``tiers``:
+    the mean rows per slot above which other constants apply (None: the grouped kernel's,
+    :data:`GROUPED_TIERS`, where it runs; none for the per-expert loop)."""
     fit_wl = uniform_workloads(tiny) + random_workloads(40 if tiny else 250, 1, tiny)
     hold_wl = random_workloads(30 if tiny else 250, 2, tiny)
     traces = trace_workloads(tiny)
     every = fit_wl + hold_wl + [w for v in traces.values() for w in v]
     timer = GemmTimer(shape, max(len(w) for w in every), max(sum(w) for w in every), device)
     times = np.array(timer.time(every, reps=reps))
-    nf, nh = len(fit_wl), len(hold_wl)
-    t_fit, t_hold = times[:nf], times[nf : nf + nh]
-    best: tuple[float, int, np.ndarray] | None = None
-    per_tile = {}
-    for tile in TILES:
-        c = fit(fit_wl, t_fit, tile)
-        m = CostModel(
-            fixed_us=float(c[1]),
-            tile_us=float(max(c[2], 1e-9)),
-            tile_rows=tile,
-            base_us=float(c[0]),
-        )
-        e = errors(m, fit_wl, t_fit)["median_abs"]
-        per_tile[tile] = e
-        if best is None or e < best[0]:
-            best = (e, tile, c)
-    assert best is not None
-    _, tile, c = best
+    sets: dict[str, tuple[list[list[int]], np.ndarray]] = {}
+    at = 0
+    for key, wl in ((FIT_SET, fit_wl), ("held out: random", hold_wl),
+                    *((f"held out: {k}", v) for k, v in traces.items())):  # fmt: skip
+        sets[key] = (wl, times[at : at + len(wl)])
+        at += len(wl)
+    if tiers is None:  # the tile shapes are the CUDA kernel's
+        tiers = GROUPED_TIERS if timer.grouped and device == "cuda" else ()
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
     dtype = shape.dtype if device == "cuda" else "float32"
+    meta = {"device": name, "dtype": dtype, "torch": torch.__version__}
+    out = fit_sets(shape.__dict__, sets, ceilings, tiers, meta)
+    return {**out, "grouped": timer.grouped, "points": {"workloads": every, "us": times.tolist()}}
+
+
+def _fit_regime(wl: list[list[int]], t: np.ndarray) -> tuple[CostModel, dict[int, float]]:
+    """The best tile size's model for workloads ``wl`` timed ``t``, and each tile size's
+    median error on them."""
+    best: tuple[float, CostModel] | None = None
+    per_tile = {}
+    for tile in TILES:
+        c = fit(wl, t, tile)
+        m = CostModel(fixed_us=float(c[1]), tile_us=float(max(c[2], 1e-9)), tile_rows=tile,
+                      base_us=float(c[0]))  # fmt: skip
+        e = errors(m, wl, t)["median_abs"]
+        per_tile[tile] = e
+        if best is None or e < best[0]:
+            best = (e, m)
+    assert best is not None
+    return best[1], per_tile
+
+
+def _mean_rows(w: list[int]) -> float:
+    return sum(w) / len(w) if w else 0.0
+
+
+def fit_sets(
+    shape: dict[str, Any], sets: dict[str, tuple[list[list[int]], np.ndarray]],
+    ceilings: dict[str, float], tiers: tuple[float, ...], meta: dict[str, str],
+) -> dict[str, Any]:  # fmt: skip
+    """The model fitted to ``sets[FIT_SET]`` (per regime where ``tiers`` names the mean rows
+    per slot that part them, each its own tile size), and its errors on every set beside
+    the default model's and one regime's (the same fit over every workload)."""
+    fit_wl, t_fit = sets[FIT_SET]
+    one, per_tile = _fit_regime(fit_wl, t_fit)
+    bounds = (-1.0, *tiers, float("inf"))  # -1: an idle workload (mean 0) is in the first
+    regimes: list[CostModel] = []
+    tier_errors: dict[str, dict[int, float]] = {}
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        idx = [i for i, w in enumerate(fit_wl) if lo < _mean_rows(w) <= hi]
+        if len(idx) < 8:
+            raise ValueError(
+                f"{len(idx)} fit workloads of a mean of ({lo:g}, {hi:g}] rows a slot: "
+                "too few to fit a tier"
+            )
+        m, e = _fit_regime([fit_wl[i] for i in idx], t_fit[idx])
+        regimes.append(m)
+        tier_errors[f"{max(lo, 0):g}-{hi:g}"] = e
+    base = regimes[0] if tiers else one
+    common = {"hidden": shape["hidden"], "ffn": shape["ffn"], "dtype": meta["dtype"],
+              "device": meta["device"], "source": "calibrated"}  # fmt: skip
     model = CostModel(
-        fixed_us=float(c[1]), tile_us=float(max(c[2], 1e-9)), tile_rows=tile, base_us=float(c[0]),
-        device=name, hidden=shape.hidden, ffn=shape.ffn, dtype=dtype, source="calibrated",
+        fixed_us=base.fixed_us, tile_us=base.tile_us, tile_rows=base.tile_rows,
+        base_us=base.base_us, **common,
+        tiers=tuple(CostTier(above_mean_rows=lo, fixed_us=m.fixed_us, tile_us=m.tile_us,
+                             tile_rows=m.tile_rows, base_us=m.base_us)
+                    for lo, m in zip(tiers, regimes[1:], strict=True)),
     )  # fmt: skip
+    single = CostModel(**{**one.__dict__, **common})
     default = default_cost_model(
-        shape.hidden, shape.ffn, shape.dtype, link_bandwidth=None,
+        shape["hidden"], shape["ffn"], shape["dtype"], link_bandwidth=None,
         **({"mem_bandwidth": ceilings["copy_bytes_per_s"], "peak_flops": ceilings["bf16_flops_per_s"]}
            if ceilings else {}),
     )  # fmt: skip
-    sets: dict[str, tuple[list[list[int]], np.ndarray]] = {
-        "fit (uniform and random)": (fit_wl, t_fit),
-        "held out: random": (hold_wl, t_hold),
-    }
-    at = nf + nh
-    for key, wl in traces.items():
-        sets[f"held out: {key}"] = (wl, times[at : at + len(wl)])
-        at += len(wl)
     report = {
         name_: {"calibrated": errors(model, wl, t), "default": errors(default, wl, t),
-                "median_us": float(np.median(t))}
+                "one_regime": errors(single, wl, t), "median_us": float(np.median(t))}
         for name_, (wl, t) in sets.items()
     }  # fmt: skip
-    held = [w for k, (w, _) in sets.items() if k.startswith("held")]
-    held_t = np.concatenate([t for k, (_, t) in sets.items() if k.startswith("held")])
-    held_wl = [w for ws in held for w in ws]
-    summary = errors(model, held_wl, held_t)
-    model = CostModel(**{**model.__dict__, "fit": {
-        "tile_median_error": per_tile, "held_out": summary,
+    held_wl = [w for k, (ws, _) in sets.items() if k != FIT_SET for w in ws]
+    held_t = np.concatenate([t for k, (_, t) in sets.items() if k != FIT_SET])
+    model = replace(model, fit={
+        "tile_median_error": per_tile if not tiers else tier_errors,
+        "held_out": errors(model, held_wl, held_t),
+        "one_regime_held_out": errors(single, held_wl, held_t),
         "default_held_out": errors(default, held_wl, held_t),
-        "ceilings": ceilings, "torch": torch.__version__, "workloads": len(every),
-    }})  # fmt: skip
+        "ceilings": ceilings, "torch": meta["torch"],
+        "workloads": sum(len(wl) for wl, _ in sets.values()),
+    })  # fmt: skip
     return {
-        "shape": shape.__dict__,
+        "shape": shape,
         "model": model.to_dict(),
+        "one_regime": single.to_dict(),
         "default": default.to_dict(),
         "sets": report,
-        "grouped": timer.grouped,
-        "points": {"workloads": every, "us": times.tolist()},
     }
+
+
+def refit(res: dict[str, Any], tiers: tuple[float, ...]) -> dict[str, Any]:
+    """A saved run (``--out``'s cost_model.json) fitted again from its points, with
+    ``tiers``: the same sets (their sizes in its report), the same machine and ceilings."""
+    out = {**res, "shapes": []}
+    for r in res["shapes"]:
+        wl, t = r["points"]["workloads"], np.asarray(r["points"]["us"], dtype=np.float64)
+        sets: dict[str, tuple[list[list[int]], np.ndarray]] = {}
+        at = 0
+        for key, s in r["sets"].items():
+            n = s["calibrated"]["n"]
+            sets[key] = (wl[at : at + n], t[at : at + n])
+            at += n
+        if at != len(wl) or FIT_SET not in sets:
+            raise ValueError(f"{r['shape']['name']}: the saved sets do not add up to its points")
+        m = r["model"]
+        meta = {"device": m["device"], "dtype": m["dtype"], "torch": m["fit"]["torch"]}
+        new = fit_sets(r["shape"], sets, res.get("ceilings") or {}, tiers, meta)
+        out["shapes"].append({**r, **new, "refit": {"tiers": list(tiers)}})
+    return out
 
 
 #: other forms of the model, fitted the same way to a saved run's points (``--forms``):
@@ -322,7 +396,10 @@ def render(res: dict[str, Any]) -> str:
         "random order, calls queued behind a GPU sleep so no launch gap is timed). Model: "
         "time = base + fixed x active "
         "slots + tile x sum of ceil(rows / tile rows) per slot, fitted by least squares on the "
-        "relative error to the *fit* workloads; every other row is held out. *default*: the "
+        "relative error to the *fit* workloads; every other row is held out. With tiers, "
+        "one such model each side of a mean of rows per slot where the kernel changes its "
+        "tile shape (each GPU in the regime of its own workload); *one regime*: the same fit "
+        "over every workload, as before tiers. *default*: the "
         "model derived from this GPU's measured copy bandwidth and bf16 matrix rate "
         "(`default_cost_model`). Error = |model - measured| / measured. "
         "`python3 -m benchmarks.bench_cost_model`.",
@@ -339,34 +416,54 @@ def render(res: dict[str, Any]) -> str:
     for r in res["shapes"]:
         m = r["model"]
         sh = r["shape"]
+        tiers = m.get("tiers") or []
+        errs = m["fit"]["tile_median_error"]
+
+        def by_tile(e: dict[str, float]) -> str:
+            return ", ".join(f"{k}: {100 * v:.1f}%" for k, v in e.items())
+
         lines += [
             f"### {sh['name']} expert (hidden {sh['hidden']}, ffn {sh['ffn']}, {sh['dtype']})",
             "",
-            f"Calibrated: fixed {m['fixed_us']:.2f} us per active slot, {m['tile_us']:.2f} us per "
-            f"tile of {m['tile_rows']} rows, base {m['base_us']:.1f} us "
-            f"(default model: fixed {r['default']['fixed_us']:.2f} us, tile "
+            "Calibrated: "
+            + "; ".join(
+                f"{where}fixed {t['fixed_us']:.2f} us per active slot, {t['tile_us']:.2f} us "
+                f"per tile of {t['tile_rows']} rows, base {t['base_us']:.1f} us"
+                for where, t in (
+                    ((f"up to {tiers[0]['above_mean_rows']:g} rows a slot on average: ", m),)
+                    if tiers else (("", m),)
+                ) + tuple((f"above {t['above_mean_rows']:g}: ", t) for t in tiers)
+            )
+            + f" (default model: fixed {r['default']['fixed_us']:.2f} us, tile "
             f"{r['default']['tile_us']:.2f} us per {r['default']['tile_rows']} rows). Stored in "
             f"`benchmarks/calibration/{r['file']}`. Median error on the fit set by tile size: "
-            + ", ".join(f"{k}: {100 * v:.1f}%" for k, v in m["fit"]["tile_median_error"].items())
+            + ("; ".join(f"mean rows a slot {k}: {by_tile(v)}" for k, v in errs.items())
+               if tiers else by_tile(errs))
             + ".",
             "",
-            "| workloads | n | median measured us | calibrated median err | p90 | max | mean (signed) | default median err | default p90 |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
+            "| workloads | n | median measured us | calibrated median err | p90 | max | mean (signed) | one regime median err | p90 | default median err | default p90 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]  # fmt: skip
         for name, s in r["sets"].items():
             c, d = s["calibrated"], s["default"]
+            o = s.get("one_regime", c)
             lines.append(
                 f"| {name} | {c['n']} | {s['median_us']:.1f} | {100 * c['median_abs']:.1f}% | "
                 f"{100 * c['p90_abs']:.1f}% | {100 * c['max_abs']:.1f}% | {100 * c['mean']:+.1f}% | "
+                f"{100 * o['median_abs']:.1f}% | {100 * o['p90_abs']:.1f}% | "
                 f"{100 * d['median_abs']:.1f}% | {100 * d['p90_abs']:.1f}% |"
             )
         h = m["fit"]["held_out"]
+        o = m["fit"].get("one_regime_held_out", h)
         lines += [
             "",
             f"All held-out workloads ({h['n']}): median error {100 * h['median_abs']:.1f}%, "
-            f"p90 {100 * h['p90_abs']:.1f}%, max {100 * h['max_abs']:.1f}%.",
+            f"p90 {100 * h['p90_abs']:.1f}%, max {100 * h['max_abs']:.1f}%"
+            + (f" (one regime: {100 * o['median_abs']:.1f}%, p90 {100 * o['p90_abs']:.1f}%, "
+               f"max {100 * o['max_abs']:.1f}%)" if tiers else "")
+            + ".",
             "",
-        ]
+        ]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -382,7 +479,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--render", default=None, help="write the docs and calibrations of a saved run")
     ap.add_argument("--forms", default=None, help="fit other model forms to a saved run's points")
+    ap.add_argument("--refit", default=None,
+                    help="fit the model again to a saved run's points (with --tiers), and "
+                         "with --doc yes store the calibrations and docs")  # fmt: skip
+    ap.add_argument("--tiers", default=None,
+                    help="mean rows per slot where the kernel changes tile shape, e.g. 128, "
+                         "or none (default: torch._grouped_mm's, "
+                         f"{','.join(f'{x:g}' for x in GROUPED_TIERS)}, on a GPU)")  # fmt: skip
     a = ap.parse_args(argv)
+    tiers: tuple[float, ...] | None = None
+    if a.tiers is not None:
+        try:
+            tiers = () if a.tiers == "none" else tuple(float(x) for x in a.tiers.split(","))
+        except ValueError:
+            ap.error(f"--tiers must be numbers or none, got {a.tiers!r}")
+        if any(x <= 0 for x in tiers) or list(tiers) != sorted(set(tiers)):
+            ap.error(f"--tiers must ascend and be > 0, got {a.tiers!r}")
+    if a.refit:
+        try:
+            res = refit(json.loads(Path(a.refit).read_text()),
+                        GROUPED_TIERS if tiers is None else tiers)  # fmt: skip
+        except ValueError as e:
+            ap.error(f"--refit {a.refit}: {e}")
+        md = render(res)
+        if a.doc == "yes":
+            store(res)
+            write_section(section(res), md)
+        print(md)
+        return 0
     if a.forms:
         res = json.loads(Path(a.forms).read_text())
         md = render_forms(res)
@@ -403,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [ExpertShape(s.name, 64, 32, s.dtype) for s in shapes]
     res: dict[str, Any] = {"machine": machine_line(), "ceilings": ceilings, "shapes": []}
     for shape in shapes:
-        r = calibrate(shape, device, ceilings, a.tiny, a.reps)
+        r = calibrate(shape, device, ceilings, a.tiny, a.reps, tiers)
         r["file"] = calibration_path(r["model"]["device"], shape).name
         res["shapes"].append(r)
         print(

@@ -642,13 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = [i for i, s in enumerate(sims) if s["case"].shape == shape_key]
         if a.modelled:  # every rank's time from the cost model, base included
             m = models[shape_key]
-            meas = {
-                i: {
-                    p: m.slot_time(r, "exact").sum(axis=-1) + m.base_us
-                    for p, r in sims[i]["replay"].rows.items()
-                }
-                for i in idx
-            }
+            meas = {i: {p: m.rank_time(r) for p, r in sims[i]["replay"].rows.items()} for i in idx}
         else:
             meas = time_shape(sims, shape_key, device, a.reps, a.tiny, a.stat) if idx else {}
         res["timing_s"] += time.perf_counter() - t0

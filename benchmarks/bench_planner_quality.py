@@ -227,7 +227,7 @@ def online_time(
         share = None if lay.share is None else lay.share.numpy()
         t = gpu_times_np(w, lay.phy2log.numpy(), G, model, share, "exact")
         smax += float(t.max(axis=1).sum())
-        sideal += float(model.slot_time(w, "exact").sum()) / G
+        sideal += float(model.for_load(w, P).slot_time(w, "exact").sum()) / G
     return smax / sideal, moves / ((n - 1) * L * P)
 
 

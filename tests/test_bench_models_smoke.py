@@ -47,7 +47,7 @@ from benchmarks._ep_trace import (  # noqa: E402
 )
 from eplbd.kernels import map_and_record  # noqa: E402
 from eplbd.layout import Layout  # noqa: E402
-from eplbd.planner import CostModel, plan_with_report  # noqa: E402
+from eplbd.planner import CostModel, CostTier, plan_with_report  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -80,6 +80,40 @@ def test_fit_recovers_the_constants() -> None:
     assert errs["max_abs"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_fit_recovers_each_tiers_constants() -> None:
+    """A kernel with two tile shapes (the regime by a workload's mean rows per slot): the
+    calibration's fit finds each regime's constants and tile size, where one regime's
+    constants cannot fit both."""
+    truth = CostModel(
+        fixed_us=7.0, tile_us=3.0, tile_rows=64, base_us=20.0,
+        tiers=(CostTier(above_mean_rows=128, fixed_us=1.0, tile_us=9.0, tile_rows=256,
+                        base_us=30.0),),
+    )  # fmt: skip
+    fit_wl = bench_cost_model.uniform_workloads(False) + bench_cost_model.random_workloads(
+        120, 3, False
+    )
+    hold = bench_cost_model.random_workloads(60, 4, False)
+    sets = {
+        bench_cost_model.FIT_SET: (fit_wl, np.array([truth.gemm_time(w) for w in fit_wl])),
+        "held out: random": (hold, np.array([truth.gemm_time(w) for w in hold])),
+    }
+    shape = {"name": "x", "hidden": 64, "ffn": 32, "dtype": "bfloat16"}
+    meta = {"device": "GPU", "dtype": "bfloat16", "torch": "t"}
+    r = bench_cost_model.fit_sets(shape, sets, {}, (128.0,), meta)
+    got = CostModel.from_dict(r["model"])
+    assert (got.tile_rows, got.tiers[0].tile_rows, got.tiers[0].above_mean_rows) == (64, 256, 128)
+    for a, b in ((got, truth), (got.tiers[0], truth.tiers[0])):
+        assert (a.base_us, a.fixed_us, a.tile_us) == pytest.approx(
+            (b.base_us, b.fixed_us, b.tile_us), rel=1e-6
+        )
+    held = r["sets"]["held out: random"]
+    assert held["calibrated"]["max_abs"] == pytest.approx(0.0, abs=1e-9)
+    assert held["one_regime"]["median_abs"] > 0.01  # one set of constants does not fit
+    assert not CostModel.from_dict(r["one_regime"]).tiers
+    with pytest.raises(ValueError, match="too few"):  # no workload above 1e6 rows a slot
+        bench_cost_model.fit_sets(shape, sets, {}, (128.0, 1e6), meta)
+
+
 @pytest.mark.slow
 def test_calibration_and_emulation_run_on_the_cpu(tmp_path: Path) -> None:
     before = DOC.read_bytes() if DOC.exists() else None
@@ -97,6 +131,16 @@ def test_calibration_and_emulation_run_on_the_cpu(tmp_path: Path) -> None:
         assert [f["form"] for f in fitted] == list(bench_cost_model.FORMS)
         assert all(np.isfinite(f["traces"]) and f["fit"] >= 0 for f in fitted)
     assert bench_cost_model.main(["--forms", str(cm / "cost_model.json"), "--doc", "no"]) == 0
+    # fitted again from the saved points: no tiers on the CPU (none timed there), then with
+    # one, or refused where too few workloads lie above it
+    refit = ["--refit", str(cm / "cost_model.json"), "--doc", "no", "--tiers"]
+    again = bench_cost_model.refit(res, ())
+    for r, a in zip(res["shapes"], again["shapes"], strict=True):  # the same constants
+        assert CostModel.from_dict(a["model"]) == CostModel.from_dict(r["model"])
+    assert bench_cost_model.main([*refit, "none"]) == 0
+    for bad in ("1e9", "128,64", "fast"):
+        with pytest.raises(SystemExit):
+            bench_cost_model.main([*refit, bad])
     emu = tmp_path / "emu"
     rep = tmp_path / "replays.npz"
     args = ["--tiny", "--device", "cpu", "--models", str(cm / "cost_model.json")]

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from eplbd.layout import Layout
 from eplbd.planner import (
     CostModel,
+    CostTier,
     activated_slots,
     default_cost_model,
     gpu_times,
@@ -85,6 +86,74 @@ def test_json_round_trip_and_bad_files() -> None:
             CostModel.from_dict(bad)
     with pytest.raises(ValueError, match="JSON"):
         CostModel.from_json("{")
+
+
+# A kernel with two tile shapes, as torch._grouped_mm on an H100: up to 128 rows a slot on
+# average the small one (a read, then 128-row tiles), above it 256-row tiles and no read
+TIERED = CostModel(fixed_us=11.0, tile_us=22.0, tile_rows=128, base_us=40.0,
+                   tiers=(CostTier(above_mean_rows=128, fixed_us=0.5, tile_us=32.0,
+                                   tile_rows=256, base_us=64.0),))  # fmt: skip
+
+
+def test_tiers_pick_each_gpus_regime_by_its_mean_rows_per_slot() -> None:
+    small, big = TIERED.at_mean(128.0), TIERED.at_mean(128.5)
+    assert small.tiers == () and (small.fixed_us, small.tile_rows, small.base_us) == (11, 128, 40)
+    assert big.tiers == () and (big.fixed_us, big.tile_rows, big.base_us) == (0.5, 256, 64)
+    # [300, 0]: mean 150, the big tiles: 64 + 0.5 + 2 * 32; [200, 56]: mean 128, the small
+    assert TIERED.gemm_time([300, 0]) == pytest.approx(64 + 0.5 + 2 * 32)
+    assert TIERED.gemm_time([200, 56]) == pytest.approx(40 + 2 * 11 + 3 * 22)
+    ranks = np.array([[[300, 0], [200, 56]], [[0, 0], [1, 1]]])
+    want = [[TIERED.gemm_time(r) for r in step] for step in ranks]
+    np.testing.assert_allclose(TIERED.rank_time(ranks), want)
+    # a load's regime: its rows per step over L layers of P slots
+    assert TIERED.for_load(np.full((2, 8), 150.0), 8) == big
+    assert TIERED.for_load(np.full((2, 8), 150.0), 16) == small
+    untiered = CostModel(fixed_us=1.0, tile_us=1.0)
+    assert untiered.at_mean(1e6) is untiered and untiered.for_load([[1e6]], 1) is untiered
+    assert TIERED.without_dispatch() == TIERED  # no row cost anywhere: the same model
+
+
+def test_tiers_json_round_trip_and_bad_tiers_refused() -> None:
+    back = CostModel.from_json(TIERED.to_json())
+    assert back == TIERED and back.tiers == TIERED.tiers
+    d = json.loads(TIERED.to_json())
+    assert d["schema_version"] == 2  # an old reader refuses it rather than misread it
+    assert json.loads(CostModel(fixed_us=1.0, tile_us=1.0).to_json())["schema_version"] == 1
+    t = d["tiers"][0]
+    for bad, msg in (
+        ({**d, "tiers": {"above_mean_rows": 128}}, "must be a list"),
+        ({**d, "tiers": [5]}, "tier 0 must be an object"),
+        ({**d, "tiers": [{k: v for k, v in t.items() if k != "tile_rows"}]}, "lacks tile_rows"),
+        ({**d, "tiers": [{**t, "speed": 2}]}, "unknown speed"),
+        ({**d, "tiers": [{**t, "above_mean_rows": 0}]}, "above_mean_rows"),
+        ({**d, "tiers": [{**t, "tile_us": -1}]}, "tile_us"),
+        ({**d, "tiers": [t, {**t, "above_mean_rows": 64}]}, "ascend"),
+        ({**d, "schema_version": 1}, "schema 1 cannot have tiers"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            CostModel.from_dict(bad)
+
+
+def test_the_planner_plans_in_the_regime_of_its_load() -> None:
+    G, P = 8, 72
+    # 64 tokens per step (top-6): ~6 rows a slot, the small tiles; 8192: the big ones
+    for tokens in (64, 8192):
+        load = _skewed(3, 64, tokens * 6, seed=5)
+        regime = TIERED.for_load(load, P)
+        assert regime == TIERED.at_mean(tokens * 6 / P)
+        got = plan_with_report(load, num_gpus=G, num_physical_experts=P, cost_model=TIERED)
+        want = plan_with_report(load, num_gpus=G, num_physical_experts=P, cost_model=regime)
+        assert got.layout == want.layout
+        assert got.max_after.tolist() == pytest.approx(want.max_after.tolist())
+        # the metrics use the same regime
+        assert time_balance(load, got.layout, G, TIERED) == pytest.approx(
+            time_balance(load, got.layout, G, regime)
+        )
+    # not vacuous: the big tiles' cheap read activates replicas the small tiles' leave idle
+    load = _skewed(3, 64, 8192 * 6, seed=5)
+    load[:, 7] = load.sum(axis=1) / 5
+    kw = {"num_gpus": G, "num_physical_experts": P}
+    assert plan(load, **kw, cost_model=TIERED) != plan(load, **kw, cost_model=TIERED.at_mean(0))
 
 
 # --- metrics -----------------------------------------------------------------------------

@@ -48,10 +48,15 @@ class TimeModel:
         """Modelled time of each GPU per step, us. -> [L, G] float64."""
         return planner.gpu_times(load, layout, num_gpus, self.cost_model, steps=self.steps)
 
-    def ideal(self, load: torch.Tensor, num_gpus: int) -> torch.Tensor:
-        """Mean GPU time per step with every expert's rows on one replica. -> [L]"""
+    def ideal(
+        self, load: torch.Tensor, num_gpus: int, num_physical: int | None = None
+    ) -> torch.Tensor:
+        """Mean GPU time per step with every expert's rows on one replica. -> [L]
+        num_physical: the group's slots, whose mean rows picks a tiered model's regime, as
+        :meth:`gpu_times` does (None: one slot an expert)."""
         mu = load.to(torch.float64).numpy() / self.steps
-        return torch.from_numpy(self.cost_model.slot_time(mu).sum(axis=1) / num_gpus)
+        model = self.cost_model.for_load(mu, num_physical or mu.shape[1])
+        return torch.from_numpy(model.slot_time(mu).sum(axis=1) / num_gpus)
 
     def bound(self, load: torch.Tensor, num_gpus: int, num_physical: int) -> torch.Tensor:
         """Lower bound of the max GPU time per step (the planner's, :func:`time_counts`). [L]"""
@@ -61,7 +66,8 @@ class TimeModel:
         mu = load.to(torch.float64).numpy() / self.steps
         E = mu.shape[1]
         cap = replica_cap(E, num_physical, num_gpus)
-        tc = time_counts(mu, self.cost_model.slot_time, num_physical, num_gpus, cap)
+        model = self.cost_model.for_load(mu, num_physical)
+        tc = time_counts(mu, model.slot_time, num_physical, num_gpus, cap)
         return torch.from_numpy(np.asarray(tc.bound, dtype=np.float64))
 
     def activated(self, load: torch.Tensor, layout: Layout, num_gpus: int) -> torch.Tensor:

@@ -208,7 +208,7 @@ def _measure(
     if time is None:
         g_a, g_b = gpu_loads(load, a, num_gpus), gpu_loads(load, b, num_gpus)
         return g_a, g_b, g_a.mean(dim=1), lower_bound_balance(load, num_gpus, P)
-    mean = time.ideal(load, num_gpus)  # the same for every layout (module docstring)
+    mean = time.ideal(load, num_gpus, P)  # the same for every layout (module docstring)
     lb = balance(time.bound(load, num_gpus, P).unsqueeze(1), mean)
     return time.gpu_times(load, a, num_gpus), time.gpu_times(load, b, num_gpus), mean, lb
 

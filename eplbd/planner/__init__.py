@@ -7,8 +7,9 @@
   counts that reach the per-replica part of it;
 - :func:`gpu_loads`, :func:`balance`, :func:`aggregate_balance`, :func:`bound_ratio`,
   :func:`moves_between`: how good a layout is for a load, and what changing it costs;
-- :class:`CostModel`, :func:`default_cost_model`: modelled time of a GPU's expert work
-  (weight reads, tiles of rows, rows dispatched), the time objective's measure;
+- :class:`CostModel`, :class:`CostTier`, :func:`default_cost_model`: modelled time of a
+  GPU's expert work (weight reads, tiles of rows, rows dispatched; tiers: the kernel's other
+  tile shapes at larger sizes), the time objective's measure;
   :func:`gpu_times`, :func:`time_balance`, :func:`activated_slots`: a layout in time;
 - :class:`SlidingWindow`, :class:`Ewma`, :class:`RegimeMean`: forecasts of the next window's load.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from eplbd.layout import moves_between
 from eplbd.planner._apportion import lower_bound, replica_counts
-from eplbd.planner._cost import CostModel, default_cost_model
+from eplbd.planner._cost import CostModel, CostTier, default_cost_model
 from eplbd.planner._deepseek import rebalance_experts
 from eplbd.planner._forecast import Ewma, RegimeMean, RegimeState, SlidingWindow
 from eplbd.planner._metrics import (
@@ -35,6 +36,7 @@ from eplbd.planner._plan import OBJECTIVES, POLICIES, REASONS, PlanResult, plan,
 
 __all__ = [
     "CostModel",
+    "CostTier",
     "Ewma",
     "OBJECTIVES",
     "POLICIES",

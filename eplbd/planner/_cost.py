@@ -9,6 +9,15 @@ rows in a step::
     time(n) = fixed_us * [n > 0] + tile_us * ceil(n / tile_rows) + row_us * n
 
 and a GPU's time is the sum over its slots (plus ``base_us``, the same for every layout).
+
+A grouped-GEMM kernel picks its tile shape from the problem's size, so one set of constants
+does not fit every regime: ``torch._grouped_mm`` takes 64x128 tiles while a GPU's mean rows
+per slot (its rows over its slots, empty ones included) is at most 128, and 128x256 tiles
+above (measured on an H100: the same work runs up to 1.6x faster past the switch). A model
+may carry **tiers** (:class:`CostTier`): other constants that apply above a mean of rows
+per slot. :meth:`CostModel.at_mean` gives the constants of one regime (the planner picks
+them from its load: every layer routes the same rows per step), :meth:`CostModel.rank_time`
+picks them per GPU.
 The constants are measured for one expert shape and dtype on one device by
 ``benchmarks/bench_cost_model.py`` and stored as JSON (:meth:`CostModel.to_json`);
 :func:`default_cost_model` derives them from memory bandwidth and peak FLOP/s where no
@@ -33,9 +42,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COST_MODEL_SCHEMA_VERSION", "CostModel", "SAMPLINGS", "default_cost_model"]
+__all__ = ["COST_MODEL_SCHEMA_VERSION", "CostModel", "CostTier", "SAMPLINGS", "default_cost_model"]
 
-COST_MODEL_SCHEMA_VERSION = 1
+#: 2: with tiers (a reader of schema 1 would apply the first tier's constants everywhere, so
+#: such a file is refused there); a model without tiers is still written as 1
+COST_MODEL_SCHEMA_VERSION = 2
+_SCHEMAS = (1, 2)
 SAMPLINGS = ("poisson", "exact")
 
 #: Defaults of :func:`default_cost_model`, measured on one H100 80GB HBM3 of the device
@@ -81,6 +93,40 @@ def expected_tiles(x: np.ndarray, tile_rows: int) -> np.ndarray:
     return np.where(x > 0, out, 0.0)
 
 
+def _check_costs(where: str, obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{where} {name} must be a finite number >= 0, got {v!r}")
+    t = obj.tile_rows
+    if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+        raise ValueError(f"{where} tile_rows must be an integer >= 1, got {t!r}")
+    if obj.fixed_us + obj.tile_us + obj.row_us <= 0:
+        raise ValueError(f"{where}: fixed_us, tile_us and row_us are all 0")
+
+
+_TIER_COSTS = ("fixed_us", "tile_us", "row_us", "base_us")
+
+
+@dataclass(frozen=True)
+class CostTier:
+    """The constants of :class:`CostModel` that apply where a GPU's mean rows per slot is
+    above ``above_mean_rows`` (a kernel's other tile shape)."""
+
+    above_mean_rows: float
+    fixed_us: float
+    tile_us: float
+    tile_rows: int
+    base_us: float = 0.0
+    row_us: float = 0.0
+
+    def __post_init__(self) -> None:
+        a = self.above_mean_rows
+        if isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) or a <= 0:
+            raise ValueError(f"cost tier above_mean_rows must be a finite number > 0, got {a!r}")
+        _check_costs("cost tier", self, _TIER_COSTS)
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Per-slot time of expert work, in microseconds (see the module docstring).
@@ -89,7 +135,9 @@ class CostModel:
     tile of rows (GEMM compute); row_us: per row received (dispatch and combine); base_us:
     per GPU and layer whatever the layout (launches; not a balance term). device, hidden,
     ffn, dtype: what it was measured or derived for; source: "calibrated" or "default";
-    fit: how well the calibration fits its measurements (figures, for the record).
+    fit: how well the calibration fits its measurements (figures, for the record); tiers:
+    other constants above a mean of rows per slot (:class:`CostTier`, ascending; the fields
+    above are the regime below the first).
     """
 
     fixed_us: float
@@ -103,27 +151,56 @@ class CostModel:
     dtype: str = "bfloat16"
     source: str = "default"
     fit: dict[str, Any] = field(default_factory=dict, compare=False)
+    tiers: tuple[CostTier, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("fixed_us", "tile_us", "row_us", "base_us"):
-            v = getattr(self, name)
-            if (
-                isinstance(v, bool)
-                or not isinstance(v, int | float)
-                or not math.isfinite(v)
-                or v < 0
-            ):
-                raise ValueError(f"cost model {name} must be a finite number >= 0, got {v!r}")
-        if (
-            isinstance(self.tile_rows, bool)
-            or not isinstance(self.tile_rows, int)
-            or self.tile_rows < 1
+        _check_costs("cost model", self, _TIER_COSTS)
+        if not isinstance(self.tiers, tuple) or not all(
+            isinstance(t, CostTier) for t in self.tiers
         ):
-            raise ValueError(
-                f"cost model tile_rows must be an integer >= 1, got {self.tile_rows!r}"
-            )
-        if self.fixed_us + self.tile_us + self.row_us <= 0:
-            raise ValueError("cost model: fixed_us, tile_us and row_us are all 0")
+            raise ValueError("cost model tiers must be a tuple of CostTier")
+        bounds = [t.above_mean_rows for t in self.tiers]
+        if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
+            raise ValueError(f"cost model tiers must ascend in above_mean_rows, got {bounds}")
+
+    # --- tiers -----------------------------------------------------------------------------
+
+    def at_mean(self, mean_rows: float) -> CostModel:
+        """The model (without tiers) of a GPU whose mean rows per slot is ``mean_rows``."""
+        tier = None
+        for t in self.tiers:
+            if mean_rows > t.above_mean_rows:
+                tier = t
+        return self._regime(tier)
+
+    def _regime(self, tier: CostTier | None) -> CostModel:
+        if tier is None:
+            return replace(self, tiers=()) if self.tiers else self
+        return replace(self, tiers=(), **{k: getattr(tier, k) for k in (*_TIER_COSTS, "tile_rows")})
+
+    def for_load(self, rows_per_step: Any, num_slots: int) -> CostModel:
+        """The model (without tiers) of the regime of a load: ``rows_per_step`` [L, E]
+        (or any shape: summed) rows per step over ``num_slots`` slots a layer."""
+        if not self.tiers:
+            return self
+        x = np.asarray(rows_per_step, dtype=np.float64)
+        L = x.shape[0] if x.ndim > 1 else 1
+        return self.at_mean(float(x.sum()) / max(L * num_slots, 1))
+
+    def rank_time(self, rows: Any) -> np.ndarray:
+        """Modelled time of GPUs from their step's exact counts, each in the regime of its
+        own mean rows per slot: rows [..., S] -> [...] us (base included)."""
+        n = np.asarray(rows, dtype=np.float64)
+
+        def one(m: CostModel) -> np.ndarray:
+            return m.base_us + m.slot_time(n, "exact").sum(axis=-1)
+
+        out = one(self._regime(None))
+        if self.tiers:
+            mean = n.mean(axis=-1) if n.shape[-1] else np.zeros(n.shape[:-1])
+            for t in self.tiers:
+                out = np.where(mean > t.above_mean_rows, one(self._regime(t)), out)
+        return out
 
     # --- time ------------------------------------------------------------------------------
 
@@ -131,7 +208,8 @@ class CostModel:
         """Time of a slot receiving ``rows`` rows per step (any shape, >= 0), in us.
 
         sampling "exact": rows is the step's count; "poisson": rows is the expected count
-        of a step and the time is the expectation over n ~ Poisson(rows).
+        of a step and the time is the expectation over n ~ Poisson(rows). A tiered model
+        answers with its first regime's constants: pick the regime first (:meth:`for_load`).
         """
         x = np.asarray(rows, dtype=np.float64)
         if sampling == "exact":
@@ -176,19 +254,23 @@ class CostModel:
 
     def gemm_time(self, rows_per_slot: Any) -> float:
         """Modelled time of one GPU's grouped GEMMs for one step (exact counts, no
-        dispatch): base + per active slot + per tile. rows_per_slot: [S] counts."""
+        dispatch): base + per active slot + per tile, in the regime of its mean rows per
+        slot. rows_per_slot: [S] counts."""
         n = np.asarray(rows_per_slot, dtype=np.float64)
+        m = self.at_mean(float(n.mean()) if n.size else 0.0)
         return float(
-            self.base_us
-            + self.fixed_us * (n > 0).sum()
-            + self.tile_us * np.ceil(n / self.tile_rows).sum()
+            m.base_us + m.fixed_us * (n > 0).sum() + m.tile_us * np.ceil(n / m.tile_rows).sum()
         )
 
     # --- JSON ------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        return {"schema_version": COST_MODEL_SCHEMA_VERSION, "kind": "eplbd-cost-model", **d}
+        if self.tiers:
+            d["tiers"] = [asdict(t) for t in self.tiers]  # a list, as JSON reads it back
+        else:
+            del d["tiers"]
+        return {"schema_version": 2 if self.tiers else 1, "kind": "eplbd-cost-model", **d}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -199,11 +281,13 @@ class CostModel:
         if not isinstance(d, dict):
             raise ValueError(f"cost model JSON must be an object, got {type(d).__name__}")
         ver = d.get("schema_version")
-        if ver != COST_MODEL_SCHEMA_VERSION or d.get("kind") != "eplbd-cost-model":
+        if ver not in _SCHEMAS or isinstance(ver, bool) or d.get("kind") != "eplbd-cost-model":
             raise ValueError(
-                f"not an eplbd cost model of schema {COST_MODEL_SCHEMA_VERSION} "
+                f"not an eplbd cost model of schema {' or '.join(map(str, _SCHEMAS))} "
                 f"(kind {d.get('kind')!r}, schema_version {ver!r})"
             )
+        if "tiers" in d and ver == 1:
+            raise ValueError("cost model of schema 1 cannot have tiers (schema 2 has them)")
         known = {f for f in cls.__dataclass_fields__}
         missing = [k for k in ("fixed_us", "tile_us") if k not in d]
         if missing:
@@ -218,6 +302,8 @@ class CostModel:
                 raise ValueError(f"cost model {k} must be a string")
         if "fit" in kwargs and not isinstance(kwargs["fit"], dict):
             raise ValueError("cost model fit must be an object")
+        if "tiers" in kwargs:
+            kwargs["tiers"] = _tiers_from(kwargs["tiers"])
         return cls(**kwargs)
 
     @classmethod
@@ -230,7 +316,33 @@ class CostModel:
 
     def without_dispatch(self) -> CostModel:
         """The same model with no per-row dispatch cost (GEMMs only)."""
-        return replace(self, row_us=0.0)
+        return replace(self, row_us=0.0, tiers=tuple(replace(t, row_us=0.0) for t in self.tiers))
+
+
+def _tiers_from(v: Any) -> tuple[CostTier, ...]:
+    if not isinstance(v, list):
+        raise ValueError(f"cost model tiers must be a list, got {type(v).__name__}")
+    known = set(CostTier.__dataclass_fields__)
+    out = []
+    for i, t in enumerate(v):
+        if not isinstance(t, dict):
+            raise ValueError(f"cost model tier {i} must be an object")
+        extra = sorted(set(t) - known)
+        missing = sorted({"above_mean_rows", "fixed_us", "tile_us", "tile_rows"} - set(t))
+        if extra or missing:
+            raise ValueError(
+                f"cost model tier {i}: "
+                + "; ".join(
+                    x
+                    for x in (
+                        extra and f"unknown {', '.join(extra)}",
+                        missing and f"lacks {', '.join(missing)}",
+                    )
+                    if x
+                )  # fmt: skip
+            )
+        out.append(CostTier(**t))
+    return tuple(out)
 
 
 def default_cost_model(

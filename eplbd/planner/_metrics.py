@@ -75,7 +75,7 @@ def gpu_times_np(
 ) -> np.ndarray:
     """Modelled time of each GPU (us) for ``rows`` [L, E] rows per step. -> [L, G]."""
     L, P = p2l.shape
-    t = model.slot_time(slot_rows_np(rows, p2l, share), sampling)
+    t = model.for_load(rows, P).slot_time(slot_rows_np(rows, p2l, share), sampling)
     return t.reshape(L, num_gpus, P // num_gpus).sum(axis=2)
 
 

@@ -396,7 +396,8 @@ def plan_with_report(
     f: Cost | None = None
     if obj == "time":
         assert cost_model is not None
-        model = cost_model
+        # every layer routes the same rows per step: one regime (tile shape) for the plan
+        model = cost_model.for_load(w / float(steps), P)
 
         def f(x: np.ndarray) -> np.ndarray:
             return model.slot_time(x, sampling)
