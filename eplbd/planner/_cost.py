@@ -13,11 +13,12 @@ and a GPU's time is the sum over its slots (plus ``base_us``, the same for every
 A grouped-GEMM kernel picks its tile shape from the problem's size, so one set of constants
 does not fit every regime: ``torch._grouped_mm`` takes 64x128 tiles while a GPU's mean rows
 per slot (its rows over its slots, empty ones included) is at most 128, and 128x256 tiles
-above (measured on an H100: the same work runs up to 1.6x faster past the switch). A model
-may carry **tiers** (:class:`CostTier`): other constants that apply above a mean of rows
-per slot. :meth:`CostModel.at_mean` gives the constants of one regime (the planner picks
-them from its load: every layer routes the same rows per step), :meth:`CostModel.rank_time`
-picks them per GPU.
+above (on an H100, 8 slots of 144 rows took 508 us, of 160 rows 333 us). A model may carry
+**tiers** (:class:`CostTier`): other constants that apply above a mean of rows per slot.
+:meth:`CostModel.at_mean` gives the constants of one regime (the planner picks them from
+its load with :meth:`CostModel.for_load`: every layer routes the same rows per step),
+:meth:`CostModel.rank_time` picks them per GPU.
+
 The constants are measured for one expert shape and dtype on one device by
 ``benchmarks/bench_cost_model.py`` and stored as JSON (:meth:`CostModel.to_json`);
 :func:`default_cost_model` derives them from memory bandwidth and peak FLOP/s where no
