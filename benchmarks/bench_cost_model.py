@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -176,9 +177,9 @@ def errors(model: CostModel, wl: list[list[int]], t: np.ndarray) -> dict[str, fl
 
 
 #: torch._grouped_mm's switch of tile shape: 64x128 tiles while a call's mean rows per group
-#: (empty groups included) is at most 128, 128x256 above (its GroupMM.cu; measured on an H100
-#: in docs/benchmarks.md, cost-model tiers). A calibration of the grouped kernel fits one set
-#: of constants each side.
+#: (empty groups included) is at most 128, 128x256 above (its GroupMM.cu; measured on an H100:
+#: docs/benchmarks.md, cost-model-tiers-nvidia-h100-80gb-hbm3). A calibration of the grouped
+#: kernel fits one set of constants each side.
 GROUPED_TIERS = (128.0,)
 FIT_SET = "fit (uniform and random)"
 
@@ -493,8 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             tiers = () if a.tiers == "none" else tuple(float(x) for x in a.tiers.split(","))
         except ValueError:
             ap.error(f"--tiers must be numbers or none, got {a.tiers!r}")
-        if any(x <= 0 for x in tiers) or list(tiers) != sorted(set(tiers)):
-            ap.error(f"--tiers must ascend and be > 0, got {a.tiers!r}")
+        if not all(math.isfinite(x) and x > 0 for x in tiers) or list(tiers) != sorted(set(tiers)):
+            ap.error(f"--tiers must be finite, > 0 and ascend, got {a.tiers!r}")
     if a.refit:
         try:
             res = refit(json.loads(Path(a.refit).read_text()),

@@ -138,7 +138,7 @@ def test_calibration_and_emulation_run_on_the_cpu(tmp_path: Path) -> None:
     for r, a in zip(res["shapes"], again["shapes"], strict=True):  # the same constants
         assert CostModel.from_dict(a["model"]) == CostModel.from_dict(r["model"])
     assert bench_cost_model.main([*refit, "none"]) == 0
-    for bad in ("1e9", "128,64", "fast"):
+    for bad in ("1e9", "128,64", "fast", "inf", "nan", "0"):
         with pytest.raises(SystemExit):
             bench_cost_model.main([*refit, bad])
     emu = tmp_path / "emu"
