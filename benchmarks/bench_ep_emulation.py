@@ -205,11 +205,17 @@ def time_shape(
     if tiny:
         shape = ExpertShape(shape.name, 64, 32, shape.dtype)
     idx = [i for i, s in enumerate(sims) if s["case"].shape == shape_key]
+    # each distinct workload once, and where every policy's ranks ran it (one pass)
     uniq: dict[tuple[int, ...], int] = {}
-    for i in idx:
-        for arr in sims[i]["replay"].rows.values():
-            for w in arr.reshape(-1, arr.shape[-1]):
-                uniq.setdefault(tuple(int(x) for x in w), len(uniq))
+    where: dict[int, dict[str, np.ndarray]] = {
+        i: {
+            p: np.array([uniq.setdefault(tuple(int(x) for x in w), len(uniq))
+                         for w in arr.reshape(-1, arr.shape[-1])],
+                        dtype=np.int32).reshape(arr.shape[:-1])
+            for p, arr in sims[i]["replay"].rows.items()
+        }
+        for i in idx
+    }  # fmt: skip
     wl = list(uniq)
     timer = GemmTimer(shape, max(len(w) for w in wl), max(sum(w) for w in wl), device)
     t0 = time.perf_counter()
@@ -217,14 +223,6 @@ def time_shape(
     d = drift_summary(timer.sentinel_us)
     if drift is not None:
         drift[shape.name] = d
-    where: dict[int, dict[str, np.ndarray]] = {
-        i: {
-            p: np.array([uniq[tuple(int(x) for x in w)] for w in arr.reshape(-1, arr.shape[-1])],
-                        dtype=np.int32).reshape(arr.shape[:-1])
-            for p, arr in sims[i]["replay"].rows.items()
-        }
-        for i in idx
-    }  # fmt: skip
     if timings is not None:
         padded = np.full((len(wl), max(len(w) for w in wl)), -1, dtype=np.int32)
         for i, w in enumerate(wl):

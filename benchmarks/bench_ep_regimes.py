@@ -57,7 +57,7 @@ import torch
 
 from benchmarks._ep_policies import Replay, Schedule, replay
 from benchmarks._ep_trace import ESFT_DOMAINS, RegimeSource, esft_regimes, synthetic_regimes
-from benchmarks._gemm_timer import drift_text
+from benchmarks._gemm_timer import SHAPES, drift_text
 from benchmarks._report import machine_line, write_section
 from benchmarks.bench_cost_model import CALIBRATION, device_slug
 from benchmarks.bench_ep_emulation import ESFT_LAYERS, Case, _pc, _r
@@ -120,8 +120,6 @@ def stored_models(device: str = CALIBRATED_ON) -> dict[str, CostModel]:
     """The cost models calibrated on ``device`` (a slug, e.g. nvidia-h200) and stored in
     benchmarks/calibration, per shape. One card for every shape, named in the docs: the
     CPU sections stay reproducible when another card's calibration is added."""
-    from benchmarks._gemm_timer import SHAPES
-
     out = {}
     for key, sh in SHAPES.items():
         path = CALIBRATION / f"{device}-{device_slug(sh.name)}-{sh.dtype}.json"
@@ -206,8 +204,6 @@ def timings_arrays(res: list[dict[str, Any]], timings: dict[str, Any]) -> dict[s
     EP size, shape key, tokens per rank) ``CASE/shape`` (the shape's name) and, per policy,
     ``CASE/POLICY`` [steps, L, G] int32, the row of each rank's workload: so that another
     model of the GEMMs can score every policy's steps without a GPU."""
-    from benchmarks.bench_ep_emulation import SHAPES
-
     out: dict[str, Any] = {}
     for name, (w, us, where) in timings.items():
         out[f"{name}/workloads"], out[f"{name}/us"] = w, us

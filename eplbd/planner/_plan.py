@@ -396,13 +396,14 @@ def plan_with_report(
     f: Cost | None = None
     if obj == "time":
         assert cost_model is not None
+        mu = w / float(steps)  # rows per step
         # every layer routes the same rows per step: one regime (tile shape) for the plan
-        model = cost_model.for_load(w / float(steps), P)
+        model = cost_model.for_load(mu, P)
 
         def f(x: np.ndarray) -> np.ndarray:
             return model.slot_time(x, sampling)
 
-        pb = _Problem(w / float(steps), G, P, N, cap, f)
+        pb = _Problem(mu, G, P, N, cap, f)
     else:
         pb = _Problem(w, G, P, N, cap, None)
     if previous is None:
