@@ -23,14 +23,16 @@ before (except the two "perfect knowledge" references, which plan on the step it
   scratch, exact counts) planned on each step's own load: what perfect knowledge reaches.
 - ``oracle-regime`` (a :class:`RegimeSource` only): from each regime's first step, the layout
   planned on the regime's own mean load (its whole pool, scaled to a step), per layer the
-  better in expected modelled time of DeepSeek's and eplbd's time objective. A regime's steps
-  are independent draws from its pool, so a policy that sees only past steps should not
-  expect to beat it (both planners are heuristics: an online plan may, by a little): what
-  *perfect* gains beyond it is each step's draw, which no forecast can know.
+  better in expected modelled time of DeepSeek's and eplbd's time objective. While the
+  traffic drifts (``blend_steps``) each step's layout is planned on that step's expected
+  load instead: the two regimes' means in the step's mix. A step is an independent draw
+  from that mix, so a policy that sees only past steps should not expect to beat it (both
+  planners are heuristics: an online plan may, by a little): what *perfect* gains beyond it
+  is each step's draw, which no forecast can know.
 - ``oracle-regime-incremental``: the same knowledge, planned the way eplbd plans: at each
-  regime's first step, eplbd's time objective on the regime's mean from the layout it
-  serves (min_gain and move_cost of the schedule): how few moves reaching the regime's
-  layout takes when only what pays moves.
+  regime's first step (while drifting, at every step), eplbd's time objective on the
+  step's expected load from the layout it serves (min_gain and move_cost of the
+  schedule): how few moves reaching the regime's layout takes when only what pays moves.
 
 Each step's rows per slot come from the step's token ids through the dispatch table of
 the policy's layout (``_ep_trace.dispatch_counts``, the kernel's semantics).
@@ -154,7 +156,7 @@ def replay(
         out.changes[p] = []
         out.modelled[p] = np.zeros((sched.steps, L))
     act_sum = {p: 0.0 for p in policies}
-    oracle: dict[int, Layout] = {}
+    oracle: dict[tuple[int, float], Layout] = {}
     for s in range(total):
         timed = s - sched.warmup
         if s > 0:
@@ -207,28 +209,40 @@ def _ids(
     return stream.ids[idx].reshape(G, tokens, stream.num_layers, stream.top_k)
 
 
+def _step_mean(stream: RegimeSource, s: int, step_tokens: int) -> np.ndarray:
+    """Step ``s``'s expected load: its regime's mean, mixed with the previous regime's while
+    the traffic drifts. -> [L, E]"""
+    r, old = stream.mix(s)
+    mean = _regime_mean(stream, r, step_tokens)
+    if old > 0:
+        prev = _regime_mean(stream, (r - 1) % len(stream.regimes), step_tokens)
+        mean = (1.0 - old) * mean + old * prev
+    return mean
+
+
 def _oracle(
-    stream: Stream | RegimeSource, s: int, cache: dict[int, Layout], step_tokens: int,
-    model: CostModel, G: int, P: int,
+    stream: Stream | RegimeSource, s: int, cache: dict[tuple[int, float], Layout],
+    step_tokens: int, model: CostModel, G: int, P: int,
 ) -> Layout:  # fmt: skip
-    """The ``oracle-regime`` layout of step ``s`` (see the module docstring)."""
+    """The ``oracle-regime`` layout of step ``s`` (see the module docstring); ``cache``: per
+    mix of traffic (:meth:`RegimeSource.mix`), its layout."""
     if not isinstance(stream, RegimeSource):
         raise ValueError("oracle-regime needs a RegimeSource (regimes with known pools)")
-    r = stream.regime(s)
-    if r not in cache:
+    key = stream.mix(s)
+    if key not in cache:
         E = stream.num_experts
-        mean = _regime_mean(stream, r, step_tokens)
+        mean = _step_mean(stream, s, step_tokens)
         ds = _deepseek(mean, P, G, E)
         ep = plan_with_report(
             mean, num_gpus=G, num_physical_experts=P, cost_model=model, sampling="poisson"
         ).layout
         t_ds, t_ep = (_expected_max(lay, mean, model, G) for lay in (ds, ep))
         k = torch.from_numpy(t_ep < t_ds)[:, None]
-        cache[r] = Layout.from_phy2log(
+        cache[key] = Layout.from_phy2log(
             torch.where(k, ep.phy2log, ds.phy2log), E, num_gpus=G,
             share=torch.where(k, ep.shares, ds.shares),
         )  # fmt: skip
-    return cache[r]
+    return cache[key]
 
 
 def _regime_mean(stream: RegimeSource, r: int, step_tokens: int) -> np.ndarray:
@@ -244,11 +258,10 @@ def _oracle_incremental(
     """The ``oracle-regime-incremental`` layout from step ``s`` on (None: keep ``cur``)."""
     if not isinstance(stream, RegimeSource):
         raise ValueError("oracle-regime-incremental needs a RegimeSource")
-    r = stream.regime(s)
-    if s > 0 and stream.regime(s - 1) == r:
+    if s > 0 and stream.mix(s - 1) == stream.mix(s):
         return None
     return plan_with_report(
-        _regime_mean(stream, r, step_tokens), num_gpus=G, num_physical_experts=P,
+        _step_mean(stream, s, step_tokens), num_gpus=G, num_physical_experts=P,
         previous=cur, cost_model=model, sampling="poisson", min_gain=sched.min_gain,
         move_cost=sched.move_cost,
     ).layout  # fmt: skip

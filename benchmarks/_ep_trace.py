@@ -174,6 +174,14 @@ class RegimeSource:
             return len(self.regimes) - 1
         return ((step - self.warmup) // self.regime_steps) % len(self.regimes)
 
+    def mix(self, step: int) -> tuple[int, float]:
+        """(the regime step ``step`` falls in, the share of its tokens or prompts still drawn
+        from the previous regime): 0 but while a change drifts (``blend_steps``)."""
+        pos = step - self.warmup
+        if self.blend_steps > 0 and pos >= 0 and pos % self.regime_steps < self.blend_steps:
+            return self.regime(step), 1.0 - (pos % self.regime_steps + 1) / (self.blend_steps + 1)
+        return self.regime(step), 0.0
+
     def ids(self, step: int, ranks: int, tokens: int) -> np.ndarray:
         """ids [G, T, L, K] of step ``step``."""
         pool = self.regimes[self.regime(step)]
@@ -185,10 +193,9 @@ class RegimeSource:
         else:
             idx = rng.integers(0, n, size=(ranks, tokens))
         out = pool[idx]
-        pos = step - self.warmup
-        if self.blend_steps > 0 and pos >= 0 and pos % self.regime_steps < self.blend_steps:
-            prev = self.regimes[(self.regime(step) - 1) % len(self.regimes)]
-            old = 1.0 - (pos % self.regime_steps + 1) / (self.blend_steps + 1)
+        r, old = self.mix(step)
+        if old > 0:
+            prev = self.regimes[(r - 1) % len(self.regimes)]
             # drawn after the ids, so the steps of a run without blending stay as they were
             mask = rng.random(size=(ranks, 1 if self.contiguous else tokens)) < old
             out = np.where(mask[..., None, None], prev[idx % prev.shape[0]], out)

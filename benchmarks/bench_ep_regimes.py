@@ -30,9 +30,10 @@ Reference: **perfect**, per step and layer, the better of DeepSeek's and eplbd's
 planned on the step's own counts (perfect knowledge, all moves free). *gap closed* vs a
 DeepSeek schedule: (DS - eplbd) / (DS - perfect) in mean MoE time per step. A second
 reference, **regime oracle**: from each regime's first step, the layout planned on the
-regime's own mean load (``oracle-regime`` in ``_ep_policies``): a step is an independent
-draw from its regime, so this is about the best a policy that sees only past steps can
-expect (both planners are heuristics, so an online plan may beat it by a little); *of the
+regime's own mean load (``oracle-regime`` in ``_ep_policies``; while the traffic drifts,
+each step's on its expected load, the two regimes' means in its mix): a step is an
+independent draw from its regime, so this is about the best a policy that sees only past
+steps can expect (both planners are heuristics, so an online plan may beat it by a little); *of the
 reachable gap*: (DS - eplbd) / (DS - regime oracle). *moves ratio*:
 eplbd's slots rewritten over the run / that schedule's (*steady*: without the first
 placement from the default layout, which every policy makes at the run's first step).
@@ -355,8 +356,8 @@ def _drift(meta: dict[str, Any]) -> str:
     return (
         f", each change a drift over the regime's first {round(b * meta['R'])} steps "
         f"(`--blend {b:g}`: a token still comes from the previous regime with a probability "
-        "falling linearly to 0; the regime oracle, planned on each regime's own pool, is then "
-        "no reference: a step's traffic is a mix)"
+        "falling linearly to 0; the regime oracle plans each step on its expected load, the "
+        "two regimes' means in that step's mix)"
     )
 
 

@@ -237,11 +237,34 @@ def test_regime_oracle_plans_each_regime_on_its_own_mean() -> None:
         ep = plan_with_report(
             mean.astype(float), num_gpus=G, num_physical_experts=P, cost_model=model
         ).layout
-        mine = _expected_max(cache[r], mean.astype(float), model, G)
+        mine = _expected_max(cache[(r, 0.0)], mean.astype(float), model, G)
         best = np.minimum(_expected_max(ds, mean, model, G), _expected_max(ep, mean, model, G))
         assert mine == pytest.approx(best)
     with pytest.raises(ValueError, match="RegimeSource"):
         _oracle(esft_stream([3]), 0, {}, step_tokens, model, G, P)
+
+
+def test_regime_oracle_plans_a_drifting_step_on_its_mix() -> None:
+    """While the traffic drifts the oracle plans each step on its expected load: the two
+    regimes' means weighted by the step's share of each; after the drift, the regime's own
+    mean again."""
+    src, regimes, model = _two_regimes(regime_steps=4, warmup=2)
+    src = RegimeSource("t", regimes, num_experts=16, regime_steps=4, warmup=2,
+                       contiguous=False, blend_steps=2)  # fmt: skip
+    G, P, step_tokens, cache = 4, 24, 4 * 32, {}
+    means = [np.bincount(pool[:, 0].ravel(), minlength=16)[None].astype(float)
+             * (step_tokens / len(pool)) for pool in regimes]  # fmt: skip
+    mixes = [src.mix(s) for s in range(8)]
+    assert [r for r, _ in mixes] == [1, 1, 0, 0, 0, 0, 1, 1]
+    assert [old for _, old in mixes] == pytest.approx([0, 0, 2 / 3, 1 / 3, 0, 0, 2 / 3, 1 / 3])
+    lay = [_oracle(src, s, cache, step_tokens, model, G, P) for s in range(8)]
+    assert lay[4] is lay[5] and lay[2] is not lay[3] and lay[3] is not lay[4]
+    for s, (r, old) in enumerate(src.mix(s) for s in range(8)):
+        mix = (1 - old) * means[r] + old * means[1 - r]
+        ds = _deepseek(mix, P, G, 16)
+        ep = plan_with_report(mix, num_gpus=G, num_physical_experts=P, cost_model=model).layout
+        best = np.minimum(_expected_max(ds, mix, model, G), _expected_max(ep, mix, model, G))
+        assert _expected_max(lay[s], mix, model, G) == pytest.approx(best)
 
 
 def test_incremental_regime_oracle_moves_only_at_regime_changes() -> None:
