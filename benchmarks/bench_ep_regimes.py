@@ -335,6 +335,24 @@ def render(res: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ceiling(big: list[dict[str, Any]], lab: str) -> str:
+    """What the regime oracle itself closes of the issue's gap against schedule ``lab``: about
+    the most a policy that sees only past steps can expect to close."""
+    c = []
+    for r in big:
+        s = r["summary"]
+        t, perfect = s["time_us"], s["perfect_us"]
+        ds, oracle = t[s["schedules"][lab]], t.get("oracle-regime")
+        if oracle is not None and ds > perfect:
+            c.append((ds - oracle) / (ds - perfect))
+    if not c:
+        return ""
+    return (
+        f"; the regime oracle itself closes median {_pc(statistics.median(c))} of the gap "
+        f"(worst {_pc(min(c))})"
+    )
+
+
 def _incremental(big: list[dict[str, Any]], lab: str) -> str:
     """The regime oracle planned incrementally: what it closes of the reachable gap and its
     moves ratio, the worst over the cases (a reference for the moves target)."""
@@ -389,7 +407,7 @@ def verdict(res: list[dict[str, Any]], vll: str, sgl: str, pol: str = "eplbd-tim
                 + (f"; from the second regime on max {_r(max(se))}" if se else "")
                 + (f"; of the gap to the regime oracle (reachable online) median "
                    f"{_pc(statistics.median(cr))} (worst {_pc(min(cr))})" if cr else "")
-                + (_incremental(big, lab) if pol == "eplbd-time" else "")
+                + (_ceiling(big, lab) + _incremental(big, lab) if pol == "eplbd-time" else "")
             )  # fmt: skip
     worst = max(r["summary"]["time_us"][pol] / r["summary"]["time_us"]["none"] for r in res)
     out.append(

@@ -209,6 +209,33 @@ def test_long_runs_scored_by_the_cost_model_on_the_cpu(tmp_path: Path) -> None:
     assert (DOC.read_bytes() if DOC.exists() else None) == before
 
 
+def test_the_verdict_names_what_the_regime_oracle_itself_closes() -> None:
+    """The ceiling beside each schedule's verdict: (DS - oracle) / (DS - perfect), the median
+    and worst over the cases at EP >= 16 (EP 8 left out), none without an oracle."""
+    from types import SimpleNamespace
+
+    def case(G: int, ds: float, oracle: float | None) -> dict:
+        t = {"none": 130.0, "deepseek-every-7": ds, "eplbd-time": 95.0}
+        if oracle is not None:
+            t["oracle-regime"] = oracle
+        vs = {"eplbd-time": {"closed": 0.5, "closed_reachable": None, "moves_ratio": 0.1,
+                             "steady_moves_ratio": 0.1}}  # fmt: skip
+        summary = {"time_us": t, "perfect_us": 80.0,
+                   "schedules": {"v": "deepseek-every-7", "s": "deepseek-every-7"},
+                   "vs": {"v": vs, "s": vs}}  # fmt: skip
+        return {"case": SimpleNamespace(G=G), "summary": summary}
+
+    res = [
+        case(16, 100.0, 90.0),
+        case(32, 120.0, 90.0),
+        case(64, 100.0, 99.0),
+        case(8, 100.0, 80.0),
+    ]
+    line = bench_ep_regimes.verdict(res, "v", "s")[0]
+    assert "the regime oracle itself closes median 50% of the gap (worst 5%)" in line
+    assert "itself closes" not in bench_ep_regimes.verdict([case(16, 100.0, None)], "v", "s")[0]
+
+
 def _two_regimes(
     regime_steps: int, warmup: int
 ) -> tuple[RegimeSource, tuple[np.ndarray, np.ndarray], CostModel]:
