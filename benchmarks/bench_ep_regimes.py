@@ -33,8 +33,8 @@ reference, **regime oracle**: from each regime's first step, the layout planned 
 regime's own mean load (``oracle-regime`` in ``_ep_policies``; while the traffic drifts,
 each step's on its expected load, the two regimes' means in its mix): a step is an
 independent draw from its regime, so this is about the best a policy that sees only past
-steps can expect (both planners are heuristics, so an online plan may beat it by a little); *of the
-reachable gap*: (DS - eplbd) / (DS - regime oracle). *moves ratio*:
+steps can expect (both planners are heuristics, so an online plan may beat it by a
+little); *of the reachable gap*: (DS - eplbd) / (DS - regime oracle). *moves ratio*:
 eplbd's slots rewritten over the run / that schedule's (*steady*: without the first
 placement from the default layout, which every policy makes at the run's first step).
 
