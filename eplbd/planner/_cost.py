@@ -271,7 +271,8 @@ class CostModel:
             d["tiers"] = [asdict(t) for t in self.tiers]  # a list, as JSON reads it back
         else:
             del d["tiers"]
-        return {"schema_version": 2 if self.tiers else 1, "kind": "eplbd-cost-model", **d}
+        ver = COST_MODEL_SCHEMA_VERSION if self.tiers else 1
+        return {"schema_version": ver, "kind": "eplbd-cost-model", **d}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
