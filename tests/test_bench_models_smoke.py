@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from benchmarks import (  # noqa: E402
     bench_cost_model,
     bench_ep_emulation,
     bench_ep_regimes,
+    bench_model_on_layouts,
     bench_slot_curve,
 )
 from benchmarks._ep_policies import (  # noqa: E402
@@ -469,3 +471,45 @@ def test_measured_long_runs_save_every_workloads_time_on_the_cpu(tmp_path: Path)
                 assert us[where].max(axis=2).sum(axis=1).mean() == pytest.approx(t)
     with pytest.raises(SystemExit):
         bench_ep_regimes.main(["--tiny", "--save-timings", str(tim)])
+    # the saved file is what bench_model_on_layouts reads (here priced by a stored card)
+    assert bench_model_on_layouts.main([str(tim)]) == 0
+
+
+def test_model_on_layouts_prices_each_policys_steps(tmp_path: Path, capsys: Any) -> None:
+    """Measured and modelled step times per policy from saved timings: the slowest rank per
+    layer, summed; the error on the rank the model calls slowest; active slots."""
+    model = CostModel(fixed_us=10.0, tile_us=20.0, tile_rows=128, base_us=40.0,
+                      hidden=7168, ffn=2048)  # fmt: skip
+    (tmp_path / "m.json").write_text(model.to_json())
+    w = np.array([[64, 64, 0], [128, 64, 64], [300, -1, -1], [32, 32, 32]], dtype=np.int32)
+    rows = np.where(w > 0, w, 0).astype(np.float64)
+    pred = np.array([model.rank_time(rows[i : i + 1, : (w[i] >= 0).sum()])[0] for i in range(4)])
+    # the token objective's ranks take what the model says; workload 2, the time
+    # objective's slowest rank by the model, takes 10% more
+    us = pred.copy()
+    us[2] *= 1.1
+    np.savez(
+        tmp_path / "t.npz",
+        **{"DeepSeek-V3/workloads": w, "DeepSeek-V3/us": us, "EP2-v3-64/shape": np.array("DeepSeek-V3"),
+           # [steps, layers, G]: two steps of one layer on two ranks
+           "EP2-v3-64/eplbd-tokens": np.array([[[0, 1]], [[1, 3]]]),
+           "EP2-v3-64/eplbd-time": np.array([[[2, 0]], [[2, 0]]])},
+    )  # fmt: skip
+    with np.load(tmp_path / "t.npz") as z:
+        got = bench_model_on_layouts.score(z, {"v3": model})["EP2-v3-64"]
+    tok, tim = got["eplbd-tokens"], got["eplbd-time"]
+    assert tok["modelled_us"] == pytest.approx((max(pred[0], pred[1]) + max(pred[1], pred[3])) / 2)
+    assert tok["ratio"] == pytest.approx(1.0) and tok["slowest_error"] == pytest.approx(0.0)
+    assert tok["active"] == pytest.approx((2 + 3 + 3 + 3) / 4)
+    assert pred[2] > pred[0]  # the model calls workload 2 the slowest of the time objective's
+    assert tim["measured_us"] == pytest.approx(1.1 * pred[2])
+    assert tim["ratio"] == pytest.approx(1.1) and tim["slowest_error"] == pytest.approx(0.1)
+    argv = [str(tmp_path / "t.npz"), "--model", str(tmp_path / "m.json")]
+    assert bench_model_on_layouts.main(argv) == 0
+    assert "measured / modelled +10.0% against the token objective's" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no such file"):
+        bench_model_on_layouts.main([str(tmp_path / "absent.npz")])
+    other = CostModel(fixed_us=1.0, tile_us=2.0, hidden=2048, ffn=1408)  # V2-Lite's shape
+    (tmp_path / "o.json").write_text(other.to_json())
+    with pytest.raises(SystemExit, match="no cost model of 'DeepSeek-V3'"):
+        bench_model_on_layouts.main([str(tmp_path / "t.npz"), "--model", str(tmp_path / "o.json")])
