@@ -87,7 +87,8 @@ def render(files: list[tuple[str, dict[str, Any]]], priced_by: str) -> str:
         "benchmarks/results/timings; each rank's grouped GEMMs timed on one GPU). Per policy: "
         "mean step time (slowest rank per layer, summed) measured and modelled, measured / "
         "modelled, the model's error on the rank it calls slowest (median; + : the rank "
-        "took longer than modelled) and active slots per GPU. `python3 -m "
+        "took longer than modelled) and active slots per GPU. The GPU, versions and run of "
+        "each file: benchmarks/results/timings/README.md. `python3 -m "
         "benchmarks.bench_model_on_layouts FILE.npz ...`.",
     ]
     for path, cases in files:
