@@ -57,8 +57,12 @@ class Harness:
                 what = self.live.seen(b["sender"], b["incarnation"])
                 if what != "alive":
                     self.events.append((now, b["sender"], what))
-            for peer, st in self.live.sweep():
-                self.events.append((now, peer, st))
+            swept = self.live.sweep()
+            # read after the sweep, whose own clock read found the peer stale or dead: a
+            # time taken before it could fall short of last_seen + dead_s by a few us
+            after = time.monotonic()
+            for peer, st in swept:
+                self.events.append((after, peer, st))
             while self.mon.poll(0):
                 ev = recv_monitor_message(self.mon)
                 self.zmtp.append((now, ev["event"]))
