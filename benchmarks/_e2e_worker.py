@@ -25,6 +25,7 @@ layout. Rank 0 gathers everything and writes ``<run_dir>/result.json``.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
 import os
@@ -123,6 +124,9 @@ def _die_with_parent() -> None:
 def worker_entry(rank: int, cfg_json: str) -> None:
     """torch.multiprocessing target: rank ``rank`` of the job described by ``cfg_json``."""
     _die_with_parent()
+    # a rank that dies of a signal (SIGABRT from a library's assertion, SIGSEGV) prints its
+    # Python stacks to stderr first: the parent only learns the signal's name
+    faulthandler.enable(all_threads=True)
     cfg = E2EConfig.from_json(cfg_json)
     w = _Worker(rank, cfg)
     try:

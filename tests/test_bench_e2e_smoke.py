@@ -75,7 +75,12 @@ def test_tiny_job_on_cpu_runs_all_four_and_outputs_match(tmp_path: Path) -> None
         text=True,
         timeout=160,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # a rank's dying words (a library's assertion, faulthandler's stacks) can sit far above
+    # the agent log's tail: show every line that is not a JSON log record too
+    raw = [ln for ln in proc.stderr.splitlines() if not ln.startswith("{")]
+    assert proc.returncode == 0, (
+        proc.stdout[-3000:] + proc.stderr[-5000:] + "\nnot log records:\n" + "\n".join(raw[-80:])
+    )
     saved = json.loads((out / "e2e.json").read_text())
     md = (out / "e2e.md").read_text()
     summary, result = saved["summary"], saved["result"]
