@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -507,6 +508,16 @@ def test_model_on_layouts_prices_each_policys_steps(tmp_path: Path, capsys: Any)
     argv = [str(tmp_path / "t.npz"), "--model", str(tmp_path / "m.json")]
     assert bench_model_on_layouts.main(argv) == 0
     assert "measured / modelled +10.0% against the token objective's" in capsys.readouterr().out
+    # a serving model's per-row dispatch cost is left out: the saved times are GEMMs alone
+    (tmp_path / "d.json").write_text(replace(model, row_us=0.5).to_json())
+    assert (
+        bench_model_on_layouts.main([str(tmp_path / "t.npz"), "--model", str(tmp_path / "d.json")])
+        == 0
+    )
+    assert (
+        "| eplbd-time | " + f"{1.1 * pred[2]:.1f} | {pred[2]:.1f} | 1.100 |"
+        in capsys.readouterr().out
+    )
     with pytest.raises(SystemExit, match="no such file"):
         bench_model_on_layouts.main([str(tmp_path / "absent.npz")])
     other = CostModel(fixed_us=1.0, tile_us=2.0, hidden=2048, ffn=1408)  # V2-Lite's shape
