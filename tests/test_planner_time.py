@@ -4,6 +4,7 @@ and tiles of rows, idle replicas, activity moved without moving weights, and met
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -81,11 +82,46 @@ def test_json_round_trip_and_bad_files() -> None:
         ({**d, "tile_rows": 0}, "tile_rows"),
         ({**d, "hidden": "big"}, "hidden"),
         ({**d, "fixed_us": 0.0, "tile_us": 0.0, "row_us": 0.0}, "all 0"),
+        ({**d, "tile_row": 64}, "unknown tile_row"),  # misspelt: not left at its default
+        ({**d, "schema_version": 1.0}, "schema"),
+        ({**d, "ffn": -5}, "ffn"),
     ):
         with pytest.raises(ValueError, match=msg):
             CostModel.from_dict(bad)
     with pytest.raises(ValueError, match="JSON"):
         CostModel.from_json("{")
+    for bad_kw, msg in (({"hidden": -5}, "hidden"), ({"device": 3}, "device")):
+        with pytest.raises(ValueError, match=msg):
+            CostModel(fixed_us=1.0, tile_us=1.0, **bad_kw)  # type: ignore[arg-type]
+    # a fit's NaN (an empty set's error) is written as null: the file stays JSON
+    nan_fit = CostModel(fixed_us=1.0, tile_us=1.0, fit={"errors": [0.1, float("nan")]})
+    assert CostModel.from_json(nan_fit.to_json()).fit == {"errors": [0.1, None]}
+
+
+def test_bad_rows_are_refused() -> None:
+    m = CostModel(fixed_us=10.0, tile_us=3.0, tile_rows=128)
+    for rows in ([1.0, -1.0], [float("nan")], [float("inf")]):
+        for call in (lambda r: m.slot_time(r), lambda r: m.slot_time(r, "exact"),
+                     m.gemm_time, m.rank_time):  # fmt: skip
+            with pytest.raises(ValueError, match="rows"):
+                call(rows)
+
+
+@pytest.mark.parametrize("tile_rows", [1, 4, 16, 128, 256])
+def test_expected_tiles_is_the_poisson_expectation(tile_rows: int) -> None:
+    from math import lgamma
+
+    from eplbd.planner._cost import expected_tiles
+
+    xs = np.array([1e-3, 0.4, 3.0, 17.0, 130.0, 255.0, 600.0, 5000.0])
+    want = []
+    for x in xs:  # summed over the distribution, by brute force
+        n = np.arange(max(0, int(x - 40 * x**0.5)), int(x + 40 * x**0.5 + 60))
+        pmf = np.exp(n * np.log(x) - x - np.array([lgamma(k + 1) for k in n]))
+        want.append(float((pmf * np.ceil(n / tile_rows)).sum()))
+    # summed below 64 rows a tile; the normal tails above are within 0.5%
+    rtol = 1e-6 if tile_rows < 64 else 5e-3
+    np.testing.assert_allclose(expected_tiles(xs, tile_rows), want, rtol=rtol)
 
 
 # A kernel with two tile shapes, as torch._grouped_mm on an H100: up to 128 rows a slot on
@@ -108,9 +144,23 @@ def test_tiers_pick_each_gpus_regime_by_its_mean_rows_per_slot() -> None:
     # a load's regime: its rows per step over L layers of P slots
     assert TIERED.for_load(np.full((2, 8), 150.0), 8) == big
     assert TIERED.for_load(np.full((2, 8), 150.0), 16) == small
+    # a layer with no load yet does not pull the others' regime down
+    assert TIERED.for_load(np.array([[150.0] * 8, [0.0] * 8]), 8) == big
+    assert TIERED.for_load(np.zeros((2, 8)), 8) == small
     untiered = CostModel(fixed_us=1.0, tile_us=1.0)
     assert untiered.at_mean(1e6) is untiered and untiered.for_load([[1e6]], 1) is untiered
     assert TIERED.without_dispatch() == TIERED  # no row cost anywhere: the same model
+
+
+def test_dispatch_cost_is_the_models_in_every_tier() -> None:
+    """row_us (dispatch and combine) does not depend on the GEMM's tile shape: a serving
+    model's dispatch cost holds above the tier's boundary too."""
+    serving = replace(TIERED, row_us=0.5)
+    assert serving.at_mean(128).row_us == serving.at_mean(129).row_us == 0.5
+    t = serving.rank_time([[128] * 8, [129] * 8])
+    assert t[1] > t[0]  # more rows, more dispatch: not 3x faster past the boundary
+    assert t[1] - TIERED.rank_time([[129] * 8])[0] == pytest.approx(0.5 * 129 * 8)
+    assert serving.without_dispatch() == TIERED
 
 
 def test_tiers_json_round_trip_and_bad_tiers_refused() -> None:
@@ -118,6 +168,9 @@ def test_tiers_json_round_trip_and_bad_tiers_refused() -> None:
     assert back == TIERED and back.tiers == TIERED.tiers
     d = json.loads(TIERED.to_json())
     assert d["schema_version"] == 2  # an old reader refuses it rather than misread it
+    # the first tiered files wrote a row_us of 0 per tier: still read, as the model's
+    old = {**d, "row_us": 0.25, "tiers": [{**d["tiers"][0], "row_us": 0.0}]}
+    assert CostModel.from_dict(old) == replace(TIERED, row_us=0.25)
     assert json.loads(CostModel(fixed_us=1.0, tile_us=1.0).to_json())["schema_version"] == 1
     t = d["tiers"][0]
     for bad, msg in (
@@ -129,6 +182,7 @@ def test_tiers_json_round_trip_and_bad_tiers_refused() -> None:
         ({**d, "tiers": [{**t, "tile_us": -1}]}, "tile_us"),
         ({**d, "tiers": [t, {**t, "above_mean_rows": 64}]}, "ascend"),
         ({**d, "schema_version": 1}, "schema 1 cannot have tiers"),
+        ({**d, "tiers": [{**t, "row_us": 0.3}]}, "row_us 0.3 differs"),
     ):
         with pytest.raises(ValueError, match=msg):
             CostModel.from_dict(bad)
@@ -318,3 +372,47 @@ def test_time_plans_are_valid_and_free_moves_never_end_worse_than_scratch(
         assert torch.allclose(t, r.max_after, rtol=1e-9, atol=1e-9)
         assert (r.max_after >= r.bound * (1 - 1e-9) - 1e-9).all()
     assert (res.max_after <= scratch.max_after * (1 + 1e-9) + 1e-9).all()
+
+
+@pytest.mark.parametrize("objective", ["tokens", "time"])
+def test_a_weighted_previous_split_is_priced_as_served_and_kept_where_kept(objective: str) -> None:
+    """A served layout may carry a weighted split (an operator's or an agent's): the plan
+    prices it as served, and a layer it keeps keeps its split, in the layout and report."""
+    # layer 0: expert 0's rows 2 : 1 over slots 4, 0; layer 1: the same placement, equal
+    prev = Layout.from_phy2log(torch.tensor([[0, 1, 2, 3, 0, 1]] * 2), 4,
+                               share=torch.tensor([[1, 1, 1, 1, 2, 1], [1] * 6]))  # fmt: skip
+    w = torch.tensor([[400.0, 100.0, 200.0, 100.0]] * 2)
+    model = CostModel(fixed_us=1.0, tile_us=1.0, tile_rows=16)
+    kw: dict = {"num_gpus": 2, "num_physical_experts": 6, "previous": prev,
+                "objective": objective, "move_cost": 10.0}  # fmt: skip
+    if objective == "time":
+        kw["cost_model"] = model
+    res = plan_with_report(w, **kw)
+    if objective == "time":
+        served = gpu_times(w, prev, 2, model).max(dim=1).values.numpy()
+    else:
+        served = np.stack([_gpu_rows(w[i], prev, i) for i in range(2)]).max(axis=1)
+    assert res.max_before.tolist() == pytest.approx(served.tolist())
+    assert served[0] != served[1]  # the weighted split is what layer 0 is priced by
+    # moving costs more than any gain here: every layer kept, each with its own split
+    assert not res.changed.any() and int(res.moves.sum()) == 0
+    assert torch.equal(res.layout.shares, prev.shares)
+    # DeepSeek's policy splits evenly: the weighted layer counts as changed
+    ds = plan_with_report(w, num_gpus=2, num_physical_experts=6, previous=prev,
+                          policy="deepseek")  # fmt: skip
+    assert bool(ds.changed[0])
+
+
+def _gpu_rows(w: torch.Tensor, lay: Layout, layer: int) -> np.ndarray:
+    """Rows of each of 2 GPUs (3 slots each) of one layer under the layout's shares."""
+    p2l, sh = lay.phy2log[layer].numpy(), lay.shares[layer].numpy().astype(float)
+    tot = np.bincount(p2l, weights=sh, minlength=w.shape[0])
+    rows = w.numpy()[p2l] * sh / tot[p2l]
+    return rows.reshape(2, 3).sum(axis=1)
+
+
+def test_move_cost_must_be_finite() -> None:
+    w = _skewed(2, 8, 400, seed=1)
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="move_cost"):
+            plan_with_report(w, num_gpus=2, num_physical_experts=12, move_cost=bad)

@@ -44,6 +44,7 @@ Pure and deterministic: the same arguments give the same layout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,8 +245,9 @@ class PlanResult:
         return {"summary": self.summary(), "layers": self.layers()}
 
 
-def _layout(phy2log: np.ndarray, num_logical: int, act: np.ndarray | None = None) -> Layout:
-    """Build a Layout from arrays known to be valid (the planner's own output)."""
+def _layout(phy2log: np.ndarray, num_logical: int, share: np.ndarray | None = None) -> Layout:
+    """Build a Layout from arrays known to be valid (the planner's own output); ``share``
+    [L, P]: bool (active slots) or int shares, None for the equal split."""
     L, P = phy2log.shape
     E = num_logical
     logcnt = np.bincount((np.arange(L)[:, None] * E + phy2log).ravel(), minlength=L * E).reshape(
@@ -260,14 +262,14 @@ def _layout(phy2log: np.ndarray, num_logical: int, act: np.ndarray | None = None
     rank = np.arange(P) - np.take_along_axis(start, e, axis=1)
     log2phy = np.full((L, E, R), -1, dtype=np.int64)
     log2phy[np.arange(L)[:, None], e, rank] = slot
-    share = None
-    if act is not None and not act.all():
-        share = torch.from_numpy(np.ascontiguousarray(act.astype(np.int64)))
+    sh = None
+    if share is not None and not (share == 1).all():
+        sh = torch.from_numpy(np.ascontiguousarray(share.astype(np.int64)))
     return Layout(
         torch.from_numpy(np.ascontiguousarray(phy2log)),
         torch.from_numpy(logcnt),
         torch.from_numpy(log2phy),
-        share,
+        sh,
     )
 
 
@@ -298,7 +300,8 @@ class _Problem:
         return np.arange(self.G) // (self.G // self.N)
 
     def slot_weight(self, p2l: np.ndarray, act: np.ndarray | None) -> np.ndarray:
-        """Each slot's load [L, P] under phy2log and the active slots (None: all)."""
+        """Each slot's load [L, P] under phy2log and the active slots or shares [L, P]
+        (None: all, equal)."""
         rows = slot_rows_np(self.w, p2l, None if act is None else act.astype(np.float64))
         return rows if self.f is None else self.f(rows)
 
@@ -383,8 +386,10 @@ def plan_with_report(
         check_previous(previous, L, E, P)
     if not (isinstance(min_gain, int | float) and min_gain >= 0):
         raise ValueError(f"min_gain must be a number >= 0, got {min_gain!r}")
-    if not (isinstance(move_cost, int | float) and move_cost >= 0):
-        raise ValueError(f"move_cost must be a number >= 0, got {move_cost!r}")
+    if not (isinstance(move_cost, int | float) and math.isfinite(move_cost) and move_cost >= 0):
+        raise ValueError(
+            f"move_cost must be a finite number >= 0 (max_moves=0 forbids moves), got {move_cost!r}"
+        )
     if max_moves is not None:
         check_int(max_moves, "max_moves", minimum=0)
     if not (isinstance(tolerance, int | float) and tolerance >= 0):
@@ -401,18 +406,20 @@ def plan_with_report(
         model = cost_model.for_load(mu, P)
 
         def f(x: np.ndarray) -> np.ndarray:
-            return model.slot_time(x, sampling)
+            return model._slot_time(x, sampling)  # rows of the checked load
 
         pb = _Problem(mu, G, P, N, cap, f)
     else:
         pb = _Problem(w, G, P, N, cap, None)
     if previous is None:
         base_p2l = default_phy2log(L, E, P).numpy()
-        base_act = None
+        base_act = base_share = None
     else:
         base_p2l = previous.phy2log.numpy()
-        base_act = None if previous.share is None else previous.share.numpy() > 0
-    max_before = pb.max_load(base_p2l, base_act)
+        base_share = None if previous.share is None else previous.share.numpy()
+        base_act = None if base_share is None else base_share > 0
+    # under the served split: a weighted one (shares other than 0 and 1) included
+    max_before = pb.max_load(base_p2l, base_share)
     params: dict[str, Any] = {
         "min_gain": float(min_gain),
         "move_cost": float(move_cost),
@@ -435,8 +442,8 @@ def plan_with_report(
         check_deepseek_args(E, P, groups, N, G)
         new = rebalance_experts(w, P, groups, N, G)[0].numpy()
         changed = (new != base_p2l).any(axis=1)
-        if base_act is not None:
-            changed |= ~base_act.all(axis=1)
+        if base_share is not None:
+            changed |= (base_share != 1).any(axis=1)
         reasons = ["baseline"] * L
         max_after = pb.max_load(new, None)
         params = {"num_groups": groups}
@@ -475,7 +482,14 @@ def plan_with_report(
 
     no_load = mean <= 0
     reasons = ["no_load" if no_load[i] else reasons[i] for i in range(L)]
-    layout = _layout(new, E, act)
+    share = None if act is None else act.astype(np.int64)
+    if base_share is not None:
+        # a layer kept as it was keeps its split, a weighted one too (the planner's own
+        # candidates only switch replicas on and off)
+        share = np.ones((L, P), dtype=np.int64) if share is None else share
+        kept = ~np.asarray(changed, dtype=bool)
+        share[kept] = base_share[kept]
+    layout = _layout(new, E, share)
     return PlanResult(
         layout=layout,
         baseline=torch.from_numpy(base_p2l),
