@@ -31,6 +31,7 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -39,12 +40,25 @@ import torch
 
 from benchmarks._report import machine_line, write_section
 from eplbd.layout import Layout
-from eplbd.planner import Ewma, default_cost_model, plan, plan_with_report, rebalance_experts
+from eplbd.planner import (
+    CostModel,
+    Ewma,
+    default_cost_model,
+    plan,
+    plan_with_report,
+    rebalance_experts,
+)
 from eplbd.planner._reference import reference_rebalance
 
 SECTION = "planner_speed"
 #: The time objective's model: a DeepSeek-V3 expert, default constants (H100), GEMMs only.
 MODEL = default_cost_model(7168, 2048, link_bandwidth=None)
+#: A stored calibration with tiers (each plan picks its regime's constants), as an operator's
+#: ``cost_model`` setting would give
+TIERED_FILE = "nvidia-h100-80gb-hbm3-deepseek-v3-bfloat16.json"
+TIERED = CostModel.from_json(
+    (Path(__file__).resolve().parent / "calibration" / TIERED_FILE).read_text()
+)
 L, E, P, G, N, GROUPS = 58, 256, 288, 32, 4, 8
 TOKENS, TOP_K, SIGMA, RHO, ALPHA = 4096, 8, 1.2, 0.98, 0.3
 
@@ -67,7 +81,7 @@ def forecasts(windows: int, seed: int = 0) -> list[np.ndarray]:
 def _chain(fc: list[np.ndarray], objective: str) -> list[Layout]:
     """The layouts an objective's planner serves in turn: the first from scratch, each
     next from the one before."""
-    model = MODEL if objective == "time" else None
+    model = {"time": MODEL, "time-tiered": TIERED}.get(objective)
     out = [plan(fc[0], num_gpus=G, num_physical_experts=P, num_nodes=N, cost_model=model)]
     for f in fc[1:]:
         out.append(plan(f, num_gpus=G, num_physical_experts=P, num_nodes=N, previous=out[-1],
@@ -87,7 +101,7 @@ def measure(reps: int) -> dict[str, Any]:
     fc = forecasts(8)
     # previous[k]: what the planner served for window k - 1 (planned in a chain from
     # scratch), with each objective's own chain
-    chains = {obj: _chain(fc, obj) for obj in ("tokens", "time")}
+    chains = {obj: _chain(fc, obj) for obj in ("tokens", "time", "time-tiered")}
     inputs = [
         (torch.from_numpy(fc[k]), {obj: c[k - 1] for obj, c in chains.items()}) for k in range(4, 8)
     ]
@@ -108,6 +122,10 @@ def measure(reps: int) -> dict[str, Any]:
             num_nodes=N,
             previous=prev["time"],
             cost_model=MODEL,
+        ),
+        "plan, time objective with tiers (H100 calibration), from the previous layout": (
+            lambda w, prev: plan(w, num_gpus=G, num_physical_experts=P, num_nodes=N,
+                                 previous=prev["time-tiered"], cost_model=TIERED)  # fmt: skip
         ),
         "DeepSeek reference, hierarchical": lambda w, prev: reference_rebalance(w, P, GROUPS, N, G),
         "DeepSeek reference, global": lambda w, prev: reference_rebalance(w, P, 1, N, G),
@@ -165,7 +183,8 @@ def render(r: dict[str, Any]) -> str:
         "(`python3 -m benchmarks.bench_planner_speed`). Target: <= 10 ms per plan and >= 40x "
         "faster than DeepSeek's reference algorithm (the token objective, the daemon's "
         "default; <= 10 ms for the time objective too, with the default cost model of a "
-        "DeepSeek-V3 expert and the forecast as one step's expected rows). Load average "
+        "DeepSeek-V3 expert and the forecast as one step's expected rows; and with the "
+        f"stored tiered calibration `{TIERED_FILE}`). Load average "
         "(1 min) on the 2 CPUs: "
         f"{r['load'][0]:.1f} before, {r['load'][1]:.1f} after (other work shared them).",
         "",
