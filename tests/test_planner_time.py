@@ -416,3 +416,15 @@ def test_move_cost_must_be_finite() -> None:
     for bad in (float("inf"), float("nan"), -1.0):
         with pytest.raises(ValueError, match="move_cost"):
             plan_with_report(w, num_gpus=2, num_physical_experts=12, move_cost=bad)
+
+
+def test_a_bad_weighted_split_is_replaced_without_moving_weights() -> None:
+    """The even split of the same placement beats a served 2 : 1 split: taken, 0 moves."""
+    prev = Layout.from_phy2log(torch.tensor([[0, 1, 2, 3, 0, 1]]), 4,
+                               share=torch.tensor([[2, 1, 1, 1, 1, 1]]))  # fmt: skip
+    w = torch.tensor([[400.0, 100.0, 200.0, 100.0]])
+    res = plan_with_report(w, num_gpus=2, num_physical_experts=6, previous=prev,
+                           objective="tokens", move_cost=10.0)  # fmt: skip
+    assert res.max_before.tolist() == pytest.approx([400 * 2 / 3 + 50 + 200])
+    assert bool(res.changed[0]) and int(res.moves.sum()) == 0
+    assert res.layout.share is None and res.max_after.tolist() == pytest.approx([450.0])

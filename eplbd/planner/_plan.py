@@ -475,9 +475,10 @@ def plan_with_report(
             scratch = _scratch(pb, r_star, bound, tc, rows)
             if scratch.rows.size:
                 cands.append(_aligned(pb, scratch, previous, base_act))
+            weighted = None if base_share is None else (base_share > 1).any(axis=1)
             new, act, max_after, changed, reasons = _decide(
                 base_p2l, base_act, cands, mean, max_before,
-                float(min_gain), float(move_cost), max_moves,
+                float(min_gain), float(move_cost), max_moves, weighted,
             )  # fmt: skip
 
     no_load = mean <= 0
@@ -735,12 +736,14 @@ def _decide(
     min_gain: float,
     move_cost: float,
     max_moves: int | None,
+    weighted: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, list[str]]:
     """Per layer: keep ``prev`` or take one of ``cands``: the one whose gain in balance
     minus ``move_cost`` times the share of the layer's slots it rewrites (moves / P: the
     share of each GPU's expert memory restaged, the GPUs staging in parallel) is largest,
     and positive, with gain >= min_gain. A candidate that changes only which replicas are
-    active moves nothing.
+    active moves nothing. ``weighted`` [L]: layers served with a weighted split (shares above
+    1), which every candidate (shares 0 and 1) changes even on the same active slots.
 
     -> (phy2log, active slots or None, max GPU load, changed, reasons)."""
     L, P = prev.shape
@@ -752,6 +755,8 @@ def _decide(
         [(c.p2l != prev).any(axis=1) | ((pact if c.act is None else c.act) != pact).any(axis=1)
          for c in cands], axis=1,
     )  # fmt: skip
+    if weighted is not None:
+        differs |= weighted[:, None]
     ok = differs & (gain >= min_gain) & (gain > 0) & (mean > 0)[:, None]
     value = np.where(ok, gain - move_cost * moves / P, -np.inf)
     why = np.where(
