@@ -31,8 +31,8 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,8 +124,14 @@ def measure(reps: int) -> dict[str, Any]:
             cost_model=MODEL,
         ),
         "plan, time objective with tiers (H100 calibration), from the previous layout": (
-            lambda w, prev: plan(w, num_gpus=G, num_physical_experts=P, num_nodes=N,
-                                 previous=prev["time-tiered"], cost_model=TIERED)  # fmt: skip
+            lambda w, prev: plan(
+                w,
+                num_gpus=G,
+                num_physical_experts=P,
+                num_nodes=N,
+                previous=prev["time-tiered"],
+                cost_model=TIERED,
+            )
         ),
         "DeepSeek reference, hierarchical": lambda w, prev: reference_rebalance(w, P, GROUPS, N, G),
         "DeepSeek reference, global": lambda w, prev: reference_rebalance(w, P, 1, N, G),

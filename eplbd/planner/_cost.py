@@ -296,9 +296,7 @@ class CostModel:
             xh = x[high]
             # a count's part tile is uniform over the tile: (T - 1) / 2T on average
             T = self.tile_rows
-            out[high] = (
-                self.fixed_us + self.tile_us * (xh / T + 0.5 - 0.5 / T) + self.row_us * xh
-            )
+            out[high] = self.fixed_us + self.tile_us * (xh / T + 0.5 - 0.5 / T) + self.row_us * xh
         return out
 
     @functools.cached_property

@@ -475,7 +475,7 @@ def plan_with_report(
             scratch = _scratch(pb, r_star, bound, tc, rows)
             if scratch.rows.size:
                 cands.append(_aligned(pb, scratch, previous, base_act))
-            weighted = None if base_share is None else (base_share > 1).any(axis=1)
+            weighted = None if base_share is None else np.asarray((base_share > 1).any(axis=1))
             new, act, max_after, changed, reasons = _decide(
                 base_p2l, base_act, cands, mean, max_before,
                 float(min_gain), float(move_cost), max_moves, weighted,
