@@ -36,6 +36,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
+from eplbd._json import finite
+
 __all__ = [
     "ASCII_RAMP",
     "Output",
@@ -194,27 +196,16 @@ def render_table(
 # json
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or Infinity: they become null (e.g. the balance of an idle layer)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _document(obj: Mapping[str, Any]) -> dict[str, Any]:
     doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
-    doc.update(_finite(obj))
+    doc.update(finite(obj))
     return doc
 
 
 def _json_default(value: Any) -> Any:
     tolist = getattr(value, "tolist", None)  # numpy arrays and tensors, without importing them
     if callable(tolist):
-        return _finite(tolist())
+        return finite(tolist())
     return str(value)
 
 

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from eplbd._json import finite
+
 __all__ = ["COST_MODEL_SCHEMA_VERSION", "CostModel", "CostTier", "SAMPLINGS", "default_cost_model"]
 
 #: 2: with tiers (a reader of schema 1 would apply the first tier's constants everywhere, so
@@ -335,7 +337,7 @@ class CostModel:
 
     def to_json(self) -> str:
         d = self.to_dict()
-        d["fit"] = _finite(d["fit"])  # a fit's NaN (an empty set's error) is not JSON
+        d["fit"] = finite(d["fit"])  # a fit's NaN (an empty set's error) is not JSON
         return json.dumps(d, indent=1, allow_nan=False)
 
     @classmethod
@@ -375,17 +377,6 @@ class CostModel:
     def without_dispatch(self) -> CostModel:
         """The same model with no per-row dispatch cost (GEMMs only)."""
         return replace(self, row_us=0.0)
-
-
-def _finite(v: Any) -> Any:
-    """``v`` with every non-finite float (in dicts and lists) as None."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_finite(x) for x in v]
-    return v
 
 
 def _tiers_from(v: Any, row_us: Any) -> tuple[CostTier, ...]:
