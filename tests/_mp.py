@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from eplbd.ops.procs import exit_now
+
 _CTX: Any = None
 
 
@@ -57,6 +59,7 @@ def _entry(
     except BaseException:
         Path(str(out) + ".err").write_text(traceback.format_exc())
         os._exit(1)
+    exit_now(0)  # no interpreter finalization with gloo's threads about
 
 
 def run_ranks(

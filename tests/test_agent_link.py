@@ -6,6 +6,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -235,9 +236,44 @@ def test_link_never_blocks_the_serving_thread_without_an_agent(rundir: Path) -> 
         wait_for(lambda: link.stats().get("outbox_unknown_type") == 1, 2, "bad items counted")
         assert link.stats()["outbox_malformed"] == 1
     finally:
-        t0 = time.monotonic()
-        link.close()
-        assert time.monotonic() - t0 < 1.0
+        # without an agent nothing holds the thread (linger 0): it stops when told
+        assert link.close(timeout=30)
+
+
+def test_close_says_when_the_link_thread_is_still_running(
+    ctx: zmq.Context[Any], rundir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thread that outlives close() is reported (and close returns False), not left
+    silently running into the interpreter's exit."""
+    fp = FakePlanner(ctx)
+    agent = start_agent(settings_for(rundir, fp))
+    entered, release = threading.Event(), threading.Event()
+
+    def deliver(msg_type: str, body: dict, tensors: dict) -> None:
+        entered.set()
+        release.wait(60)  # a deliver that blocks (it should only enqueue)
+
+    link = AgentLink(
+        agent.endpoint,
+        deliver=deliver,
+        outbox=queue.Queue(),
+        hello=lambda: hello_body("w0", 0, ep_size=1),
+        heartbeat_s=HB,
+    )
+    try:
+        fp.pump(lambda p: p.agent)
+        link.start()
+        assert entered.wait(10), "the welcome never reached deliver()"
+        with caplog.at_level("WARNING", logger="eplbd_client"):
+            assert link.close(timeout=0.2) is False
+        assert "agent link thread did not stop" in caplog.text
+        release.set()
+        assert link.close(timeout=30) is True  # idempotent: now it has stopped
+    finally:
+        release.set()
+        link.close(timeout=30)
+        agent.stop()
+        fp.close()
 
 
 def test_link_drops_bad_messages_and_survives_a_failing_deliver(

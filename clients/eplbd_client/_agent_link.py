@@ -161,12 +161,19 @@ class AgentLink:
             self._thread = threading.Thread(target=self._main, name="eplbd-agent-link", daemon=True)
             self._thread.start()
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the IO thread and close its sockets (linger 0). Idempotent."""
+    def close(self, timeout: float = 2.0) -> bool:
+        """Stop the IO thread and close its sockets (linger 0). Idempotent. Returns whether
+        the thread has stopped; one still running after ``timeout`` s is logged (a daemon
+        thread alive when the interpreter finalizes can take the process down with it)."""
         self._stop.set()
         t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout)
+        if t is None or t is threading.current_thread():
+            return True
+        t.join(timeout)
+        if t.is_alive():
+            log.warning("eplbd: the agent link thread did not stop within %.1f s", timeout)
+            return False
+        return True
 
     @property
     def connected(self) -> bool:

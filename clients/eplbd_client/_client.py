@@ -511,10 +511,12 @@ class EplbClient:
             return
         self._closed = True
         if self._link is not None:
-            self._link.close()
+            self._link.close(timeout=10.0)
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                _log.warning("eplbd: the staging thread did not stop within 30 s")
         self._source.close()
 
     def __enter__(self) -> EplbClient:

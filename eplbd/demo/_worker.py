@@ -232,4 +232,6 @@ def _die_with_parent() -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from eplbd.ops.procs import exit_now
+
+    exit_now(main())  # no interpreter finalization with gloo's threads about

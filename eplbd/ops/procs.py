@@ -6,14 +6,17 @@ Stdlib only, so the demo's driver stays free of torch.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
-__all__ = ["child_env", "die_with_parent", "log_tail", "stop_process"]
+__all__ = ["child_env", "die_with_parent", "exit_now", "log_tail", "stop_process"]
 
 
 def die_with_parent() -> None:
@@ -24,6 +27,23 @@ def die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except Exception:
         pass
+
+
+def exit_now(code: int = 0) -> NoReturn:
+    """End a worker process whose work is done, without finalizing the interpreter.
+
+    Objects left in reference cycles (a closed client and its agent link hold the process
+    groups) are collected first, so library threads (gloo's) are joined while the
+    interpreter is whole; then stdio is flushed and the process exits. During
+    finalization a C++ thread that wakes and takes the GIL aborts the process ("terminate
+    called without an active exception"): a rank with every result written would die of
+    SIGABRT. Call it only where the process owns nothing else that must be flushed.
+    """
+    gc.collect()
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(code)
 
 
 def child_env(
