@@ -186,7 +186,7 @@ def test_send_drops_without_a_peer(ctx: zmq.Context, rundir: str) -> None:
     push = track(ctx, snapshot_sender(ctx, ipc_endpoint(rundir, "nobody")))
     t0 = time.monotonic()
     assert not push.send(HEARTBEAT, HB)  # IMMEDIATE: nothing to queue for
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 10  # a send that waited for a peer would never return
     assert push.counters.dropped == {"would_block": 1}
     assert push.counters.dropped_by_peer[push.endpoint] == {"would_block": 1}
 
@@ -242,7 +242,8 @@ def test_recv_deadline(ctx: zmq.Context) -> None:
     with control_server(ctx, "tcp://127.0.0.1:*") as srv:
         t0 = time.monotonic()
         assert srv.recv(150) is None
-        assert 0.1 <= time.monotonic() - t0 < 1.0
+        # it waited, and not for ever (the upper bound is loose: a loaded machine stalls)
+        assert 0.1 <= time.monotonic() - t0 < 10
     assert srv.closed
 
 
