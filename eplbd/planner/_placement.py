@@ -105,6 +105,8 @@ def _swap_many(
 
     Flat indices throughout: one-dimensional fancy indexing is the cheap kind.
     """
+    if layer.size == 0:
+        return
     n, G, S = pl.shape
     ga, gb = layer * G + g, layer * G + h
     fa, fb = ga * S + sa, gb * S + sb
@@ -125,10 +127,9 @@ def _swap_many(
     if pl.has is not None:
         E = pl.has.shape[2]
         has = pl.has.reshape(-1)
-        has[ga * E + xa] -= 1
-        has[ga * E + xb] += 1
-        has[gb * E + xb] -= 1
-        has[gb * E + xa] += 1
+        # no index repeats within one of the two: one swap per GPU, g != h
+        has[np.concatenate((ga * E + xa, gb * E + xb))] -= 1
+        has[np.concatenate((ga * E + xb, gb * E + xa))] += 1
 
 
 # --- from scratch ------------------------------------------------------------------------
@@ -499,11 +500,9 @@ def _pair_swaps(
     loads = pl.loads.reshape(-1)
     Lh, Ll = loads[heavy], loads[light]
     half = 0.5 * (Lh - Ll)
-    slots = np.arange(S)
-    sh = heavy[:, :, None] * S + slots  # [m, T, S] flat slot ids
-    sl = light[:, :, None] * S + slots
-    p2l, sw = pl.p2l.reshape(-1), pl.sw.reshape(-1)
-    ph, wh, pq, wq = p2l[sh], sw[sh], p2l[sl], sw[sl]
+    # [m, T, S]: the GPUs' slots, gathered as rows of the [n * G, S] views
+    p2l, sw = pl.p2l.reshape(-1, S), pl.sw.reshape(-1, S)
+    ph, wh, pq, wq = p2l[heavy], sw[heavy], p2l[light], sw[light]
     # a swap that would duplicate: a's expert already on the light GPU, or b's on the busy one
     has = pl.holdings()
     E = has.shape[2]
@@ -514,10 +513,10 @@ def _pair_swaps(
         cross = costs.gpu_node[heavy % G] != costs.gpu_node[light % G]
         cost_a += (costs.node[A][:, None] * cross)[:, :, None]
     if costs.prev is not None:
-        prev = costs.prev.reshape(-1)  # a slot still holding its old expert: a move
+        prev = costs.prev.reshape(-1, S)  # a slot still holding its old expert: a move
         mc = costs.move[A][:, None, None]
-        cost_a += mc * (ph == prev[sh])
-        cost_b += mc * (pq == prev[sl])
+        cost_a += mc * (ph == prev[heavy])
+        cost_b += mc * (pq == prev[light])
     score = np.abs((wh - half[:, :, None])[:, :, :, None] - wq[:, :, None, :])
     score += cost_a[:, :, :, None]
     score += cost_b[:, :, None, :]
@@ -555,21 +554,26 @@ def _best_swaps(
     K = hs.shape[1]
     lh = ld[R2, hs]  # [m, K]
     half = 0.5 * (top[:, None] - lh)
-    rA = A[:, None]
-    pa, wa = pl.p2l[A, g], pl.sw[A, g]  # [m, S]
-    pb, wb = pl.p2l[rA, hs], pl.sw[rA, hs]  # [m, K, S]
+    # flat GPU ids, for gathers from the [n * G, S] and [n * G * E] views (the cheap kind)
+    fg, fh = A * G + g, A[:, None] * G + hs
+    p2l, sw = pl.p2l.reshape(-1, S), pl.sw.reshape(-1, S)
+    pa, wa = p2l[fg], sw[fg]  # [m, S]
+    pb, wb = p2l[fh], sw[fh]  # [m, K, S]
     has = pl.holdings()
-    a_on_h = has[A[:, None, None], hs[:, None, :], pa[:, :, None]]  # [m, S, K]
+    E = has.shape[2]
+    has = has.reshape(-1)
+    a_on_h = has[fh[:, None, :] * E + pa[:, :, None]]  # [m, S, K]
     cost_a = np.where(a_on_h > 0, np.inf, 0.0)  # a's expert already on h
-    cost_b = np.where(has[A[:, None, None], g[:, None, None], pb] > 0, np.inf, 0.0)  # b's on g
+    cost_b = np.where(has[fg[:, None, None] * E + pb] > 0, np.inf, 0.0)  # b's on g
     cost_b += 0.5 * (top[:, None] + lh)[:, :, None]  # the pair's centre differs per partner
     if costs.node is not None:
         cross = costs.gpu_node[hs] != costs.gpu_node[g][:, None]  # [m, K]
         cost_b += (costs.node[A][:, None] * cross)[:, :, None]
     if costs.prev is not None:
         mc = costs.move[A][:, None]
-        cost_a += (mc * (pa == costs.prev[A, g]))[:, :, None]
-        cost_b += mc[:, :, None] * (pb == costs.prev[rA, hs])
+        prev = costs.prev.reshape(-1, S)
+        cost_a += (mc * (pa == prev[fg]))[:, :, None]
+        cost_b += mc[:, :, None] * (pb == prev[fh])
     score = np.abs((wa[:, :, None] - half[:, None, :])[:, :, :, None] - wb[:, None, :, :])
     score += cost_a[:, :, :, None]
     score += cost_b[:, None, :, :]

@@ -212,7 +212,10 @@ def toggle(pl: Placement, rows: np.ndarray, max_iter: int) -> None:
         m = active.size
         ar = np.arange(m)[:, None]
         ld = pl.loads[active]
-        src = desc_order(ld)[:, :T]  # [m, T] the busiest GPUs
+        if T == 1:  # the first of desc_order: the largest in float32, ties to the lower index
+            src = np.asarray(ld, dtype=np.float32).argmax(axis=1)[:, None]
+        else:
+            src = desc_order(ld)[:, :T]  # [m, T] the busiest GPUs
         top = ld[ar, src]
         e = pl.p2l[active[:, None], src]  # [m, T, S]
         c = pl.sw[active[:, None], src]
@@ -220,18 +223,23 @@ def toggle(pl: Placement, rows: np.ndarray, max_iter: int) -> None:
         # [m, T, S, R]: idle replicas of the sources' experts
         cand = idle[at[:, None, None], row[at[:, None, None], e]]
         h_all = cand // S
-        new_load = ld[ar[:, :, None, None], h_all] + c[..., None]
+        # flat indices (cheaper); a -1 (no idle replica) reads some load, masked below
+        new_load = ld.reshape(-1)[(ar * G)[:, :, None, None] + h_all] + c[..., None]
         ok = (cand >= 0) & on[..., None] & (new_load < top[:, :, None, None] * (1 - 1e-12))
-        flat = np.where(ok, new_load, np.inf).reshape(m, T, S * R)
-        best = flat.argmin(axis=2)  # [m, T]
-        found = np.isfinite(np.take_along_axis(flat, best[..., None], axis=2)[..., 0])
+        flat = np.where(ok, new_load, np.inf).reshape(m * T, S * R)
+        best = flat.argmin(axis=1)
+        found = np.isfinite(flat[np.arange(m * T), best]).reshape(m, T)
+        best = best.reshape(m, T)
         sk, j = best // R, best % R
         b = cand[ar, np.arange(T), sk, j]  # [m, T] the idle slot each source picked
         h = b // S
-        # no hand-over to a source, nor two to one GPU (the busier source keeps it)
-        is_src = (h[:, :, None] == src[:, None, :]).any(axis=2)
-        dup = np.triu(h[:, :, None] == h[:, None, :], 1).any(axis=1)
-        go = found & ~is_src & ~dup
+        go = found
+        if T > 1:
+            # no hand-over to a source, nor two to one GPU (the busier source keeps it);
+            # with one source neither can happen (a hand-over to it would raise its load)
+            is_src = (h[:, :, None] == src[:, None, :]).any(axis=2)
+            dup = np.triu(h[:, :, None] == h[:, None, :], 1).any(axis=1)
+            go = found & ~is_src & ~dup
         if not go.any():
             return
         li, ti = np.nonzero(go)
