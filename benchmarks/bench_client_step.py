@@ -26,6 +26,7 @@ import torch
 from eplbd_client import EplbClient
 
 from benchmarks._report import machine_line, write_section
+from eplbd.ops.procs import exit_now
 
 L, E, P = 58, 256, 288
 TARGET_US = 10.0
@@ -174,6 +175,8 @@ def _two_rank_worker(rank: int, store: str, out: str) -> None:
         torch.save((statistics.median(plain), statistics.median(rounds)), out)
     c.close()
     dist.destroy_process_group()
+    del c
+    exit_now(0)  # no interpreter finalization with gloo's threads about
 
 
 def measure_two_ranks() -> tuple[float, float]:
