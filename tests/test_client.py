@@ -266,6 +266,7 @@ def _bad_inputs() -> list[tuple[str, Any, int, str]]:
         ("older epoch", good, 1, "not newer"),
         ("same epoch", good, 2, "not newer"),
         ("epoch not an integer", good, "3", "not an integer"),  # type: ignore[list-item]
+        ("epoch beyond int64", good, 2**63, "not an integer in"),
         ("epoch already failed", good, 9, "already failed"),
     ]
 
@@ -288,7 +289,7 @@ def test_bad_layouts_are_refused_and_never_staged() -> None:
     msgs = _drain(client)
     assert not [m for m in msgs if m[0] in ("staged", "committed")]
     aborted = [b for t, b, _ in msgs if t == "aborted"]
-    assert len(aborted) == len(_bad_inputs()) - 1  # the non-integer epoch has no epoch to name
+    assert len(aborted) == len(_bad_inputs()) - 2  # two epochs refused have none to name
     assert "staged" not in client.stats and client.stats["refused"] == len(_bad_inputs())
     # The client still takes a good layout at a fresh epoch.
     client.prepare(_layouts(1, seed=12)[0], 12)
@@ -452,6 +453,50 @@ def test_abort_and_supersede() -> None:
     assert torch.equal(client.layout.phy2log, c)
 
 
+def test_abort_refuses_an_epoch_the_consensus_cannot_carry() -> None:
+    client = EplbClient(L, E, P, require_weights=False)
+    for bad in (2**63, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="not an integer"):
+            client.abort(bad)  # type: ignore[arg-type]
+    client.abort(2**63 - 1)  # the largest is fine (and fails every epoch up to it)
+    for _ in range(3):
+        client.step()
+    assert client.epoch == 0
+
+
+def test_weights_registered_again_while_pending_fail_the_epoch() -> None:
+    """Buffers staged for the tensors registered before are never applied to new ones: a
+    commit would change some layers' weights and not others (and not the maps)."""
+    model = MoEModel(CFG)
+    src = GatedSource(model)
+    client = EplbClient(L, E, P, weight_source=src)
+    engine = EPMoEEngine(model, client)
+    old = client.layout.phy2log.clone()
+    w_before = [w.clone() for w in engine.w13]
+    a, b = _layouts(2, seed=31)
+    client.prepare(a, 1)
+    _wait(lambda: src.calls == 1)  # staging, blocked in the source
+    # the engine registers layer 1 again, now with one tensor: staged buffers no longer fit
+    client.register_expert_weights(1, [engine.w13[1]])
+    src.gate.set()
+    for _ in range(20):
+        client.step()
+        time.sleep(0.002)
+    assert client.epoch == 0 and client.pending_epoch is None
+    assert torch.equal(client.layout.phy2log, old)
+    assert all(torch.equal(w, w0) for w, w0 in zip(engine.w13, w_before, strict=True))
+    aborted = [bd for t, bd, _ in _drain(client) if t == "aborted"]
+    assert [bd["epoch"] for bd in aborted] == [1]
+    assert "registered again" in aborted[0]["reason"]
+    # the engine's registration as it was, and a later epoch commits with outputs kept
+    client.register_expert_weights(1, [engine.w13[1], engine.w2[1]])
+    client.prepare(b, 2)
+    _wait(lambda: client.epoch == 2, client)
+    for step in range(3):
+        x = model.tokens(step, 0, 5)
+        assert torch.allclose(engine.forward(x, step), model.reference_forward(x, step), atol=1e-12)
+
+
 # --- agent messages ------------------------------------------------------------------------
 
 
@@ -503,6 +548,13 @@ def test_deliver_drops_malformed_messages_without_raising() -> None:
             "wrong_group",
         ),
         ("abort", {"epoch": 1}, {}, "bad_field"),
+        ("abort", {"group": "default", "epoch": 2**63}, {}, "bad_field"),  # past int64
+        (
+            "prepare",
+            {"group": "default", "epoch": 2**63, "timeout_s": 1.0},
+            {"phy2log": p2l},
+            "bad_field",
+        ),
         ("welcome", {"epoch": 2, "schedule": None}, {}, "missing_tensor"),
         ("prepare", {"group": "default", "epoch": 1, "timeout_s": 1.0}, "frames", "bad_tensors"),
     ]

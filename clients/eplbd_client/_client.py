@@ -22,6 +22,7 @@ import torch
 from eplbd.kernels import map_and_record as _map_and_record
 from eplbd.layout import Layout, LayoutError
 from eplbd_client._messages import (
+    MAX_INT,
     PHY2LOG_DTYPES,
     PROTOCOL_VERSION,
     AbortMsg,
@@ -376,7 +377,20 @@ class EplbClient:
                 )
             if not t.is_contiguous():
                 raise ValueError(f"tensor {i} of layer {layer} must be contiguous")
-        self._weights[layer] = ts
+        with self._lock:
+            self._weights[layer] = ts
+            p = self._pending
+            if p is not None and p.epoch > self._failed_epoch:
+                # its buffers were (or are being) staged for the tensors registered before:
+                # applying them to these could change some layers' weights and not others.
+                # The epoch fails on every rank at the next consensus round; the old layout
+                # stays, and the planner may prepare again.
+                self._failed_epoch = p.epoch
+                p.fail_reason = p.fail_reason or (
+                    f"expert weights of layer {layer} registered again while epoch "
+                    f"{p.epoch} was pending"
+                )
+        self._wake()
 
     def prepare(
         self,
@@ -404,7 +418,10 @@ class EplbClient:
     def abort(self, epoch: int, reason: str = "aborted") -> None:
         """Give up ``epoch`` (what the planner's ABORT does): its staged data is dropped at the
         next consensus round on every rank, and the old layout stays. Too late once the group
-        has agreed to apply it."""
+        has agreed to apply it. Raises ValueError for an epoch that is not an integer in
+        [0, 2**63 - 1] (the consensus carries epochs in int64)."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= MAX_INT:
+            raise ValueError(f"epoch {epoch!r} is not an integer in [0, 2**63 - 1]")
         with self._lock:
             if epoch > self._failed_epoch:
                 self._failed_epoch = epoch
@@ -594,8 +611,10 @@ class EplbClient:
         self, phy2log: torch.Tensor | Layout, epoch: Any, deadline: float, share: Any = None
     ) -> str | None:
         """Validate and install a pending layout. Returns the refusal reason, or None."""
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-            return self._refuse(-1, f"epoch {epoch!r} is not an integer >= 1", poison=False)
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= MAX_INT:
+            return self._refuse(
+                -1, f"epoch {epoch!r} is not an integer in [1, 2**63 - 1]", poison=False
+            )
         if self._closed:
             return self._refuse(epoch, "the client is closed", poison=False)
         if self.ep_size > 1 and self._cgroup is None:

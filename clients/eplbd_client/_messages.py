@@ -72,10 +72,15 @@ class AbortMsg:
     reason: str
 
 
+#: The largest epoch (or other integer) a message may carry: the group's consensus sums
+#: them in int64 tensors.
+MAX_INT = 2**63 - 1
+
+
 def _int(body: dict[str, Any], key: str, lo: int = 0) -> int:
     v = body.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise BadMessage("bad_field", f"{key}={v!r} must be an integer >= {lo}")
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= MAX_INT:
+        raise BadMessage("bad_field", f"{key}={v!r} must be an integer in [{lo}, 2**63 - 1]")
     return v
 
 
