@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,6 +136,53 @@ def test_corrupt_files_are_refused_by_name_or_moved_aside(tmp_path: Path, conten
     store.close()
 
 
+def _drop_shape_key(d: dict) -> None:
+    del d["shape"]["num_physical_experts"]
+
+
+def _wider_layout(d: dict) -> None:
+    d["layouts"][-1]["layout"]["phy2log"] = [[0, 1, 2, 3, 3, 3, 0, 1], [0, 1, 2, 3, 0, 0, 1, 2]]
+
+
+def _staged_null(d: dict) -> None:
+    d["pending"]["staged"] = None
+
+
+def _frozen_text(d: dict) -> None:
+    d["frozen"] = "false"
+
+
+def _float_epoch(d: dict) -> None:
+    d["epoch"] = 3.0
+
+
+def _zero_layers(d: dict) -> None:
+    d["shape"]["num_layers"] = 0
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_drop_shape_key, _wider_layout, _staged_null, _frozen_text, _float_epoch, _zero_layers],
+)
+def test_a_damaged_field_is_store_corrupt_not_a_crash(tmp_path: Path, damage: Any) -> None:
+    """Whatever a file holds, loading raises StoreCorrupt naming it (so --reset-state can move
+    it aside), never another exception (the daemon would exit 1 and systemd restart it)."""
+    store = StateStore(tmp_path)
+    store.open()
+    rec = record(group="g")
+    store.save(rec)
+    path = store.path_of("g")
+    doc = json.loads(path.read_bytes())
+    damage(doc)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StoreCorrupt) as info:
+        store.load(now=0.0)
+    assert info.value.path == path
+    got, notes = store.load(now=0.0, reset_corrupt=True)
+    assert got == {} and len(notes) == 1 and not path.exists()
+    store.close()
+
+
 def test_one_planner_per_state_directory(tmp_path: Path) -> None:
     a = StateStore(tmp_path)
     a.open()
@@ -207,3 +256,58 @@ def test_windows_file_carries_the_regime_forecast_and_refuses_a_bad_one() -> Non
         with pytest.raises(ValueError):  # unreadable, or refused by the window
             st2 = decode_windows(bad)[1]
             LoadWindow(2, 3, window_s=1.0, num_windows=4, alpha=0.5, forecast="regime").restore(st2)
+
+
+def test_any_damage_to_a_windows_file_is_windows_unreadable() -> None:
+    """A windows file is a cache: whatever is wrong with it, decoding raises
+    WindowsUnreadable (skipped at start), never another exception (fatal to the daemon)."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from eplbd.controller import LoadWindow
+    from eplbd.controller._store import WindowsUnreadable, decode_windows, encode_windows
+
+    w = LoadWindow(2, 3, window_s=1.0, num_windows=4, alpha=0.5)
+    w.add(torch.ones(2, 3), 10, 0.0)
+    w.roll(2.0)
+    raw = encode_windows({"epoch": 1}, w.state())
+    # the central directory's compression method of the first member: a zip numpy cannot read
+    at = raw.index(b"PK\x01\x02") + 10
+    damaged = [raw[:at] + bytes([99]) + raw[at + 1 :]]
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        d = {k: z[k] for k in z.files}
+    d["meta"] = np.frombuffer(b"[1, 2]", dtype=np.uint8)  # JSON, not an object
+    buf = io.BytesIO()
+    np.savez(buf, **d)  # type: ignore[arg-type]
+    damaged.append(buf.getvalue())
+    # and every single flipped byte of the file
+    damaged += [raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1 :] for i in range(0, len(raw), 7)]
+    for bad in damaged:
+        with contextlib.suppress(WindowsUnreadable):  # anything else fails the test
+            decode_windows(bad)
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        "vllm:/mnt/models/" + "/".join(["deepseek-ai-DeepSeek-V3-0324-fp8"] * 7),  # 256 chars
+        "é" * 256,  # percent-encoding makes each of these 6 characters
+        ".blue.tmp-2",  # looks like a leftover temporary file
+    ],
+)
+def test_any_legal_group_name_is_saved_kept_over_restarts_and_read_back(
+    tmp_path: Path, group: str
+) -> None:
+    assert len(group) <= 256  # the wire's limit on a group name
+    store = StateStore(tmp_path)
+    store.open()
+    store.save(record(group=group))
+    assert len(store.path_of(group).name) + len(".tmp-4194304") + 1 <= 255
+    store.close()
+    store = StateStore(tmp_path)
+    store.open()  # removes leftovers of atomic_write, and only those
+    got, notes = store.load(now=0.0)
+    assert notes == [] and list(got) == [group] and got[group].epoch == 3
+    store.close()

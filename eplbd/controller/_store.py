@@ -4,7 +4,8 @@ the history, so that a restarted planner never reuses an epoch and can roll back
 Layout of the state directory::
 
     <state_dir>/planner.lock          flock: one planner per state directory
-    <state_dir>/groups/<group>.json   one file per EP group (name percent-encoded)
+    <state_dir>/groups/<group>.json   one file per EP group (name percent-encoded; past
+                                      200 characters, cut and a hash of it added)
     <state_dir>/windows/<group>.npz   its load windows and forecast (a cache: see below)
 
 Each file is rewritten whole and atomically: written to a temporary file in the same
@@ -32,8 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,8 +46,9 @@ from urllib.parse import quote, unquote
 
 from eplbd.controller._commit import Attempt
 from eplbd.controller._window import WindowState
-from eplbd.layout import Layout, LayoutError
+from eplbd.layout import Layout
 from eplbd.planner import RegimeState
+from eplbd.wire import ModelShape
 
 __all__ = [
     "STATE_SCHEMA_VERSION",
@@ -135,7 +139,6 @@ def encode_windows(meta: dict[str, Any], state: WindowState) -> bytes:
 def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
     """The inverse of :func:`encode_windows`. Raises :class:`WindowsUnreadable`."""
     import io
-    import zipfile
 
     import numpy as np
     import torch
@@ -170,7 +173,7 @@ def decode_windows(raw: bytes) -> tuple[dict[str, Any], WindowState]:
                 bucket_steps=steps,
                 regime=regime,
             )
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+    except Exception as e:  # a damaged zip raises more kinds than its docs say: never fatal
         raise WindowsUnreadable(f"{type(e).__name__}: {e}") from None
     tensors = [*state.buckets, *([] if state.forecast is None else [state.forecast])]
     if regime is not None and regime.mean is not None:
@@ -278,28 +281,35 @@ class GroupRecord:
                 f"schema_version {doc.get('schema_version')!r} (expected {STATE_SCHEMA_VERSION})",
             )
         try:
-            rec = cls(group=str(doc["group"]))
+            rec = cls(group=_str(doc["group"], "group"))
             shape = doc.get("shape")
             if shape is not None:
-                rec.shape = {str(k): int(v) for k, v in dict(shape).items()}
-            rec.epoch = int(doc["epoch"])
-            rec.max_epoch = int(doc["max_epoch"])
-            for item in doc.get("layouts", []):
-                ep = int(item["epoch"])
-                rec.layouts[ep] = Layout.from_dict(item["layout"])
+                rec.shape = _shape(shape)
+            rec.epoch = _int(doc["epoch"], "epoch")
+            rec.max_epoch = _int(doc["max_epoch"], "max_epoch")
+            for item in _list(doc.get("layouts", []), "layouts"):
+                ep = _int(item["epoch"], "a layout's epoch")
+                rec.layouts[ep] = _fits(Layout.from_dict(item["layout"]), rec.shape, ep)
                 if item.get("committed_at") is not None:
                     rec.layout_times[ep] = float(item["committed_at"])
             if doc.get("pending") is not None:
                 rec.pending = Attempt.from_dict(doc["pending"], now=now)
-            rec.frozen = bool(doc.get("frozen", False))
-            rec.frozen_layers = [int(x) for x in doc.get("frozen_layers", [])]
+                _fits(rec.pending.layout, rec.shape, rec.pending.epoch)
+            frozen = doc.get("frozen", False)
+            if not isinstance(frozen, bool):
+                raise ValueError(f"frozen={frozen!r} is not true or false")
+            rec.frozen = frozen
+            rec.frozen_layers = [
+                _int(x, "a frozen layer")
+                for x in _list(doc.get("frozen_layers", []), "frozen_layers")
+            ]
             lr = doc.get("last_rebalance_at")
             rec.last_rebalance_wall = None if lr is None else float(lr)
             hist = doc.get("history", [])
             if not isinstance(hist, list) or not all(isinstance(h, dict) for h in hist):
                 raise ValueError("history is not a list of objects")
             rec.history = hist
-        except (KeyError, TypeError, ValueError, LayoutError) as e:
+        except Exception as e:  # whatever the file holds, it is never a crash: a StoreCorrupt
             raise StoreCorrupt(path, f"{type(e).__name__}: {e}") from None
         if rec.epoch > rec.max_epoch or rec.epoch < 0:
             raise StoreCorrupt(path, f"epoch {rec.epoch} is outside [0, max_epoch={rec.max_epoch}]")
@@ -308,6 +318,69 @@ class GroupRecord:
         if rec.pending is not None and rec.pending.epoch > rec.max_epoch:
             raise StoreCorrupt(path, "the pending epoch is above max_epoch")
         return rec
+
+
+def _int(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{what}={v!r} is not an integer >= 0")
+    return v
+
+
+def _str(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"{what}={v!r} is not a string")
+    return v
+
+
+def _list(v: Any, what: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise ValueError(f"{what} is not a list")
+    return v
+
+
+_SHAPE_KEYS = ("num_layers", "num_logical_experts", "num_physical_experts")
+_SHAPE_OPTIONAL = ("ep_size", "num_nodes")
+
+
+def _shape(v: Any) -> dict[str, int]:
+    """A persisted model shape: what registration wrote (ModelShape's fields, and ep_size,
+    0 when unknown), checked as a hello's would be."""
+    if not isinstance(v, dict) or not set(_SHAPE_KEYS) <= set(v) <= {
+        *_SHAPE_KEYS,
+        *_SHAPE_OPTIONAL,
+    }:
+        raise ValueError(f"shape {v!r} must have the keys {', '.join(_SHAPE_KEYS)} (and ep_size)")
+    out = {str(k): _int(x, f"shape.{k}") for k, x in v.items()}
+    ModelShape(out["num_layers"], out["num_logical_experts"], out["num_physical_experts"])
+    return out
+
+
+def _fits(layout: Layout, shape: dict[str, int] | None, epoch: int) -> Layout:
+    """A stored layout must fit the stored shape: every snapshot is checked against both."""
+    if shape is not None:
+        want = (shape["num_layers"], shape["num_logical_experts"], shape["num_physical_experts"])
+        have = (layout.num_layers, layout.num_logical, layout.num_physical)
+        if have != want:
+            raise ValueError(f"the layout of epoch {epoch} is (L, E, P) {have}, shape {want}")
+    return layout
+
+
+#: A temporary file of :func:`atomic_write` (``.<name>.tmp-<pid>``) in the state directories.
+_TMP_NAME = re.compile(r"\..+\.(json|npz)\.tmp-[0-9]+")
+#: The longest file stem kept as the percent-encoded name: with ``.json`` and
+#: atomic_write's ``.``, ``.tmp-<pid>`` the file name stays under the usual 255 bytes.
+_MAX_STEM = 200
+
+
+def _file_stem(group: str) -> str:
+    """A group's file name without its suffix: the name percent-encoded, or where that is
+    too long for a file name (the wire allows 256 characters, and encoding can triple them)
+    its first part and a hash of the whole name."""
+    stem = quote(group, safe="")
+    if len(stem) <= _MAX_STEM:
+        return stem
+    digest = hashlib.sha256(group.encode()).hexdigest()[:24]
+    return f"{stem[: _MAX_STEM - len(digest) - 1]}~{digest}"
 
 
 class StateStore:
@@ -349,8 +422,10 @@ class StateStore:
         self._lock_fd = fd
         for d in (self.groups_dir, self.windows_dir):
             for tmp in d.glob(".*.tmp-*"):
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+                # only atomic_write's own leftovers: a group named ".x.tmp-2" has a file too
+                if _TMP_NAME.fullmatch(tmp.name):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -360,7 +435,7 @@ class StateStore:
             self._lock_fd = None
 
     def path_of(self, group: str) -> Path:
-        return self.groups_dir / (quote(group, safe="") + ".json")
+        return self.groups_dir / (_file_stem(group) + ".json")
 
     def load(
         self, *, now: float, reset_corrupt: bool = False
@@ -373,9 +448,9 @@ class StateStore:
         for path in sorted(self.groups_dir.glob("*.json")):
             try:
                 rec = GroupRecord.from_json(path, path.read_bytes(), now=now)
-                expected = unquote(path.name[: -len(".json")])
-                if rec.group != expected:
-                    raise StoreCorrupt(path, f"holds group {rec.group!r}, name says {expected!r}")
+                if self.path_of(rec.group).name != path.name:
+                    said = unquote(path.name[: -len(".json")])
+                    raise StoreCorrupt(path, f"holds group {rec.group!r}, name says {said!r}")
             except OSError as e:
                 corrupt = StoreCorrupt(path, f"cannot read: {e.strerror}")
                 if not reset_corrupt:
@@ -404,7 +479,7 @@ class StateStore:
         self.writes += 1
 
     def windows_path_of(self, group: str) -> Path:
-        return self.windows_dir / (quote(group, safe="") + ".npz")
+        return self.windows_dir / (_file_stem(group) + ".npz")
 
     def save_windows(self, group: str, meta: dict[str, Any], state: WindowState) -> None:
         """Atomically write one group's load windows (:func:`encode_windows`)."""
