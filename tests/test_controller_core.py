@@ -585,6 +585,47 @@ def test_restart_mid_commit_when_the_ranks_did_not_commit(h: Harness) -> None:
     assert h.core.groups["g"].record.epoch == e
 
 
+def test_a_commit_that_raced_its_abort_is_committed_after_a_restart(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    h.answer(STAGED, e, 0, ok=True, reason="", staged_bytes=1)
+    h.answer(STAGED, e, 1, ok=True, reason="", staged_bytes=1)
+    h.clock.advance(h.core.config.commit_timeout_s + 1)
+    h.heartbeats()
+    h.core.tick()
+    assert h.state_file()["history"][-1]["state"] == "aborted"
+    h.answer(COMMITTED, e, 0, step=77)  # the flip raced the abort: the group serves e
+    assert h.state_file()["pending"]["state"] == "committing"
+    h.restart()  # before rank 1's report
+    h.hello_all(epochs=(e, e))
+    hist = h.state_file()["history"]
+    assert [x["state"] for x in hist if x["epoch"] == e] == ["committed"]
+    assert h.core.groups["g"].record.epoch == e
+
+
+def test_registration_keeps_the_commit_steps_the_ranks_reported(h: Harness) -> None:
+    h.hello_all()
+    e = _prepare_epoch(h)
+    h.answer(STAGED, e, 0, ok=True, reason="", staged_bytes=1)
+    h.answer(STAGED, e, 1, ok=True, reason="", staged_bytes=1)
+    h.answer(COMMITTED, e, 1, step=1234)
+    h.restart()
+    h.hello_all(epochs=(e, e))  # rank 0 says it serves e at registration: its step is unknown
+    last = h.state_file()["history"][-1]
+    assert last["state"] == "committed" and last["committed"] == {"0": -1, "1": 1234}
+    assert not [f for f in last["flags"] if "different commit steps" in f]
+
+
+def test_an_older_epochs_layout_is_kept_not_taken_for_the_served_one(h: Harness) -> None:
+    h.hello_all(epochs=(9, 9))  # the ranks serve 9, its layout unknown here
+    g = h.core.groups["g"]
+    old = Layout.from_phy2log([[0, 1, 2, 3, 1, 1]] * L, E)
+    h.send(b"a0", LAYOUT, {"agent": "a0", "group": "g", "epoch": 4}, {"phy2log": old.phy2log})
+    assert g.record.epoch == 0 and g.layout_unknown
+    ok, msg, _, _ = h.core.command({"op": "rebalance", "group": "g"})
+    assert not ok and "layout_unknown" in msg  # never planned from epoch 4's layout
+
+
 def test_unknown_epoch_is_adopted_from_an_agent_layout(h: Harness) -> None:
     h.hello_all(epochs=(9, 9))  # e.g. the state directory was reset
     g = h.core.groups["g"]

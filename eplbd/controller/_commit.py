@@ -36,6 +36,9 @@ COMMITTING = "committing"
 COMMITTED = "committed"
 ABORTED = "aborted"
 TERMINAL_STATES = frozenset({COMMITTED, ABORTED})
+#: The commit step of a rank known to serve the epoch only from its registration (its own
+#: ``committed`` report, with the step, never came): left out of the steps' comparison.
+UNKNOWN_STEP = -1
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ class Attempt:
             self.flags.append(text)
 
     def _check_steps(self) -> None:
-        steps = set(self.committed.values())
+        steps = {s for s in self.committed.values() if s != UNKNOWN_STEP}
         if len(steps) > 1:
             self._flag(f"ranks report different commit steps: {sorted(steps)}")
 

@@ -89,6 +89,10 @@ class CommitOrchestration(CoreBase):
                 g.last_rebalance_mono = now
                 if g.record.pending is a and a.finished:
                     g.record.pending = None
+                elif not a.finished:
+                    # committing, also where a late report revived an aborted attempt: on disk
+                    # it is the pending one again, so a restart finishes it as committed
+                    g.record.pending = a
                 self._persist(g)
                 out += self._layout_to(g, self._agents_of(g))
                 log.info(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from eplbd.controller._commit import UNKNOWN_STEP
 from eplbd.controller._state import AgentInfo, CoreBase, GroupState, Outbound, RankInfo, log
 from eplbd.layout import Layout, LayoutError
 from eplbd.wire import (
@@ -289,9 +290,11 @@ class Registration(CoreBase):
             serving = [rk.ep_rank for rk in present if rk.epoch >= a.epoch]
             if serving:
                 for r in serving:
+                    if r in a.committed:  # its own report (with its step) came first
+                        continue
                     if a.restored:
                         a.flags.append(f"rank {r} reported epoch {a.epoch} at registration")
-                    out += self._effects(g, a, a.on_committed(r, 0, now, wall))
+                    out += self._effects(g, a, a.on_committed(r, UNKNOWN_STEP, now, wall))
             elif a.restored and a.in_flight and self.complete(g):
                 out += self._effects(
                     g,
@@ -346,12 +349,15 @@ class Registration(CoreBase):
         if a is not None and a.layout != lay:
             raise WireError("bad_layout", f"layout of epoch {epoch} differs from the one prepared")
         wall = self.clock.time()
-        top = max((rk.epoch for rk in g.ranks.values() if rk.present), default=0)
+        served = {rk.epoch for rk in g.ranks.values() if rk.present}
+        top = max(served, default=0)
         if a is None and epoch > top:
             # no rank says it serves this epoch and we never prepared it: do not believe it
             g.count("layout_not_served")
             return []
-        if epoch > g.record.epoch:
+        # in service only where a rank serves it (or it is our own attempt's, none newer
+        # served): an older epoch's layout is kept for the record, not adopted
+        if epoch > g.record.epoch and (epoch in served or (a is not None and epoch >= top)):
             self._adopt(g, epoch, lay, wall, "an agent reported it")
         else:
             g.record.layouts[epoch] = lay
