@@ -741,3 +741,64 @@ def test_constructor_checks() -> None:
     with pytest.raises(ValueError, match="max_replicas"):
         EplbClient(L, E, P, max_replicas=P)
     assert isinstance(eplbd_client.Schedule(4, 2, True), eplbd_client.Schedule)
+
+
+def test_host_pool_open_refuses_a_file_of_the_wrong_size(tmp_path: Path) -> None:
+    """A shared mapping would grow a short file with zeros and serve them as weights."""
+    model = MoEModel(CFG)
+    HostExpertPool.create(tmp_path / "pool", [model.expert_weights(i) for i in range(L)])
+    f = tmp_path / "pool" / "l1_t0.bin"
+    full = f.stat().st_size
+    os.truncate(f, 64)
+    with pytest.raises(ValueError, match=f"has 64 bytes, the manifest says {full}"):
+        HostExpertPool.open(tmp_path / "pool")
+    assert f.stat().st_size == 64  # not grown (nor zero-filled) by the refused open
+    os.truncate(f, full + 8)
+    with pytest.raises(ValueError, match="bytes, the manifest says"):
+        HostExpertPool.open(tmp_path / "pool")
+
+
+def test_pool_source_refuses_a_pool_of_another_model() -> None:
+    """copy_ would broadcast a wrong shape and convert a wrong dtype: the fetch raises instead,
+    before writing any row, also when it has nothing to copy."""
+    model = MoEModel(CFG)
+    w = [model.expert_weights(i) for i in range(L)]
+    good = _layouts(1, seed=41)[0]
+    weights = {i: [t[good[i]] for t in w[i]] for i in range(L)}  # one rank, slot-major
+    bad: list[tuple[str, list[list[torch.Tensor]], str]] = [
+        ("broadcastable shape", [[w[i][0][:, :, :1], w[i][1]] for i in range(L)], "per slot"),
+        ("dtype", [[w[i][0].float(), w[i][1]] for i in range(L)], "torch.float32"),
+        ("fewer experts", [[t[: E - 1] for t in w[i]] for i in range(L)], "experts"),
+        ("fewer layers", w[:1], "layers"),
+        ("fewer tensors", [w[i][:1] for i in range(L)], "tensors"),
+    ]
+    for what, layers, needle in bad:
+        src = HostPoolWeightSource(HostExpertPool(layers))
+        out = {(1, 5): [torch.full_like(t[0], -7.0) for t in weights[1]]}
+        for wanted, o in (([(1, 5)], out), ([], {})):
+            req = FetchRequest(1, 0, 1, good, good, weights, wanted, o)
+            with pytest.raises(RuntimeError, match=needle):
+                src.fetch(req)
+        assert all(bool((t == -7.0).all()) for t in out[(1, 5)]), what
+    # without registered weights, the staging row itself is checked before the copy
+    src = HostPoolWeightSource(HostExpertPool(bad[0][1]))
+    out = {(1, 5): [torch.empty_like(t[0]) for t in weights[1]]}
+    with pytest.raises(RuntimeError, match="staging row"):
+        src.fetch(FetchRequest(1, 0, 2, good, good, {}, [(1, 5)], out))
+
+
+def test_pool_of_another_model_fails_staging_and_keeps_the_old_layout() -> None:
+    model = MoEModel(CFG)
+    pool = HostExpertPool([[model.w13[i][:, :, :1], model.w2[i]] for i in range(L)])
+    client = EplbClient(L, E, P, weight_source=HostPoolWeightSource(pool))
+    engine = EPMoEEngine(model, client)
+    old = client.layout.phy2log.clone()
+    w_before = [t.clone() for t in (*engine.w13, *engine.w2)]
+    client.prepare(_layouts(1, seed=42)[0], 1)
+    _wait(lambda: client.pending_epoch is None, client)
+    assert client.epoch == 0 and torch.equal(client.layout.phy2log, old)
+    w_after = (*engine.w13, *engine.w2)
+    assert all(torch.equal(a, b) for a, b in zip(w_after, w_before, strict=True))
+    aborted = [b for t, b, _ in _drain(client) if t == "aborted"]
+    assert [b["epoch"] for b in aborted] == [1] and "per expert" in aborted[0]["reason"]
+    assert "commits" not in client.stats

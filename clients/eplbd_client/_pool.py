@@ -98,9 +98,18 @@ class HostExpertPool:
                 dtype = getattr(torch, str(t["dtype"]))
                 shape = [int(s) for s in t["shape"]]
                 nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-                raw = torch.from_file(
-                    str(d / t["file"]), shared=True, size=nbytes, dtype=torch.uint8
-                )
+                path = d / t["file"]
+                # A shared mapping grows a short file with zeros (and writes them back): a
+                # truncated or foreign file would serve zeros as weights. The mapping stays
+                # shared read-write: pinning needs writable pages, and a private mapping
+                # would copy every pinned page into each process.
+                size = path.stat().st_size
+                if size != nbytes:
+                    raise ValueError(
+                        f"pool file {path} has {size} bytes, the manifest says {nbytes} "
+                        f"({t['dtype']} {shape})"
+                    )
+                raw = torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
                 ts.append(raw.view(dtype).view(shape))
             layers.append(ts)
         pool = cls(layers)

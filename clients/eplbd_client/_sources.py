@@ -196,6 +196,7 @@ class HostPoolWeightSource(WeightSource):
         self.pool = pool
 
     def fetch(self, request: FetchRequest) -> None:
+        self._check(request)
         for layer, expert in request.wanted:
             src = self.pool.layer(layer)
             dst = request.out[(layer, expert)]
@@ -203,5 +204,39 @@ class HostPoolWeightSource(WeightSource):
                 raise RuntimeError(
                     f"pool layer {layer} has {len(src)} tensors, the engine registered {len(dst)}"
                 )
-            for s, d in zip(src, dst, strict=True):
+            for k, (s, d) in enumerate(zip(src, dst, strict=True)):
+                if s.shape[1:] != d.shape or s.dtype != d.dtype:
+                    raise RuntimeError(
+                        f"pool layer {layer} tensor {k} holds {s.dtype} {tuple(s.shape[1:])} "
+                        f"per expert, the staging row is {d.dtype} {tuple(d.shape)}"
+                    )
                 d.copy_(s[expert], non_blocking=True)
+
+    def _check(self, request: FetchRequest) -> None:
+        """The pool must be this model's: ``copy_`` would broadcast a wrong shape and convert
+        a wrong dtype without error. Checked on every fetch (metadata only, a few per layer),
+        also when nothing is wanted, so that a wrong pool fails the first staging."""
+        pool = self.pool
+        L = int(request.new_phy2log.shape[0])
+        if pool.num_layers != L:
+            raise RuntimeError(f"the pool has {pool.num_layers} layers, the model has {L}")
+        # The request carries no expert count: a valid layout names every expert of the
+        # model, so the pool must hold at least each one named (a larger pool passes).
+        top = max(int(request.old_phy2log.max()), int(request.new_phy2log.max()))
+        if top >= pool.num_experts:
+            raise RuntimeError(
+                f"the pool has {pool.num_experts} experts, the layouts name expert {top}"
+            )
+        for layer, ws in request.weights.items():
+            src = pool.layer(layer)
+            if len(src) != len(ws):
+                raise RuntimeError(
+                    f"pool layer {layer} has {len(src)} tensors, the engine registered {len(ws)}"
+                )
+            for k, (s, w) in enumerate(zip(src, ws, strict=True)):
+                if s.shape[1:] != w.shape[1:] or s.dtype != w.dtype:
+                    raise RuntimeError(
+                        f"pool layer {layer} tensor {k} holds {s.dtype} {tuple(s.shape[1:])} "
+                        f"per expert, the engine registered {w.dtype} {tuple(w.shape[1:])} "
+                        f"per slot"
+                    )
