@@ -802,3 +802,14 @@ def test_pool_of_another_model_fails_staging_and_keeps_the_old_layout() -> None:
     aborted = [b for t, b, _ in _drain(client) if t == "aborted"]
     assert [b["epoch"] for b in aborted] == [1] and "per expert" in aborted[0]["reason"]
     assert "commits" not in client.stats
+
+
+def test_prepare_refuses_a_timeout_that_would_never_or_already_expire() -> None:
+    client = EplbClient(L, E, P, require_weights=False)
+    lay = _layouts(1, seed=41)[0]
+    for bad in (float("nan"), float("inf"), -1.0, 0, True, "5"):
+        with pytest.raises(ValueError, match="timeout_s"):
+            client.prepare(lay, 1, timeout_s=bad)  # type: ignore[arg-type]
+        assert client.pending_epoch is None
+    client.prepare(lay, 1, timeout_s=30)
+    _wait(lambda: client.epoch == 1, client)

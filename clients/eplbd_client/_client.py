@@ -409,7 +409,16 @@ class EplbClient:
         maps, and it is applied at the same step on every rank like any other.
         ``timeout_s``: from now; None means the client's ``prepare_timeout_s``. Raises
         :class:`PrepareError` if refused (bad layout or shares, epoch not newer, over the
-        staging budget); the refusal is also reported (``aborted``) and nothing is staged."""
+        staging budget); the refusal is also reported (``aborted``) and nothing is staged.
+        Raises ValueError for a ``timeout_s`` that is not a finite number > 0."""
+        if timeout_s is not None and not (
+            isinstance(timeout_s, int | float)
+            and not isinstance(timeout_s, bool)
+            and math.isfinite(timeout_s)
+            and timeout_s > 0
+        ):
+            # NaN would never expire, a negative one expire unseen: refused, nothing staged
+            raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
         t = self._prepare_timeout_s if timeout_s is None else float(timeout_s)
         err = self._prepare(phy2log, epoch, self._clock() + t, share)
         if err is not None:
