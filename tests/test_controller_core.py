@@ -725,6 +725,34 @@ def _commit(h: Harness, epoch: int) -> None:
         h.answer(COMMITTED, epoch, r, step=10)
 
 
+def test_an_empty_layer_list_is_refused_not_read_as_the_whole_group(h: Harness) -> None:
+    h.hello_all()
+    for op in ("freeze", "unfreeze", "rebalance"):
+        ok, msg, _, _ = h.core.command({"op": op, "group": "g", "layers": []})
+        assert not ok and "empty" in msg, (op, msg)
+    rec = h.core.groups["g"].record
+    assert not rec.frozen and rec.frozen_layers == []
+
+
+def test_a_cooldown_stamped_in_the_future_still_holds_after_a_restart(h: Harness) -> None:
+    """The wall clock stepped back across a restart: the last rebalance looks like it is yet
+    to come. The cooldown then runs from the restart, it is not dropped."""
+    h.hello_all()
+    e = _prepare_epoch(h)
+    for r in range(G):
+        h.answer(STAGED, e, r, ok=True, reason="", staged_bytes=1)
+    h.answer(COMMITTED, e, 0, step=8)
+    h.answer(COMMITTED, e, 1, step=8)
+    h.clock.advance(3600.0)
+    rec = h.core.groups["g"].record
+    rec.last_rebalance_wall = h.clock.time() + 600.0
+    h.core._persist(h.core.groups["g"])
+    h.restart()
+    g = h.core.groups["g"]
+    assert g.last_rebalance_mono is not None
+    assert h.clock.monotonic() - g.last_rebalance_mono < h.core.config.policy.cooldown_s
+
+
 def test_a_refused_command_is_not_shown_as_the_planners_intention(h: Harness) -> None:
     """status and top show what the planner means to do; a rollback it refused, or a dry run,
     is in the decisions list but not in BALANCE/PLANNED."""

@@ -111,10 +111,10 @@ class PlannerCore(Registration, CommitOrchestration):
                 g.attempt = rec.pending
                 g.recent[rec.pending.epoch] = rec.pending
             if rec.last_rebalance_wall is not None:
-                # the cooldown survives a restart: carry the wall-clock age over
-                age = self.clock.time() - rec.last_rebalance_wall
-                if age >= 0:
-                    g.last_rebalance_mono = self.clock.monotonic() - age
+                # the cooldown survives a restart: carry the wall-clock age over (a time in
+                # the future, the clock stepped back: as if it were now)
+                age = max(0.0, self.clock.time() - rec.last_rebalance_wall)
+                g.last_rebalance_mono = self.clock.monotonic() - age
             self._restore_windows(g, notes)
             log.info(
                 "group restored",
@@ -578,6 +578,10 @@ class PlannerCore(Registration, CommitOrchestration):
         except KeyError as e:
             return False, str(e.args[0]), {}, []
         layers = body.get("layers")
+        if layers is not None and len(layers) == 0:
+            # read as "no layers" it is nothing to do; as "no filter", the whole group (a
+            # freeze or unfreeze of everything): neither is what an empty list was meant for
+            return False, "layers is empty: name some, or leave it out for the whole group", {}, []
         if layers is not None and g.shape is not None:
             bad = [x for x in layers if x >= g.shape.num_layers]
             if bad:
