@@ -60,11 +60,12 @@ __all__ = [
 ]
 
 #: Planner settings for a run of seconds: short windows and heartbeats, no automatic
-#: rebalance (min_windows) unless a test asks for one.
+#: rebalance (min_tokens out of reach; min_windows may not exceed windows) unless a test
+#: asks for one.
 PLANNER_FAST: dict[str, Any] = {
     "window_s": 0.5,
     "windows": 4,
-    "min_windows": 100000,
+    "min_tokens": 10**15,
     "ewma_alpha": 0.5,
     "cooldown_s": 600.0,
     "min_gain": 0.05,

@@ -619,6 +619,21 @@ def test_bad_configuration_exits_78_naming_the_field(
         assert field in err, (flags, err)
 
 
+def test_a_planner_endpoint_without_a_default_snapshot_endpoint_is_refused(
+    rundir: Path,
+) -> None:
+    """The planner's snapshot endpoint derived from --planner must exist: port + 1 <= 65535."""
+    from eplbd.ops import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_agent_settings(AgentSettings(planner="tcp://h:65535", runtime_dir=rundir))
+    assert e.value.field == "planner_snapshots" and "above 65535" in e.value.message
+    given = AgentSettings(
+        planner="tcp://h:65535", planner_snapshots="tcp://h:7051", runtime_dir=rundir
+    )
+    check_agent_settings(given)
+
+
 def test_embedded_planner_registers_workers_and_answers_the_cli_socket(
     ctx: zmq.Context[Any], rundir: Path
 ) -> None:

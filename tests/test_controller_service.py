@@ -567,6 +567,76 @@ def test_settings_rules(tmp_path: Path) -> None:
     assert s.core_config().forecast == "regime"
 
 
+def test_settings_refuse_min_windows_above_windows() -> None:
+    """The sliding window never holds more than `windows`: automatic rebalancing would never
+    start."""
+    from eplbd.controller import check_planner_settings
+    from eplbd.ops import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_planner_settings(PlannerSettings(windows=2, min_windows=3))
+    assert e.value.field == "min_windows" and "windows (2)" in e.value.message
+    check_planner_settings(PlannerSettings(windows=3, min_windows=3))
+
+
+def test_settings_refuse_half_a_curve_configuration(tmp_path: Path) -> None:
+    """curve_secret or curve_allow_dir alone (no curve_keys) would serve without CURVE."""
+    from eplbd.controller import check_planner_settings
+    from eplbd.ops import ConfigError
+
+    secret, allow = tmp_path / "planner.key_secret", tmp_path / "allowed"
+    secret.write_text("x")
+    allow.mkdir()
+    with pytest.raises(ConfigError) as e:
+        check_planner_settings(PlannerSettings(curve_secret=secret))
+    assert e.value.field == "curve_allow_dir"
+    with pytest.raises(ConfigError) as e:
+        check_planner_settings(PlannerSettings(curve_allow_dir=allow))
+    assert e.value.field == "curve_secret"
+    s = PlannerSettings(curve_secret=secret, curve_allow_dir=allow)
+    check_planner_settings(s)
+    assert s.curve_paths == (secret, allow)
+    s = PlannerSettings(curve_keys=tmp_path, curve_secret=secret)  # the other from curve_keys
+    check_planner_settings(s)
+    assert s.curve_paths == (secret, allow)
+
+
+def test_settings_refuse_a_staging_budget_below_one_expert() -> None:
+    """Not one expert fits: the budget is refused, not raised to one move per rank."""
+    from eplbd.controller import check_planner_settings
+    from eplbd.ops import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_planner_settings(
+            PlannerSettings(staging_bytes=1000, expert_bytes=4000, max_moves_per_rank=3)
+        )
+    assert e.value.field == "staging_bytes" and "expert_bytes (4000)" in e.value.message
+    s = PlannerSettings(staging_bytes=4000, expert_bytes=4000, max_moves_per_rank=3)
+    check_planner_settings(s)
+    assert s.core_config().policy.max_moves_per_rank == 1
+    check_planner_settings(PlannerSettings(staging_bytes=1000))  # no expert size: no cap
+
+
+def test_settings_refuse_a_listen_without_a_default_snapshot_endpoint() -> None:
+    """The snapshot endpoint derived from listen must be bindable: port + 1 <= 65535, and an
+    ipc path short enough."""
+    from eplbd.controller import check_planner_settings
+    from eplbd.ops import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_planner_settings(PlannerSettings(listen="tcp://127.0.0.1:65535"))
+    assert e.value.field == "listen" and "above 65535" in e.value.message
+    assert "snapshot_listen" in e.value.message
+    check_planner_settings(
+        PlannerSettings(listen="tcp://127.0.0.1:65535", snapshot_listen="tcp://127.0.0.1:65534")
+    )
+    check_planner_settings(PlannerSettings(listen="tcp://127.0.0.1:65534"))
+    deep = "/" + "d" * 90  # p.sock fits in 107 bytes, planner-snapshots.sock does not
+    with pytest.raises(ConfigError) as e:
+        check_planner_settings(PlannerSettings(listen=f"ipc://{deep}/p.sock"))
+    assert e.value.field == "listen" and "planner-snapshots.sock" in e.value.message
+
+
 def _dry_run(ctx: Any, control: str) -> dict[str, Any]:
     rep = cli_request(ctx, control, COMMAND, {"op": "rebalance", "group": "g", "dry_run": True})
     assert rep.type == COMMAND_REPLY, rep.body

@@ -81,7 +81,7 @@ def test_skewed_load_is_rebalanced_and_committed_on_every_rank() -> None:
     equals the no-EPLB reference, and the balance the ranks measure (tokens each GPU
     computed) improves."""
     with Stack() as st:
-        st.start_planner(min_windows=2, cooldown_s=600.0)
+        st.start_planner(min_windows=2, min_tokens=1, cooldown_s=600.0)
         agent = st.start_agent("n0")
         specs = st.start_group("g", [agent, agent], sync_interval=8)
         names = [s.name for s in specs]
@@ -792,7 +792,11 @@ def test_time_objective_commits_a_weighted_split_on_every_rank() -> None:
     checked per slot in test_client_multiproc.py.)"""
     with Stack() as st:
         st.start_planner(
-            min_windows=2, cooldown_s=600.0, objective="time", expert_shape="2048,1408"
+            min_windows=2,
+            min_tokens=1,
+            cooldown_s=600.0,
+            objective="time",
+            expert_shape="2048,1408",
         )
         agent = st.start_agent("n0")
         specs = st.start_group("g", [agent, agent], sync_interval=8, tokens=4)

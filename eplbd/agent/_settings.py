@@ -172,6 +172,9 @@ def check_agent_settings(s: AgentSettings) -> None:
             )
     if s.planner is not None and s.planner_snapshots is None:
         try:
-            planner_snapshot_endpoint(s.planner)
+            # derived: port 65535 has no port + 1, and an ipc path may grow too long
+            cfg.check_endpoint("tcp", "ipc")(planner_snapshot_endpoint(s.planner))
         except ValueError as e:
-            raise ConfigError("planner_snapshots", str(e)) from None
+            raise ConfigError(
+                "planner_snapshots", f"no default from planner ({e}): set planner_snapshots"
+            ) from None

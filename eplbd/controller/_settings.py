@@ -272,7 +272,7 @@ class PlannerSettings:
         if self.staging_bytes > 0 and self.expert_bytes > 0:
             fit = self.staging_bytes // self.expert_bytes
             per_rank = fit if per_rank == 0 else min(per_rank, fit)
-            per_rank = max(per_rank, 1)
+            per_rank = max(per_rank, 1)  # unchecked settings only: fit >= 1 once checked
         return CoreConfig(
             objective=self.objective,
             cost_model=self.load_cost_model(),
@@ -334,11 +334,14 @@ class PlannerSettings:
 
 def snapshot_endpoint_for(listen: str) -> str:
     """The default snapshot endpoint: tcp port + 1 (``:0`` / ``:*`` stay ephemeral), or
-    ``planner-snapshots.sock`` in the directory of an ipc control socket."""
+    ``planner-snapshots.sock`` in the directory of an ipc control socket. Raises ValueError
+    (port 65535 has no port + 1)."""
     if listen.startswith("tcp://"):
         host, _, port = listen[len("tcp://") :].rpartition(":")
         if port in ("0", "*"):
             return f"tcp://{host}:{port}"
+        if int(port) >= 65535:  # no port + 1: the bind (or connect) could never succeed
+            raise ValueError(f"{listen!r}: the control port + 1 is above 65535")
         return f"tcp://{host}:{int(port) + 1}"
     if listen.startswith("ipc://"):
         path = Path(listen[len("ipc://") :])
@@ -361,10 +364,28 @@ def check_planner_settings(s: PlannerSettings) -> None:
     cfg.validate(s)
     try:
         snap = s.snapshot_endpoint
+        if s.snapshot_listen is None:  # derived from listen: its ipc path may be too long
+            cfg.check_endpoint("tcp", "ipc")(snap)
     except ValueError as e:
-        raise cfg.ConfigError("snapshot_listen", str(e)) from None
+        raise cfg.ConfigError(
+            "listen", f"no default snapshot endpoint ({e}): set snapshot_listen, or change listen"
+        ) from None
     if snap == s.listen and not s.listen.endswith((":0", ":*")):
         raise cfg.ConfigError("snapshot_listen", f"same endpoint as listen ({snap})")
+    if s.min_windows > s.windows:
+        # the sliding window never holds more than `windows`: no automatic rebalance, ever
+        raise cfg.ConfigError(
+            "min_windows",
+            f"{s.min_windows} is more than windows ({s.windows}), so no automatic rebalance "
+            "would ever start (to stop them, use eplbd freeze)",
+        )
+    if 0 < s.staging_bytes < s.expert_bytes:
+        # not one expert fits: the cap would have to be 0 moves, i.e. no rebalance at all
+        raise cfg.ConfigError(
+            "staging_bytes",
+            f"{s.staging_bytes} is less than expert_bytes ({s.expert_bytes}): not even one "
+            "expert fits in the staging memory",
+        )
     if s.objective == "time" and s.expert_shape in (None, "") and s.cost_model is None:
         raise cfg.ConfigError(
             "objective",
@@ -372,6 +393,12 @@ def check_planner_settings(s: PlannerSettings) -> None:
         )
     if s.cost_model is not None or s.expert_shape not in (None, ""):
         s.load_cost_model()  # a bad file or a shape that contradicts it fails at start
+    if s.curve_keys is None and (s.curve_secret is None) != (s.curve_allow_dir is None):
+        # one half of CURVE alone would otherwise serve without CURVE
+        missing = "curve_allow_dir" if s.curve_allow_dir is None else "curve_secret"
+        raise cfg.ConfigError(
+            missing, "CURVE needs both curve_secret and curve_allow_dir (or curve_keys)"
+        )
     paths = s.curve_paths
     if paths is not None:
         secret, allow = paths
