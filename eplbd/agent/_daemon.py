@@ -192,8 +192,12 @@ class AgentDaemon:
                     self.planner_settings, clock=self.clock, registry=self.registry
                 )
             if self.endpoints.planner is not None:
-                curve = None
-                if s.curve_secret_key is not None and s.curve_server_key is not None:
+                curve = None  # none on the ipc link to an embedded planner
+                if (
+                    not s.embedded_planner
+                    and s.curve_secret_key is not None
+                    and s.curve_server_key is not None
+                ):
                     curve = load_client_keys(s.curve_secret_key, s.curve_server_key)
                 self._dealer = control_client(
                     self._ctx,
@@ -276,7 +280,11 @@ class AgentDaemon:
             self._calls.append(fn)
 
     def set_schedule(self, schedule: Schedule) -> None:
-        """Change the recording schedule; every worker is told on the loop's next turn."""
+        """Change the recording schedule; every worker is told on the loop's next turn.
+        Raises ValueError for a bad schedule (here, not later in the loop)."""
+        w, r = schedule.window_steps, schedule.record_steps
+        if not (isinstance(w, int) and isinstance(r, int) and 0 <= r <= w and w >= 1):
+            raise ValueError(f"bad schedule {schedule}: need 0 <= record_steps <= window_steps")
         self.call(lambda core: core.set_schedule(schedule))
 
     def run(self, stop: threading.Event) -> None:
@@ -312,7 +320,10 @@ class AgentDaemon:
                 with self._status_lock:
                     calls, self._calls = self._calls, []
                 for fn in calls:
-                    self._send(fn(self.core))
+                    try:
+                        self._send(fn(self.core))
+                    except Exception:  # a caller's mistake must not end the loop
+                        log.exception("a queued call failed")
             self._send(self.core.tick())
             self._send_unsent_snapshots()
             self.loops += 1

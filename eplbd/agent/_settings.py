@@ -145,6 +145,16 @@ def check_agent_settings(s: AgentSettings) -> None:
     """The rules between fields. Raises ConfigError naming the field."""
     if s.embedded_planner and s.planner is not None:
         raise ConfigError("planner", "give --planner or --embedded-planner, not both")
+    if s.embedded_planner:
+        # the embedded planner's endpoints are this agent's own ipc sockets, without CURVE
+        # (protocol.md): these settings would be unused, so they are refused, not ignored
+        for name in ("planner_snapshots", "curve_secret_key", "curve_server_key"):
+            if getattr(s, name) is not None:
+                raise ConfigError(
+                    name,
+                    "not used with --embedded-planner (its links are ipc, without CURVE): "
+                    "leave it out, or give --planner",
+                )
     if not s.embedded_planner and s.planner is None:
         raise ConfigError(
             "planner", "no planner: give --planner tcp://HOST:PORT or --embedded-planner"
