@@ -38,6 +38,7 @@ LOGPROB_TOL = 1e-4
 #: vLLM (a peer is dead after 10 s of silence, not 2.5 s as in tests/_e2e.py).
 PLANNER: dict[str, Any] = {
     "min_windows": 2,
+    "min_tokens": 1,  # tests/_e2e.py's PLANNER_FAST keeps automatic rebalances off with it
     "cooldown_s": 1.0,
     "window_s": 0.5,
     "windows": 4,

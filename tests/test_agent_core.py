@@ -594,3 +594,179 @@ def test_snapshots_the_loop_could_not_send_wait_in_order_bounded(clock: FakeCloc
     assert [m.body["seq"] for m in kept] == [s.body["seq"] for s in sends[2:]]
     assert not core.has_unsent_snapshots
     assert core.status()["groups"]["g0"]["held_snapshots"] == 0
+
+
+# --- bad input from a worker or the planner: refused, counted, never relayed or applied --
+
+
+def test_a_worker_cannot_name_another_agent_in_its_answers(clock: FakeClock) -> None:
+    """The planner routes an agent's messages by their `agent`: a worker's answer naming
+    another agent is refused (it moved that agent's route to this connection); one naming
+    this agent, or none, goes up with this agent's id."""
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    committed = {"group": "g0", "epoch": 1, "ep_rank": 0, "worker": "w0", "step": 7}
+    out = core.on_worker(b"w0", encode("committed", {**committed, "agent": "node-7"}))
+    assert not of(out, PLANNER) and of(out, WORKER, "error")[0].body["code"] == "bad_field"
+    assert core.worker_counters.bad == {"bad_field": 1} and core.workers["w0"].epoch == 0
+    for extra in ({"agent": "n0"}, {}):
+        (up,) = of(core.on_worker(b"w0", encode("committed", {**committed, **extra})), PLANNER)
+        assert roundtrip(up).body["agent"] == "n0"
+
+
+def test_a_layout_held_before_the_groups_model_is_checked_by_the_first_hello(
+    clock: FakeClock,
+) -> None:
+    """A `layout` for a group with no worker yet is checked without a model; the first hello
+    brings the model: a held layout that does not fit it is dropped and counted (welcomes
+    carried it and the worker refused them all), one that fits is kept."""
+    core = synced_core(clock)
+    bad = torch.full((L, P), 99, dtype=torch.int64)  # expert id 99, but E = 4
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 3}, {"phy2log": bad}))
+    core.on_planner(encode("layout", {"group": "g1", "epoch": 2}, {"phy2log": p2l(1)}))
+    assert core.planner_counters.bad_total == 0  # no model yet to check them against
+    welcome = roundtrip(of(register(core, b"w0", hello("w0", 0)), WORKER, "welcome")[0])
+    assert welcome.body["epoch"] == 0 and "phy2log" not in welcome.tensors
+    assert core.planner_counters.bad == {"bad_layout": 1}
+    assert [h["group"] for h in roundtrip(core.agent_hello()).body["layouts"]] == ["g1"]
+    out = register(core, b"w1", hello("w1", 0, group="g1"))
+    welcome = roundtrip(of(out, WORKER, "welcome")[0])
+    assert welcome.body["epoch"] == 2 and np.array_equal(welcome.tensors["phy2log"], p2l(1))
+    # the planner's next layout for g0 is checked against the model and taken
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 3}, {"phy2log": p2l(2)}))
+    assert core.groups["g0"].epoch == 3
+
+
+def test_a_replaced_incarnation_is_refused_in_hellos_and_heartbeats(clock: FakeClock) -> None:
+    """A worker incarnation replaced by a newer one (restarted, or its rank taken) never
+    comes back: its late hello is refused (it pushed out the newer process), and heartbeats
+    of another incarnation than the registered one are ignored and counted (their liveness
+    and epoch are not the registered worker's). A restart with a new incarnation still
+    replaces the old one."""
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0, inc="old"))
+    register(core, b"w0", hello("w0", 0, inc="new"))  # restarted: new replaces old
+    out = register(core, b"w0", hello("w0", 0, inc="old"))  # a late hello of the old one
+    assert not of(out, PLANNER) and of(out, WORKER, "error")[0].body["code"] == "stale_incarnation"
+    assert core.workers["w0"].incarnation == "new"
+    # a worker whose rank another worker took is refused as well
+    register(core, b"x1", hello("x1", 1))
+    register(core, b"y1", hello("y1", 1))
+    out = register(core, b"x1", hello("x1", 1))
+    assert of(out, WORKER, "error") and "x1" not in core.workers and "y1" in core.workers
+    assert core.worker_counters.bad == {"stale_incarnation": 2}
+    # heartbeats: another incarnation (or another sender) is neither liveness nor an epoch
+    core.on_planner(
+        encode("prepare", {"group": "g0", "epoch": 9, "timeout_s": 9.0}, {"phy2log": p2l(1)})
+    )
+    for _ in range(5):
+        for body in (
+            {"sender": "w0", "incarnation": "old", "epoch": 9},
+            {"sender": "w1", "incarnation": "new", "epoch": 9},
+        ):
+            assert core.on_worker(b"w0", encode("heartbeat", body)) == []
+        heartbeat(core, b"y1", "y1")
+        core.on_planner(encode("heartbeat", {"sender": "planner", "incarnation": "pl-1"}))
+        clock.advance(1.0)
+        out = core.tick()
+        assert core.synced and not of(out, PLANNER, "worker_joined")
+    assert core.groups["g0"].epoch == 0 and "w0" not in core.workers  # silent: timed out
+    assert core.worker_counters.bad == {"stale_incarnation": 7, "bad_field": 5}
+    # a new incarnation is welcomed
+    out = register(core, b"w0", hello("w0", 0, inc="newer"))
+    assert of(out, WORKER, "welcome") and core.workers["w0"].incarnation == "newer"
+
+
+def test_a_registered_incarnation_cannot_move_to_another_rank_group_or_model(
+    clock: FakeClock,
+) -> None:
+    """A hello of a registered incarnation again is welcomed when it says the same thing; one
+    claiming another rank, group or model is refused (it moved the worker silently and
+    pushed out the worker holding that rank)."""
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    register(core, b"w1", hello("w1", 1))
+    for body, code in (
+        (hello("w0", 1), "bad_field"),
+        (hello("w0", 0, group="g1"), "bad_field"),
+        (hello("w0", 0, num_physical_experts=2 * P), "model_mismatch"),
+        (hello("w0", 0, ep_size=4), "model_mismatch"),
+    ):
+        out = register(core, b"w0", body)
+        assert not of(out, PLANNER) and of(out, WORKER, "error")[0].body["code"] == code
+    assert {k: (w.group, w.ep_rank) for k, w in core.workers.items()} == {
+        "w0": ("g0", 0),
+        "w1": ("g0", 1),
+    }
+    assert core.worker_counters.bad == {"bad_field": 2, "model_mismatch": 2}
+    assert of(register(core, b"w0", hello("w0", 0)), WORKER, "welcome")
+
+
+def test_only_the_hellos_schema_fields_are_relayed_to_the_planner(clock: FakeClock) -> None:
+    """A worker's unknown hello fields stay at the agent: relayed, a big one pushed the
+    agent_hello past the size limit (this node's planner session never came up)."""
+    core = make_core(clock)
+    big = "x" * (9 * 2**20)
+    register(core, b"w0", hello("w0", 0, blob=big, phy2log_dtypes=["int16", "int8", 3]))
+    register(core, b"w1", hello("w1", 1, blob=big))
+    (ah,) = of(core.tick(), PLANNER, "agent_hello")
+    frames = encode(ah.msg_type, ah.body)
+    assert sum(len(f) for f in frames) < 4096
+    w0, w1 = decode(frames).body["workers"]
+    assert "blob" not in w0 and "blob" not in w1
+    assert w0["phy2log_dtypes"] == ["int16", "int64"] and "phy2log_dtypes" not in w1
+    core.on_planner(
+        encode("welcome", {"incarnation": "pl-1", "epoch": 0, "schedule": Schedule().body()})
+    )
+    out = register(core, b"w2", hello("w2", 0, group="g1", blob=big))
+    (joined,) = of(out, PLANNER, "worker_joined")
+    assert set(roundtrip(joined).body["hello"]) == set(w1)
+
+
+def test_a_small_dead_timeout_does_not_make_every_idle_turn_a_stall(clock: FakeClock) -> None:
+    """The stall threshold is dead_s / 2 but at least four of the loop's longest polls: an
+    idle turn (one 50 ms poll and the turn's work) with dead_s 0.06 is no stall (every turn
+    was one, and the planner session started over each time, never up)."""
+    cfg = CoreConfig(agent_id="n0", node="n0", heartbeat_s=0.04, dead_s=0.06)
+    assert cfg.stall_after_s == pytest.approx(0.2)
+    assert CoreConfig(agent_id="n0", node="n0").stall_after_s == 2.5  # dead_s 5: dead_s / 2
+    core = AgentCore(cfg, incarnation="agent-i1", clock=clock)
+    core.tick()
+    core.on_planner(
+        encode("welcome", {"incarnation": "pl-1", "epoch": 0, "schedule": Schedule().body()})
+    )
+    register(core, b"w0", hello("w0", 0))
+    for _ in range(20):
+        clock.advance(0.055)
+        heartbeat(core, b"w0", "w0")
+        core.on_planner(encode("heartbeat", {"sender": "planner", "incarnation": "pl-1"}))
+        assert not of(core.tick(), PLANNER, "agent_hello")
+    assert core.synced and "stalled" not in core.events
+    clock.advance(0.5)  # a real stall is still one
+    core.tick()
+    assert core.events["stalled"] == 1
+
+
+def test_an_older_layout_and_an_abort_without_local_workers_are_counted(
+    clock: FakeClock,
+) -> None:
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 5}, {"phy2log": p2l(1)}))
+    assert core.on_planner(encode("layout", {"group": "g0", "epoch": 3}, {"phy2log": p2l(2)})) == []
+    assert core.groups["g0"].epoch == 5
+    assert np.array_equal(core.groups["g0"].phy2log, p2l(1))
+    # the same epoch again is the planner's usual resend: not counted
+    core.on_planner(encode("layout", {"group": "g0", "epoch": 5}, {"phy2log": p2l(1)}))
+    assert core.planner_counters.bad == {"stale_epoch": 1}
+    assert core.on_planner(encode("abort", {"group": "g9", "epoch": 2, "reason": "op"})) == []
+    assert core.dropped == {"abort:no_local_workers": 1}
+    assert (
+        len(
+            of(
+                core.on_planner(encode("abort", {"group": "g0", "epoch": 6, "reason": "op"})),
+                WORKER,
+            )
+        )
+        == 1
+    )

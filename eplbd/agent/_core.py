@@ -29,10 +29,10 @@ is known); a bad one is counted per reason and per sender (:class:`~eplbd.wire.W
 logged, answered with ``error`` on the workers' control socket, and dropped.
 
 Why the agent watches its own pace: ``tick`` runs at least every ``min(heartbeat_s,
-merge_timeout_s) / 2``; a gap of ``stall_s`` (``dead_s / 2`` by default) or more between two
-ticks means the agent itself did not run (SIGSTOP, a starved host, a clock jump), not that
-its workers went quiet. It then
-gives every worker a fresh ``dead_s`` to be heard from (their connections need a moment to
+merge_timeout_s) / 2``; a gap of ``stall_s`` (by default ``dead_s / 2``, at least four of the
+loop's longest polls) or more between two ticks means the agent itself did not run
+(SIGSTOP, a starved host, a clock jump), not that its workers went quiet. It then gives
+every worker a fresh ``dead_s`` to be heard from (their connections need a moment to
 come back) and starts its planner session over, so the ``agent_hello`` tells the planner what
 every rank serves now. What each rank serves also arrives with every worker heartbeat
 (``epoch``) and hello: when it is newer than the agent knew (a ``committed`` lost on the way),
@@ -88,6 +88,7 @@ from eplbd.wire import (
     validate,
 )
 from eplbd.wire._counters import WireCounters
+from eplbd.wire._schema import SCHEMAS
 
 __all__ = [
     "AgentCore",
@@ -116,6 +117,11 @@ _MAX_WORKERS = 4096
 _MAX_GROUPS = 1024
 _MAX_PENDING = 4  # prepared epochs remembered per group
 _MAX_PENDING_UP = 256  # workers' answers held while the planner is away
+_MAX_REPLACED = _MAX_WORKERS  # replaced worker incarnations remembered (refused if back)
+#: The hello fields the agent keeps and relays (agent_hello, worker_joined): the schema's and
+#: PHY2LOG_FIELD. Any other field a worker adds stays out: relayed, a big one pushed the
+#: agent_hello past the size limit and this node's planner session never came up.
+_HELLO_FIELDS = frozenset(SCHEMAS[HELLO].required) | frozenset(SCHEMAS[HELLO].optional)
 
 
 @dataclass(frozen=True)
@@ -171,11 +177,16 @@ class CoreConfig:
     hello_backoff_max_s: float = 5.0
     max_bytes: int = DEFAULT_MAX_BYTES
     has_planner: bool = True
-    stall_s: float | None = None  # a gap between ticks this long is our own stall (dead_s / 2)
+    stall_s: float | None = None  # a gap between ticks this long is our own stall (see below)
+    poll_s: float = 0.05  # the loop's longest wait between ticks (the daemon's poll)
 
     @property
     def stall_after_s(self) -> float:
-        return self.dead_s / 2 if self.stall_s is None else self.stall_s
+        if self.stall_s is not None:
+            return self.stall_s
+        # An idle turn already takes a poll (plus the work of the turn): with a small
+        # dead_s, dead_s / 2 alone would call every idle turn a stall and never sync.
+        return max(self.dead_s / 2, 4 * self.poll_s)
 
 
 @dataclass
@@ -257,6 +268,8 @@ class AgentCore:
         # workers our agent_hello listed, with the epoch it said each serves
         self._hello_members: dict[tuple[str, str], int] = {}
         self._gone: dict[tuple[str, str], dict[str, Any]] = {}  # recent worker_left bodies
+        # (worker, incarnation) that left as restarted/replaced: a newer process took over
+        self._replaced: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._pending_up: deque[Send] = deque()  # answers for a planner that is away
         self._unsent: deque[Send] = deque()  # snapshots the planner's socket could not take yet
         self._backoff = config.hello_backoff_s
@@ -378,18 +391,32 @@ class AgentCore:
                     identity=identity,
                 )
             ]
-        rec.last_seen = self._now()
         if msg.type == HEARTBEAT:
             try:
                 body = validate(msg).body
+                # another process on this identity (a replaced one, its last heartbeats on
+                # the way): neither its liveness nor its epoch is the registered worker's
+                if body["incarnation"] != rec.incarnation:
+                    raise WireError(
+                        "stale_incarnation",
+                        f"{rec.worker}: heartbeat of incarnation {body['incarnation']!r:.60}, "
+                        f"registered {rec.incarnation!r}",
+                    )
+                if body["sender"] != rec.worker:
+                    raise WireError(
+                        "bad_field",
+                        f"heartbeat.sender={body['sender']!r:.60} but this is {rec.worker!r}",
+                    )
             except WireError as e:
                 self._bad(self.worker_counters, e, rec.worker, msg.type)
                 return []
+            rec.last_seen = self._now()
             epoch = body.get("epoch")  # extra: the epoch the worker serves
             if type(epoch) is int and rec.epoch < epoch < 2**63 and epoch != rec.claimed:
                 # its committed may still be on the way: tick() waits a heartbeat for it
                 rec.claimed, rec.claimed_at = epoch, rec.last_seen
             return []
+        rec.last_seen = self._now()
         if msg.type in (STAGED, ABORTED, COMMITTED):
             return self._on_outcome(rec, msg)
         err = WireError("bad_field", f"{msg.type} is not a worker-to-agent control message")
@@ -399,7 +426,7 @@ class AgentCore:
     def _on_hello(self, identity: bytes, msg: Message) -> list[Send]:
         sender = f"id:{identity.hex()[:16]}"
         try:
-            body = validate(msg).body
+            body = _kept_hello(validate(msg).body)
             group_name = str(body["group"])
             g = self.groups.get(group_name)
             live = self._workers_of(group_name)
@@ -408,6 +435,24 @@ class AgentCore:
                 w for w in live if w.worker != body["worker"] and w.ep_rank != body["ep_rank"]
             ]
             model = ModelShape.from_hello(body)
+            key = (str(body["worker"]), str(body["incarnation"]))
+            if key in self._replaced:
+                # a late hello of a process already replaced must not push out the newer one
+                raise WireError("stale_incarnation", f"{key[0]}: incarnation {key[1]} was replaced")
+            old = self.workers.get(key[0])
+            if old is not None and old.incarnation == key[1]:
+                # one incarnation is one rank of one group and model: changing them takes a
+                # new process (incarnation), never a silent move of a registered worker
+                was = ModelShape.from_hello(old.hello), old.hello["ep_size"]
+                if (model, body["ep_size"]) != was:
+                    raise WireError(
+                        "model_mismatch", f"{key[0]}: incarnation {key[1]} declared another model"
+                    )
+                if (group_name, body["ep_rank"]) != (old.group, old.ep_rank):
+                    raise WireError(
+                        "bad_field",
+                        f"{key[0]}: incarnation {key[1]} is rank {old.ep_rank} of {old.group}",
+                    )
             if g is not None and g.model is not None and others:
                 if model != g.model:
                     validate(msg, model=g.model)  # raises model_mismatch with the details
@@ -434,7 +479,6 @@ class AgentCore:
             return [self._worker_error(identity, err, HELLO)]
         out: list[Send] = []
         wid = str(body["worker"])
-        old = self.workers.get(wid)
         known_again = old is not None and old.incarnation == body["incarnation"]
         if old is not None and not known_again:
             out += self._remove(old, "restarted")
@@ -450,6 +494,8 @@ class AgentCore:
                 g.epoch, g.phy2log, g.share = 0, None, None
                 g.pending.clear()
                 self.merger.drop_groups([group_name])
+            elif g.model is None and g.phy2log is not None:
+                self._check_held_layout(group_name, g, model)
             g.model = model
             g.ep_size = int(body["ep_size"])
         now = self._now()
@@ -473,6 +519,20 @@ class AgentCore:
         self.by_identity[identity] = wid
         out.append(self._welcome(rec, g))
         return out
+
+    def _check_held_layout(self, name: str, g: _Group, model: ModelShape) -> None:
+        """The group's model is first known (its first hello): a layout the planner sent
+        before could only be checked without it. One that does not fit is dropped and
+        counted (welcomes carried it, and the worker refused every one of them)."""
+        assert g.phy2log is not None
+        held = Message(
+            LAYOUT, {"group": name, "epoch": g.epoch}, _layout_tensors(g.phy2log, g.share)
+        )
+        try:
+            validate(held, model=model)
+        except WireError as e:
+            self._bad(self.planner_counters, e, "planner", LAYOUT)
+            g.epoch, g.phy2log, g.share = 0, None, None
 
     def _welcome(self, rec: _Worker, g: _Group) -> Send:
         body: dict[str, Any] = {
@@ -513,6 +573,10 @@ class AgentCore:
         if self.by_identity.get(rec.identity) == rec.worker:
             del self.by_identity[rec.identity]
         self._bump(self.events, f"worker_left:{reason}")
+        if reason in ("restarted", "replaced"):
+            self._replaced[(rec.worker, rec.incarnation)] = None
+            while len(self._replaced) > _MAX_REPLACED:
+                self._replaced.popitem(last=False)
         body = self._member_body(rec, reason)
         self._gone[(rec.worker, rec.incarnation)] = body
         while len(self._gone) > 256:
@@ -534,6 +598,13 @@ class AgentCore:
                     raise WireError(
                         "bad_field", f"{msg.type}.{key}={body[key]!r} but this worker is {want!r}"
                     )
+            # the planner routes by `agent`: naming another would move that agent's route here
+            if body.get("agent", self.cfg.agent_id) != self.cfg.agent_id:
+                raise WireError(
+                    "bad_field",
+                    f"{msg.type}.agent={body['agent']!r:.60} but this agent is "
+                    f"{self.cfg.agent_id!r}",
+                )
         except WireError as e:
             self._bad(self.worker_counters, e, rec.worker, msg.type)
             return [self._worker_error(rec.identity, e, msg.type)]
@@ -542,7 +613,7 @@ class AgentCore:
             rec.epoch = max(rec.epoch, epoch)
             self._committed(rec.group, epoch)
         body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
-        body.setdefault("agent", self.cfg.agent_id)
+        body["agent"] = self.cfg.agent_id
         self._bump(self.relayed, f"{msg.type}:up")
         return self._to_planner(msg.type, body)
 
@@ -828,6 +899,9 @@ class AgentCore:
             for e in [e for e in g.pending if e <= epoch]:
                 del g.pending[e]
             log.info("layout from the planner", group=name, epoch=epoch)
+        elif False:  # the same epoch again is the planner's usual resend, not this
+            err = WireError("stale_epoch", f"layout epoch {epoch} < held {g.epoch} of {name}")
+            self._bad(self.planner_counters, err, "planner", LAYOUT)
         return []
 
     def _on_prepare(self, msg: Message) -> list[Send]:
@@ -864,6 +938,10 @@ class AgentCore:
         if g is not None:
             g.pending.pop(epoch, None)
         targets = self._workers_of(name)
+        if not targets:
+            self._bump(self.dropped, "abort:no_local_workers")
+            log.warning("abort for a group without local workers", group=name, epoch=epoch)
+            return []
         out_body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
         self._bump(self.relayed, f"{ABORT}:down", len(targets))
         return [Send(WORKER, ABORT, out_body, identity=w.identity) for w in targets]
@@ -999,3 +1077,12 @@ class AgentCore:
 def _layout_tensors(phy2log: np.ndarray, share: np.ndarray | None) -> dict[str, np.ndarray]:
     """A layout's tensors as they travel: phy2log, plus the weighted split if it has one."""
     return {"phy2log": phy2log} if share is None else {"phy2log": phy2log, "share": share}
+
+
+def _kept_hello(body: dict[str, Any]) -> dict[str, Any]:
+    """A validated hello with only the fields the agent keeps and relays (``_HELLO_FIELDS``),
+    its ``phy2log_dtypes`` as the dtypes this version knows (at most three names)."""
+    h = {k: v for k, v in body.items() if k in _HELLO_FIELDS}
+    if PHY2LOG_FIELD in body:
+        h[PHY2LOG_FIELD] = list(accepted_phy2log_dtypes(body))
+    return h
