@@ -156,6 +156,12 @@ def test_snapshot_sender_pairs() -> None:
     assert reason("snapshot", agent, t) == "missing_field"
     assert reason("snapshot", {**b, "agent": "n0", "ep_ranks": [0]}, t) == "missing_field"
     assert reason("snapshot", {**agent, "agent": "n0", "ep_ranks": [0, -1]}, t) == "bad_field"
+    # a whole pair and a stray field of the other, or an agent naming no rank
+    assert reason("snapshot", {**b, "agent": "n0"}, t) == "missing_field"
+    assert reason("snapshot", {**agent, "agent": "n0", "ep_ranks": [0], "worker": "w"}, t) == (
+        "missing_field"
+    )
+    assert reason("snapshot", {**agent, "agent": "n0", "ep_ranks": []}, t) == "bad_field"
 
 
 # --- layouts ---------------------------------------------------------------------------------

@@ -323,6 +323,8 @@ class PlannerCore(Registration, CommitOrchestration):
             return WireError("bad_field", f"snapshot from unregistered agent {name!r}")
         if b.get("incarnation") != info.incarnation:
             return WireError("stale_incarnation", f"snapshot from an old incarnation of {name}")
+        if not b.get("ep_ranks"):  # the schema refuses it; counts nobody vouches for
+            return WireError("bad_field", f"snapshot from {name} names no rank")
         for r in b.get("ep_ranks") or []:
             rank = g.ranks.get(r)
             if rank is None or rank.agent != name:

@@ -210,12 +210,16 @@ def _agent_hello_extra(b: dict[str, Any], msg: Message, model: ModelShape | None
 def _snapshot_extra(b: dict[str, Any], msg: Message, model: ModelShape | None) -> None:
     _need(b, b["step_end"] >= b["step_start"], "step_end", "must be >= step_start")
     _need(b, b["tokens"] <= MAX_TOKENS, "tokens", f"must be <= {MAX_TOKENS}")
-    from_worker = b["worker"] is not None and b["ep_rank"] is not None
-    from_agent = b["agent"] is not None and b["ep_ranks"] is not None
-    if from_worker == from_agent:
+    # exactly one sender pair, whole, and no field of the other: the planner checks an
+    # agent's ranks against ep_ranks, which a stray worker field must not stand in for
+    w = [k for k in ("worker", "ep_rank") if b[k] is not None]
+    a = [k for k in ("agent", "ep_ranks") if b[k] is not None]
+    if not ((len(w) == 2 and not a) or (len(a) == 2 and not w)):
         raise WireError(
-            "missing_field", "snapshot needs (worker, ep_rank) or (agent, ep_ranks), not both"
+            "missing_field",
+            f"snapshot needs (worker, ep_rank) or (agent, ep_ranks), not both; got {w + a}",
         )
+    _need(b, b["ep_ranks"] is None or len(b["ep_ranks"]) > 0, "ep_ranks", "at least one rank")
     counts = _tensor(msg, "counts", ("int32", "int64"), model)
     if math.prod(counts.shape):
         lo, hi = int(counts.min()), int(counts.max())
