@@ -899,7 +899,7 @@ class AgentCore:
             for e in [e for e in g.pending if e <= epoch]:
                 del g.pending[e]
             log.info("layout from the planner", group=name, epoch=epoch)
-        elif False:  # the same epoch again is the planner's usual resend, not this
+        elif epoch < g.epoch:  # the same epoch again is the planner's usual resend, not this
             err = WireError("stale_epoch", f"layout epoch {epoch} < held {g.epoch} of {name}")
             self._bad(self.planner_counters, err, "planner", LAYOUT)
         return []
