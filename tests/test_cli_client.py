@@ -27,6 +27,7 @@ from _cli import clean_cli_env, cli
 
 from eplbd.cli._client import (
     CliError,
+    check_watch,
     layer_list,
     load_settings,
     planner_endpoint,
@@ -203,6 +204,14 @@ def test_a_peer_that_is_not_a_planner_is_unreachable_without_curve_advice(
         ["status", "--watch", "1", "--count", "0"],
         ["history", "--limit", "0"],
         ["rebalance", "--dry-run", "--wait"],
+        # NaN passed "<= 0" and --wait never ended; inf and 1e10 overflowed time.sleep()
+        ["rebalance", "--wait", "nan"],
+        ["rebalance", "--wait", "inf"],
+        ["rollback", "0", "--wait", "nan"],
+        ["status", "--watch", "inf"],
+        ["top", "--watch", "1e10"],
+        ["status", "--watch", "nan"],
+        ["top", "--layers", "0-65536"],  # more layers than a message may carry
     ],
 )
 def test_bad_flags_are_usage_errors(argv: list[str], capsys: Any) -> None:
@@ -332,6 +341,21 @@ def test_layer_list() -> None:
     for bad in ("", "a", "1-", "-1", "3-1", ","):
         with pytest.raises(argparse.ArgumentTypeError):
             layer_list(bad)
+    # at most the wire's 65536 entries, refused before a range is expanded (a range of 10^11
+    # layers built a set of them first); the small cases first, so a regression fails there
+    assert len(layer_list("0-65535")) == 65536
+    for big in ("0-65536", "0-40000,50000-90000", "5,0-99999999999"):
+        with pytest.raises(argparse.ArgumentTypeError, match="more than 65536 layers"):
+            layer_list(big)
+
+
+def test_watch_is_bounded_like_the_timeout() -> None:
+    """--watch SECONDS is in (0, 3600], as --timeout is: 1e10 and inf overflowed time.sleep()
+    with a traceback after the first refresh, and an hour is a long enough interval."""
+    assert check_watch(argparse.Namespace(watch=3600.0, count=None)) is None
+    for bad in (3600.5, 1e10, float("inf"), float("nan"), 0.0, -1.0):
+        err = check_watch(argparse.Namespace(watch=bad, count=None))
+        assert err is not None and err.exit_code == 2, bad
 
 
 # --- status stays light ----------------------------------------------------------------------

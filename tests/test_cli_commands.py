@@ -12,6 +12,7 @@ the terminal tests run ``python3 -m eplbd`` with stdout on a pseudo-terminal.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pty
@@ -583,3 +584,63 @@ def test_layout_files_with_shares_are_read_shown_and_diffed(
     from eplbd.cli.layout import _slot_text  # eplbd layout show: e:s where the share is not 1
 
     assert [_slot_text(3, s) for s in (None, 1, 0, 2)] == ["3", "3", "3:0", "3:2"]
+
+
+def test_layout_show_output_is_replaced_whole_or_not_at_all(
+    planner: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """-o FILE: a write that fails (the disk fills before the data is on it) leaves the old
+    file as it was and no temporary file; one that succeeds replaces it."""
+    out = tmp_path / "layout.json"
+    out.write_text('{"old": true}\n')
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full)
+        rc, _, err = cli(capsys, "layout", "show", "--planner", planner, "-o", str(out))
+    assert rc == 1 and f"cannot write {out}: No space left on device" in err, err
+    assert out.read_text() == '{"old": true}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["layout.json"]
+    rc, _, err = cli(capsys, "layout", "show", "--planner", planner, "-o", str(out))
+    assert rc == 0, err
+    Layout.from_json(out.read_text())
+    assert [p.name for p in tmp_path.iterdir()] == ["layout.json"]
+
+
+def test_layout_diff_refuses_a_deeply_nested_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """[[[[...]]]]: json.loads gives up with a RecursionError, which was a traceback."""
+    deep, zero = tmp_path / "deep.json", tmp_path / "zero.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    zero.write_text(Layout.default(L, E, P).to_json())
+    for a, b in ((deep, zero), (zero, deep)):
+        rc, out, err = cli(capsys, "layout", "diff", str(a), str(b), "--gpus", str(G))
+        assert rc == 78 and out == "", err
+        assert err == f"eplbd layout: {deep}: not a layout JSON file (nested too deeply)\n"
+
+
+def test_heatmap_folded_gpu_columns_say_gpus() -> None:
+    """With more GPUs than columns, the note names what a column folds: GPUs, not experts."""
+    import io
+
+    from eplbd.cli._output import Output
+    from eplbd.cli.heatmap import render
+
+    group = {
+        "group": "g",
+        "epoch": 1,
+        "source": "forecast",
+        "by_gpu": [[float(i % 7 + 1) for i in range(64)]] * 2,
+        "by_expert": [[1.0] * 64] * 2,
+        "replicas": [[1] * 64] * 2,
+    }
+    for by, noun in (("gpu", "GPUs"), ("expert", "experts")):
+        buf = io.StringIO()
+        render(Output(buf, ascii=True), {"groups": [group]}, by=by, width=16)
+        assert f"each column the hottest of 4 {noun}" in buf.getvalue(), buf.getvalue()

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +157,32 @@ def test_status_next_column_says_what_the_next_rebalance_waits_for() -> None:
     # one frozen layer does not hide what the other layers wait for
     g = {**nxt(earliest_in_s=10.0), "frozen_layers": [0, 2, 3]}
     assert _next(g) == "cooldown 10.0s; layers 0,2-3 frozen"
+
+
+def test_write_file_is_whole_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-o FILE: a failed write (here the rename) keeps the old file and leaves no temporary
+    file; a good one replaces it, keeps its mode, and goes through a symlink as open() would;
+    a device (-o /dev/stdout) is written to directly."""
+    target = tmp_path / "out.json"
+    target.write_text("old\n")
+    target.chmod(0o640)
+
+    def fail(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", fail)
+        with pytest.raises(OSError):
+            o.write_file(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    o.write_file(target, "new\n")
+    assert target.read_text() == "new\n" and target.stat().st_mode & 0o777 == 0o640
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    o.write_file(link, "linked\n")
+    assert link.is_symlink() and target.read_text() == "linked\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "out.json"]
+    o.write_file(os.devnull, "nothing\n")
+    with pytest.raises(FileNotFoundError):
+        o.write_file(tmp_path / "no" / "dir.json", "x\n")

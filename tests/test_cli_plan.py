@@ -333,3 +333,92 @@ def test_huge_load_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     huge.write_text(json.dumps([[1e308, 1e308, 1.0, 2.0]]))
     assert main(["plan", str(huge), "--gpus", "2", "--slots", "6"]) == 78
     assert "above 2^53" in capsys.readouterr().err
+
+
+def _npy_header_only(path: Path, shape: tuple[int, ...]) -> Path:
+    """A .npy whose header declares ``shape`` (float64) but which holds a few bytes."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f8", "fortran_order": False, "shape": shape}
+        )
+        f.write(bytes(16))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "msg"),
+    [
+        ("complex.pt", "complex64"),  # was planned on its real part
+        ("bool.pt", "torch.bool"),  # was planned on 0/1
+        ("sparse.pt", "sparse_coo"),  # was internal error: TypeError
+        ("huge.npy", "shorter than the shape its header declares"),  # was MemoryError
+        ("vast.npy", "shorter than the shape its header declares"),
+        ("deep.json", "nested too deeply"),
+    ],
+)
+def test_bad_load_files_exit_78(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, msg: str
+) -> None:
+    """A load file that is not a dense [L][E] array of real numbers is bad input (78), one
+    line, never planned on and never an internal error."""
+    path = tmp_path / name
+    dense = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    if name == "complex.pt":
+        torch.save(dense.to(torch.complex64), path)
+    elif name == "bool.pt":
+        torch.save(dense > 2, path)
+    elif name == "sparse.pt":
+        torch.save(dense.to_sparse(), path)
+    elif name == "huge.npy":
+        _npy_header_only(path, (100000, 100000))  # 74.5 GiB declared in 144 bytes
+    elif name == "vast.npy":
+        _npy_header_only(path, (10**9, 10**9))  # more than any address space
+    else:
+        path.write_text("[" * 100000 + "]" * 100000)
+    assert main(["plan", str(path), "--gpus", "2", "--slots", "4"]) == 78
+    captured = capsys.readouterr()
+    err = captured.err
+    assert captured.out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"eplbd plan: error: {path}:") and msg in err, err
+
+
+@pytest.mark.parametrize("flag", ["--previous", "--cost-model"])
+def test_deeply_nested_json_files_exit_78(
+    loadfile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    assert main(["plan", str(loadfile), "--gpus", "4", "--slots", "20", flag, str(deep)]) == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"eplbd plan: error: {deep}:"), err
+    assert "nested too deeply" in err
+
+
+def test_a_failed_output_write_keeps_the_old_file(loadfile: Path, tmp_path: Path) -> None:
+    """-o replaces FILE whole or not at all: a write that fails half way (here the file size
+    limit, as a full disk would) leaves the old layout as it was and no temporary file."""
+    out = tmp_path / "layout.json"
+    out.write_text('{"old": true}\n')
+    out.chmod(0o640)
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+        "from eplbd.cli.main import main\n"
+        f"sys.exit(main(['plan', {str(loadfile)!r}, '--gpus', '4', '--slots', '20', "
+        f"'-o', {str(out)!r}]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True, text=True, env=env, timeout=280, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert f"cannot write {out}" in r.stderr and "Traceback" not in r.stderr
+    assert out.read_text() == '{"old": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layout.json", "load.json"]
+    # a write that succeeds replaces the file and keeps its mode
+    assert main(["plan", str(loadfile), "--gpus", "4", "--slots", "20", "-o", str(out)]) == 0
+    assert Layout.from_json(out.read_text()).num_physical == 20
+    assert out.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layout.json", "load.json"]

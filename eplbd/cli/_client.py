@@ -176,6 +176,11 @@ def fail(args: argparse.Namespace, err: CliError, stream: IO[str] | None = None)
 # arguments and settings
 
 
+#: The most layers ``--layers`` may name: the longest list a message may carry (the wire's
+#: limit); a range is checked against it before it is expanded.
+MAX_LAYERS = 65536
+
+
 def layer_list(text: str) -> list[int]:
     """``"0,3,5-7"`` -> ``[0, 3, 5, 6, 7]`` (argparse type: a bad list is a usage error)."""
     out: set[int] = set()
@@ -189,11 +194,19 @@ def layer_list(text: str) -> list[int]:
                 a, b = int(lo), int(hi)
                 if a > b:
                     raise ValueError
+                if b - a >= MAX_LAYERS:
+                    raise argparse.ArgumentTypeError(
+                        f"bad layer list {text!r}: more than {MAX_LAYERS} layers"
+                    )
                 out.update(range(a, b + 1))
             else:
                 out.add(int(part))
         except ValueError:
             raise argparse.ArgumentTypeError(f"bad layer list {text!r}: use e.g. 0,3,5-7") from None
+        if len(out) > MAX_LAYERS:
+            raise argparse.ArgumentTypeError(
+                f"bad layer list {text!r}: more than {MAX_LAYERS} layers"
+            )
     if not out or min(out) < 0:
         raise argparse.ArgumentTypeError(f"bad layer list {text!r}: use e.g. 0,3,5-7")
     return sorted(out)
@@ -720,12 +733,19 @@ def _forever() -> Iterator[None]:
         yield None
 
 
+#: The longest ``--watch`` interval, as for ``--timeout``: time.sleep() overflows on 1e10.
+MAX_WATCH_S = 3600.0
+
+
 def check_watch(args: argparse.Namespace) -> CliError | None:
-    """``--watch SECONDS`` must be positive; ``--count N`` needs ``--watch`` and N >= 1."""
+    """``--watch SECONDS`` must be in (0, :data:`MAX_WATCH_S`]; ``--count N`` needs
+    ``--watch`` and N >= 1."""
     interval = getattr(args, "watch", None)
     count = getattr(args, "count", None)
-    if interval is not None and not interval > 0:
-        return CliError("--watch SECONDS must be positive", EXIT_USAGE, "usage")
+    if interval is not None and not 0 < interval <= MAX_WATCH_S:  # NaN fails both
+        return CliError(
+            f"--watch SECONDS must be positive and at most {MAX_WATCH_S:g}", EXIT_USAGE, "usage"
+        )
     if count is not None and count < 1:
         return CliError("--count must be at least 1", EXIT_USAGE, "usage")
     if count is not None and interval is None:

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
@@ -52,6 +54,7 @@ __all__ = [
     "style",
     "supports_unicode",
     "use_color",
+    "write_file",
 ]
 
 SCHEMA_VERSION = 1
@@ -268,6 +271,48 @@ def heat_ramp(
         ascii = not supports_unicode(stream)
     ramp = ASCII_RAMP if ascii else UNICODE_RAMP
     return "".join(heat_char(v, lo, hi, ramp) for v in vals)
+
+
+# ---------------------------------------------------------------------------------------
+# files
+
+
+def write_file(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (``-o FILE``): into a temporary file in
+    the same directory, flushed and fsynced, then renamed over ``path``, so a failed write (a
+    full disk) leaves the old file as it was and no temporary file behind. Raises OSError."""
+    import tempfile  # here: it pulls in random and shutil, and eplbd status must start fast
+
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        # a device or a pipe (-o /dev/stdout): nothing to replace; write through
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return
+    target = os.path.realpath(path)  # through a symlink, as a plain write goes
+    if st is not None:
+        mode = stat.S_IMODE(st.st_mode)
+    else:  # what open() would create: mkstemp's file is 0600
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=os.path.dirname(target)
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # ---------------------------------------------------------------------------------------

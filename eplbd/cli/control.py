@@ -21,6 +21,7 @@ for every command.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
@@ -141,9 +142,11 @@ def _run(args: argparse.Namespace) -> int:
     out = Output.from_args(args)
     dry = bool(getattr(args, "dry_run", False))
     wait = getattr(args, "wait", None)
-    if wait is not None and (wait <= 0 or dry):
-        why = "--wait SECONDS must be positive" if wait <= 0 else "--wait with --dry-run"
-        return fail(args, CliError(why, EXIT_USAGE))
+    # NaN passes a "<= 0" test and never reaches a deadline: ask for a finite number
+    if wait is not None and not (math.isfinite(wait) and wait > 0):
+        return fail(args, CliError("--wait SECONDS must be a finite number > 0", EXIT_USAGE))
+    if wait is not None and dry:
+        return fail(args, CliError("--wait with --dry-run", EXIT_USAGE))
     try:
         client = open_client(args)
     except CliError as e:

@@ -9,8 +9,8 @@ One row per layer, one character per GPU (or per expert): the block ramp `` â–â
 `` .:-=+*#%@`` when the terminal is not UTF-8 (or with ``--ascii``). Each row is scaled from 0
 to its own maximum (``--scale all``: to the largest value of the map), so a balanced layer is
 a flat row of full blocks and a hot GPU stands out. At the right: the row's max/mean (GPU
-view) or its hottest expert and its share (expert view). When the experts do not fit the
-terminal, each character shows the hottest of a few adjacent experts (said in the header).
+view) or its hottest expert and its share (expert view). When the experts (or GPUs) do not
+fit the terminal, each character shows the hottest of a few adjacent ones (said in the header).
 
 The JSON form is the planner's ``heatmap`` data (``by_gpu`` [L][G], ``by_expert`` [L][E],
 ``replicas`` [L][E], on the planner's forecast load) restricted to ``--layers``.
@@ -109,7 +109,7 @@ def render(
         k = binned[0][1]
         top = max((max(b[0]) for b in binned if b[0]), default=0.0)
         ramp = UNICODE_RAMP if out.unicode else ASCII_RAMP
-        note = f"; each column the hottest of {k} experts" if k > 1 else ""
+        note = f"; each column the hottest of {k} {what}s" if k > 1 else ""
         out.line(
             out.style(
                 f"  '{ramp[1]}'..'{ramp[-1]}' = low..{'row' if scale == 'row' else 'map'} max, "

@@ -36,7 +36,7 @@ from eplbd.cli._client import (
     open_client,
     quiet_broken_pipe,
 )
-from eplbd.cli._output import Output
+from eplbd.cli._output import Output, write_file
 from eplbd.ops.exits import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 __all__ = ["add_arguments", "diff_layouts", "read_layout_file", "run"]
@@ -133,7 +133,7 @@ def _show(args: argparse.Namespace, out: Output) -> None:
         g = fetch_layout(client, args.group, args.epoch)
     if args.output:
         try:
-            Path(args.output).write_text(json.dumps(g["layout"], separators=(",", ":")) + "\n")
+            write_file(args.output, json.dumps(g["layout"], separators=(",", ":")) + "\n")
         except OSError as e:
             raise CliError(f"cannot write {args.output}: {e.strerror or e}", EXIT_ERROR) from None
     if out.json:
@@ -187,6 +187,8 @@ def read_layout_file(path: str) -> dict[str, Any]:
         raise bad("no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad(f"not a layout JSON file ({e})") from None
+    except RecursionError:  # [[[[...: json.loads gives up, the file is bad
+        raise bad("not a layout JSON file (nested too deeply)") from None
     ver = doc.get("schema_version") if isinstance(doc, dict) else None
     if isinstance(ver, bool) or ver not in _LAYOUT_SCHEMAS:
         raise bad("not a layout JSON file (schema_version 1 or 2 expected)")

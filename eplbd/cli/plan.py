@@ -8,8 +8,8 @@
                [--steps N] [--exact] [--json] [-o FILE]
 
 LOADFILE holds the load of each expert of each MoE layer, [L][E]: ``.json`` (a list of
-lists of numbers), ``.npy`` or ``.pt`` (a tensor, loaded with ``weights_only``). The table
-shows per layer the balance (max / mean GPU load; with the time objective, max / ideal
+lists of numbers), ``.npy`` or ``.pt`` (a dense real tensor, loaded with ``weights_only``). The
+table shows per layer the balance (max / mean GPU load; with the time objective, max / ideal
 modelled GPU time) before (under ``--previous``, or the default layout where slot p holds
 expert p mod E) and after, the lower bound, the slots moved, the slots per GPU that receive
 rows, and why the layer did or did not change; ``--json`` prints one object with the
@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from eplbd.cli._output import Output, add_output_arguments
+from eplbd.cli._output import Output, add_output_arguments, write_file
 from eplbd.ops.exits import EXIT_CONFIG, EXIT_ERROR, EXIT_OK
 
 __all__ = ["add_arguments", "load_file", "run"]
@@ -134,7 +134,17 @@ def load_file(path: str) -> Any:
                     if isinstance(x, bool) or not isinstance(x, int | float):
                         raise InputError(f"{path}: load values must be numbers, got {x!r}")
         elif suffix == ".npy":
-            data = np.load(p, allow_pickle=False)
+            # mapped, not read: the file must hold the data its header declares, so a tiny
+            # file declaring a huge shape is refused instead of allocated
+            try:
+                data = np.array(np.load(p, mmap_mode="r", allow_pickle=False))
+            except ValueError as e:
+                if "mmap length" not in str(e):
+                    raise
+                raise InputError(
+                    f"{path}: cannot read: the file is shorter than the shape its header "
+                    "declares (truncated?)"
+                ) from e
         else:
             import torch
 
@@ -146,13 +156,23 @@ def load_file(path: str) -> Any:
                 raise InputError(f"{path}: cannot read: {_first_line(e)}") from e
             if not isinstance(data, torch.Tensor):
                 raise InputError(f"{path}: expected a tensor, got {type(data).__name__}")
+            # the cast to float64 would take a complex tensor's real part and a bool as 0/1
+            if data.layout != torch.strided or data.is_complex() or data.dtype == torch.bool:
+                raise InputError(
+                    f"{path}: expected a dense tensor of real numbers, got {data.dtype} "
+                    f"({str(data.layout).removeprefix('torch.')})"
+                )
             data = data.detach().to(torch.float64).numpy()
     except InputError:
         raise
     except FileNotFoundError as e:
         raise InputError(f"{path}: no such file") from e
+    except RecursionError as e:  # a RuntimeError, but its message says nothing useful
+        raise InputError(f"{path}: cannot read: nested too deeply") from e
     except (OSError, ValueError, RuntimeError, EOFError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read: {_first_line(e)}") from e
+    except MemoryError as e:
+        raise InputError(f"{path}: too large to load") from e
     try:
         arr = np.asarray(data)
     except ValueError as e:
@@ -161,7 +181,10 @@ def load_file(path: str) -> Any:
         raise InputError(f"{path}: expected numbers in a rectangular [layers][experts] array")
     if arr.ndim != 2:
         raise InputError(f"{path}: expected 2 dimensions [layers][experts], got shape {arr.shape}")
-    arr = arr.astype(np.float64)
+    try:
+        arr = arr.astype(np.float64)
+    except MemoryError as e:
+        raise InputError(f"{path}: too large to load ({arr.shape[0]} x {arr.shape[1]})") from e
     for bad, what in ((~np.isfinite(arr), "is not finite"), (arr > MAX_LOAD, "is above 2^53")):
         if bad.any():
             layer, expert = (int(i) for i in np.argwhere(bad)[0])
@@ -194,6 +217,8 @@ def _read_previous(path: str) -> Any:
         return Layout.from_json(text)
     except LayoutError as e:
         raise InputError(f"{path}: {e}") from e
+    except RecursionError as e:  # json.loads on [[[[...: a bad file, not a crash
+        raise InputError(f"{path}: not a layout JSON file: nested too deeply") from e
 
 
 def _cost_model(args: argparse.Namespace) -> Any:
@@ -206,6 +231,8 @@ def _cost_model(args: argparse.Namespace) -> Any:
             return CostModel.from_json(text)
         except ValueError as e:
             raise InputError(f"{args.cost_model}: {e}") from e
+        except RecursionError as e:  # json.loads on [[[[...: a bad file, not a crash
+            raise InputError(f"{args.cost_model}: not a cost model: nested too deeply") from e
     if args.expert:
         parts = args.expert.split(",")
         try:
@@ -345,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     if args.output:
         try:
-            Path(args.output).write_text(result.layout.to_json() + "\n")
+            write_file(args.output, result.layout.to_json() + "\n")
         except OSError as e:
             print(f"{PROG}: error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
             return EXIT_ERROR
