@@ -144,6 +144,11 @@ def test_bad_flag_and_file(tmp_path: Path) -> None:
         cfg.load(AgentLike, parse(["--config", str(conf)]), {})
     assert info.value.field == "config"
 
+    conf.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")  # a RecursionError inside
+    with pytest.raises(cfg.ConfigError, match="nested too deeply") as info:
+        cfg.load(AgentLike, parse(["--config", str(conf)]), {})
+    assert info.value.field == "config"
+
     with pytest.raises(cfg.ConfigError, match="not found") as info:
         cfg.load(AgentLike, None, {"EPLBD_AGENT_CONFIG": str(tmp_path / "nope.toml")})
     assert info.value.source == "env EPLBD_AGENT_CONFIG"

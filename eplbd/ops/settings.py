@@ -463,6 +463,10 @@ def _read_file(cls: type, path: str, source: str) -> tuple[dict[str, Any], str]:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}", source) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}", source) from None
+    except RecursionError:  # a = [[[[...: the parser gives up; a bad file, exit 78
+        raise ConfigError(
+            "config", f"{path} is not valid TOML: nested too deeply", source
+        ) from None
     where = f"file {path}"
     for key, value in data.items():
         if isinstance(value, dict) and key not in CONFIG_SECTIONS:
