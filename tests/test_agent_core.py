@@ -614,6 +614,25 @@ def test_a_worker_cannot_name_another_agent_in_its_answers(clock: FakeClock) -> 
         assert roundtrip(up).body["agent"] == "n0"
 
 
+def test_only_the_schemas_fields_of_a_workers_answer_go_up(clock: FakeClock) -> None:
+    """A worker's staged, aborted or committed goes up with its schema's fields and the
+    agent's id only: an extra field (a big one could make the answer too large for the
+    planner's socket) stays behind."""
+    core = synced_core(clock)
+    register(core, b"w0", hello("w0", 0))
+    ids = {"group": "g0", "epoch": 1, "ep_rank": 0, "worker": "w0"}
+    answers = {
+        "staged": {**ids, "ok": True, "reason": "", "staged_bytes": 8},
+        "aborted": {**ids, "reason": "no memory"},
+        "committed": {**ids, "step": 7},
+    }
+    for msg_type, body in answers.items():
+        sent = {**body, "padding": "x" * 100_000, "note": 1}
+        (up,) = of(core.on_worker(b"w0", encode(msg_type, sent)), PLANNER)
+        got = {k: v for k, v in roundtrip(up).body.items() if k != "schema"}  # the wire's own
+        assert got == {**body, "agent": "n0"}, msg_type
+
+
 def test_a_layout_held_before_the_groups_model_is_checked_by_the_first_hello(
     clock: FakeClock,
 ) -> None:

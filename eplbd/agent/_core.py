@@ -612,7 +612,10 @@ class AgentCore:
             epoch = int(body["epoch"])
             rec.epoch = max(rec.epoch, epoch)
             self._committed(rec.group, epoch)
-        body = {k: v for k, v in body.items() if k not in ("schema", "tensors")}
+        # only the schema's fields go up (as for hellos): a big extra one could make the
+        # answer too large for the planner's socket, and the planner reads no other
+        kept = SCHEMAS[msg.type].required.keys() | SCHEMAS[msg.type].optional.keys()
+        body = {k: v for k, v in body.items() if k in kept}
         body["agent"] = self.cfg.agent_id
         self._bump(self.relayed, f"{msg.type}:up")
         return self._to_planner(msg.type, body)
