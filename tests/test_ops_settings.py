@@ -162,7 +162,7 @@ def test_unknown_table_is_an_error(tmp_path: Path) -> None:
         with pytest.raises(cfg.ConfigError, match="unknown table") as info:
             cfg.load(daemon, {"config": str(conf)}, {})
         assert info.value.field == table and info.value.source == f"file {conf}"
-        assert "[agent], [cli], [planner]" in str(info.value)
+        assert "[agent], [cli], [planner], [vllm]" in str(info.value)
     # the other daemons' tables are fine
     conf.write_text("[planner]\nwhatever = 1\n[cli]\ntimeout = 3\n[agent]\nduty = 1\n")
     assert cfg.load(AgentLike, {"config": str(conf)}, {}).duty == 1

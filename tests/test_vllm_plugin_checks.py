@@ -40,6 +40,12 @@ def test_settings_come_from_the_environment_and_bad_ones_name_the_variable(
         1 << 20,
     )
     assert load_settings({"EPLBD_AGENT": "tcp://10.0.0.2:7060"}).group is None
+    # EPLBD_VLLM_CONFIG: top-level keys or a [vllm] table (which wins), as documented; the
+    # daemons, reading the same file, skip that table
+    conf = tmp_path / "vllm.toml"
+    conf.write_text('sync_interval = 2\n[vllm]\nsync_interval = 4\ngroup = "qwen-a"\n')
+    s = load_settings({"EPLBD_AGENT": "ipc:///x", "EPLBD_VLLM_CONFIG": str(conf)})
+    assert (s.sync_interval, s.group) == (4, "qwen-a")
     for env, field in [
         ({"EPLBD_AGENT": "http://host:1"}, "agent"),
         ({"EPLBD_AGENT": "ipc:///x", "EPLBD_SYNC_INTERVAL": "0"}, "sync_interval"),

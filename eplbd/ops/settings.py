@@ -104,9 +104,10 @@ __all__ = [
 T = TypeVar("T")
 Check = Callable[[Any], None]
 
-#: The tables a config file may hold: one per program (``[agent]``, ``[planner]``, ``[cli]``).
-#: A table named otherwise is a typo, and an error, whichever program reads the file.
-CONFIG_SECTIONS: tuple[str, ...] = ("agent", "cli", "planner")
+#: The tables a config file may hold: one per program (``[agent]``, ``[planner]``, ``[cli]``,
+#: and the vLLM plugin's ``[vllm]``). A table named otherwise is a typo, and an error,
+#: whichever program reads the file.
+CONFIG_SECTIONS: tuple[str, ...] = ("agent", "cli", "planner", "vllm")
 
 #: The daemons' own environment prefixes. A shared ``EPLBD_<FIELD>`` name that starts with
 #: one of them is never read (it would be ambiguous in the shared /etc/default/eplbd).
