@@ -74,19 +74,24 @@ def outcome(msg_type: str, epoch: int, **extra: Any) -> tuple[str, dict, dict]:
     return (msg_type, {"group": "g0", "epoch": epoch, "ep_rank": 0, "worker": "w0", **extra}, {})
 
 
+def worker_link(endpoint: str, deliver: Any, outbox: queue.Queue[Any] | None = None) -> AgentLink:
+    """The link of worker w0 (rank 0 of a group of one) to the agent at ``endpoint``."""
+    return AgentLink(
+        endpoint,
+        deliver=deliver,
+        outbox=queue.Queue() if outbox is None else outbox,
+        hello=lambda: hello_body("w0", 0, ep_size=1),
+        heartbeat_s=HB,
+    )
+
+
 def test_link_hello_deliver_and_outbox_against_a_real_agent(
     ctx: zmq.Context[Any], rundir: Path
 ) -> None:
     fp = FakePlanner(ctx)
     agent = start_agent(settings_for(rundir, fp))
     inbox, outbox = Inbox(), queue.Queue[Any]()
-    link = AgentLink(
-        agent.endpoint,
-        deliver=inbox,
-        outbox=outbox,
-        hello=lambda: hello_body("w0", 0, ep_size=1),
-        heartbeat_s=HB,
-    )
+    link = worker_link(agent.endpoint, inbox, outbox)
     try:
         fp.pump(lambda p: p.agent)
         link.start()
@@ -158,13 +163,7 @@ def test_link_says_hello_again_after_the_agent_is_killed_and_restarted(
     fp = FakePlanner(ctx)
     procs = [_agent_proc(rundir, fp)]
     inbox, outbox = Inbox(), queue.Queue[Any]()
-    link = AgentLink(
-        f"ipc://{rundir}/agent.sock",
-        deliver=inbox,
-        outbox=outbox,
-        hello=lambda: hello_body("w0", 0, ep_size=1),
-        heartbeat_s=HB,
-    )
+    link = worker_link(f"ipc://{rundir}/agent.sock", inbox, outbox)
     try:
         link.start()
         first, _ = inbox.expect("welcome", timeout=30)
@@ -199,13 +198,7 @@ def test_link_says_hello_again_after_the_agent_is_killed_and_restarted(
 
 def test_link_never_blocks_the_serving_thread_without_an_agent(rundir: Path) -> None:
     inbox, outbox = Inbox(), queue.Queue[Any]()
-    link = AgentLink(
-        f"ipc://{rundir}/agent.sock",
-        deliver=inbox,
-        outbox=outbox,
-        hello=lambda: hello_body("w0", 0, ep_size=1),
-        heartbeat_s=HB,
-    )
+    link = worker_link(f"ipc://{rundir}/agent.sock", inbox, outbox)
     link.start()
     try:
         items = [
@@ -253,13 +246,7 @@ def test_close_says_when_the_link_thread_is_still_running(
         entered.set()
         release.wait(60)  # a deliver that blocks (it should only enqueue)
 
-    link = AgentLink(
-        agent.endpoint,
-        deliver=deliver,
-        outbox=queue.Queue(),
-        hello=lambda: hello_body("w0", 0, ep_size=1),
-        heartbeat_s=HB,
-    )
+    link = worker_link(agent.endpoint, deliver)
     try:
         fp.pump(lambda p: p.agent)
         link.start()
@@ -287,13 +274,7 @@ def test_link_drops_bad_messages_and_survives_a_failing_deliver(
         if len(calls) == 1:
             raise RuntimeError("engine bug")
 
-    link = AgentLink(
-        f"ipc://{rundir}/agent.sock",
-        deliver=deliver,
-        outbox=queue.Queue(),
-        hello=lambda: hello_body("w0", 0, ep_size=1),
-        heartbeat_s=HB,
-    )
+    link = worker_link(f"ipc://{rundir}/agent.sock", deliver)
     link.start()
     try:
         got = agent.recv(5000)
@@ -344,13 +325,7 @@ def test_link_heartbeats_keep_it_registered_at_the_agent(
     fp = FakePlanner(ctx)
     agent = start_agent(settings_for(rundir, fp))
     inbox = Inbox()
-    link = AgentLink(
-        agent.endpoint,
-        deliver=inbox,
-        outbox=queue.Queue(),
-        hello=lambda: hello_body("w0", 0, ep_size=1),
-        heartbeat_s=HB,
-    )
+    link = worker_link(agent.endpoint, inbox)
     try:
         link.start()
         inbox.expect("welcome")

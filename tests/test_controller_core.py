@@ -588,8 +588,7 @@ def test_restart_mid_commit_when_the_ranks_did_not_commit(h: Harness) -> None:
 def test_a_commit_that_raced_its_abort_is_committed_after_a_restart(h: Harness) -> None:
     h.hello_all()
     e = _prepare_epoch(h)
-    h.answer(STAGED, e, 0, ok=True, reason="", staged_bytes=1)
-    h.answer(STAGED, e, 1, ok=True, reason="", staged_bytes=1)
+    _stage_all(h, e)
     h.clock.advance(h.core.config.commit_timeout_s + 1)
     h.heartbeats()
     h.core.tick()
@@ -606,8 +605,7 @@ def test_a_commit_that_raced_its_abort_is_committed_after_a_restart(h: Harness) 
 def test_registration_keeps_the_commit_steps_the_ranks_reported(h: Harness) -> None:
     h.hello_all()
     e = _prepare_epoch(h)
-    h.answer(STAGED, e, 0, ok=True, reason="", staged_bytes=1)
-    h.answer(STAGED, e, 1, ok=True, reason="", staged_bytes=1)
+    _stage_all(h, e)
     h.answer(COMMITTED, e, 1, step=1234)
     h.restart()
     h.hello_all(epochs=(e, e))  # rank 0 says it serves e at registration: its step is unknown
@@ -718,9 +716,13 @@ def test_operator_commands(h: Harness) -> None:
     assert rep.type == COMMAND_REPLY and rep.body["ok"] is True
 
 
-def _commit(h: Harness, epoch: int) -> None:
+def _stage_all(h: Harness, epoch: int) -> None:
     for r in range(G):
         h.answer(STAGED, epoch, r, ok=True, reason="", staged_bytes=1)
+
+
+def _commit(h: Harness, epoch: int) -> None:
+    _stage_all(h, epoch)
     for r in range(G):
         h.answer(COMMITTED, epoch, r, step=10)
 
@@ -738,11 +740,7 @@ def test_a_cooldown_stamped_in_the_future_still_holds_after_a_restart(h: Harness
     """The wall clock stepped back across a restart: the last rebalance looks like it is yet
     to come. The cooldown then runs from the restart, it is not dropped."""
     h.hello_all()
-    e = _prepare_epoch(h)
-    for r in range(G):
-        h.answer(STAGED, e, r, ok=True, reason="", staged_bytes=1)
-    h.answer(COMMITTED, e, 0, step=8)
-    h.answer(COMMITTED, e, 1, step=8)
+    _commit(h, _prepare_epoch(h))
     h.clock.advance(3600.0)
     rec = h.core.groups["g"].record
     rec.last_rebalance_wall = h.clock.time() + 600.0
