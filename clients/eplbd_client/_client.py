@@ -22,7 +22,6 @@ import torch
 from eplbd.kernels import map_and_record as _map_and_record
 from eplbd.layout import Layout, LayoutError
 from eplbd_client._messages import (
-    MAX_INT,
     PHY2LOG_DTYPES,
     PROTOCOL_VERSION,
     AbortMsg,
@@ -30,6 +29,8 @@ from eplbd_client._messages import (
     PrepareMsg,
     Schedule,
     WelcomeMsg,
+    is_int_in,
+    is_positive_finite,
     parse_incoming,
 )
 from eplbd_client._plan import LayerStage, local_stage_plan
@@ -411,12 +412,7 @@ class EplbClient:
         :class:`PrepareError` if refused (bad layout or shares, epoch not newer, over the
         staging budget); the refusal is also reported (``aborted``) and nothing is staged.
         Raises ValueError for a ``timeout_s`` that is not a finite number > 0."""
-        if timeout_s is not None and not (
-            isinstance(timeout_s, int | float)
-            and not isinstance(timeout_s, bool)
-            and math.isfinite(timeout_s)
-            and timeout_s > 0
-        ):
+        if timeout_s is not None and not is_positive_finite(timeout_s):
             # NaN would never expire, a negative one expire unseen: refused, nothing staged
             raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
         t = self._prepare_timeout_s if timeout_s is None else float(timeout_s)
@@ -429,7 +425,7 @@ class EplbClient:
         next consensus round on every rank, and the old layout stays. Too late once the group
         has agreed to apply it. Raises ValueError for an epoch that is not an integer in
         [0, 2**63 - 1] (the consensus carries epochs in int64)."""
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= MAX_INT:
+        if not is_int_in(epoch, 0):
             raise ValueError(f"epoch {epoch!r} is not an integer in [0, 2**63 - 1]")
         with self._lock:
             if epoch > self._failed_epoch:
@@ -620,7 +616,7 @@ class EplbClient:
         self, phy2log: torch.Tensor | Layout, epoch: Any, deadline: float, share: Any = None
     ) -> str | None:
         """Validate and install a pending layout. Returns the refusal reason, or None."""
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= MAX_INT:
+        if not is_int_in(epoch, 1):
             return self._refuse(
                 -1, f"epoch {epoch!r} is not an integer in [1, 2**63 - 1]", poison=False
             )

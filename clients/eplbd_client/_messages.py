@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -77,9 +77,19 @@ class AbortMsg:
 MAX_INT = 2**63 - 1
 
 
+def is_int_in(v: Any, lo: int) -> TypeGuard[int]:
+    """``v`` is an int (not a bool) in [lo, MAX_INT]."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= MAX_INT
+
+
+def is_positive_finite(v: Any) -> TypeGuard[int | float]:
+    """``v`` is a finite number (not a bool) > 0: NaN would never expire as a timeout."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def _int(body: dict[str, Any], key: str, lo: int = 0) -> int:
     v = body.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= MAX_INT:
+    if not is_int_in(v, lo):
         raise BadMessage("bad_field", f"{key}={v!r} must be an integer in [{lo}, 2**63 - 1]")
     return v
 
@@ -153,7 +163,7 @@ def parse_incoming(
         )
     if msg_type == "prepare":
         t = body.get("timeout_s")
-        if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        if not is_positive_finite(t):
             raise BadMessage("bad_field", f"timeout_s={t!r} must be a finite number > 0")
         return PrepareMsg(
             _str(body, "group"),
