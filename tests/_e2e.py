@@ -40,6 +40,7 @@ from _net import free_port_pair
 from _scrape import scrape
 from eplbd_client import FetchRequest, PeerWeightSource
 
+from eplbd.ops.procs import exit_now
 from eplbd.wire import COMMAND, COMMAND_REPLY, STATUS_REPLY, STATUS_REQUEST, Message, control_client
 
 __all__ = [
@@ -185,7 +186,7 @@ def worker_main(spec: WorkerSpec) -> None:
     except BaseException:
         Path(f"{base}.err").write_text(traceback.format_exc())
         os._exit(1)
-    os._exit(0)  # skip interpreter teardown (gloo threads)
+    exit_now(0)  # no interpreter finalization with gloo's threads about
 
 
 def _serve(spec: WorkerSpec) -> None:

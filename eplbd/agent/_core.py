@@ -147,6 +147,12 @@ class Schedule:
     record_steps: int = 64
     enabled: bool = True
 
+    def check(self) -> None:
+        """Raises ValueError unless 0 <= record_steps <= window_steps and window_steps >= 1."""
+        w, r = self.window_steps, self.record_steps
+        if not (isinstance(w, int) and isinstance(r, int) and 0 <= r <= w and w >= 1):
+            raise ValueError(f"bad schedule {self}: need 0 <= record_steps <= window_steps")
+
     def body(self) -> dict[str, Any]:
         return {
             "window_steps": self.window_steps,
@@ -951,8 +957,7 @@ class AgentCore:
 
     def set_schedule(self, schedule: Schedule) -> list[Send]:
         """Change the recording schedule and tell every worker (``schedule`` messages)."""
-        if not 0 <= schedule.record_steps <= schedule.window_steps or schedule.window_steps < 1:
-            raise ValueError(f"bad schedule {schedule}")
+        schedule.check()
         if schedule == self.schedule:
             return []
         self.schedule = schedule

@@ -282,9 +282,7 @@ class AgentDaemon:
     def set_schedule(self, schedule: Schedule) -> None:
         """Change the recording schedule; every worker is told on the loop's next turn.
         Raises ValueError for a bad schedule (here, not later in the loop)."""
-        w, r = schedule.window_steps, schedule.record_steps
-        if not (isinstance(w, int) and isinstance(r, int) and 0 <= r <= w and w >= 1):
-            raise ValueError(f"bad schedule {schedule}: need 0 <= record_steps <= window_steps")
+        schedule.check()
         self.call(lambda core: core.set_schedule(schedule))
 
     def run(self, stop: threading.Event) -> None:
